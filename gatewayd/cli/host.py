@@ -1,0 +1,219 @@
+"""`gatewayctl status`, `teardown` and `check-config`: commands run on a gateway or cloud node."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gatewayd.agent.config import AgentConfig, load_agent_config
+from gatewayd.configfile import ConfigError
+from gatewayd.follower import pid_file
+from gatewayd.runtime import read_json
+from gatewayd.steer.config import SteerConfig, load_steer_config
+
+DEFAULT_CONFIG = Path("/etc/gatewayd/gatewayd.yaml")
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = commands.add_parser("status", help="what this host's daemon serves, live")
+    status.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    status.add_argument("--wait-ready", action="store_true",
+                        help="wait until the daemon reports ready (exit 1 on timeout)")
+    status.add_argument("--timeout", type=float, default=60.0, help="for --wait-ready, seconds")
+    status.set_defaults(func=run_status)
+
+    teardown = commands.add_parser(
+        "teardown", help="remove everything the daemon programmed (stop the daemon first)")
+    teardown.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    teardown.add_argument("--force", action="store_true", help="even if the daemon runs")
+    teardown.set_defaults(func=run_teardown)
+
+    check = commands.add_parser("check-config", help="validate a gatewayd or steer config file")
+    check.add_argument("path", type=Path, nargs="?", default=DEFAULT_CONFIG)
+    check.set_defaults(func=run_check_config)
+
+
+def load_host_config(path: Path) -> AgentConfig | SteerConfig:
+    """A steer config names its `node`; a gateway config names itself with `name`."""
+    try:
+        top = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        top = None  # the loader below reports it with the line
+    if isinstance(top, dict) and "node" in top:
+        return load_steer_config(path)
+    return load_agent_config(path)
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_host_config(args.path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    role = "steer" if isinstance(config, SteerConfig) else "gateway"
+    print(f"{args.path}: valid {role} configuration")
+    return 0
+
+
+def _config_or_exit(path: Path) -> AgentConfig | SteerConfig | None:
+    try:
+        return load_host_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
+# --- status -------------------------------------------------------------------------------
+
+
+def collect_status(config: AgentConfig | SteerConfig) -> dict[str, Any]:
+    """The daemon's own report plus what the kernel says right now."""
+    from gatewayd.dataplane.nftables import NftablesDriver
+    from gatewayd.dataplane.wireguard import WireGuardDriver
+
+    state = config.state_directory
+    try:
+        report: dict[str, Any] = read_json(state / "status.json")
+    except (OSError, ValueError):
+        report = {"ready": False, "lastError": "no status yet: the daemon has not run"}
+    report["running"] = pid_file(state, "steer" if isinstance(config, SteerConfig) else
+                                 "agent").running_pid() is not None
+    if isinstance(config, AgentConfig):
+        table, interfaces = ("inet", "gatewayd"), [config.tunnel.interface]
+    else:
+        table, interfaces = ("inet", "gatewayd-steer"), [g.interface for g in config.gateways]
+    report["counters"] = {
+        name: {"packets": packets, "bytes": size}
+        for name, (packets, size) in sorted(NftablesDriver(*table).counters().items())
+    }
+    wireguard = WireGuardDriver()
+    peers = []
+    for interface in interfaces:
+        observed = wireguard.observe(interface)
+        for peer in observed.peers if observed else ():
+            peers.append({
+                "interface": interface,
+                "publicKey": peer.public_key,
+                "endpoint": peer.endpoint,
+                "latestHandshake": peer.latest_handshake,
+                "rxBytes": peer.rx_bytes,
+                "txBytes": peer.tx_bytes,
+            })
+    report["peers"] = peers
+    if isinstance(config, AgentConfig):
+        from gatewayd.dataplane.addresses import AddressDriver
+
+        present = set()
+        for interface in {config.uplink, *(p.interface for p in config.egress_ip_pools)}:
+            present |= {str(ip) for ip in AddressDriver().observe(interface)}
+        report["egressIPsPresent"] = sorted(present)
+    return report
+
+
+def format_status(report: dict[str, Any]) -> str:
+    who = report.get("name") or report.get("node") or "?"
+    lines = [
+        f"{report.get('role', '?')} {who}: {'ready' if report.get('ready') else 'NOT READY'}, "
+        f"daemon {'running' if report.get('running') else 'not running'}, "
+        f"plan generation {report.get('generation', 0)} applied {report.get('appliedAt') or '-'}",
+        "policies: " + (", ".join(report.get("policies", [])) or "none"),
+    ]
+    if "egressIPs" in report:
+        present = set(report.get("egressIPsPresent", []))
+        lines.append("egress IPs: " + (", ".join(
+            f"{ip} ({'present' if ip in present else 'MISSING'})" for ip in report["egressIPs"]
+        ) or "none"))
+    now = time.time()
+    for peer in report.get("peers", []):
+        handshake = peer["latestHandshake"]
+        ago = f"{now - handshake:.0f}s ago" if handshake else "never"
+        lines.append(f"peer {peer['publicKey'][:10]}… on {peer['interface']} "
+                     f"endpoint {peer['endpoint'] or '-'}: handshake {ago}, "
+                     f"rx {peer['rxBytes']} B, tx {peer['txBytes']} B")
+    for name, value in report.get("counters", {}).items():
+        lines.append(f"counter {name}: {value['packets']} packets, {value['bytes']} bytes")
+    lines.append(f"drift repaired: {report.get('driftRepaired', 0)} times"
+                 + (f", last at {report['lastDriftAt']}" if report.get("lastDriftAt") else ""))
+    for problem in report.get("inputProblems", []):
+        lines.append(f"input problem: {problem}")
+    if report.get("lastError"):
+        lines.append(f"last error: {report['lastError']}")
+    return "\n".join(lines)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    config = _config_or_exit(args.config)
+    if config is None:
+        return 2
+    deadline = time.monotonic() + args.timeout
+    report = collect_status(config)
+    while args.wait_ready and not report.get("ready") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        report = collect_status(config)
+    if args.output == "json":
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(format_status(report))
+    if args.wait_ready and not report.get("ready"):
+        print(f"not ready after {args.timeout:.0f}s", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- teardown -----------------------------------------------------------------------------
+
+
+def teardown(config: AgentConfig | SteerConfig) -> list[str]:
+    """Remove the table, owned addresses, tunnels and routing the daemon programmed, and the
+    saved plan (so a later start does not restore it). Returns what was removed."""
+    from gatewayd.dataplane.nftables import NftablesDriver
+    from gatewayd.dataplane.wireguard import WireGuardDriver
+
+    removed = []
+    wireguard = WireGuardDriver()
+    if isinstance(config, AgentConfig):
+        from gatewayd.dataplane.addresses import AddressDriver
+
+        if NftablesDriver("inet", "gatewayd").delete():
+            removed.append("nftables table inet gatewayd")
+        changes = AddressDriver().remove_all()
+        removed += [f"egress IP {ip}" for ip in sorted(map(str, changes.removed))]
+        interfaces = [config.tunnel.interface]
+    else:
+        from gatewayd.dataplane.routing import PolicyRoutingDriver
+
+        if NftablesDriver("inet", "gatewayd-steer").delete():
+            removed.append("nftables table inet gatewayd-steer")
+        if PolicyRoutingDriver().ensure({}):
+            removed.append("policy routing rules")
+        interfaces = [g.interface for g in config.gateways]
+    for interface in interfaces:
+        if wireguard.delete(interface):
+            removed.append(f"wireguard interface {interface}")
+    plan = config.state_directory / "plan.json"
+    if plan.exists():
+        plan.unlink()
+        removed.append(str(plan))
+    return removed
+
+
+def run_teardown(args: argparse.Namespace) -> int:
+    config = _config_or_exit(args.config)
+    if config is None:
+        return 2
+    role = "steer" if isinstance(config, SteerConfig) else "agent"
+    pid = pid_file(config.state_directory, role).running_pid()
+    if pid is not None and not args.force:
+        print(f"the {role} daemon runs (pid {pid}) and would program everything again; "
+              "stop it first (systemctl stop gatewayd) or pass --force", file=sys.stderr)
+        return 1
+    for item in teardown(config):
+        print(f"removed {item}")
+    return 0

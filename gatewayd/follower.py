@@ -1,0 +1,238 @@
+"""The part both daemons share: follow a plan built from the snapshot, never lose the last good one.
+
+A `PlanFollower` re-reads its inputs when they change, builds its plan with the engine, and
+programs the whole plan through idempotent drivers (`program`). A repair pass programs the
+applied plan again, so drift is repaired. Bad input (config, snapshot, policy) is reported and
+leaves the last applied plan in force; that plan is saved under the state directory and
+restored at start before any input is read.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+from gatewayd.configfile import ConfigError, ReconcileSettings
+from gatewayd.policy.engine import EgressPlan, build_plan
+from gatewayd.policy.lastgood import PolicyMemory
+from gatewayd.policy.planio import PlanFormatError
+from gatewayd.policy.snapshot import SnapshotError, load_snapshot
+from gatewayd.runtime import DaemonLoop, PidFile, fingerprint, now_iso, read_json, write_json_atomic
+
+log = logging.getLogger("gatewayd")
+
+
+class FollowerConfig(Protocol):
+    @property
+    def path(self) -> Path: ...
+    @property
+    def snapshot(self) -> tuple[Path, ...]: ...
+    @property
+    def state_directory(self) -> Path: ...
+    @property
+    def reconcile(self) -> ReconcileSettings: ...
+
+
+class Plan(Protocol):
+    @property
+    def generation(self) -> int: ...
+    @property
+    def rules(self) -> tuple[Any, ...]: ...
+
+
+ConfigT = TypeVar("ConfigT", bound=FollowerConfig)
+PlanT = TypeVar("PlanT", bound=Plan)
+
+
+@dataclass
+class FollowerStatus:
+    generation: int = 0
+    applied_at: str | None = None
+    ready: bool = False
+    last_error: str | None = None
+    input_problems: list[str] = field(default_factory=list)
+    drift_repaired: int = 0
+    last_drift_at: str | None = None
+
+
+class PlanFollower(ABC, Generic[ConfigT, PlanT]):
+    role: str  # "agent" or "steer": names the pid file and the status
+
+    def __init__(self, config: ConfigT) -> None:
+        self.config = config
+        self.memory = PolicyMemory()
+        self.applied: PlanT | None = None
+        self.status = FollowerStatus()
+        self.repairing = False  # true while a repair pass re-programs an unchanged plan
+        self._inputs_seen: object = None
+
+    # --- what each daemon provides ----------------------------------------------------------
+
+    @staticmethod
+    @abstractmethod
+    def load_config(path: Path) -> ConfigT: ...
+
+    @abstractmethod
+    def plan_from(self, plan: EgressPlan, generation: int) -> PlanT: ...
+
+    @abstractmethod
+    def program(self, plan: PlanT, errors: list[str]) -> None:
+        """Program every part of `plan`, recording failures with `self.step`."""
+
+    @staticmethod
+    @abstractmethod
+    def plan_to_dict(plan: PlanT) -> dict[str, Any]: ...
+
+    @staticmethod
+    @abstractmethod
+    def plan_from_dict(data: dict[str, Any]) -> PlanT: ...
+
+    @abstractmethod
+    def status_details(self) -> dict[str, Any]: ...
+
+    # --- the shared behaviour --------------------------------------------------------------
+
+    @property
+    def plan_path(self) -> Path:
+        return self.config.state_directory / "plan.json"
+
+    @property
+    def status_path(self) -> Path:
+        return self.config.state_directory / "status.json"
+
+    def desired_plan(self) -> PlanT:
+        """This host's plan from the snapshot; raises SnapshotError on unusable input."""
+        loaded = load_snapshot(self.config.snapshot)
+        resolved = self.memory.resolve(loaded)
+        self.status.input_problems = [str(p) for p in loaded.problems]
+        for problem in loaded.problems:
+            log.error("invalid policy ignored: %s", problem)
+        for name in resolved.kept:
+            log.warning("%s is invalid now; its last valid version stays in force", name)
+        generation = (self.applied.generation + 1) if self.applied else 1
+        return self.plan_from(build_plan(resolved.snapshot), generation)
+
+    def check_inputs(self, forced: bool) -> None:
+        """Reload config and snapshot when they changed (or on SIGHUP) and apply the result."""
+        seen = fingerprint([self.config.path, *self.config.snapshot])
+        if seen == self._inputs_seen and not forced:
+            return
+        self._inputs_seen = seen
+        try:
+            config = self.load_config(self.config.path)
+        except ConfigError as exc:
+            self._input_error(f"config invalid, keeping the running one: {exc}")
+            return
+        config_changed = config != self.config
+        if config_changed:
+            log.info("configuration changed; applying it")
+            self.config = config
+        try:
+            plan = self.desired_plan()
+        except SnapshotError as exc:
+            self._input_error(f"snapshot unusable, keeping the last applied plan: {exc}")
+            return
+        if self.applied is None or plan.rules != self.applied.rules or config_changed:
+            self.apply(plan)
+        else:
+            self.status.last_error = None
+            self.write_status()
+
+    def _input_error(self, message: str) -> None:
+        log.error("%s", message)
+        self.status.last_error = message
+        self.write_status()
+
+    def restore_saved_plan(self) -> bool:
+        """Re-apply the plan saved by the last run, before reading any input."""
+        if not self.plan_path.exists():
+            return False
+        try:
+            plan = self.plan_from_dict(read_json(self.plan_path))
+        except (OSError, ValueError, PlanFormatError) as exc:
+            log.error("saved plan %s unusable (%s); waiting for inputs", self.plan_path, exc)
+            return False
+        log.info("restoring saved plan generation %d", plan.generation)
+        self.apply(plan)
+        return True
+
+    def apply(self, plan: PlanT) -> None:
+        errors: list[str] = []
+        self.program(plan, errors)
+        if not errors:
+            if self.applied is None or plan.rules != self.applied.rules:
+                write_json_atomic(self.plan_path, self.plan_to_dict(plan))
+                log.info("plan generation %d applied: %d rules", plan.generation, len(plan.rules))
+                self.status.applied_at = now_iso()
+            self.applied = plan
+            self.status.generation = plan.generation
+        self.status.ready = not errors
+        self.status.last_error = "; ".join(errors) or None
+        self.write_status()
+
+    def repair(self) -> None:
+        if self.applied is None:
+            return
+        self.repairing = True
+        try:
+            self.apply(self.applied)
+        finally:
+            self.repairing = False
+
+    @staticmethod
+    def step(errors: list[str], what: str, action: Callable[[], object]) -> None:
+        """Run one part of programming; log and record a failure, then go on with the rest."""
+        try:
+            action()
+        except Exception as exc:
+            log.exception("%s failed", what)
+            errors.append(f"{what}: {exc}")
+
+    def drift(self, what: str, changes: object) -> None:
+        """Report a change a driver had to make; during a repair pass that is drift."""
+        if self.repairing and changes:
+            log.warning("drift repaired: %s: %s", what, changes)
+            self.status.drift_repaired += 1
+            self.status.last_drift_at = now_iso()
+
+    def write_status(self) -> None:
+        write_json_atomic(self.status_path, {
+            "role": self.role,
+            "generation": self.status.generation,
+            "appliedAt": self.status.applied_at,
+            "ready": self.status.ready,
+            "lastError": self.status.last_error,
+            "inputProblems": self.status.input_problems,
+            "driftRepaired": self.status.drift_repaired,
+            "lastDriftAt": self.status.last_drift_at,
+            **self.status_details(),
+        })
+
+
+def pid_file(state_directory: Path, role: str) -> PidFile:
+    return PidFile(state_directory / f"{role}.pid")
+
+
+def run_follower(follower_class: type[PlanFollower[Any, Any]], config_path: Path) -> int:
+    """Load the config, then follow inputs until SIGTERM; the data plane stays in place after."""
+    try:
+        config = follower_class.load_config(config_path)
+    except ConfigError as exc:
+        log.error("configuration invalid:\n%s", exc)
+        return 2
+    pids = pid_file(config.state_directory, follower_class.role)
+    pids.claim()
+    follower = follower_class(config)
+    loop = DaemonLoop(config.reconcile.poll_seconds, config.reconcile.repair_seconds)
+    loop.install_signal_handlers()
+    try:
+        follower.restore_saved_plan()
+        loop.run(follower.check_inputs, follower.repair)
+    finally:
+        pids.release()
+    log.info("stopping; the data plane stays in place")
+    return 0

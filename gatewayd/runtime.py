@@ -1,0 +1,144 @@
+"""What both daemons share: the loop, change detection, state files, logging.
+
+The loop follows the level-triggered pattern: inputs (config, snapshot) are only checked for
+changes; when something changed, or on the repair timer, the daemon's reconcile runs again
+from the whole desired state. Signals only set flags.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger("gatewayd")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def fingerprint(paths: Iterable[Path]) -> tuple[tuple[str, int, int], ...]:
+    """Name, mtime and size of every file under `paths` (directories one level deep)."""
+    entries = []
+    for path in paths:
+        candidates = sorted(path.iterdir()) if path.is_dir() else [path]
+        for candidate in candidates:
+            try:
+                st = candidate.stat()
+            except OSError:
+                entries.append((str(candidate), -1, -1))
+                continue
+            entries.append((str(candidate), st.st_mtime_ns, st.st_size))
+    return tuple(entries)
+
+
+def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as out:
+        json.dump(data, out, indent=2, sort_keys=True)
+        out.write("\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    with path.open() as f:
+        return json.load(f)
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class PidFile:
+    """`<state>/<name>.pid`, so `gatewayctl teardown` can refuse while the daemon runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def claim(self) -> None:
+        other = self.running_pid()
+        if other is not None and other != os.getpid():
+            raise RuntimeError(f"another daemon (pid {other}) runs with {self.path}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(f"{os.getpid()}\n")
+
+    def release(self) -> None:
+        if self.running_pid() == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+    def running_pid(self) -> int | None:
+        try:
+            pid = int(self.path.read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+
+class DaemonLoop:
+    """Runs `check_inputs` every poll interval and `repair` every repair interval until a
+    SIGTERM/SIGINT; SIGHUP forces an immediate reload. Exceptions in a pass are logged and
+    the loop goes on: a daemon that forwards traffic must not die of one bad pass."""
+
+    def __init__(self, poll_seconds: float, repair_seconds: float) -> None:
+        self.poll_seconds = poll_seconds
+        self.repair_seconds = repair_seconds
+        self._wake = threading.Event()
+        self.stopping = False
+        self.reload_requested = False
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+        self._wake.set()
+
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
+        self.reload_requested = True
+        self._wake.set()
+
+    def run(
+        self,
+        check_inputs: Callable[[bool], None],
+        repair: Callable[[], None],
+        after_pass: Callable[[], None] = lambda: None,
+    ) -> None:
+        next_poll = next_repair = time.monotonic()
+        while not self.stopping:
+            now = time.monotonic()
+            if self.reload_requested or now >= next_poll:
+                forced, self.reload_requested = self.reload_requested, False
+                self._guarded("input check", lambda: check_inputs(forced))
+                next_poll = time.monotonic() + self.poll_seconds
+            if now >= next_repair:
+                self._guarded("repair pass", repair)
+                next_repair = time.monotonic() + self.repair_seconds
+            after_pass()
+            self._wake.wait(max(0.0, min(next_poll, next_repair) - time.monotonic()))
+            self._wake.clear()
+
+    @staticmethod
+    def _guarded(what: str, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception:
+            log.exception("%s failed; the data plane stays as it is", what)

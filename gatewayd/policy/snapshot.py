@@ -1,0 +1,615 @@
+"""Snapshots from Kubernetes objects, as `kubectl get -o yaml|json` prints them.
+
+Input: multi-document YAML, JSON, or `List` / `*List` objects holding `items`. Policies are
+validated (`validation.parse_policy`); an invalid one becomes a `PolicyProblem` and is left out,
+the way the controller keeps going when one policy is bad. Anything else that is unusable (bad
+syntax, a Pod without a name, a bad IP in a Node) raises `SnapshotError`: the engine cannot
+decide anything safely from a snapshot it could not read. Other kinds, and fields we do not
+read, are ignored, since a cluster dump holds plenty of them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gatewayd.policy.fields import (
+    child,
+    index,
+    invalid,
+    parse_address_with_prefix,
+    read_address,
+    read_bool,
+    read_cidr,
+    read_list,
+    read_mapping,
+    read_string,
+    read_string_map,
+    required,
+    type_name,
+    unsupported,
+)
+from gatewayd.policy.model import (
+    EgressGateway,
+    EgressIPPool,
+    FieldError,
+    GatewayInterface,
+    InterfaceAddress,
+    IPAddress,
+    IPNetwork,
+    Namespace,
+    Node,
+    NodeAddress,
+    Pod,
+    Policy,
+    Snapshot,
+)
+from gatewayd.policy.validation import POLICY_API_VERSIONS, parse_policy
+
+SNAPSHOT_SUFFIXES = (".yaml", ".yml", ".json")
+UNNAMED = "<unnamed>"
+# Namespaced objects without metadata.namespace land here, as with `kubectl apply`.
+DEFAULT_NAMESPACE = "default"
+# The API server's own Service: its endpoints are the addresses pods must always reach directly.
+API_SERVER_SERVICE = ("default", "kubernetes")
+
+
+class SnapshotError(Exception):
+    """Input the snapshot cannot be built from; `str()` is `FILE[:LINE]: message`."""
+
+    def __init__(self, file: str, line: int | None, message: str) -> None:
+        super().__init__(file, line, message)
+        self.file = file
+        self.line = line
+        self.message = message
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class PolicyProblem:
+    """One error of one invalid policy, which the snapshot leaves out."""
+
+    file: str
+    kind: str
+    name: str  # UNNAMED when metadata.name is missing
+    error: FieldError
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.kind}/{self.name}: {self.error}"
+
+
+@dataclass(frozen=True)
+class LoadedSnapshot:
+    snapshot: Snapshot
+    problems: tuple[PolicyProblem, ...] = ()
+
+
+def snapshot_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Each path is a file, or a directory whose *.yaml, *.yml and *.json files are read in
+    name order (not recursively)."""
+    files: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            files += sorted(
+                (p for p in path.iterdir() if p.suffix in SNAPSHOT_SUFFIXES and p.is_file()),
+                key=lambda p: p.name,
+            )
+        elif path.exists():
+            files.append(path)
+        else:
+            raise SnapshotError(str(path), None, "no such file or directory")
+    return files
+
+
+def load_snapshot(paths: Sequence[str | Path]) -> LoadedSnapshot:
+    documents: list[_Located] = []
+    for path in snapshot_files(paths):
+        documents += _read_file(path)
+    return _build(documents)
+
+
+def parse_objects(docs: Iterable[tuple[str, Mapping[str, object]]]) -> LoadedSnapshot:
+    """Build a snapshot from objects already in memory; each is labelled with a file name
+    (or any origin) for error messages. `List` objects are expanded as in files."""
+    return _build([_Located(label, None, obj) for label, obj in docs])
+
+
+# --- reading files -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Located:
+    """A decoded document or List item and where it came from."""
+
+    file: str
+    line: int | None
+    obj: object
+    node: yaml.Node | None = field(default=None, compare=False)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one silently
+    (Kubernetes' strict decoding refuses them too)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<:` merges may be overridden by explicit keys; that is not a duplicate
+            map_key = self.construct_object(key_node, deep=True)
+            if isinstance(map_key, Hashable) and map_key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {map_key!r}",
+                    key_node.start_mark,
+                )
+            if isinstance(map_key, Hashable):
+                seen.add(map_key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_file(path: Path) -> list[_Located]:
+    file = str(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise SnapshotError(file, None, f"cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise SnapshotError(file, None, f"not UTF-8 text (byte {e.start})") from e
+    if path.suffix == ".json":
+        return _read_json(file, text)
+    return _read_yaml(file, text)
+
+
+def _read_json(file: str, text: str) -> list[_Located]:
+    def refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        result: dict[str, object] = {}
+        for name, value in pairs:
+            if name in result:
+                raise SnapshotError(file, None, f"JSON: duplicate key {name!r}")
+            result[name] = value
+        return result
+
+    try:
+        obj = json.loads(text, object_pairs_hook=refuse_duplicates)
+    except json.JSONDecodeError as e:
+        raise SnapshotError(file, e.lineno, f"JSON syntax error: {e.msg}") from e
+    return [_Located(file, None, obj)]
+
+
+def _read_yaml(file: str, text: str) -> list[_Located]:
+    loader = _StrictLoader(text)
+    documents = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                break
+            obj = loader.construct_document(node)
+            if obj is not None:  # an empty document, e.g. a trailing `---`
+                documents.append(_Located(file, node.start_mark.line + 1, obj, node))
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark is not None else None
+        context = f" ({e.context})" if e.context else ""
+        raise SnapshotError(file, line, f"YAML syntax error: {e.problem}{context}") from e
+    except yaml.YAMLError as e:
+        raise SnapshotError(file, None, f"YAML error: {e}") from e
+    finally:
+        loader.dispose()
+    return documents
+
+
+def _expand(document: _Located) -> Iterator[_Located]:
+    """The Kubernetes objects in one document: itself, or the items of a List."""
+    obj = document.obj
+    if not isinstance(obj, Mapping):
+        raise SnapshotError(
+            document.file,
+            document.line,
+            f"expected a Kubernetes object (a mapping with apiVersion and kind), "
+            f"found {type_name(obj)}",
+        )
+    kind = obj.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise SnapshotError(document.file, document.line, "kind: Required value: not an object")
+    if not (kind == "List" or (kind.endswith("List") and "items" in obj)):
+        yield document
+        return
+    items = obj.get("items") or []
+    if not isinstance(items, list):
+        raise SnapshotError(
+            document.file, document.line, f"{kind}: items: must be a list, found {type_name(items)}"
+        )
+    item_nodes = _list_item_nodes(document.node, len(items))
+    for item, node in zip(items, item_nodes, strict=True):
+        # Typed lists (PodList, ...) from the API omit kind and apiVersion on their items.
+        if kind != "List" and isinstance(item, Mapping) and "kind" not in item:
+            item = {**item, "kind": kind.removesuffix("List"), "apiVersion": obj.get("apiVersion")}
+        line = node.start_mark.line + 1 if node is not None else document.line
+        yield from _expand(_Located(document.file, line, item, node))
+
+
+def _list_item_nodes(node: yaml.Node | None, count: int) -> list[yaml.Node | None]:
+    """The YAML nodes of a List's items, for their line numbers, where they can be found."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if (
+                isinstance(key_node, yaml.ScalarNode)
+                and key_node.value == "items"
+                and isinstance(value_node, yaml.SequenceNode)
+                and len(value_node.value) == count
+            ):
+                return list(value_node.value)
+    return [None] * count
+
+
+# --- building the snapshot ---------------------------------------------------------------------
+
+
+@dataclass
+class _Builder:
+    policies: list[Policy] = field(default_factory=list)
+    problems: list[PolicyProblem] = field(default_factory=list)
+    pods: list[Pod] = field(default_factory=list)
+    namespaces: list[Namespace] = field(default_factory=list)
+    nodes: list[Node] = field(default_factory=list)
+    gateways: list[EgressGateway] = field(default_factory=list)
+    api_server_addresses: set[IPAddress] = field(default_factory=set)
+    seen: dict[tuple[str, str, str], _Located] = field(default_factory=dict)
+
+    def claim(self, kind: str, namespace: str, name: str, where: _Located) -> None:
+        """Refuse a second object with the same identity: which one wins would be arbitrary."""
+        identity = (kind, namespace, name)
+        first = self.seen.setdefault(identity, where)
+        if first is not where:
+            first_at = first.file if first.line is None else f"{first.file}:{first.line}"
+            raise SnapshotError(
+                where.file,
+                where.line,
+                f"{kind}/{_qualified(namespace, name)}: defined twice (first in {first_at})",
+            )
+
+
+def _build(documents: Iterable[_Located]) -> LoadedSnapshot:
+    builder = _Builder()
+    for document in documents:
+        for located in _expand(document):
+            _add(builder, located)
+    snapshot = Snapshot(
+        policies=tuple(sorted(builder.policies, key=lambda p: (p.name, p.kind))),
+        pods=tuple(sorted(builder.pods, key=lambda p: (p.namespace, p.name))),
+        namespaces=tuple(sorted(builder.namespaces, key=lambda n: n.name)),
+        nodes=tuple(sorted(builder.nodes, key=lambda n: n.name)),
+        gateways=tuple(sorted(builder.gateways, key=lambda g: g.name)),
+        api_server_addresses=tuple(
+            sorted(builder.api_server_addresses, key=lambda a: (a.version, a))
+        ),
+    )
+    return LoadedSnapshot(snapshot, tuple(builder.problems))
+
+
+# kind -> (the apiVersion we read, whether it is namespaced)
+_KINDS: dict[str, tuple[str, bool]] = {
+    "Pod": ("v1", True),
+    "Namespace": ("v1", False),
+    "Node": ("v1", False),
+    "EgressGateway": ("egress.gatewayd.io/v1alpha1", False),
+    "EndpointSlice": ("discovery.k8s.io/v1", True),
+    "Endpoints": ("v1", True),
+}
+
+
+def _add(builder: _Builder, located: _Located) -> None:
+    obj = located.obj
+    assert isinstance(obj, Mapping)  # _expand yields only mappings with a string kind
+    kind = str(obj["kind"])
+    api_version = obj.get("apiVersion")
+    if kind in POLICY_API_VERSIONS:
+        # The same kind name in another API group is someone else's resource.
+        if not isinstance(api_version, str) or _group(api_version) == _group(
+            POLICY_API_VERSIONS[kind]
+        ):
+            _add_policy(builder, located, kind, obj)
+        return
+    if kind not in _KINDS:
+        return
+    expected_version, namespaced = _KINDS[kind]
+    name, namespace = _identity(obj, namespaced)
+    reference = f"{kind}/{_qualified(namespace, name)}"
+    if not isinstance(api_version, str):
+        raise _error(located, reference, [required("apiVersion")])
+    if _group(api_version) != _group(expected_version):
+        return
+    if api_version != expected_version:
+        raise _error(
+            located, reference, [unsupported("apiVersion", api_version, [expected_version])]
+        )
+    if kind in ("EndpointSlice", "Endpoints") and not _is_api_server_endpoints(
+        kind, obj, namespace, name
+    ):
+        return
+    if name == UNNAMED:
+        raise _error(located, reference, [required("metadata.name")])
+    builder.claim(kind, namespace, name, located)
+
+    errors: list[FieldError] = []
+    if kind == "Pod":
+        builder.pods.append(_read_pod(obj, name, namespace, errors))
+    elif kind == "Namespace":
+        builder.namespaces.append(Namespace(name, _read_labels(obj, errors)))
+    elif kind == "Node":
+        builder.nodes.append(_read_node(obj, name, errors))
+    elif kind == "EgressGateway":
+        builder.gateways.append(_read_gateway(obj, name, errors))
+    else:
+        builder.api_server_addresses.update(_read_api_server_addresses(obj, kind, errors))
+    if errors:
+        raise _error(located, reference, errors)
+
+
+def _is_api_server_endpoints(
+    kind: str, obj: Mapping[str, object], namespace: str, name: str
+) -> bool:
+    """Only the endpoints of the `default/kubernetes` Service matter; other slices are skipped
+    unread (a dump has one per Service)."""
+    if kind == "Endpoints":
+        return (namespace, name) == API_SERVER_SERVICE
+    service = _read_labels(obj, []).get("kubernetes.io/service-name")
+    return (namespace, service) == API_SERVER_SERVICE
+
+
+def _add_policy(builder: _Builder, located: _Located, kind: str, obj: Mapping[str, object]) -> None:
+    name, _ = _identity(obj, namespaced=False)
+    if name != UNNAMED:
+        builder.claim(kind, "", name, located)
+    policy, errors = parse_policy(obj)
+    if policy is not None:
+        builder.policies.append(policy)
+    builder.problems += [PolicyProblem(located.file, kind, name, error) for error in errors]
+
+
+def _group(api_version: str) -> str:
+    """`discovery.k8s.io/v1` -> `discovery.k8s.io`; the core group `v1` -> ``."""
+    return api_version.rpartition("/")[0]
+
+
+def _qualified(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}" if namespace else name
+
+
+def _identity(obj: Mapping[str, object], namespaced: bool) -> tuple[str, str]:
+    """(name, namespace) for messages and duplicate detection; UNNAMED when missing, and ""
+    as the namespace of cluster-scoped kinds."""
+    metadata = obj.get("metadata")
+    if not isinstance(metadata, Mapping):
+        metadata = {}
+    name = metadata.get("name")
+    if not isinstance(name, str) or not name:
+        name = UNNAMED
+    if not namespaced:
+        return name, ""
+    namespace = metadata.get("namespace")
+    if not isinstance(namespace, str) or not namespace:
+        namespace = DEFAULT_NAMESPACE
+    return name, namespace
+
+
+def _error(located: _Located, reference: str, errors: list[FieldError]) -> SnapshotError:
+    details = "; ".join(str(e) for e in errors)
+    return SnapshotError(located.file, located.line, f"{reference}: {details}")
+
+
+# --- readers of the fields we use (lenient about everything else) ------------------------------
+
+
+def _section(
+    obj: Mapping[str, object], name: str, errors: list[FieldError]
+) -> Mapping[str, object]:
+    """An optional sub-object (`spec`, `status`); empty when absent or wrong."""
+    value = obj.get(name)
+    if value is None:
+        return {}
+    return read_mapping(value, name, errors) or {}
+
+
+def _read_labels(obj: Mapping[str, object], errors: list[FieldError]) -> dict[str, str]:
+    labels = _section(obj, "metadata", errors).get("labels")
+    if labels is None:
+        return {}
+    return read_string_map(labels, "metadata.labels", errors) or {}
+
+
+def _optional_string(
+    section: Mapping[str, object], field_name: str, path: str, errors: list[FieldError]
+) -> str | None:
+    value = section.get(field_name)
+    if value is None or value == "":
+        return None
+    return read_string(value, child(path, field_name), errors)
+
+
+def _required_string(
+    section: Mapping[str, object], field_name: str, path: str, errors: list[FieldError]
+) -> str:
+    value = section.get(field_name)
+    field_path = child(path, field_name)
+    if value is None or value == "":
+        errors.append(required(field_path))
+        return ""
+    return read_string(value, field_path, errors) or ""
+
+
+def _items(
+    section: Mapping[str, object], field_name: str, path: str, errors: list[FieldError]
+) -> Iterator[tuple[str, object]]:
+    """(path, item) of an optional list field."""
+    value = section.get(field_name)
+    if value is None:
+        return
+    list_path = child(path, field_name)
+    for i, item in enumerate(read_list(value, list_path, errors) or []):
+        yield index(list_path, i), item
+
+
+def _mapping_items(
+    section: Mapping[str, object], field_name: str, path: str, errors: list[FieldError]
+) -> Iterator[tuple[str, Mapping[str, object]]]:
+    for item_path, item in _items(section, field_name, path, errors):
+        mapping = read_mapping(item, item_path, errors)
+        if mapping is not None:
+            yield item_path, mapping
+
+
+def _read_pod(
+    obj: Mapping[str, object], name: str, namespace: str, errors: list[FieldError]
+) -> Pod:
+    metadata = _section(obj, "metadata", errors)
+    # Cilium only selects pods that have a CiliumEndpoint, which needs the UID; it also keys
+    # the multi-gateway hash (semantics §3.1, §5.3). A snapshot without it is not usable.
+    uid = _required_string(metadata, "uid", "metadata", errors)
+    labels = _read_labels(obj, errors)
+    spec = _section(obj, "spec", errors)
+    node_name = _optional_string(spec, "nodeName", "spec", errors)
+    host_network = False
+    if spec.get("hostNetwork") is not None:
+        host_network = bool(read_bool(spec["hostNetwork"], "spec.hostNetwork", errors))
+    service_account = _optional_string(spec, "serviceAccountName", "spec", errors)
+    if service_account is None:  # the deprecated alias, still set by old clients
+        service_account = _optional_string(spec, "serviceAccount", "spec", errors)
+
+    status = _section(obj, "status", errors)
+    ips: list[IPAddress] = []
+    for item_path, item in _mapping_items(status, "podIPs", "status", errors):
+        address = read_address(item.get("ip"), child(item_path, "ip"), errors)
+        if address is not None and address not in ips:
+            ips.append(address)
+    if not ips and status.get("podIP") not in (None, ""):
+        address = read_address(status["podIP"], "status.podIP", errors)
+        if address is not None:
+            ips.append(address)
+    return Pod(
+        name=name,
+        namespace=namespace,
+        uid=uid,
+        labels=labels,
+        node_name=node_name,
+        host_network=host_network,
+        service_account=service_account,
+        ips=tuple(ips),
+    )
+
+
+def _read_addresses(
+    status: Mapping[str, object], errors: list[FieldError]
+) -> tuple[NodeAddress, ...]:
+    addresses = []
+    for item_path, item in _mapping_items(status, "addresses", "status", errors):
+        address_type = _required_string(item, "type", item_path, errors)
+        address = _required_string(item, "address", item_path, errors)
+        addresses.append(NodeAddress(address_type, address))
+    return tuple(addresses)
+
+
+def _read_node(obj: Mapping[str, object], name: str, errors: list[FieldError]) -> Node:
+    labels = _read_labels(obj, errors)
+    addresses = _read_addresses(_section(obj, "status", errors), errors)
+    spec = _section(obj, "spec", errors)
+    pod_cidrs: list[IPNetwork | None] = [
+        read_cidr(item, item_path, errors)
+        for item_path, item in _items(spec, "podCIDRs", "spec", errors)
+    ]
+    if not pod_cidrs and spec.get("podCIDR") not in (None, ""):
+        pod_cidrs.append(read_cidr(spec["podCIDR"], "spec.podCIDR", errors))
+    return Node(name, labels, addresses, tuple(c for c in pod_cidrs if c is not None))
+
+
+def _read_gateway(obj: Mapping[str, object], name: str, errors: list[FieldError]) -> EgressGateway:
+    labels = _read_labels(obj, errors)
+    status = _section(obj, "status", errors)
+    addresses = _read_addresses(status, errors)
+    interfaces = tuple(
+        _read_interface(item, item_path, errors)
+        for item_path, item in _mapping_items(status, "interfaces", "status", errors)
+    )
+    pools = []
+    for item_path, item in _mapping_items(status, "egressIPPools", "status", errors):
+        cidr_path = child(item_path, "cidr")
+        cidr = None
+        if item.get("cidr") is None:
+            errors.append(required(cidr_path))
+        else:
+            cidr = read_cidr(item["cidr"], cidr_path, errors)
+        interface = _required_string(item, "interface", item_path, errors)
+        if cidr is not None:
+            pools.append(EgressIPPool(cidr, interface))
+    ready = False
+    for item_path, item in _mapping_items(status, "conditions", "status", errors):
+        condition_type = _required_string(item, "type", item_path, errors)
+        condition_status = _required_string(item, "status", item_path, errors)
+        ready = ready or (condition_type == "Ready" and condition_status == "True")
+    return EgressGateway(name, labels, addresses, interfaces, tuple(pools), ready)
+
+
+def _read_interface(
+    obj: Mapping[str, object], path: str, errors: list[FieldError]
+) -> GatewayInterface:
+    name = _required_string(obj, "name", path, errors)
+    altnames = []
+    for item_path, item in _items(obj, "altnames", path, errors):
+        altname = read_string(item, item_path, errors)
+        if altname is not None:
+            altnames.append(altname)
+    addresses = []
+    for item_path, item in _items(obj, "addresses", path, errors):
+        text = read_string(item, item_path, errors)
+        if text is None:
+            continue
+        try:
+            address, prefixlen = parse_address_with_prefix(text)
+        except ValueError as e:
+            errors.append(invalid(item_path, text, f"not an address/prefix-length ({e})"))
+            continue
+        addresses.append(InterfaceAddress(address, prefixlen))
+    default_routes = []
+    for flag in ("defaultRouteV4", "defaultRouteV6"):
+        value = obj.get(flag)
+        default_routes.append(
+            value is not None and bool(read_bool(value, child(path, flag), errors))
+        )
+    return GatewayInterface(
+        name=name,
+        altnames=tuple(altnames),
+        addresses=tuple(addresses),
+        default_route_v4=default_routes[0],
+        default_route_v6=default_routes[1],
+    )
+
+
+def _read_api_server_addresses(
+    obj: Mapping[str, object], kind: str, errors: list[FieldError]
+) -> list[IPAddress]:
+    """`EndpointSlice.endpoints[].addresses[]` or `Endpoints.subsets[].addresses[].ip`."""
+    found: list[IPAddress | None] = []
+    if kind == "EndpointSlice":
+        for endpoint_path, endpoint in _mapping_items(obj, "endpoints", "", errors):
+            found += [
+                read_address(item, item_path, errors)
+                for item_path, item in _items(endpoint, "addresses", endpoint_path, errors)
+            ]
+    else:
+        for subset_path, subset in _mapping_items(obj, "subsets", "", errors):
+            found += [
+                read_address(item.get("ip"), child(item_path, "ip"), errors)
+                for item_path, item in _mapping_items(subset, "addresses", subset_path, errors)
+            ]
+    return [a for a in found if a is not None]

@@ -285,6 +285,7 @@ def _build(documents: Iterable[_Located]) -> LoadedSnapshot:
     for document in documents:
         for located in _expand(document):
             _add(builder, located)
+    _refuse_shadowed_cilium_policies(builder)
     snapshot = Snapshot(
         policies=tuple(sorted(builder.policies, key=lambda p: (p.name, p.kind))),
         pods=tuple(sorted(builder.pods, key=lambda p: (p.namespace, p.name))),
@@ -296,6 +297,23 @@ def _build(documents: Iterable[_Located]) -> LoadedSnapshot:
         ),
     )
     return LoadedSnapshot(snapshot, tuple(builder.problems))
+
+
+def _refuse_shadowed_cilium_policies(builder: _Builder) -> None:
+    """Plans, status and explain name a policy by its name alone, so two policies must not
+    share one. An EgressGatewayPolicy wins over a CiliumEgressGatewayPolicy of the same name
+    (the usual case mid-migration), which is reported and left out."""
+    ours = {p.name for p in builder.policies if p.kind == "EgressGatewayPolicy"}
+    shadowed = [
+        p for p in builder.policies if p.kind == "CiliumEgressGatewayPolicy" and p.name in ours
+    ]
+    for policy in shadowed:
+        builder.policies.remove(policy)
+        builder.problems.append(PolicyProblem(
+            builder.seen[(policy.kind, "", policy.name)].file, policy.kind, policy.name,
+            FieldError("metadata.name", f"Duplicate value: {policy.name!r}: an "
+                       "EgressGatewayPolicy of the same name is in force; rename one of them"),
+        ))
 
 
 # kind -> (the apiVersion we read, whether it is namespaced)

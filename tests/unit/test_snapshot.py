@@ -393,14 +393,6 @@ def test_policy_without_api_version_is_a_problem() -> None:
     assert str(problem) == "test.yaml: EgressGatewayPolicy/pay: apiVersion: Required value"
 
 
-def test_same_policy_name_in_both_kinds_is_two_policies() -> None:
-    loaded = load(policy("pay"), policy("pay", "CiliumEgressGatewayPolicy"))
-    assert [(p.name, p.kind) for p in loaded.snapshot.policies] == [
-        ("pay", "CiliumEgressGatewayPolicy"),
-        ("pay", "EgressGatewayPolicy"),
-    ]
-
-
 # --- Lists and files ---------------------------------------------------------------------------
 
 
@@ -935,3 +927,27 @@ def test_snapshot_error_str_with_and_without_line() -> None:
     assert str(SnapshotError("a.yaml", None, "bad")) == "a.yaml: bad"
     error = SnapshotError("a.yaml", 3, "bad")
     assert (error.file, error.line, error.message) == ("a.yaml", 3, "bad")
+
+
+def test_cilium_policy_shadowed_by_egress_gateway_policy_of_the_same_name() -> None:
+    def policy(kind: str, api: str, cidr: str) -> dict[str, object]:
+        return {
+            "apiVersion": api, "kind": kind, "metadata": {"name": "pay"},
+            "spec": {
+                "selectors": [{"podSelector": {}}],
+                "destinationCIDRs": [cidr],
+                "egressGateway": {"nodeSelector": {}},
+            },
+        }
+
+    loaded = parse_objects([
+        ("cilium.yaml", policy("CiliumEgressGatewayPolicy", "cilium.io/v2", "10.0.0.0/8")),
+        ("ours.yaml", policy("EgressGatewayPolicy", "egress.gatewayd.io/v1alpha1", "10.1.0.0/16")),
+    ])
+    assert [(p.kind, str(p.destinations[0])) for p in loaded.snapshot.policies] == [
+        ("EgressGatewayPolicy", "10.1.0.0/16")
+    ]
+    assert [str(p) for p in loaded.problems] == [
+        "cilium.yaml: CiliumEgressGatewayPolicy/pay: metadata.name: Duplicate value: 'pay': an "
+        "EgressGatewayPolicy of the same name is in force; rename one of them"
+    ]

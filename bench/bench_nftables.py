@@ -1,0 +1,119 @@
+"""How fast the gateway table reaches the kernel (run as root; uses a throwaway namespace).
+
+For each size: render a gateway plan with N sources (one policy, plus D destination /24s),
+apply it to an empty namespace (one transaction), replace it while it is loaded (a change to
+the rules: full replace, one transaction), read it back, then apply C one-source changes
+through the fast path (element add / delete), reported as p50/p99 of `ensure()` alone and of
+render + `ensure()` (what the agent pays for one pod).
+
+    sudo .venv/bin/python bench/bench_nftables.py [--sizes 10000 100000] [--changes 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import secrets
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from gatewayd.dataplane.nft_render import GatewayTableSettings, render_gateway_table
+from gatewayd.dataplane.nftables import NftablesDriver
+from gatewayd.lab.netns import Sandbox, entered
+from gatewayd.policy.model import GatewayPlan, IPAddress, Role, SnatRule
+
+T = TypeVar("T")
+SETTINGS = GatewayTableSettings("egress0", ("eth0",))
+EGRESS = ipaddress.ip_address("198.51.100.10")
+
+
+def sources(count: int) -> frozenset[IPAddress]:
+    first = int(ipaddress.ip_address("10.0.0.1"))
+    return frozenset(ipaddress.ip_address(first + i) for i in range(count))
+
+
+def plan(source_set: frozenset[IPAddress], destinations: int) -> GatewayPlan:
+    dests = tuple(ipaddress.ip_network(f"172.{16 + i // 256}.{i % 256}.0/24")
+                  for i in range(destinations))
+    return GatewayPlan("bench", rules=(
+        SnatRule("bench", Role.ACTIVE, source_set, dests, EGRESS),))
+
+
+def timed(action: Callable[[], T]) -> tuple[float, T]:
+    start = time.perf_counter()
+    result = action()
+    return time.perf_counter() - start, result
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def bench(size: int, destinations: int, changes: int) -> dict[str, float]:
+    base = sources(size)
+    driver = NftablesDriver("inet", "gatewayd")
+    render_s, table = timed(lambda: render_gateway_table(plan(base, destinations), SETTINGS))
+    first_s, first = timed(lambda: driver.ensure(table))
+    other = GatewayTableSettings("egress0", ("eth0",), tunnel_mtu=1400)  # other rules
+    replace_s, replaced = timed(lambda: driver.ensure(
+        render_gateway_table(plan(base, destinations), other)))
+    assert (first.action, replaced.action) == ("replace", "replace")
+    observe_s, observed = timed(driver.observe)
+    assert observed is not None and len(observed.sets["rule0_src"].elements) == size
+
+    extra = ipaddress.ip_address("10.255.255.254")
+    ensure_only: list[float] = []
+    end_to_end: list[float] = []
+    for i in range(changes):
+        wanted = base | {extra} if i % 2 == 0 else base
+        start = time.perf_counter()
+        desired = render_gateway_table(plan(wanted, destinations), other)
+        result = driver.ensure(desired)
+        end_to_end.append(time.perf_counter() - start)
+        ensure_only.append(result.seconds)
+        assert result.action == "elements", result
+    verify_s, verified = timed(lambda: driver.ensure(desired, verify=True))
+    assert verified.action == "none" and not verified.drift
+    driver.delete()
+    return {
+        "render": render_s, "apply to empty": first_s, "full replace": replace_s,
+        "observe": observe_s, "verify (no drift)": verify_s,
+        "one source, ensure p50": statistics.median(ensure_only),
+        "one source, ensure p99": percentile(ensure_only, 0.99),
+        "one source, render+ensure p50": statistics.median(end_to_end),
+        "one source, render+ensure p99": percentile(end_to_end, 0.99),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--destinations", type=int, default=1000)
+    parser.add_argument("--changes", type=int, default=200)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench_nftables: needs root (a network namespace)", file=sys.stderr)
+        return 2
+    with Sandbox(f"bench{secrets.token_hex(2)}-") as box:
+        netns = box.netns("nft")
+        results = {}
+        for size in args.sizes:
+            with entered(netns):
+                results[size] = bench(size, args.destinations, args.changes)
+    names = list(next(iter(results.values())))
+    print(f"gateway table, {args.destinations} destination /24s, {args.changes} one-source "
+          "changes")
+    print(f"{'':34}" + "".join(f"{f'{size:,} src':>16}" for size in results))
+    for name in names:
+        print(f"{name:34}" + "".join(f"{results[s][name] * 1000:>13.1f} ms" for s in results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

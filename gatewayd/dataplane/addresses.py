@@ -1,0 +1,269 @@
+"""Egress IPs as /32 and /128 addresses on an interface.
+
+The driver owns only the addresses it added: they carry OWNER_PROTOCOL as their address
+protocol (IFA_PROTO, kernel >= 5.18), so ownership survives a daemon restart and an address
+someone else configured is never removed, even when it is also desired.
+
+Before an IPv4 address is used, an ARP probe asks the segment whether another host has it;
+IPv6 addresses go through the kernel's duplicate address detection. An address another host
+answers for is refused and reported in `AddressChanges.conflicts`, and not tried again for
+`retry_conflicts_after` seconds (a probe costs `probe_seconds` of the reconcile pass). Added
+addresses are announced: gratuitous ARP, unsolicited neighbour advertisement.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from gatewayd.dataplane.announce import probe_ipv4, send_gratuitous_arp, send_unsolicited_na
+from gatewayd.dataplane.netlink import OWNER_PROTOCOL, link_index, link_names
+from gatewayd.policy.model import IPAddress
+
+IFA_F_NODAD = 0x02
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
+IFF_NOARP = 0x80
+
+
+class AddressError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class AddressConflict:
+    address: IPAddress
+    interface: str
+    detail: str  # who answers for it, or that duplicate address detection failed
+
+    def __str__(self) -> str:
+        return f"{self.address} on {self.interface}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class AddressChanges:
+    added: tuple[IPAddress, ...] = ()
+    removed: tuple[IPAddress, ...] = ()
+    # Refused addresses. Not a change: `bool(changes)` only says whether something changed.
+    conflicts: tuple[AddressConflict, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed)
+
+
+@dataclass(frozen=True)
+class _Present:
+    address: IPAddress
+    prefixlen: int
+    owned: bool
+    flags: int
+
+
+class AddressDriver:
+    def __init__(
+        self,
+        protocol: int = OWNER_PROTOCOL,
+        probe_seconds: float = 1.0,
+        dad_timeout: float = 5.0,
+        retry_conflicts_after: float = 60.0,
+    ) -> None:
+        """`probe_seconds` = 0 turns conflict probing off (IPv6 addresses then skip DAD)."""
+        self.protocol = protocol
+        self.probe_seconds = probe_seconds
+        self.dad_timeout = dad_timeout
+        self.retry_conflicts_after = retry_conflicts_after
+        self._conflicts: dict[tuple[str, IPAddress], tuple[float, AddressConflict]] = {}
+
+    def ensure(self, interface: str, desired: Iterable[IPAddress]) -> AddressChanges:
+        """Add the missing addresses (after a conflict probe), announce them, then remove the
+        owned ones on this interface that are not desired."""
+        wanted = set(desired)
+        conflicts: list[AddressConflict] = []
+        removed: list[IPAddress] = []
+        with IPRoute() as ipr:
+            index = link_index(ipr, interface)
+            link = ipr.get_links(index)[0]
+            mac, can_arp = _mac(link)
+            present = {p.address: p for p in self._present(ipr, index)}
+            for item in list(present.values()):
+                if item.owned and item.flags & IFA_F_DADFAILED:  # found on an earlier pass
+                    self._delete(ipr, index, item)
+                    del present[item.address]
+                    removed.append(item.address)
+                    conflicts.append(self._refuse(interface, item.address,
+                                                  "duplicate address detection failed"))
+            missing: set[IPAddress] = set()
+            for address in wanted - set(present):
+                refused = self._refused_recently(interface, address)
+                if refused:
+                    conflicts.append(refused)
+                else:
+                    missing.add(address)
+
+            # IPv6 first: the kernel's DAD then runs while we probe for the IPv4 addresses.
+            probing = self.probe_seconds > 0
+            v6 = sorted(a for a in missing if isinstance(a, IPv6Address))
+            for address in v6:
+                self._add(ipr, index, address, dad=probing)
+            v4 = sorted(a for a in missing if isinstance(a, IPv4Address))
+            taken = probe_ipv4(interface, mac, v4, self.probe_seconds) if (
+                probing and can_arp and v4) else {}
+            for address, owner in sorted(taken.items()):
+                conflicts.append(self._refuse(interface, address, f"answered by {owner}"))
+            added: list[IPAddress] = []
+            for address in v4:
+                if address not in taken:
+                    self._add(ipr, index, address, dad=False)
+                    if can_arp:
+                        send_gratuitous_arp(interface, mac, address)
+                    added.append(address)
+            for address6, outcome in self._wait_for_dad(ipr, index, v6).items():
+                if outcome == "failed":
+                    self._delete(ipr, index, _Present(address6, 128, True, 0))
+                    conflicts.append(self._refuse(interface, address6,
+                                                  "duplicate address detection failed"))
+                    continue
+                added.append(address6)
+                if outcome == "done" and can_arp:
+                    send_unsolicited_na(index, mac, address6, _forwarding(interface))
+
+            # Stale ones last: add before remove, as everywhere in the reconcile.
+            for item in sorted(present.values(), key=lambda p: _order(p.address)):
+                if item.owned and item.address not in wanted:
+                    self._delete(ipr, index, item)
+                    removed.append(item.address)
+        return AddressChanges(
+            added=tuple(sorted(added, key=_order)),
+            removed=tuple(sorted(removed, key=_order)),
+            conflicts=tuple(conflicts),
+        )
+
+    def announce(self, interface: str, addresses: Iterable[IPAddress]) -> None:
+        """Announce addresses again (after a failover, say): gratuitous ARP / unsolicited NA."""
+        with IPRoute() as ipr:
+            index = link_index(ipr, interface)
+            mac, can_arp = _mac(ipr.get_links(index)[0])
+        if not can_arp:
+            return
+        for address in addresses:
+            if isinstance(address, IPv4Address):
+                send_gratuitous_arp(interface, mac, address)
+            else:
+                send_unsolicited_na(index, mac, address, _forwarding(interface))
+
+    def observe(self, interface: str) -> frozenset[IPAddress]:
+        """The owned addresses present on `interface`."""
+        with IPRoute() as ipr:
+            index = link_index(ipr, interface)
+            return frozenset(p.address for p in self._present(ipr, index) if p.owned)
+
+    def remove_all(self) -> AddressChanges:
+        """Remove every owned address on every interface (teardown)."""
+        removed: list[IPAddress] = []
+        with IPRoute() as ipr:
+            for index in sorted(link_names(ipr)):
+                for item in self._present(ipr, index):
+                    if item.owned:
+                        self._delete(ipr, index, item)
+                        removed.append(item.address)
+        self._conflicts.clear()
+        return AddressChanges(removed=tuple(sorted(removed, key=_order)))
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _present(self, ipr: IPRoute, index: int) -> list[_Present]:
+        return [
+            _Present(
+                ipaddress.ip_address(msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")),
+                msg["prefixlen"],
+                msg.get("IFA_PROTO") == self.protocol,
+                msg.get("IFA_FLAGS") or msg["flags"],
+            )
+            for msg in ipr.get_addr(index=index)
+        ]
+
+    def _add(self, ipr: IPRoute, index: int, address: IPAddress, dad: bool) -> None:
+        spec: dict[str, Any] = {
+            "index": index, "address": str(address), "prefixlen": address.max_prefixlen,
+            "proto": self.protocol,
+        }
+        if isinstance(address, IPv6Address) and not dad:
+            spec["flags"] = IFA_F_NODAD
+        ipr.addr("add", **spec)
+        mine = [p for p in self._present(ipr, index) if p.address == address]
+        if not mine or not mine[0].owned:
+            if mine:
+                self._delete(ipr, index, _Present(address, mine[0].prefixlen, True, 0))
+            raise AddressError(
+                f"the kernel did not keep the protocol of {address} (IFA_PROTO, kernel >= "
+                "5.18 needed): without it the address could not be told apart from others'"
+            )
+
+    @staticmethod
+    def _delete(ipr: IPRoute, index: int, item: _Present) -> None:
+        try:
+            ipr.addr("del", index=index, address=str(item.address), prefixlen=item.prefixlen)
+        except NetlinkError as exc:
+            if exc.code != errno.EADDRNOTAVAIL:  # already gone is fine
+                raise
+
+    def _wait_for_dad(
+        self, ipr: IPRoute, index: int, addresses: list[IPv6Address]
+    ) -> dict[IPv6Address, str]:
+        """"done", "failed", or "pending" (still tentative at the deadline: kept, and a
+        later pass removes it if DAD fails then)."""
+        outcome: dict[IPv6Address, str] = {}
+        deadline = time.monotonic() + self.dad_timeout
+        while True:
+            flags = {p.address: p.flags for p in self._present(ipr, index)}
+            for address in addresses:
+                current = flags.get(address)
+                if current is None or current & IFA_F_DADFAILED:
+                    outcome[address] = "failed"
+                elif not current & IFA_F_TENTATIVE:
+                    outcome[address] = "done"
+            if len(outcome) == len(addresses) or time.monotonic() > deadline:
+                return {a: outcome.get(a, "pending") for a in addresses}
+            time.sleep(0.05)
+
+    def _refuse(self, interface: str, address: IPAddress, detail: str) -> AddressConflict:
+        conflict = AddressConflict(address, interface, detail)
+        self._conflicts[(interface, address)] = (time.monotonic(), conflict)
+        return conflict
+
+    def _refused_recently(self, interface: str, address: IPAddress) -> AddressConflict | None:
+        entry = self._conflicts.get((interface, address))
+        if entry is None:
+            return None
+        if time.monotonic() - entry[0] >= self.retry_conflicts_after:
+            del self._conflicts[(interface, address)]
+            return None
+        return entry[1]
+
+
+def _mac(link: Any) -> tuple[bytes, bool]:
+    """The link's MAC, and whether it speaks ARP/NDP at all (tunnels do not)."""
+    text = link.get("IFLA_ADDRESS") or ""
+    mac = bytes.fromhex(text.replace(":", "")) if text else b""
+    return mac, len(mac) == 6 and not link["flags"] & IFF_NOARP
+
+
+def _forwarding(interface: str) -> bool:
+    """Neighbour advertisements carry the router flag when the interface forwards."""
+    try:
+        return Path(f"/proc/sys/net/ipv6/conf/{interface}/forwarding").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def _order(address: IPAddress) -> tuple[int, int]:
+    return address.version, int(address)

@@ -1,0 +1,528 @@
+"""Pure renderers: a plan in, the whole content of one nftables table out, as nft JSON.
+
+No I/O here. `NftablesDriver` applies a `RenderedTable` in one transaction and diffs it against
+the kernel; everything it sends to libnftables is built by the functions at the end of this file.
+
+Names inside a table come from a deterministic index (`rule0_src`, `rule0_dst`, counter
+`rule0`); the policy they serve is in the object's comment, because policy names may be long
+and hold dots. Set elements are canonical strings (`10.0.0.1`, `10.0.0.0/24`, `2001:db8::/32`,
+ranges as `first-last`) so that what we render and what the kernel lists compare equal.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from gatewayd.policy.model import (
+    GatewayPlan,
+    IPAddress,
+    IPNetwork,
+    NodePlan,
+    SnatRule,
+    SteerAction,
+    SteerRule,
+)
+
+JsonObject = dict[str, Any]
+
+FAMILY = "inet"
+GATEWAY_TABLE = "gatewayd"
+STEER_TABLE = "gatewayd-steer"
+
+# Named counters of the gateway table, one per reason a forwarded packet is dropped.
+DROP_INVALID = "drop_invalid"
+DROP_TUNNEL_UNKNOWN = "drop_tunnel_unknown"
+DROP_UPLINK_FORWARD = "drop_uplink_forward"
+
+COMMENT_MAX = 128  # nft refuses longer comments
+FULL_MARK_MASK = 0xFFFFFFFF
+PRIORITY_FILTER = 0
+PRIORITY_MANGLE = -150
+PRIORITY_SRCNAT = 100
+# Before the CNIs' own nat postrouting chains (srcnat): see render_steer_table.
+PRIORITY_STEER_SRCNAT = PRIORITY_SRCNAT - 10
+
+
+@dataclass(frozen=True)
+class SetSpec:
+    """A named set: element type (`ipv4_addr`/`ipv6_addr`), flags, canonical elements."""
+
+    type: str
+    flags: tuple[str, ...] = ()
+    elements: frozenset[str] = frozenset()
+    comment: str = ""
+
+    def declaration(self) -> SetSpec:
+        """The set without its elements: what must match for an element-only update."""
+        return replace(self, elements=frozenset())
+
+
+@dataclass(frozen=True)
+class RenderedTable:
+    """Everything one table holds. `body` = counters, chains and rules as nft JSON objects
+    (`{"counter": ...}`, `{"chain": ...}`, `{"rule": ...}`) in the order they are added."""
+
+    family: str
+    name: str
+    sets: Mapping[str, SetSpec]
+    body: tuple[JsonObject, ...]
+
+    def declarations(self) -> dict[str, SetSpec]:
+        return {name: spec.declaration() for name, spec in self.sets.items()}
+
+
+# --- gateway host -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatewayTableSettings:
+    tunnel_interface: str  # e.g. "egress0"
+    # Where SNATed traffic leaves; empty = any interface but the tunnel.
+    uplink_interfaces: tuple[str, ...]
+    tunnel_mtu: int = 1420  # TCP MSS is clamped to fit it
+
+
+def render_gateway_table(plan: GatewayPlan, settings: GatewayTableSettings) -> RenderedTable:
+    """Table `inet gatewayd`: SNAT per rule and a forward filter that is never an open relay.
+
+    Forward chain (policy drop), in order: invalid packets are dropped (they would skip NAT and
+    leak a pod address); TCP SYNs into and out of the tunnel get their MSS clamped; tunnel
+    traffic from a rule's sources to that rule's destinations is accepted and counted per rule
+    (before the conntrack shortcut, so a rule's counter is its whole egress volume); replies
+    pass as established/related; everything else is dropped and counted as
+    `drop_tunnel_unknown` (from the tunnel) or `drop_uplink_forward` (from anywhere else).
+    Standby rules are rendered like active ones: their SNAT is ready when sources arrive.
+    """
+    _check_interface_name(settings.tunnel_interface, "GatewayTableSettings.tunnel_interface")
+    if not 1280 <= settings.tunnel_mtu <= 65535:
+        raise ValueError(
+            f"GatewayTableSettings.tunnel_mtu: {settings.tunnel_mtu} is out of range; "
+            "accepted: 1280..65535"
+        )
+    table = _TableBuilder(GATEWAY_TABLE)
+    tunnel = _match_meta("iifname", settings.tunnel_interface)
+    table.counter(DROP_INVALID, "invalid conntrack state")
+    table.counter(DROP_TUNNEL_UNKNOWN, "from the tunnel, no rule allows source and destination")
+    table.counter(DROP_UPLINK_FORWARD, "forwarding not from the tunnel")
+    table.chain("forward", "filter", "forward", PRIORITY_FILTER, "drop")
+    table.chain("postrouting", "nat", "postrouting", PRIORITY_SRCNAT, "accept")
+
+    forward_head: list[list[JsonObject]] = [
+        [_ct_state("invalid"), {"counter": DROP_INVALID}, {"drop": None}]
+    ]
+    for version, overhead in ((4, 40), (6, 60)):
+        mss = settings.tunnel_mtu - overhead
+        for direction in ("iifname", "oifname"):
+            forward_head.append([
+                _match_meta(direction, settings.tunnel_interface),
+                _match_meta("nfproto", f"ipv{version}"),
+                _tcp_syn(),
+                {"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}},
+                            "value": mss}},
+            ])
+    for expr in forward_head:
+        table.rule("forward", expr)
+
+    uplinks = _uplink_match(settings)
+    for index, rule in enumerate(sorted(plan.rules, key=_snat_rule_key)):
+        version = _snat_rule_version(rule)
+        name = f"rule{index}"
+        comment = f"{rule.policy} ({rule.role.value}) via {rule.egress_ip}"
+        src, dst = table.rule_sets(name, version, rule.sources, rule.destinations)
+        table.counter(name, comment)
+        table.rule("forward", [tunnel, src, dst, {"counter": name}, {"accept": None}], comment)
+        ip = _ip(version)
+        table.rule(
+            "postrouting",
+            [uplinks, src, dst, {"snat": {"family": ip, "addr": str(rule.egress_ip)}}],
+            comment,
+        )
+
+    table.rule("forward", [_ct_state("established", "related"), {"accept": None}])
+    table.rule("forward", [tunnel, {"counter": DROP_TUNNEL_UNKNOWN}, {"drop": None}])
+    table.rule("forward", [{"counter": DROP_UPLINK_FORWARD}, {"drop": None}])
+    return table.build()
+
+
+def _snat_rule_key(rule: SnatRule) -> tuple[str, str, int, int, tuple[str, ...]]:
+    return (
+        rule.policy,
+        rule.role.value,
+        rule.egress_ip.version,
+        int(rule.egress_ip),
+        tuple(sorted(str(d) for d in rule.destinations)),
+    )
+
+
+def _snat_rule_version(rule: SnatRule) -> int:
+    version = rule.egress_ip.version
+    # type() through map(): this runs over every source, up to 100,000 of them.
+    families = set(map(type, rule.sources)) | {type(d.network_address) for d in rule.destinations}
+    if families - {type(rule.egress_ip)}:
+        mixed = [str(a) for a in (*rule.sources, *rule.destinations) if a.version != version]
+        raise ValueError(
+            f"SNAT rule of policy {rule.policy!r}: egress IP {rule.egress_ip} is IPv{version} "
+            f"but {', '.join(sorted(mixed)[:3])} is not; a rule holds one address family"
+        )
+    return version
+
+
+def _uplink_match(settings: GatewayTableSettings) -> JsonObject:
+    uplinks = sorted(set(settings.uplink_interfaces))
+    for uplink in uplinks:
+        _check_interface_name(uplink, "GatewayTableSettings.uplink_interfaces")
+    if not uplinks:
+        return _match_meta("oifname", settings.tunnel_interface, op="!=")
+    if len(uplinks) == 1:
+        return _match_meta("oifname", uplinks[0])
+    return _match_meta("oifname", {"set": uplinks})
+
+
+# --- cloud node -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SteerTableSettings:
+    gateway_marks: Mapping[str, int]  # gateway name -> fwmark (its routing table follows it)
+    tunnel_interfaces: Mapping[str, str]  # gateway name -> its WireGuard interface here
+    # Bits of the packet and conntrack marks that steering owns; the rest is left alone so
+    # the CNI's and kube-proxy's mark bits survive. Marks must lie inside it.
+    mark_mask: int = FULL_MARK_MASK
+
+
+def render_steer_table(
+    plan: NodePlan, settings: SteerTableSettings, active: Mapping[str, str] | None = None
+) -> RenderedTable:
+    """Table `inet gatewayd-steer`: mark selected pod traffic for its gateway's tunnel.
+
+    prerouting (filter, priority mangle, before the routing decision), in order:
+      1. destinations in `cluster_internal` return: never steered;
+      2. reply-direction packets return: replies to pods must route normally, not into a tunnel;
+      3. a connection whose conntrack mark names a gateway gets that packet mark again and is
+         accepted. The mark is only ever chosen for a connection's first packet, so existing
+         connections stay on their gateway whatever the plan says later;
+      4. TUNNEL rules match NEW connections only and set both the packet mark (routing) and the
+         conntrack mark (step 3 for the rest of the connection). `active` (policy -> gateway)
+         overrides a rule's gateway for fast failover; it therefore moves new connections only.
+         Connections that were already open unsteered when a policy appeared stay unsteered;
+      5. DROP rules drop and count every original-direction packet (step 3 already let
+         connections with a live gateway through).
+
+    postrouting (nat, priority srcnat - 10): traffic marked for a gateway and leaving through
+    that gateway's tunnel gets an SNAT to its own source address. The kernel's NAT core stops
+    consulting later nat chains once a connection has a binding, so the CNI's masquerade rules
+    (priority srcnat, other tables) never see it and the pod IP reaches the gateway unchanged.
+    """
+    marks = _checked_marks(settings)
+    mask = settings.mark_mask
+    table = _TableBuilder(STEER_TABLE)
+    table.chain("prerouting", "filter", "prerouting", PRIORITY_MANGLE, "accept")
+    table.chain("postrouting", "nat", "postrouting", PRIORITY_STEER_SRCNAT, "accept")
+
+    for version in (4, 6):
+        name = f"cluster{version}"
+        table.sets[name] = SetSpec(
+            type=_addr_type(version),
+            flags=("interval",),
+            elements=_network_elements(n for n in plan.cluster_internal if n.version == version),
+        )
+        table.rule("prerouting", [_match_addr(version, "daddr", f"@{name}"), {"return": None}])
+    table.rule("prerouting", [
+        {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "reply"}},
+        {"return": None},
+    ])
+    meta_mark: JsonObject = {"meta": {"key": "mark"}}
+    ct_mark: JsonObject = {"ct": {"key": "mark"}}
+    for gateway, mark in sorted(marks.items()):
+        table.rule(
+            "prerouting",
+            [_match_mark(ct_mark, mark, mask), _set_mark(meta_mark, mark, mask), {"accept": None}],
+            f"established via {gateway}",
+        )
+
+    entries = [
+        (rule, version)
+        for rule in plan.rules
+        for version in sorted({d.version for d in rule.destinations})
+    ]
+    entries.sort(key=lambda entry: _steer_entry_key(*entry))
+    for index, (rule, version) in enumerate(entries):
+        name = f"rule{index}"
+        sources = frozenset(s for s in rule.sources if s.version == version)
+        destinations = tuple(d for d in rule.destinations if d.version == version)
+        if rule.action is SteerAction.TUNNEL:
+            target = (active or {}).get(rule.policy) or rule.gateway
+            if target is None or target not in marks:
+                raise ValueError(
+                    f"steer rule of policy {rule.policy!r}: gateway {target!r} has no mark in "
+                    f"SteerTableSettings.gateway_marks; known: {', '.join(sorted(marks)) or '-'}"
+                )
+            comment = f"{rule.policy} -> {target}"
+            src, dst = table.rule_sets(name, version, sources, destinations)
+            table.counter(name, comment)
+            table.rule("prerouting", [
+                _ct_state("new"), src, dst, {"counter": name},
+                _set_mark(meta_mark, marks[target], mask),
+                _set_mark(ct_mark, marks[target], mask),
+                {"accept": None},
+            ], comment)
+        else:
+            reason = rule.reason.value if rule.reason else "no gateway"
+            comment = f"{rule.policy} drop ({reason})"
+            src, dst = table.rule_sets(name, version, sources, destinations)
+            table.counter(name, comment)
+            table.rule("prerouting", [src, dst, {"counter": name}, {"drop": None}], comment)
+
+    for gateway, mark in sorted(marks.items()):
+        interface = settings.tunnel_interfaces[gateway]
+        for version in (4, 6):
+            ip = _ip(version)
+            source = {"payload": {"protocol": ip, "field": "saddr"}}
+            table.rule("postrouting", [
+                _match_meta("nfproto", f"ipv{version}"),
+                _match_mark(meta_mark, mark, mask),
+                _match_meta("oifname", interface),
+                {"snat": {"family": ip, "addr": source}},
+            ], f"keep pod source via {gateway}")
+    return table.build()
+
+
+def _checked_marks(settings: SteerTableSettings) -> dict[str, int]:
+    mask = settings.mark_mask
+    if not 0 < mask <= FULL_MARK_MASK:
+        raise ValueError(f"SteerTableSettings.mark_mask: {mask:#x} is not a 32-bit mask")
+    if set(settings.gateway_marks) != set(settings.tunnel_interfaces):
+        raise ValueError(
+            "SteerTableSettings: gateway_marks and tunnel_interfaces must name the same "
+            f"gateways; got {sorted(settings.gateway_marks)} and "
+            f"{sorted(settings.tunnel_interfaces)}"
+        )
+    seen: dict[int, str] = {}
+    for gateway, mark in sorted(settings.gateway_marks.items()):
+        if mark == 0 or mark & ~mask & FULL_MARK_MASK or mark > FULL_MARK_MASK:
+            raise ValueError(
+                f"SteerTableSettings.gateway_marks[{gateway!r}]: {mark:#x} must be non-zero "
+                f"and inside mark_mask {mask:#x}"
+            )
+        if mark in seen:
+            raise ValueError(
+                f"SteerTableSettings.gateway_marks: {gateway!r} and {seen[mark]!r} share "
+                f"mark {mark:#x}; each gateway needs its own"
+            )
+        seen[mark] = gateway
+        field = f"SteerTableSettings.tunnel_interfaces[{gateway!r}]"
+        _check_interface_name(settings.tunnel_interfaces[gateway], field)
+    return dict(settings.gateway_marks)
+
+
+def _steer_entry_key(rule: SteerRule, version: int) -> tuple[str, int, str, tuple[str, ...]]:
+    destinations = tuple(sorted(str(d) for d in rule.destinations if d.version == version))
+    return (rule.policy, version, rule.action.value, destinations)
+
+
+def _match_mark(key: JsonObject, mark: int, mask: int) -> JsonObject:
+    left = key if mask == FULL_MARK_MASK else {"&": [key, mask]}
+    return {"match": {"op": "==", "left": left, "right": mark}}
+
+
+def _set_mark(key: JsonObject, mark: int, mask: int) -> JsonObject:
+    value: Any = mark
+    if mask != FULL_MARK_MASK:
+        value = {"|": [{"&": [key, FULL_MARK_MASK & ~mask]}, mark]}
+    return {"mangle": {"key": key, "value": value}}
+
+
+# --- building blocks --------------------------------------------------------------------------
+
+
+class _TableBuilder:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sets: dict[str, SetSpec] = {}
+        self._counters: list[JsonObject] = []
+        self._chains: list[JsonObject] = []
+        self._rules: list[JsonObject] = []
+
+    def _ref(self) -> JsonObject:
+        return {"family": FAMILY, "table": self.name}
+
+    def counter(self, name: str, comment: str) -> None:
+        self._counters.append(
+            {"counter": {**self._ref(), "name": name, "comment": _comment(comment)}}
+        )
+
+    def chain(self, name: str, type_: str, hook: str, priority: int, policy: str) -> None:
+        self._chains.append({"chain": {
+            **self._ref(), "name": name, "type": type_, "hook": hook, "prio": priority,
+            "policy": policy,
+        }})
+
+    def rule(self, chain: str, expr: list[JsonObject], comment: str = "") -> None:
+        rule: JsonObject = {**self._ref(), "chain": chain, "expr": expr}
+        if comment:
+            rule["comment"] = _comment(comment)
+        self._rules.append({"rule": rule})
+
+    def rule_sets(
+        self,
+        name: str,
+        version: int,
+        sources: Iterable[IPAddress],
+        destinations: Iterable[IPNetwork],
+    ) -> tuple[JsonObject, JsonObject]:
+        """Declare `<name>_src` (hash) and `<name>_dst` (interval); return the two matches.
+        The sets carry no comment (nft 1.0.6 drops set comments given in JSON): counter
+        `<name>` and the rules using them name the policy."""
+        self.sets[f"{name}_src"] = SetSpec(
+            type=_addr_type(version), elements=frozenset(map(str, sources))
+        )
+        self.sets[f"{name}_dst"] = SetSpec(
+            type=_addr_type(version), flags=("interval",), elements=_network_elements(destinations)
+        )
+        return (
+            _match_addr(version, "saddr", f"@{name}_src"),
+            _match_addr(version, "daddr", f"@{name}_dst"),
+        )
+
+    def build(self) -> RenderedTable:
+        return RenderedTable(
+            family=FAMILY,
+            name=self.name,
+            sets=dict(sorted(self.sets.items())),
+            body=(*self._counters, *self._chains, *self._rules),
+        )
+
+
+def _ip(version: int) -> str:
+    return "ip" if version == 4 else "ip6"
+
+
+def _addr_type(version: int) -> str:
+    return "ipv4_addr" if version == 4 else "ipv6_addr"
+
+
+def _match_addr(version: int, field: str, right: str) -> JsonObject:
+    left = {"payload": {"protocol": _ip(version), "field": field}}
+    return {"match": {"op": "==", "left": left, "right": right}}
+
+
+def _match_meta(key: str, right: Any, op: str = "==") -> JsonObject:
+    return {"match": {"op": op, "left": {"meta": {"key": key}}, "right": right}}
+
+
+def _ct_state(*states: str) -> JsonObject:
+    right: Any = states[0] if len(states) == 1 else list(states)
+    return {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": right}}
+
+
+def _tcp_syn() -> JsonObject:
+    flags = {"payload": {"protocol": "tcp", "field": "flags"}}
+    return {"match": {"op": "==", "left": {"&": [flags, ["syn", "rst"]]}, "right": "syn"}}
+
+
+def _comment(text: str) -> str:
+    if len(text.encode()) <= COMMENT_MAX:
+        return text
+    return text.encode()[: COMMENT_MAX - 3].decode(errors="ignore") + "..."
+
+
+def _check_interface_name(name: str, field: str) -> None:
+    if not 0 < len(name) <= 15 or "/" in name or any(c.isspace() for c in name):
+        raise ValueError(
+            f"{field}: {name!r} is not a Linux interface name; accepted: 1-15 characters, "
+            "no '/' or whitespace"
+        )
+
+
+# --- set elements -----------------------------------------------------------------------------
+
+
+def _network_elements(networks: Iterable[IPNetwork]) -> frozenset[str]:
+    """Canonical interval elements. Overlapping or adjacent networks are merged first: an
+    interval set refuses overlaps, and the merged form is what a lookup sees anyway."""
+    nets = list(networks)
+    merged: list[IPNetwork] = [
+        *ipaddress.collapse_addresses(n for n in nets if isinstance(n, ipaddress.IPv4Network)),
+        *ipaddress.collapse_addresses(n for n in nets if isinstance(n, ipaddress.IPv6Network)),
+    ]
+    return frozenset(network_element(n) for n in merged)
+
+
+def network_element(network: IPNetwork) -> str:
+    """How an interval set lists a network: a single address without its prefix length."""
+    if network.prefixlen == network.max_prefixlen:
+        return str(network.network_address)
+    return str(network)
+
+
+def element_to_json(element: str) -> Any:
+    if "/" in element:
+        addr, length = element.split("/")
+        return {"prefix": {"addr": addr, "len": int(length)}}
+    if "-" in element:
+        first, last = element.split("-")
+        return {"range": [first, last]}
+    return element
+
+
+def element_from_json(value: Any) -> str:
+    """The canonical string of one element as `nft -j list` shows it."""
+    if isinstance(value, dict) and "elem" in value:  # element with its own counter/timeout
+        return element_from_json(value["elem"]["val"])
+    if isinstance(value, dict) and "prefix" in value:
+        prefix = value["prefix"]
+        return network_element(ipaddress.ip_network(f"{prefix['addr']}/{prefix['len']}"))
+    if isinstance(value, dict) and "range" in value:
+        first, last = (ipaddress.ip_address(a) for a in value["range"])
+        return f"{first}-{last}"
+    if isinstance(value, str):
+        return str(ipaddress.ip_address(value))
+    raise ValueError(f"unexpected nftables set element {value!r}")
+
+
+# --- transactions -----------------------------------------------------------------------------
+
+
+def replace_commands(table: RenderedTable) -> JsonObject:
+    """One transaction that swaps the whole table. `add` first so `delete` cannot fail on a
+    missing table; delete and re-create in the same batch so conntrack's NAT bindings, which
+    live outside the table, keep established connections translated."""
+    ref = {"family": table.family, "name": table.name}
+    commands: list[JsonObject] = [
+        {"add": {"table": ref}},
+        {"delete": {"table": ref}},
+        {"add": {"table": ref}},
+    ]
+    for name, spec in table.sets.items():
+        declaration: JsonObject = {
+            "family": table.family, "table": table.name, "name": name, "type": spec.type,
+        }
+        if spec.flags:
+            declaration["flags"] = list(spec.flags)
+        if spec.comment:
+            declaration["comment"] = spec.comment
+        commands.append({"add": {"set": declaration}})
+    commands.extend(element_commands(table, {}, {n: s.elements for n, s in table.sets.items()}))
+    commands.extend({"add": obj} for obj in table.body)
+    return {"nftables": commands}
+
+
+def element_commands(
+    table: RenderedTable,
+    removed: Mapping[str, frozenset[str]],
+    added: Mapping[str, frozenset[str]],
+) -> list[JsonObject]:
+    """Element deletions, then additions, set by set (in one batch with the rest)."""
+    commands: list[JsonObject] = []
+    for verb, changes in (("delete", removed), ("add", added)):
+        for name in sorted(changes):
+            if changes[name]:
+                elements = [element_to_json(e) for e in sorted(changes[name])]
+                commands.append({verb: {"element": {
+                    "family": table.family, "table": table.name, "name": name, "elem": elements,
+                }}})
+    return commands
+

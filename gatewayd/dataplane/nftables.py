@@ -1,0 +1,235 @@
+"""Keeps one nftables table equal to a `RenderedTable`, through libnftables' JSON API.
+
+Every apply is ONE transaction. When only set elements differ from what we applied last, the
+transaction only adds and deletes those elements (a pod coming or going reaches the kernel in
+milliseconds). Anything else replaces the whole table in one transaction: deleting the table
+in a separate step would break established NAT flows and let new connections leak the pod IP.
+
+Drift: `ensure(verify=True)` re-reads the kernel. The body (chains, rules, counters) is
+compared with what the kernel listed right after our last full replace, not with our own JSON,
+so nft's way of printing an expression never looks like drift. A driver that has applied
+nothing yet (daemon start) therefore always replaces the table once.
+
+The libnftables context is created per call: it binds to the network namespace of the calling
+thread when created, and the driver acts on the caller's namespace. Not thread-safe.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import nftables
+
+from gatewayd.dataplane.nft_render import (
+    JsonObject,
+    RenderedTable,
+    SetSpec,
+    element_commands,
+    element_from_json,
+    replace_commands,
+)
+
+_MISSING = "No such file or directory"  # what nft says about a table that is not there
+
+
+class NftablesError(Exception):
+    """libnftables refused a command; the message holds what nft said."""
+
+
+@dataclass(frozen=True)
+class ObservedTable:
+    family: str
+    name: str
+    sets: Mapping[str, SetSpec]  # with their elements, canonical
+    counters: Mapping[str, tuple[int, int]]  # named counter -> (packets, bytes)
+    # Counters, chains, rules and anything else in the table as nft lists them, without
+    # handles and counter values.
+    body: tuple[JsonObject, ...]
+
+    def declarations(self) -> dict[str, SetSpec]:
+        return {name: spec.declaration() for name, spec in self.sets.items()}
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    action: Literal["none", "elements", "replace"]
+    seconds: float
+    drift: bool  # the kernel differed from what this driver applied last
+    added: int = 0  # set elements added (element updates only)
+    removed: int = 0  # set elements removed (element updates only)
+
+
+class NftablesDriver:
+    def __init__(self, family: str, name: str) -> None:
+        self.family = family
+        self.name = name
+        self._applied: RenderedTable | None = None
+        self._applied_body: tuple[JsonObject, ...] | None = None  # as listed after our replace
+
+    def ensure(self, desired: RenderedTable, verify: bool = False) -> ApplyResult:
+        """Make the kernel's table equal `desired`. `verify` re-reads the kernel first (the
+        reconcile timer uses it to catch drift); otherwise the diff is against memory."""
+        if (desired.family, desired.name) != (self.family, self.name):
+            raise ValueError(
+                f"this driver manages table {self.family} {self.name}, "
+                f"not {desired.family} {desired.name}"
+            )
+        start = time.monotonic()
+        applied = self._applied
+        if applied is None or verify:
+            return self._reconcile(desired, start)
+        if desired.body != applied.body or desired.declarations() != applied.declarations():
+            self._replace(desired)
+            return ApplyResult("replace", time.monotonic() - start, drift=False)
+        removed, added = _element_delta(applied.sets, desired.sets)
+        if not removed and not added:
+            return ApplyResult("none", time.monotonic() - start, drift=False)
+        try:
+            self._run(element_commands(desired, removed, added), "set element update")
+        except NftablesError:
+            # Our memory is stale (an element we delete is gone, say): re-read the kernel.
+            return self._reconcile(desired, start)
+        self._applied = desired
+        return ApplyResult(
+            "elements", time.monotonic() - start, drift=False,
+            added=_count(added), removed=_count(removed),
+        )
+
+    def observe(self) -> ObservedTable | None:
+        """The table as the kernel has it, set elements and counter values included; None when
+        there is no such table."""
+        objects = self._list(f"list table {self.family} {self.name}", terse=False)
+        return None if objects is None else _parse_table(self.family, self.name, objects)
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        """Named counters of the table: name -> (packets, bytes); empty without the table.
+        nft 1.0.6 fetches every set element for any listing: ~0.2 s at 100,000 sources."""
+        objects = self._list(f"list counters table {self.family} {self.name}", terse=True)
+        return {
+            obj["counter"]["name"]: (obj["counter"]["packets"], obj["counter"]["bytes"])
+            for obj in objects or []
+            if "counter" in obj
+        }
+
+    def delete(self) -> bool:
+        """Remove the table (teardown). False when it was not there."""
+        self._applied = self._applied_body = None
+        try:
+            self._run([{"delete": {"table": {"family": self.family, "name": self.name}}}],
+                      "deletion")
+        except NftablesError as exc:
+            if _MISSING in str(exc):
+                return False
+            raise
+        return True
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _reconcile(self, desired: RenderedTable, start: float) -> ApplyResult:
+        observed = self.observe()
+        applied = self._applied
+        drift = applied is not None and (
+            observed is None
+            or observed.body != self._applied_body
+            or dict(observed.sets) != dict(applied.sets)
+        )
+        if (
+            observed is None
+            or applied is None
+            or observed.body != self._applied_body
+            or desired.body != applied.body
+            or observed.declarations() != desired.declarations()
+        ):
+            self._replace(desired)
+            return ApplyResult("replace", time.monotonic() - start, drift=drift)
+        removed, added = _element_delta(observed.sets, desired.sets)
+        if removed or added:
+            self._run(element_commands(desired, removed, added), "set element update")
+        self._applied = desired
+        return ApplyResult(
+            "elements" if removed or added else "none", time.monotonic() - start, drift=drift,
+            added=_count(added), removed=_count(removed),
+        )
+
+    def _replace(self, desired: RenderedTable) -> None:
+        self._applied = self._applied_body = None
+        self._run(replace_commands(desired)["nftables"], "table replace")
+        listed = self._list(f"list table {self.family} {self.name}", terse=True)
+        if listed is None:
+            raise NftablesError(f"table {self.family} {self.name} is missing right after apply")
+        self._applied = desired
+        self._applied_body = _parse_table(self.family, self.name, listed).body
+
+    def _run(self, commands: list[JsonObject], what: str) -> None:
+        nft = nftables.Nftables()
+        rc, _output, error = nft.json_cmd({"nftables": commands})
+        if rc != 0:
+            raise NftablesError(
+                f"nft refused the {what} of table {self.family} {self.name}: {error.strip()}"
+            )
+
+    def _list(self, command: str, terse: bool) -> list[JsonObject] | None:
+        nft = nftables.Nftables()
+        nft.set_json_output(True)
+        nft.set_terse_output(terse)  # terse: without set elements
+        rc, output, error = nft.cmd(command)
+        if rc != 0:
+            if _MISSING in error:
+                return None
+            raise NftablesError(f"nft {command}: {error.strip()}")
+        objects: list[JsonObject] = json.loads(output)["nftables"]
+        return objects
+
+
+def _parse_table(family: str, name: str, objects: list[JsonObject]) -> ObservedTable:
+    sets: dict[str, SetSpec] = {}
+    counters: dict[str, tuple[int, int]] = {}
+    body: list[JsonObject] = []
+    for obj in objects:
+        ((kind, value),) = obj.items()
+        if kind in ("metainfo", "table"):
+            continue
+        if kind == "set":
+            set_type = value["type"]
+            sets[value["name"]] = SetSpec(
+                type=set_type if isinstance(set_type, str) else " . ".join(set_type),
+                flags=tuple(value.get("flags", ())),
+                elements=frozenset(element_from_json(e) for e in value.get("elem", ())),
+                comment=value.get("comment", ""),
+            )
+            continue
+        if kind == "counter":
+            counters[value["name"]] = (value["packets"], value["bytes"])
+        body.append({kind: _without(value, "handle", "packets", "bytes")})
+    return ObservedTable(family, name, sets, counters, tuple(body))
+
+
+def _without(value: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in value.items() if k not in keys}
+
+
+def _element_delta(
+    current: Mapping[str, SetSpec], desired: Mapping[str, SetSpec]
+) -> tuple[dict[str, frozenset[str]], dict[str, frozenset[str]]]:
+    """(removed, added) elements per set. One symmetric difference per changed set: with
+    100,000 sources and one change this is most of the fast path's time."""
+    removed: dict[str, frozenset[str]] = {}
+    added: dict[str, frozenset[str]] = {}
+    for name, spec in desired.items():
+        old = current[name].elements if name in current else frozenset()
+        if old == spec.elements:
+            continue
+        changed = old ^ spec.elements
+        if gone := changed & old:
+            removed[name] = gone
+        if new := changed - gone:
+            added[name] = new
+    return removed, added
+
+
+def _count(changes: Mapping[str, frozenset[str]]) -> int:
+    return sum(len(e) for e in changes.values())

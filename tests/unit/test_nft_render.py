@@ -1,0 +1,372 @@
+"""The pure nftables renderers: plans in, table content (nft JSON) out.
+
+Golden files in tests/unit/golden/ hold the full rendering of two representative plans;
+regenerate them after an intended change with GATEWAYD_UPDATE_GOLDEN=1 and review the diff.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gatewayd.dataplane.nft_render import (
+    COMMENT_MAX,
+    DROP_INVALID,
+    DROP_TUNNEL_UNKNOWN,
+    DROP_UPLINK_FORWARD,
+    GatewayTableSettings,
+    RenderedTable,
+    SetSpec,
+    SteerTableSettings,
+    element_commands,
+    element_from_json,
+    element_to_json,
+    network_element,
+    render_gateway_table,
+    render_steer_table,
+    replace_commands,
+)
+from gatewayd.policy.model import (
+    DropReason,
+    GatewayPlan,
+    NodePlan,
+    Role,
+    SnatRule,
+    SteerAction,
+    SteerRule,
+)
+
+pytestmark = pytest.mark.unit
+
+GOLDEN = Path(__file__).parent / "golden"
+ip = ipaddress.ip_address
+net = ipaddress.ip_network
+
+SETTINGS = GatewayTableSettings("egress0", ("eth0",))
+STEER = SteerTableSettings(
+    gateway_marks={"gw-a": 0x100, "gw-b": 0x200},
+    tunnel_interfaces={"gw-a": "egw-gw-a", "gw-b": "egw-gw-b"},
+    mark_mask=0xFF00,
+)
+
+
+def snat(policy: str, egress: str, sources: list[str], destinations: list[str],
+         role: Role = Role.ACTIVE) -> SnatRule:
+    return SnatRule(policy, role, frozenset(ip(s) for s in sources),
+                    tuple(net(d) for d in destinations), ip(egress))
+
+
+GATEWAY_PLAN = GatewayPlan("gw-a", rules=(
+    snat("payments", "198.51.100.10", ["10.244.1.5", "10.244.2.7"],
+         ["192.0.2.0/24", "203.0.113.7/32"]),
+    snat("payments", "2001:db8:1::10", ["fd00:10:244:1::5"], ["2001:db8:2::/48"]),
+    snat("reports.nightly", "198.51.100.11", ["10.244.3.3"], ["0.0.0.0/0"], Role.STANDBY),
+))
+
+NODE_PLAN = NodePlan("node-1", cluster_internal=(
+    net("10.244.0.0/16"), net("10.244.1.5/32"), net("10.96.0.0/12"), net("fd00:10:244::/56"),
+), rules=(
+    SteerRule("payments", SteerAction.TUNNEL,
+              frozenset({ip("10.244.1.5"), ip("fd00:10:244:1::5")}),
+              (net("192.0.2.0/24"), net("2001:db8:2::/48")), gateway="gw-a", standby="gw-b"),
+    SteerRule("reports.nightly", SteerAction.DROP, frozenset({ip("10.244.1.9")}),
+              (net("0.0.0.0/0"),), reason=DropReason.NO_EGRESS_GATEWAY),
+))
+
+
+def as_json(table: RenderedTable) -> dict[str, Any]:
+    return {
+        "family": table.family,
+        "name": table.name,
+        "sets": {
+            name: {"type": s.type, "flags": list(s.flags), "elements": sorted(s.elements)}
+            for name, s in table.sets.items()
+        },
+        "body": list(table.body),
+    }
+
+
+@pytest.mark.parametrize("name, table", [
+    ("gateway_table.json", render_gateway_table(GATEWAY_PLAN, SETTINGS)),
+    ("steer_table.json", render_steer_table(NODE_PLAN, STEER)),
+])
+def test_golden(name: str, table: RenderedTable) -> None:
+    path = GOLDEN / name
+    text = json.dumps(as_json(table), indent=1, sort_keys=True) + "\n"
+    if os.environ.get("GATEWAYD_UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def rules(table: RenderedTable, chain: str) -> list[dict[str, Any]]:
+    return [obj["rule"] for obj in table.body if obj.get("rule", {}).get("chain") == chain]
+
+
+def counters(table: RenderedTable) -> dict[str, str]:
+    return {o["counter"]["name"]: o["counter"]["comment"] for o in table.body if "counter" in o}
+
+
+def verdict(rule: dict[str, Any]) -> str:
+    (key,) = rule["expr"][-1]
+    return str(key)
+
+
+# --- gateway table -------------------------------------------------------------------------
+
+
+def test_gateway_rules_get_indexed_sets_counters_and_snat() -> None:
+    table = render_gateway_table(GATEWAY_PLAN, SETTINGS)
+    assert table.sets["rule0_src"] == SetSpec("ipv4_addr", (), frozenset({"10.244.1.5",
+                                                                           "10.244.2.7"}))
+    assert table.sets["rule0_dst"] == SetSpec("ipv4_addr", ("interval",),
+                                              frozenset({"192.0.2.0/24", "203.0.113.7"}))
+    assert table.sets["rule1_src"].type == "ipv6_addr"
+    assert counters(table) == {
+        DROP_INVALID: "invalid conntrack state",
+        DROP_TUNNEL_UNKNOWN: "from the tunnel, no rule allows source and destination",
+        DROP_UPLINK_FORWARD: "forwarding not from the tunnel",
+        "rule0": "payments (active) via 198.51.100.10",
+        "rule1": "payments (active) via 2001:db8:1::10",
+        "rule2": "reports.nightly (standby) via 198.51.100.11",
+    }
+    nat = rules(table, "postrouting")
+    assert [r["expr"][-1]["snat"] for r in nat] == [
+        {"family": "ip", "addr": "198.51.100.10"},
+        {"family": "ip6", "addr": "2001:db8:1::10"},
+        {"family": "ip", "addr": "198.51.100.11"},  # standby: ready for failover
+    ]
+    assert all(r["expr"][0]["match"]["right"] == "eth0" for r in nat)
+    assert nat[1]["expr"][1]["match"]["left"] == {"payload": {"protocol": "ip6",
+                                                              "field": "saddr"}}
+
+
+def test_forward_chain_is_no_open_relay() -> None:
+    table = render_gateway_table(GATEWAY_PLAN, SETTINGS)
+    (chain,) = [o["chain"] for o in table.body if o.get("chain", {}).get("name") == "forward"]
+    assert (chain["hook"], chain["policy"]) == ("forward", "drop")
+    forward = rules(table, "forward")
+    verdicts = [verdict(r) for r in forward]
+    assert verdicts == ["drop"] + ["mangle"] * 4 + ["accept"] * 3 + ["accept", "drop", "drop"]
+    accepts = forward[5:8]
+    assert all(r["expr"][0]["match"] == {"op": "==", "left": {"meta": {"key": "iifname"}},
+                                         "right": "egress0"} for r in accepts)
+    assert [r["expr"][3] for r in accepts] == [{"counter": f"rule{i}"} for i in range(3)]
+    assert forward[-2]["expr"][:2] == [
+        {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "egress0"}},
+        {"counter": DROP_TUNNEL_UNKNOWN},
+    ]
+    assert forward[-1]["expr"] == [{"counter": DROP_UPLINK_FORWARD}, {"drop": None}]
+
+
+@pytest.mark.parametrize("mtu", [1420, 1280, 9000])
+def test_mss_is_clamped_to_the_tunnel_mtu_both_ways(mtu: int) -> None:
+    table = render_gateway_table(GatewayPlan("gw"), GatewayTableSettings("wg0", (), mtu))
+    clamps = {
+        (r["expr"][0]["match"]["left"]["meta"]["key"], r["expr"][1]["match"]["right"]):
+        r["expr"][3]["mangle"]["value"]
+        for r in rules(table, "forward") if verdict(r) == "mangle"
+    }
+    assert clamps == {("iifname", "ipv4"): mtu - 40, ("oifname", "ipv4"): mtu - 40,
+                      ("iifname", "ipv6"): mtu - 60, ("oifname", "ipv6"): mtu - 60}
+
+
+@pytest.mark.parametrize("uplinks, expected", [
+    ((), {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": "egress0"}),
+    (("eth1", "bond0", "eth1"), {"op": "==", "left": {"meta": {"key": "oifname"}},
+                                 "right": {"set": ["bond0", "eth1"]}}),
+])
+def test_snat_leaves_through_the_uplinks(uplinks: tuple[str, ...], expected: Any) -> None:
+    table = render_gateway_table(GATEWAY_PLAN, GatewayTableSettings("egress0", uplinks))
+    assert {json.dumps(r["expr"][0]["match"]) for r in rules(table, "postrouting")} == {
+        json.dumps(expected)}
+
+
+def test_empty_gateway_plan_still_filters() -> None:
+    table = render_gateway_table(GatewayPlan("gw"), SETTINGS)
+    assert table.sets == {}
+    assert rules(table, "postrouting") == []
+    assert [verdict(r) for r in rules(table, "forward")] == (
+        ["drop"] + ["mangle"] * 4 + ["accept", "drop", "drop"])
+
+
+def test_rendering_is_deterministic() -> None:
+    shuffled = list(GATEWAY_PLAN.rules)
+    random.Random(7).shuffle(shuffled)
+    rebuilt = GatewayPlan("gw-a", rules=tuple(
+        SnatRule(r.policy, r.role, frozenset(sorted(r.sources, key=str, reverse=True)),
+                 r.destinations, r.egress_ip) for r in shuffled))
+    first = replace_commands(render_gateway_table(GATEWAY_PLAN, SETTINGS))
+    assert json.dumps(first) == json.dumps(replace_commands(render_gateway_table(rebuilt,
+                                                                                 SETTINGS)))
+
+
+def test_long_policy_names_fit_in_comments() -> None:
+    long_name = "team." + "x" * 240
+    table = render_gateway_table(GatewayPlan("gw", rules=(
+        snat(long_name, "198.51.100.1", ["10.0.0.1"], ["192.0.2.0/24"]),)), SETTINGS)
+    comment = counters(table)["rule0"]
+    assert len(comment.encode()) <= COMMENT_MAX and comment.startswith("team.xxx")
+    assert all(len(r.get("comment", "")) <= COMMENT_MAX for r in rules(table, "forward"))
+
+
+@pytest.mark.parametrize("settings, rule, message", [
+    (SETTINGS, snat("mixed", "198.51.100.1", ["fd00::1"], ["192.0.2.0/24"]),
+     "policy 'mixed'.*one address family"),
+    (SETTINGS, snat("v6", "198.51.100.1", ["fd00::1"], ["2001:db8::/32"]),
+     "policy 'v6'.*IPv4 but 2001:db8::/32, fd00::1 is not"),
+    (GatewayTableSettings("a-name-longer-than-15", ()), None, "tunnel_interface"),
+    (GatewayTableSettings("egress0", ("eth 0",)), None, "uplink_interfaces"),
+    (GatewayTableSettings("egress0", (), 1000), None, "tunnel_mtu.*1280"),
+])
+def test_bad_gateway_input_is_named(settings: GatewayTableSettings, rule: SnatRule | None,
+                                    message: str) -> None:
+    plan = GatewayPlan("gw", rules=(rule,) if rule else ())
+    with pytest.raises(ValueError, match=message):
+        render_gateway_table(plan, settings)
+
+
+# --- steer table ---------------------------------------------------------------------------
+
+
+def test_cluster_internal_is_merged_and_returns_first() -> None:
+    table = render_steer_table(NODE_PLAN, STEER)
+    assert table.sets["cluster4"].elements == {"10.244.0.0/16", "10.96.0.0/12"}
+    assert table.sets["cluster6"].elements == {"fd00:10:244::/56"}
+    first = rules(table, "prerouting")[:3]
+    assert [r["expr"][0]["match"]["right"] for r in first] == ["@cluster4", "@cluster6", "reply"]
+    assert all(verdict(r) == "return" for r in first)
+
+
+def test_tunnel_rules_mark_new_connections_and_established_ones_keep_their_mark() -> None:
+    table = render_steer_table(NODE_PLAN, STEER)
+    pre = rules(table, "prerouting")
+    restores = [r for r in pre if r.get("comment", "").startswith("established via")]
+    assert [r["expr"][0]["match"]["right"] for r in restores] == [0x100, 0x200]
+    tunnels = [r for r in pre if r.get("comment") == "payments -> gw-a"]
+    assert len(tunnels) == 2  # one per address family
+    for rule in tunnels:
+        assert rule["expr"][0] == {"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                                             "right": "new"}}
+        meta, ct = rule["expr"][4]["mangle"], rule["expr"][5]["mangle"]
+        assert meta["key"] == {"meta": {"key": "mark"}} and ct["key"] == {"ct": {"key": "mark"}}
+        # Only the mask's bits change: the CNI's mark bits survive.
+        assert meta["value"] == {"|": [{"&": [{"meta": {"key": "mark"}}, 0xFFFF00FF]}, 0x100]}
+        assert ct["value"] == {"|": [{"&": [{"ct": {"key": "mark"}}, 0xFFFF00FF]}, 0x100]}
+    assert pre.index(restores[-1]) < pre.index(tunnels[0])
+
+
+def test_drop_rules_drop_and_count() -> None:
+    table = render_steer_table(NODE_PLAN, STEER)
+    (drop,) = [r for r in rules(table, "prerouting") if verdict(r) == "drop"]
+    name = drop["expr"][2]["counter"]
+    assert counters(table)[name] == "reports.nightly drop (no-egress-gateway)"
+    assert table.sets[f"{name}_src"].elements == {"10.244.1.9"}
+    assert table.sets[f"{name}_dst"].elements == {"0.0.0.0/0"}
+
+
+def test_null_snat_keeps_the_pod_source_on_each_tunnel_before_the_cni() -> None:
+    table = render_steer_table(NODE_PLAN, STEER)
+    (chain,) = [o["chain"] for o in table.body if o.get("chain", {}).get("name") ==
+                "postrouting"]
+    assert (chain["type"], chain["hook"], chain["prio"]) == ("nat", "postrouting", 90)
+    seen = [(r["expr"][1]["match"]["right"], r["expr"][2]["match"]["right"],
+             r["expr"][3]["snat"]) for r in rules(table, "postrouting")]
+    v4 = {"family": "ip", "addr": {"payload": {"protocol": "ip", "field": "saddr"}}}
+    v6 = {"family": "ip6", "addr": {"payload": {"protocol": "ip6", "field": "saddr"}}}
+    assert seen == [(0x100, "egw-gw-a", v4), (0x100, "egw-gw-a", v6),
+                    (0x200, "egw-gw-b", v4), (0x200, "egw-gw-b", v6)]
+
+
+def test_active_override_moves_only_that_policys_new_connections() -> None:
+    other = SteerRule("billing", SteerAction.TUNNEL, frozenset({ip("10.244.1.8")}),
+                      (net("198.51.100.0/24"),), gateway="gw-a")
+    plan = NodePlan("n", rules=(*NODE_PLAN.rules, other))
+    table = render_steer_table(plan, STEER, active={"payments": "gw-b",
+                                                    "reports.nightly": "gw-b"})
+    marks = {r["comment"]: r["expr"][4]["mangle"]["value"]["|"][1]
+             for r in rules(table, "prerouting") if "->" in r.get("comment", "")}
+    assert marks == {"payments -> gw-b": 0x200, "billing -> gw-a": 0x100}
+    assert any(verdict(r) == "drop" for r in rules(table, "prerouting"))
+
+
+def test_full_mask_sets_plain_marks() -> None:
+    settings = SteerTableSettings({"gw-a": 7}, {"gw-a": "egw-a"})
+    table = render_steer_table(NODE_PLAN, settings, active={"payments": "gw-a"})
+    (tunnel, _) = [r for r in rules(table, "prerouting") if r.get("comment") == "payments -> gw-a"]
+    assert tunnel["expr"][4] == {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 7}}
+
+
+def test_empty_node_plan() -> None:
+    table = render_steer_table(NodePlan("n"), STEER)
+    assert set(table.sets) == {"cluster4", "cluster6"}
+    assert all(not s.elements for s in table.sets.values())
+    assert counters(table) == {}
+
+
+@pytest.mark.parametrize("settings, message", [
+    (SteerTableSettings({"gw-a": 0}, {"gw-a": "egw-a"}), "non-zero"),
+    (SteerTableSettings({"gw-a": 0x1000}, {"gw-a": "egw-a"}, 0xF00), "inside mark_mask"),
+    (SteerTableSettings({"gw-a": 1, "gw-b": 1}, {"gw-a": "a", "gw-b": "b"}), "share mark"),
+    (SteerTableSettings({"gw-a": 1}, {"gw-b": "egw-b"}), "same gateways"),
+    (SteerTableSettings({"gw-b": 1}, {"gw-b": "egw-b"}), "'gw-a' has no mark"),
+])
+def test_bad_steer_input_is_named(settings: SteerTableSettings, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        render_steer_table(NODE_PLAN, settings)
+
+
+# --- elements and transactions --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listed, canonical", [
+    ("10.0.0.1", "10.0.0.1"),
+    ({"prefix": {"addr": "10.0.0.0", "len": 8}}, "10.0.0.0/8"),
+    ({"prefix": {"addr": "10.0.0.1", "len": 32}}, "10.0.0.1"),
+    ({"range": ["10.0.0.1", "10.0.0.9"]}, "10.0.0.1-10.0.0.9"),
+    ("2001:0db8::0001", "2001:db8::1"),
+    ({"prefix": {"addr": "2001:db8::", "len": 32}}, "2001:db8::/32"),
+    ({"elem": {"val": "10.0.0.2", "counter": {"packets": 1, "bytes": 2}}}, "10.0.0.2"),
+])
+def test_listed_elements_are_canonical(listed: Any, canonical: str) -> None:
+    assert element_from_json(listed) == canonical
+    assert element_from_json(element_to_json(canonical)) == canonical
+
+
+def test_network_elements() -> None:
+    assert network_element(net("192.0.2.7/32")) == "192.0.2.7"
+    assert network_element(net("2001:db8::/128")) == "2001:db8::"
+    assert network_element(net("192.0.2.0/24")) == "192.0.2.0/24"
+
+
+def test_replace_is_one_batch_that_swaps_the_table() -> None:
+    table = render_gateway_table(GATEWAY_PLAN, SETTINGS)
+    commands = replace_commands(table)["nftables"]
+    ref = {"family": "inet", "name": "gatewayd"}
+    assert commands[:3] == [{"add": {"table": ref}}, {"delete": {"table": ref}},
+                            {"add": {"table": ref}}]
+    kinds = [next(iter(c["add"])) for c in commands[3:]]
+    assert kinds == sorted(kinds, key=["set", "element", "counter", "chain", "rule"].index)
+    elements = [c["add"]["element"] for c in commands if "element" in c.get("add", {})]
+    assert {e["name"] for e in elements} == set(table.sets)
+    assert {"prefix": {"addr": "192.0.2.0", "len": 24}} in elements[0]["elem"]
+
+
+def test_element_updates_delete_before_they_add() -> None:
+    table = render_gateway_table(GATEWAY_PLAN, SETTINGS)
+    commands = element_commands(
+        table, removed={"rule0_src": frozenset({"10.244.1.5"}), "rule1_src": frozenset()},
+        added={"rule0_src": frozenset({"10.244.9.9", "10.244.8.8"})},
+    )
+    assert commands == [
+        {"delete": {"element": {"family": "inet", "table": "gatewayd", "name": "rule0_src",
+                                "elem": ["10.244.1.5"]}}},
+        {"add": {"element": {"family": "inet", "table": "gatewayd", "name": "rule0_src",
+                             "elem": ["10.244.8.8", "10.244.9.9"]}}},
+    ]

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import yaml
 
@@ -56,7 +56,7 @@ class _LineLoader(yaml.SafeLoader):
 
 _LineLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _LineLoader.construct_mapping,  # type: ignore[arg-type]
+    _LineLoader.construct_mapping,
 )
 
 
@@ -66,7 +66,7 @@ def read_config(path: Path) -> Section:
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
     try:
-        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_LineLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -135,12 +135,13 @@ class Section:
         """A string converted by `parse`; a ValueError becomes a problem naming `what`."""
         raw = self._get(key, default, str, what)
         if not isinstance(raw, str):
-            return raw  # type: ignore[no-any-return]
+            return cast(T, raw)  # the default, or None after a recorded problem
         try:
             return parse(raw)
         except ValueError as exc:
             self.error(key, f"must be {what}, got {raw!r} ({exc})")
-            return default if default is not _MISSING else None  # type: ignore[no-any-return]
+            # Values are only used when no problem was recorded (see raise_if_problems).
+            return cast(T, None if default is _MISSING else default)
 
     def parsed_list(self, key: str, parse: Callable[[str], T], what: str) -> tuple[T, ...]:
         raw = self._get(key, [], list, f"a list of {what}")

@@ -9,6 +9,7 @@ restored at start before any input is read.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from gatewayd.policy.lastgood import PolicyMemory
 from gatewayd.policy.planio import PlanFormatError
 from gatewayd.policy.snapshot import SnapshotError, load_snapshot
 from gatewayd.runtime import DaemonLoop, PidFile, fingerprint, now_iso, read_json, write_json_atomic
+from gatewayd.systemd import Priority, ServiceNotifier, journal_event, watchdog_interval
 
 log = logging.getLogger("gatewayd")
 
@@ -65,6 +67,9 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
     def __init__(self, config: ConfigT) -> None:
         self.config = config
         self.memory = PolicyMemory()
+        # `target` is the plan to keep in force (latest valid input, or the restored one);
+        # `applied` the last one that was programmed without any error.
+        self.target: PlanT | None = None
         self.applied: PlanT | None = None
         self.status = FollowerStatus()
         self.repairing = False  # true while a repair pass re-programs an unchanged plan
@@ -110,10 +115,11 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         resolved = self.memory.resolve(loaded)
         self.status.input_problems = [str(p) for p in loaded.problems]
         for problem in loaded.problems:
-            log.error("invalid policy ignored: %s", problem)
+            journal_event("policy-invalid", f"invalid policy ignored: {problem}", Priority.ERR,
+                          policy=f"{problem.kind}/{problem.name}", file=problem.file)
         for name in resolved.kept:
             log.warning("%s is invalid now; its last valid version stays in force", name)
-        generation = (self.applied.generation + 1) if self.applied else 1
+        generation = (self.target.generation + 1) if self.target else 1
         return self.plan_from(build_plan(resolved.snapshot), generation)
 
     def check_inputs(self, forced: bool) -> None:
@@ -125,7 +131,8 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         try:
             config = self.load_config(self.config.path)
         except ConfigError as exc:
-            self._input_error(f"config invalid, keeping the running one: {exc}")
+            self._input_error("config-invalid", f"config invalid, keeping the running one: {exc}",
+                              config=str(self.config.path))
             return
         config_changed = config != self.config
         if config_changed:
@@ -134,16 +141,18 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         try:
             plan = self.desired_plan()
         except SnapshotError as exc:
-            self._input_error(f"snapshot unusable, keeping the last applied plan: {exc}")
+            self._input_error("snapshot-invalid",
+                              f"snapshot unusable, keeping the last applied plan: {exc}",
+                              file=exc.file)
             return
-        if self.applied is None or plan.rules != self.applied.rules or config_changed:
+        if self.target is None or plan.rules != self.target.rules or config_changed:
             self.apply(plan)
         else:
             self.status.last_error = None
             self.write_status()
 
-    def _input_error(self, message: str) -> None:
-        log.error("%s", message)
+    def _input_error(self, event: str, message: str, **fields: str) -> None:
+        journal_event(event, message, Priority.ERR, **fields)
         self.status.last_error = message
         self.write_status()
 
@@ -161,12 +170,16 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         return True
 
     def apply(self, plan: PlanT) -> None:
+        self.target = plan
         errors: list[str] = []
         self.program(plan, errors)
         if not errors:
             if self.applied is None or plan.rules != self.applied.rules:
                 write_json_atomic(self.plan_path, self.plan_to_dict(plan))
-                log.info("plan generation %d applied: %d rules", plan.generation, len(plan.rules))
+                journal_event("plan-applied",
+                              f"plan generation {plan.generation} applied: {len(plan.rules)} rules",
+                              Priority.NOTICE, generation=str(plan.generation),
+                              rules=str(len(plan.rules)))
                 self.status.applied_at = now_iso()
             self.applied = plan
             self.status.generation = plan.generation
@@ -175,11 +188,12 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         self.write_status()
 
     def repair(self) -> None:
-        if self.applied is None:
+        """Program the target plan again: repairs drift, and retries what failed last time."""
+        if self.target is None:
             return
         self.repairing = True
         try:
-            self.apply(self.applied)
+            self.apply(self.target)
         finally:
             self.repairing = False
 
@@ -195,9 +209,20 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
     def drift(self, what: str, changes: object) -> None:
         """Report a change a driver had to make; during a repair pass that is drift."""
         if self.repairing and changes:
-            log.warning("drift repaired: %s: %s", what, changes)
+            journal_event("drift-repaired", f"drift repaired: {what}: {changes}",
+                          Priority.WARNING, target=what)
             self.status.drift_repaired += 1
             self.status.last_drift_at = now_iso()
+
+    def health_summary(self) -> str:
+        """One line for `systemctl status`, refreshed after every loop pass."""
+        policies = {rule.policy for rule in self.applied.rules} if self.applied else set()
+        return f"{len(policies)} policies"
+
+    def service_status(self) -> str:
+        error = self.status.last_error
+        summary = self.health_summary()
+        return f"{summary}; error: {error.splitlines()[0]}" if error else summary
 
     def write_status(self) -> None:
         write_json_atomic(self.status_path, {
@@ -222,16 +247,33 @@ def run_follower(follower_class: type[PlanFollower[Any, Any]], config_path: Path
     try:
         config = follower_class.load_config(config_path)
     except ConfigError as exc:
-        log.error("configuration invalid:\n%s", exc)
+        journal_event("config-invalid", f"configuration invalid:\n{exc}", Priority.ERR,
+                      config=str(config_path))
         return 2
     pids = pid_file(config.state_directory, follower_class.role)
     pids.claim()
     follower = follower_class(config)
-    loop = DaemonLoop(config.reconcile.poll_seconds, config.reconcile.repair_seconds)
+    # A watchdog abort (SIGABRT) then logs where the loop hung.
+    faulthandler.enable()
+    watchdog = watchdog_interval()
+    loop = DaemonLoop(config.reconcile.poll_seconds, config.reconcile.repair_seconds,
+                      heartbeat_seconds=watchdog / 2 if watchdog else None)
     loop.install_signal_handlers()
+    service = ServiceNotifier()
+
+    def check_inputs(forced: bool) -> None:
+        if forced:  # SIGHUP: `systemctl reload`
+            service.reloading()
+        follower.check_inputs(forced)
+
+    def after_pass() -> None:
+        # READY=1 only once a plan is in place (restored or applied); WATCHDOG=1 every pass.
+        service.pass_done(follower.applied is not None, follower.service_status())
+
     try:
         follower.restore_saved_plan()
-        loop.run(follower.check_inputs, follower.repair)
+        loop.run(check_inputs, follower.repair, after_pass)
+        service.stopping()
     finally:
         pids.release()
     log.info("stopping; the data plane stays in place")

@@ -7,6 +7,7 @@ from the whole desired state. Signals only set flags.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -94,11 +95,16 @@ class PidFile:
 class DaemonLoop:
     """Runs `check_inputs` every poll interval and `repair` every repair interval until a
     SIGTERM/SIGINT; SIGHUP forces an immediate reload. Exceptions in a pass are logged and
-    the loop goes on: a daemon that forwards traffic must not die of one bad pass."""
+    the loop goes on: a daemon that forwards traffic must not die of one bad pass.
+    `heartbeat_seconds` bounds every wait, so `after_pass` (which pings systemd's watchdog)
+    runs at least that often while the loop is healthy, and never when a pass hangs."""
 
-    def __init__(self, poll_seconds: float, repair_seconds: float) -> None:
+    def __init__(
+        self, poll_seconds: float, repair_seconds: float, heartbeat_seconds: float | None = None
+    ) -> None:
         self.poll_seconds = poll_seconds
         self.repair_seconds = repair_seconds
+        self.heartbeat_seconds = heartbeat_seconds
         self._wake = threading.Event()
         self.stopping = False
         self.reload_requested = False
@@ -127,13 +133,16 @@ class DaemonLoop:
             now = time.monotonic()
             if self.reload_requested or now >= next_poll:
                 forced, self.reload_requested = self.reload_requested, False
-                self._guarded("input check", lambda: check_inputs(forced))
+                self._guarded("input check", functools.partial(check_inputs, forced))
                 next_poll = time.monotonic() + self.poll_seconds
             if now >= next_repair:
                 self._guarded("repair pass", repair)
                 next_repair = time.monotonic() + self.repair_seconds
             after_pass()
-            self._wake.wait(max(0.0, min(next_poll, next_repair) - time.monotonic()))
+            wait = max(0.0, min(next_poll, next_repair) - time.monotonic())
+            if self.heartbeat_seconds is not None:
+                wait = min(wait, self.heartbeat_seconds)
+            self._wake.wait(wait)
             self._wake.clear()
 
     @staticmethod

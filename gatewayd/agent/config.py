@@ -7,13 +7,13 @@ from pathlib import Path
 
 from gatewayd.configfile import (
     ReconcileSettings,
-    read_reconcile,
-    read_snapshot_paths,
     parse_endpoint,
     parse_interface_name,
     parse_network,
     parse_wireguard_key,
     read_config,
+    read_reconcile,
+    read_snapshot_paths,
 )
 from gatewayd.policy.model import EgressIPPool, IPNetwork
 

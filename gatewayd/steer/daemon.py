@@ -7,6 +7,7 @@ their policy's destinations (or drops them when the plan says so).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from dataclasses import replace
@@ -23,7 +24,7 @@ from gatewayd.follower import PlanFollower, run_follower
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import NodePlan, SteerAction
 from gatewayd.policy.planio import node_plan_from_dict, node_plan_to_dict
-from gatewayd.steer.config import SteerConfig, load_steer_config
+from gatewayd.steer.config import GatewayTunnelEnd, SteerConfig, load_steer_config
 
 log = logging.getLogger("gatewayd.steer")
 
@@ -41,7 +42,7 @@ class SteerAgent(PlanFollower[SteerConfig, NodePlan]):
     def __init__(self, config: SteerConfig) -> None:
         super().__init__(config)
         self.nftables = NftablesDriver(TABLE_FAMILY, TABLE_NAME)
-        self.routing = PolicyRoutingDriver()
+        self.routing = PolicyRoutingDriver(mark_mask=config.mark_mask)
         self.wireguard = WireGuardDriver()
 
     def plan_from(self, plan: EgressPlan, generation: int) -> NodePlan:
@@ -71,7 +72,7 @@ class SteerAgent(PlanFollower[SteerConfig, NodePlan]):
     def program(self, plan: NodePlan, errors: list[str]) -> None:
         for gateway in self.config.gateways:
             self.step(errors, f"wireguard {gateway.interface}",
-                      lambda gateway=gateway: self._ensure_tunnel(gateway))
+                      functools.partial(self._ensure_tunnel, gateway))
         self.step(errors, "sysctl", self._ensure_sysctls)
         self.step(errors, "policy routing", self._ensure_routing)
         self.step(errors, "nftables", lambda: self._ensure_table(plan))
@@ -84,7 +85,7 @@ class SteerAgent(PlanFollower[SteerConfig, NodePlan]):
             "gateways": [g.name for g in self.config.gateways],
         }
 
-    def _ensure_tunnel(self, gateway: Any) -> None:
+    def _ensure_tunnel(self, gateway: GatewayTunnelEnd) -> None:
         ensure_private_key(self.config.private_key_file)
         changes = self.wireguard.ensure(
             WireGuardConfig(
@@ -122,8 +123,10 @@ class SteerAgent(PlanFollower[SteerConfig, NodePlan]):
         settings = SteerTableSettings(
             gateway_marks={g.name: g.mark for g in self.config.gateways},
             tunnel_interfaces={g.name: g.interface for g in self.config.gateways},
+            mark_mask=self.config.mark_mask,
         )
-        result = self.nftables.ensure(render_steer_table(plan, settings))
+        result = self.nftables.ensure(render_steer_table(plan, settings),
+                                       verify=self.repairing)
         if result.drift:
             self.drift(f"nftables table {TABLE_FAMILY} {TABLE_NAME}", result)
 

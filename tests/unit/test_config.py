@@ -10,7 +10,7 @@ import pytest
 
 from gatewayd.agent.config import load_agent_config
 from gatewayd.configfile import ConfigError
-from gatewayd.steer.config import FIRST_MARK, FIRST_TABLE, load_steer_config
+from gatewayd.steer.config import FIRST_TABLE, MARK_MASK, load_steer_config
 
 pytestmark = pytest.mark.unit
 
@@ -148,9 +148,11 @@ def test_steer_config_numbers_marks_and_tables_per_gateway(tmp_path: Path) -> No
     config = load_steer_config(write(tmp_path, STEER))
     assert config.snapshot == (Path("/a"), Path("/b"))
     first, second = config.gateways
-    assert (first.interface, first.mark, first.table) == ("egw-gw1", FIRST_MARK, FIRST_TABLE)
-    assert (second.interface, second.mark, second.table) == (
-        "n1-gw2", FIRST_MARK + 1, FIRST_TABLE + 1)
+    assert (first.interface, first.mark, first.table) == ("egw-gw1", 0x10, FIRST_TABLE)
+    assert (second.interface, second.mark, second.table) == ("n1-gw2", 0x20, FIRST_TABLE + 1)
+    assert config.mark_mask == MARK_MASK
+    # clear of kube-proxy's 0x4000/0x8000, Calico's upper half and Cilium's 0x0f00
+    assert MARK_MASK & (0x4000 | 0x8000 | 0xFFFF0000 | 0x0F00) == 0
     assert first.listen_port != second.listen_port
     assert config.private_key_file == Path("/var/lib/gatewayd-steer/wireguard.key")
 
@@ -165,3 +167,25 @@ def test_steer_duplicate_interfaces_rejected(tmp_path: Path) -> None:
     text = STEER.replace("interface: n1-gw2", "interface: egw-gw1")
     found = problems(write(tmp_path, text), load_steer_config)
     assert any("tunnel.gateways: 'egw-gw1' is used twice" in p for p in found), found
+
+
+def test_steer_marks_follow_a_custom_mask(tmp_path: Path) -> None:
+    text = STEER.replace("tunnel:\n", "tunnel:\n  markMask: 0x300\n")
+    config = load_steer_config(write(tmp_path, text))
+    assert [g.mark for g in config.gateways] == [0x100, 0x200]
+
+
+def test_steer_mark_outside_the_mask_is_rejected(tmp_path: Path) -> None:
+    text = STEER.replace("      interface: n1-gw2", "      interface: n1-gw2\n      mark: 0x4000")
+    found = problems(write(tmp_path, text), load_steer_config)
+    assert any("tunnel.gateways[1].mark: 0x4000 must be a non-zero value inside markMask 0xf0"
+               in p for p in found), found
+
+
+def test_steer_too_many_gateways_for_the_default_mask(tmp_path: Path) -> None:
+    gateways = "".join(
+        f"    - name: gw{i}\n      publicKey: \"{KEY}\"\n" for i in range(16)
+    )
+    text = f"node: n\nsnapshot: /s\ntunnel:\n  gateways:\n{gateways}"
+    found = problems(write(tmp_path, text), load_steer_config)
+    assert any("tunnel.gateways[15].mark: 0x100 must be" in p for p in found), found

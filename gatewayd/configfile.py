@@ -31,6 +31,19 @@ class ReconcileSettings:
     repair_seconds: float = 10.0  # how often the kernel state is re-read and drift repaired
 
 
+# The kernel's reverse-path filter (strict or loose) drops packets arriving on an interface
+# that has no IPv4 address, so a tunnel without a configured address gets this link-local one.
+DEFAULT_TUNNEL_ADDRESS = "169.254.77.1/32"
+
+
+def parse_interface_address(text: str) -> str:
+    """`ADDRESS/PREFIXLEN` as `ip addr add` takes it (host bits are the point here)."""
+    ipaddress.ip_interface(text)
+    if "/" not in text:
+        raise ValueError("give the prefix length, e.g. 100.64.0.1/24")
+    return text
+
+
 class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gatewayd.configfile import (
+    DEFAULT_TUNNEL_ADDRESS,
     ReconcileSettings,
     parse_endpoint,
+    parse_interface_address,
     parse_interface_name,
     parse_network,
     parse_wireguard_key,
@@ -35,7 +37,7 @@ class GatewayTunnel:
     listen_port: int
     private_key_file: Path
     mtu: int
-    address: str | None
+    address: str
     peers: tuple[TunnelPeer, ...]
 
 
@@ -89,7 +91,8 @@ def load_agent_config(path: Path = DEFAULT_PATH) -> AgentConfig:
             tunnel_section.string("privateKeyFile", str(state_directory / "wireguard.key"))
         ),
         mtu=tunnel_section.integer("mtu", 1420, 1280, 9000),
-        address=tunnel_section.optional_string("address"),
+        address=tunnel_section.parsed("address", parse_interface_address, "ADDRESS/PREFIXLEN",
+                                      DEFAULT_TUNNEL_ADDRESS),
         peers=tuple(peers),
     )
     tunnel_section.finish()

@@ -110,7 +110,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayPlan]):
                     )
                     for p in tunnel.peers
                 ),
-                addresses=(tunnel.address,) if tunnel.address else (),
+                addresses=(tunnel.address,),
                 mtu=tunnel.mtu,
                 # Replies to pods go back through the tunnel: route every peer's pod CIDRs.
                 routes=tuple(net for peer in tunnel.peers for net in peer.allowed_ips),

@@ -128,7 +128,6 @@ class Sandbox:
             raise CommandError("cleanup failed: " + "; ".join(errors))
 
 
-
 def delete_netns(name: str) -> None:
     """Kill every process inside namespace `name`, then delete it; no-op when it is gone."""
     # Processes left inside (e.g. a wireguard-go the daemon detached) would keep links

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gatewayd.configfile import (
+    DEFAULT_TUNNEL_ADDRESS,
     ReconcileSettings,
     parse_endpoint,
+    parse_interface_address,
     parse_interface_name,
     parse_wireguard_key,
     read_config,
@@ -35,7 +37,7 @@ class GatewayTunnelEnd:
     persistent_keepalive: int | None
     mark: int
     table: int
-    address: str | None
+    address: str
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,8 @@ def load_steer_config(path: Path = DEFAULT_PATH) -> SteerConfig:
                 persistent_keepalive=gw.integer("persistentKeepalive", 25, 0, 65535) or None,
                 mark=mark,
                 table=gw.integer("table", FIRST_TABLE + index, 1, 2**31 - 1),
-                address=gw.optional_string("address"),
+                address=gw.parsed("address", parse_interface_address, "ADDRESS/PREFIXLEN",
+                                  DEFAULT_TUNNEL_ADDRESS),
             )
         )
         gw.finish()

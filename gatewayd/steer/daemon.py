@@ -100,7 +100,7 @@ class SteerAgent(PlanFollower[SteerConfig, NodePlan]):
                         persistent_keepalive=gateway.persistent_keepalive,
                     ),
                 ),
-                addresses=(gateway.address,) if gateway.address else (),
+                addresses=(gateway.address,),
                 mtu=self.config.mtu,
             )
         )

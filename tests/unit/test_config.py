@@ -100,6 +100,8 @@ def test_agent_config_loads_with_defaults(tmp_path: Path) -> None:
         ('      allowedIPs: ["10.244.1.0/24"]', '      allowedIPs: ["10.244.1.0/33"]',
          ":19: tunnel.peers[0].allowedIPs: item 0 must be a CIDR"),
         ("  pollSeconds: 0.5", "  pollSeconds: 0", ":21: reconcile.pollSeconds: must be greater"),
+        ("  address: 100.64.0.1/24", "  address: 100.64.0.1",
+         ":14: tunnel.address: must be ADDRESS/PREFIXLEN"),
         ("  pollSeconds: 0.5", "  pollSecond: 0.5", ":21: reconcile.pollSecond: unknown setting"),
         ("uplink: eth0", "uplnk: eth0", ":6: uplnk: unknown setting"),
     ],
@@ -155,6 +157,8 @@ def test_steer_config_numbers_marks_and_tables_per_gateway(tmp_path: Path) -> No
     assert MARK_MASK & (0x4000 | 0x8000 | 0xFFFF0000 | 0x0F00) == 0
     assert first.listen_port != second.listen_port
     assert config.private_key_file == Path("/var/lib/gatewayd-steer/wireguard.key")
+    # replies through a tunnel pass the kernel's rp_filter only if it has an IPv4 address
+    assert first.address == second.address == "169.254.77.1/32"
 
 
 def test_steer_default_interface_name_fits_the_kernel_limit(tmp_path: Path) -> None:

@@ -323,11 +323,12 @@ def _ensure_link(ipr: IPRoute, config: WireGuardConfig) -> WireGuardChanges:
 
 
 def _addresses(ipr: IPRoute, index: int) -> set[str]:
-    """Addresses on the link as "address/prefixlen", link-local ones left out (the kernel's)."""
+    """Addresses on the link as "address/prefixlen", without the IPv6 link-local one the
+    kernel assigns itself (IPv4 link-local addresses are configured, so they count)."""
     found = set()
     for msg in ipr.get_addr(index=index):
         address = ipaddress.ip_address(msg.get("IFA_ADDRESS") or msg.get("IFA_LOCAL"))
-        if not address.is_link_local:
+        if not (address.version == 6 and address.is_link_local):
             found.add(f"{address}/{msg['prefixlen']}")
     return found
 

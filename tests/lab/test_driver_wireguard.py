@@ -174,3 +174,26 @@ def test_a_name_taken_by_another_kind_of_link_is_an_error(sandbox: Sandbox,
     with entered(a), pytest.raises(WireGuardError, match="notwg"):
         WireGuardDriver().ensure(config)
     assert "notwg" in run(["ip", "link"], a).stdout  # left alone
+
+
+def test_ipv4_link_local_tunnel_addresses_are_kept_on_several_tunnels(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Steer gives every tunnel the same 169.254.x address (rp_filter needs one): a second
+    ensure must see it as present, not try to add it again."""
+    a = sandbox.netns("a")
+    key = tmp_path / "key"
+    generate_private_key(key)
+    suffix = secrets.token_hex(2)
+    names = [f"ll1-{suffix}", f"ll2-{suffix}"]
+    driver = WireGuardDriver()
+    configs = [WireGuardConfig(n, key, None, (), addresses=("169.254.77.1/32",)) for n in names]
+    try:
+        with entered(a):
+            for config in configs:
+                assert driver.ensure(config).addresses_added == ("169.254.77.1/32",)
+            for config in configs:
+                assert driver.ensure(config) == WireGuardChanges()
+    finally:
+        for name in names:
+            remove(a, name)

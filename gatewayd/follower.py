@@ -1,10 +1,10 @@
-"""The part both daemons share: follow a plan built from the snapshot, never lose the last good one.
+"""The part both daemons share: follow a plan from a source, never lose the last good one.
 
-A `PlanFollower` re-reads its inputs when they change, builds its plan with the engine, and
-programs the whole plan through idempotent drivers (`program`). A repair pass programs the
-applied plan again, so drift is repaired. Bad input (config, snapshot, policy) is reported and
-leaves the last applied plan in force; that plan is saved under the state directory and
-restored at start before any input is read.
+A `PlanFollower` asks its `PlanSource` (snapshot files in standalone mode) for the desired plan
+when the source or the config changed, and programs the whole plan through idempotent drivers
+(`program`). A repair pass programs the target plan again, so drift is repaired. Bad input
+(config, snapshot, policy) is reported and leaves the last plan in force; that plan is saved
+under the state directory and restored at start before any input is read.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ class FollowerConfig(Protocol):
     @property
     def path(self) -> Path: ...
     @property
-    def snapshot(self) -> tuple[Path, ...]: ...
-    @property
     def state_directory(self) -> Path: ...
     @property
     def reconcile(self) -> ReconcileSettings: ...
@@ -48,6 +46,67 @@ class Plan(Protocol):
 
 ConfigT = TypeVar("ConfigT", bound=FollowerConfig)
 PlanT = TypeVar("PlanT", bound=Plan)
+
+
+class InputError(Exception):
+    """Input that cannot be used now; the plan in force stays. `event` names it in the journal."""
+
+    def __init__(self, event: str, message: str, **fields: str) -> None:
+        super().__init__(message)
+        self.event = event
+        self.fields = fields
+
+
+class PlanSource(ABC, Generic[PlanT]):
+    """Where a daemon's desired plan comes from."""
+
+    problems: list[str]  # problems in the input that did not stop a plan (invalid policies)
+
+    @abstractmethod
+    def changed(self) -> bool:
+        """Cheap check whether `desired` may answer differently now (true the first time)."""
+
+    @abstractmethod
+    def desired(self, previous: PlanT | None) -> PlanT:
+        """The plan the input asks for now; raises InputError when the input is unusable."""
+
+
+class SnapshotSource(PlanSource[PlanT]):
+    """Standalone mode: Kubernetes-object YAML files, turned into a plan by the engine."""
+
+    def __init__(
+        self,
+        paths: tuple[Path, ...],
+        memory: PolicyMemory,
+        plan_for: Callable[[EgressPlan, int], PlanT],
+    ) -> None:
+        self.paths = paths
+        self.memory = memory
+        self.plan_for = plan_for
+        self.problems = []
+        self._seen: object = None
+
+    def changed(self) -> bool:
+        seen = fingerprint(self.paths)
+        changed, self._seen = seen != self._seen, seen
+        return changed
+
+    def desired(self, previous: PlanT | None) -> PlanT:
+        try:
+            loaded = load_snapshot(self.paths)
+        except SnapshotError as exc:
+            raise InputError("snapshot-invalid",
+                             f"snapshot unusable, keeping the last applied plan: {exc}",
+                             file=exc.file) from exc
+        resolved = self.memory.resolve(loaded)
+        self.problems = [str(p) for p in loaded.problems]
+        for problem in loaded.problems:
+            journal_event("policy-invalid", f"invalid policy ignored: {problem}", Priority.ERR,
+                          policy=f"{problem.kind}/{problem.name}", file=problem.file)
+        for name in resolved.kept:
+            log.warning("%s is invalid now; its last valid version stays in force", name)
+        generation = (previous.generation + 1) if previous else 1
+        return self.plan_for(build_plan(resolved.snapshot), generation)
 
 
 @dataclass
@@ -73,13 +132,18 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         self.applied: PlanT | None = None
         self.status = FollowerStatus()
         self.repairing = False  # true while a repair pass re-programs an unchanged plan
-        self._inputs_seen: object = None
+        self._config_seen: object = fingerprint([config.path])
+        self.source = self.make_source()
 
     # --- what each daemon provides ----------------------------------------------------------
 
     @staticmethod
     @abstractmethod
     def load_config(path: Path) -> ConfigT: ...
+
+    @abstractmethod
+    def make_source(self) -> PlanSource[PlanT]:
+        """The source of plans for the current config."""
 
     @abstractmethod
     def plan_from(self, plan: EgressPlan, generation: int) -> PlanT: ...
@@ -109,47 +173,42 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
     def status_path(self) -> Path:
         return self.config.state_directory / "status.json"
 
-    def desired_plan(self) -> PlanT:
-        """This host's plan from the snapshot; raises SnapshotError on unusable input."""
-        loaded = load_snapshot(self.config.snapshot)
-        resolved = self.memory.resolve(loaded)
-        self.status.input_problems = [str(p) for p in loaded.problems]
-        for problem in loaded.problems:
-            journal_event("policy-invalid", f"invalid policy ignored: {problem}", Priority.ERR,
-                          policy=f"{problem.kind}/{problem.name}", file=problem.file)
-        for name in resolved.kept:
-            log.warning("%s is invalid now; its last valid version stays in force", name)
-        generation = (self.target.generation + 1) if self.target else 1
-        return self.plan_from(build_plan(resolved.snapshot), generation)
-
     def check_inputs(self, forced: bool) -> None:
-        """Reload config and snapshot when they changed (or on SIGHUP) and apply the result."""
-        seen = fingerprint([self.config.path, *self.config.snapshot])
-        if seen == self._inputs_seen and not forced:
-            return
-        self._inputs_seen = seen
-        try:
-            config = self.load_config(self.config.path)
-        except ConfigError as exc:
-            self._input_error("config-invalid", f"config invalid, keeping the running one: {exc}",
-                              config=str(self.config.path))
-            return
-        config_changed = config != self.config
+        """Reload the config and the plan when they changed (or on SIGHUP) and apply them."""
+        config_changed = self._reload_config(forced)
         if config_changed:
-            log.info("configuration changed; applying it")
-            self.config = config
-        try:
-            plan = self.desired_plan()
-        except SnapshotError as exc:
-            self._input_error("snapshot-invalid",
-                              f"snapshot unusable, keeping the last applied plan: {exc}",
-                              file=exc.file)
+            self.source = self.make_source()
+        if not (self.source.changed() or forced or config_changed):
             return
+        try:
+            plan = self.source.desired(self.target)
+        except InputError as exc:
+            self._input_error(exc.event, str(exc), **exc.fields)
+            return
+        self.status.input_problems = self.source.problems
         if self.target is None or plan.rules != self.target.rules or config_changed:
             self.apply(plan)
         else:
             self.status.last_error = None
             self.write_status()
+
+    def _reload_config(self, forced: bool) -> bool:
+        """True when a changed, valid config was taken; an invalid one is reported and left."""
+        seen = fingerprint([self.config.path])
+        if seen == self._config_seen and not forced:
+            return False
+        self._config_seen = seen
+        try:
+            config = self.load_config(self.config.path)
+        except ConfigError as exc:
+            self._input_error("config-invalid", f"config invalid, keeping the running one: {exc}",
+                              config=str(self.config.path))
+            return False
+        if config == self.config:
+            return False
+        log.info("configuration changed; applying it")
+        self.config = config
+        return True
 
     def _input_error(self, event: str, message: str, **fields: str) -> None:
         journal_event(event, message, Priority.ERR, **fields)

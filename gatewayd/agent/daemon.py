@@ -20,7 +20,7 @@ from gatewayd.dataplane.nftables import NftablesDriver
 from gatewayd.dataplane.sysctl import ensure_sysctls
 from gatewayd.dataplane.wireguard import Peer, WireGuardConfig, WireGuardDriver
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
-from gatewayd.follower import PlanFollower, run_follower
+from gatewayd.follower import PlanFollower, PlanSource, SnapshotSource, run_follower
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import GatewayPlan, IPAddress
 from gatewayd.policy.planio import gateway_plan_from_dict, gateway_plan_to_dict
@@ -45,6 +45,9 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayPlan]):
         self.addresses = AddressDriver()
         self.wireguard = WireGuardDriver()
         self.peers_up: set[str] = set()  # names of tunnel peers with a recent handshake
+
+    def make_source(self) -> PlanSource[GatewayPlan]:
+        return SnapshotSource(self.config.snapshot, self.memory, self.plan_from)
 
     def plan_from(self, plan: EgressPlan, generation: int) -> GatewayPlan:
         mine = plan.gateway_plan(self.config.name)

@@ -20,7 +20,7 @@ from gatewayd.dataplane.routing import PolicyRoutingDriver
 from gatewayd.dataplane.sysctl import ensure_sysctls
 from gatewayd.dataplane.wireguard import Peer, WireGuardConfig, WireGuardDriver
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
-from gatewayd.follower import PlanFollower, run_follower
+from gatewayd.follower import PlanFollower, PlanSource, SnapshotSource, run_follower
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import NodePlan, SteerAction
 from gatewayd.policy.planio import node_plan_from_dict, node_plan_to_dict
@@ -44,6 +44,9 @@ class SteerAgent(PlanFollower[SteerConfig, NodePlan]):
         self.nftables = NftablesDriver(TABLE_FAMILY, TABLE_NAME)
         self.routing = PolicyRoutingDriver(mark_mask=config.mark_mask)
         self.wireguard = WireGuardDriver()
+
+    def make_source(self) -> PlanSource[NodePlan]:
+        return SnapshotSource(self.config.snapshot, self.memory, self.plan_from)
 
     def plan_from(self, plan: EgressPlan, generation: int) -> NodePlan:
         mine = plan.node_plan(self.config.node)

@@ -70,6 +70,10 @@ class PlanSource(ABC, Generic[PlanT]):
     def desired(self, previous: PlanT | None) -> PlanT:
         """The plan the input asks for now; raises InputError when the input is unusable."""
 
+    def watched_paths(self) -> tuple[Path, ...]:
+        """Files whose change should wake the daemon at once (see runtime.ChangeWatcher)."""
+        return ()
+
 
 class SnapshotSource(PlanSource[PlanT]):
     """Standalone mode: Kubernetes-object YAML files, turned into a plan by the engine."""
@@ -85,6 +89,9 @@ class SnapshotSource(PlanSource[PlanT]):
         self.plan_for = plan_for
         self.problems = []
         self._seen: object = None
+
+    def watched_paths(self) -> tuple[Path, ...]:
+        return self.paths
 
     def changed(self) -> bool:
         seen = fingerprint(self.paths)
@@ -191,6 +198,9 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         else:
             self.status.last_error = None
             self.write_status()
+
+    def watched_paths(self) -> tuple[Path, ...]:
+        return self.source.watched_paths()
 
     def _reload_config(self, forced: bool) -> bool:
         """True when a changed, valid config was taken; an invalid one is reported and left."""
@@ -318,6 +328,7 @@ def run_follower(follower_class: type[PlanFollower[Any, Any]], config_path: Path
     loop = DaemonLoop(config.reconcile.poll_seconds, config.reconcile.repair_seconds,
                       heartbeat_seconds=watchdog / 2 if watchdog else None)
     loop.install_signal_handlers()
+    loop.watch([config.path, *follower.watched_paths()])
     service = ServiceNotifier()
 
     def check_inputs(forced: bool) -> None:

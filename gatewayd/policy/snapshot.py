@@ -136,7 +136,12 @@ class _Located:
     node: yaml.Node | None = field(default=None, compare=False)
 
 
-class _StrictLoader(yaml.SafeLoader):
+# libyaml's parser where PyYAML was built with it (it is, from PyPI): several times faster,
+# which matters for the latency from a snapshot change to the data plane.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_SafeLoader):  # type: ignore[misc, valid-type]
     """SafeLoader that refuses duplicate mapping keys instead of keeping the last one silently
     (Kubernetes' strict decoding refuses them too)."""
 
@@ -155,7 +160,8 @@ class _StrictLoader(yaml.SafeLoader):
                 )
             if isinstance(map_key, Hashable):
                 seen.add(map_key)
-        return super().construct_mapping(node, deep=deep)
+        mapping: dict[Hashable, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 def _read_file(path: Path) -> list[_Located]:

@@ -74,6 +74,14 @@ class Container:
     def show(self, unit: str, prop: str) -> str:
         return self.run("systemctl", "show", "--value", "-p", prop, unit).stdout.strip()
 
+    def address_veth(self, host_address: str, container_address: str) -> None:
+        """Addresses (with prefix) on both ends of the veth, so that the host reaches the
+        container (e.g. over SSH); they go away with the veth."""
+        run(["ip", "addr", "add", host_address, "dev", self.host_veth])
+        run(["ip", "link", "set", self.host_veth, "up"])
+        self.run("ip", "addr", "add", container_address, "dev", "host0")
+        self.run("ip", "link", "set", "host0", "up")
+
     # --- life cycle --------------------------------------------------------------------------
 
     def _wait_for_leader(self) -> int:

@@ -5,6 +5,9 @@ destinations (§4), gateway choice and egress IPs (§5, in `gateways.py`) and on
 match over (source, destination) shared by all policies (§6, §7). Where we differ on purpose:
 
 * Gateways are Ready EgressGateway objects; each gateway entry also gets a standby.
+* Stickiness (optional): `build_plan(snapshot, preferred_active)` keeps each entry's current
+  active gateway while it is usable and matches, instead of going back to the first by name
+  (see `gateways.py`). Without `preferred_active` the choice is Cilium's name order.
 * Cluster-internal destinations are never redirected, by address: every node's pod CIDRs, every
   pod IP, every node InternalIP/ExternalIP and every API server address.
 * Ties, which Cilium leaves undefined: when the same CIDR reaches one source from several
@@ -251,11 +254,18 @@ def _not_a_candidate(pod: Pod) -> str | None:
 class EgressPlan:
     """Decisions for every (source pod, destination) and the plan of every gateway and node."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        preferred_active: Mapping[tuple[str, int], str] | None = None,
+    ) -> None:
         self._snapshot = snapshot
         policies = sorted(snapshot.policies, key=lambda p: p.name.encode())
         all_gateways = candidates(snapshot.gateways)
-        resolved = [resolve_gateways(p, all_gateways) for p in policies]
+        preferred: dict[str, dict[int, str]] = defaultdict(dict)
+        for (policy_name, entry), gateway in (preferred_active or {}).items():
+            preferred[policy_name][entry] = gateway
+        resolved = [resolve_gateways(p, all_gateways, preferred.get(p.name)) for p in policies]
         self._classes: dict[tuple[tuple[int, int], ...], _SourceClass] = {}
         # Source IP -> (pod, its class or None when no policy selects it).
         self._sources: dict[IPAddress, tuple[Pod, _SourceClass | None]] = {}
@@ -593,6 +603,13 @@ def _spans_key(group: _Destinations) -> _Spans:
     return (group.version, group.spans)
 
 
-def build_plan(snapshot: Snapshot) -> EgressPlan:
-    """Resolve every policy of `snapshot` (valid ones only) into decisions and plans."""
-    return EgressPlan(snapshot)
+def build_plan(
+    snapshot: Snapshot, preferred_active: Mapping[tuple[str, int], str] | None = None
+) -> EgressPlan:
+    """Resolve every policy of `snapshot` (valid ones only) into decisions and plans.
+
+    `preferred_active` maps (policy name, gateway entry index) to the entry's current active
+    gateway, which then stays active while it is usable and matches (stickiness); entries not
+    named, and every entry without it, get the first usable matching gateway by name.
+    """
+    return EgressPlan(snapshot, preferred_active)

@@ -6,8 +6,16 @@ the entry's nodeSelector and that has an IPv4 address. With several entries, ent
 no gateway are dropped (Cilium >= 1.20), the rest are sorted by gateway IPv4 and each pod is
 pinned to one of them by FNV-1a of its UID.
 
-Our failover extension: each entry also gets a standby, the next matching gateway after the
-active one, unless that gateway is already active for another entry of the same policy.
+Our failover extension: each entry also gets a standby, the first usable matching gateway by
+name other than the active one, unless that gateway is already active for another entry of the
+same policy.
+
+Stickiness, a deliberate difference from Cilium's pure name order: the caller may name each
+entry's current active gateway (`preferred`, the controller's previous decision). That gateway
+stays active while it is usable and still matches the entry's nodeSelector, even when a gateway
+earlier in name order is usable again; the recovered one becomes the standby. A failover is then
+not undone by the failed gateway's return, which would move the traffic (and break its
+connections) a second time. Without `preferred` the choice is Cilium's.
 
 Egress IPs follow the table of spec §5.5 (>= 1.20, with the #48660 fix), plus our extension:
 an explicit `egressIP` that is on no interface of the gateway but inside one of its
@@ -16,7 +24,7 @@ an explicit `egressIP` that is on no interface of the gateway but inside one of 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
@@ -299,15 +307,24 @@ def destination_families(policy: Policy) -> tuple[bool, bool]:
     return 4 in versions, 6 in versions
 
 
-def resolve_gateways(policy: Policy, all_gateways: Sequence[Candidate]) -> PolicyGateways:
-    """Resolve every gateway entry of `policy` against `all_gateways` (from `candidates()`)."""
+def resolve_gateways(
+    policy: Policy,
+    all_gateways: Sequence[Candidate],
+    preferred: Mapping[int, str] | None = None,
+) -> PolicyGateways:
+    """Resolve every gateway entry of `policy` against `all_gateways` (from `candidates()`).
+
+    `preferred` maps an entry index to its current active gateway, which stays active while it
+    is usable and matches (stickiness, see the module docstring).
+    """
     v4_needed, v6_needed = destination_families(policy)
     matching = [
         [c for c in all_gateways if spec.node_selector.matches(c.gateway.labels)]
         for spec in policy.gateways
     ]
     usable = [[c for c in found if c.unusable_because is None] for found in matching]
-    actives = {u[0].gateway.name for u in usable if u}
+    chosen = [_active(found, (preferred or {}).get(i)) for i, found in enumerate(usable)]
+    actives = {c.gateway.name for c in chosen if c is not None}
     entries = []
     for index, spec in enumerate(policy.gateways):
         notes = []
@@ -317,18 +334,24 @@ def resolve_gateways(policy: Policy, all_gateways: Sequence[Candidate]) -> Polic
             notes.append(
                 f"entry {index}: {candidate.gateway.name} matches but {candidate.unusable_because}"
             )
-        if not usable[index]:
+        active = chosen[index]
+        if active is None:
             notes.append(f"entry {index}: no Ready EgressGateway with an IPv4 address matches")
             entries.append(
                 GatewayAssignment(index, None, None, EgressIPs(None, None), notes=tuple(notes))
             )
             continue
-        active = usable[index][0]
-        notes.append(
-            f"entry {index}: {active.gateway.name} is the first Ready EgressGateway by name "
-            "that matches its nodeSelector"
-        )
-        standby, note = _standby(index, matching[index], usable[index], actives)
+        if active is usable[index][0]:
+            notes.append(
+                f"entry {index}: {active.gateway.name} is the first Ready EgressGateway by name "
+                "that matches its nodeSelector"
+            )
+        else:
+            notes.append(
+                f"entry {index}: {active.gateway.name} stays active (it was before, and it is "
+                f"still usable and matches), although {usable[index][0].gateway.name} sorts first"
+            )
+        standby, note = _standby(index, matching[index], usable[index], active, actives)
         notes.append(note)
         standby_ips = standby_egress_ips(standby, spec, v4_needed, v6_needed) if standby else None
         entries.append(
@@ -348,16 +371,30 @@ def resolve_gateways(policy: Policy, all_gateways: Sequence[Candidate]) -> Polic
     return PolicyGateways(tuple(entries), tuple(ring))
 
 
+def _active(usable: list[Candidate], preferred: str | None) -> Candidate | None:
+    """The entry's active gateway: the preferred one if it is usable, else the first usable."""
+    for candidate in usable:
+        if candidate.gateway.name == preferred:
+            return candidate
+    return usable[0] if usable else None
+
+
 def _standby(
-    index: int, matching: list[Candidate], usable: list[Candidate], actives: set[str]
+    index: int,
+    matching: list[Candidate],
+    usable: list[Candidate],
+    active: Candidate,
+    actives: set[str],
 ) -> tuple[EgressGateway | None, str]:
-    """The standby of one entry (the usable gateway after the active one) and why."""
-    if len(usable) > 1:
-        second = usable[1].gateway
+    """The standby of one entry (the first usable gateway by name but the active) and why."""
+    others = [c for c in usable if c is not active]
+    if others:
+        second = others[0].gateway
         if second.name in actives:
             return None, f"entry {index}: no standby: {second.name} is active for another entry"
-        return second, f"entry {index}: standby {second.name} (the next matching one by name)"
-    position = next(i for i, c in enumerate(matching) if c is usable[0])
+        order = "next" if active is usable[0] else "first other usable"
+        return second, f"entry {index}: standby {second.name} (the {order} matching one by name)"
+    position = next(i for i, c in enumerate(matching) if c is active)
     down = [
         f"{c.gateway.name} {c.unusable_because}"
         for c in matching[position + 1 :]

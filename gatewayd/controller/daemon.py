@@ -1,0 +1,374 @@
+"""`gatewayd controller`: informers, leader election and one rate-limited reconcile loop.
+
+The loop follows Cilium's egress gateway manager: informer handlers only mark the state dirty;
+one reconcile over the whole cache runs at most every `min_interval` (a burst of events is one
+run), only after every cache has synced, and never crashes: a failed write is logged, the other
+writes go on, and the run is retried with back-off. Every replica keeps its caches, the policies'
+last valid versions and gateway health current; only the leader plans and writes.
+
+A Lease renewal (every gateway renews one every few seconds) only costs a full reconcile when it
+changes whether a gateway is usable; an unchanged cluster costs no engine run and no write.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from ipaddress import IPv4Network
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from kubernetes.client import ApiClient
+
+from gatewayd.controller.leader import LeaderElector
+from gatewayd.controller.probes import ProbeServer
+from gatewayd.controller.reconcile import Decisions, Reconciler
+from gatewayd.controller.snapshots import Cluster
+from gatewayd.controller.tunnels import DEFAULT_TUNNEL_CIDR
+from gatewayd.controller.writer import Outcome, Writer
+from gatewayd.kube.client import KubeConfigError, client_from_kubeconfig, client_in_cluster
+from gatewayd.kube.informer import Backoff, Informer
+from gatewayd.kube.resources import (
+    CILIUM_EGRESS_GATEWAY_POLICIES,
+    EGRESS_GATEWAY_POLICIES,
+    EGRESS_GATEWAYS,
+    EGRESS_NODES,
+    ENDPOINT_SLICES,
+    LEASES,
+    NAMESPACES,
+    NODES,
+    PODS,
+    Resource,
+)
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "gatewayd-controller"
+DEFAULT_NAMESPACE = "gatewayd-system"
+API_SERVER_SLICES = "kubernetes.io/service-name=kubernetes"
+# /healthz fails when the loop has not come round for this long (it does every resync).
+STALL_SECONDS = 120.0
+API_BACKOFF = Backoff(initial=0.2, maximum=10.0)
+
+
+@dataclass(frozen=True)
+class ControllerOptions:
+    namespace: str = DEFAULT_NAMESPACE  # of the Leases (the controller's and the gateways')
+    identity: str = field(default_factory=socket.gethostname)  # the leader Lease's holder
+    cilium_policies: bool = False  # follow cilium.io/v2 CiliumEgressGatewayPolicies too
+    lease_duration: int = 6  # of the leader Lease, seconds
+    hold_down: float = 30.0  # a recovered gateway's healthy time before it is used again
+    tunnel_cidr: IPv4Network = DEFAULT_TUNNEL_CIDR
+    min_interval: float = 0.1  # between two reconciles
+    resync_interval: float = 30.0  # reconcile at least this often, changes or not
+    backoff: Backoff = API_BACKOFF  # after API errors: watches and writes
+
+
+def rfc3339(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Controller:
+    """The controller, run in threads: `start()`, then `stop()`."""
+
+    def __init__(
+        self,
+        api: ApiClient,
+        options: ControllerOptions,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.options = options
+        self._clock = clock
+        # Writes and leader election get their own connection pool: they never queue behind
+        # the watches' long-lived connections.
+        writes = ApiClient(api.configuration)
+        self._writer = Writer(writes, COMPONENT, options.identity)
+        self._elector = LeaderElector(
+            writes, options.namespace, options.identity, options.lease_duration, self.mark_dirty
+        )
+        self._reconciler = Reconciler(options.hold_down, options.tunnel_cidr)
+
+        def informer(resource: Resource, **kwargs: Any) -> Informer:
+            return Informer(api, resource, self.mark_dirty, backoff=options.backoff, **kwargs)
+
+        policies = [EGRESS_GATEWAY_POLICIES]
+        if options.cilium_policies:
+            policies.append(CILIUM_EGRESS_GATEWAY_POLICIES)
+        self._policies = [informer(resource) for resource in policies]
+        self._pods = informer(PODS)
+        self._namespaces = informer(NAMESPACES)
+        self._nodes = informer(NODES)
+        self._gateways = informer(EGRESS_GATEWAYS)
+        self._egress_nodes = informer(EGRESS_NODES)
+        self._endpoint_slices = informer(
+            ENDPOINT_SLICES, namespace="default", label_selector=API_SERVER_SLICES
+        )
+        self._leases = Informer(
+            api, LEASES, self._leases_changed, namespace=options.namespace, backoff=options.backoff
+        )
+        self._informers = [
+            *self._policies,
+            self._pods,
+            self._namespaces,
+            self._nodes,
+            self._gateways,
+            self._egress_nodes,
+            self._endpoint_slices,
+            self._leases,
+        ]
+
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._full = True  # something besides Leases changed since the last reconcile
+        self._stopping = threading.Event()
+        self._synced = threading.Event()
+        self._trusted_since: float | None = float("-inf")
+        # Monotonic deadlines: a full reconcile (resync, retry), a look at gateway health.
+        self._next_full = 0.0
+        self._next_check = 0.0
+        self._last_run = float("-inf")
+        self._heartbeat = time.monotonic()
+        self._failures = 0
+        self._reconciles = 0
+        self._was_leader = False
+        self._thread = threading.Thread(target=self._run, name="reconcile", daemon=True)
+
+    # --- for the owner ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        for informer in self._informers:
+            informer.start()
+        self._elector.start()
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop reconciling, hand the leader Lease back, stop the informers."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self._elector.stop(release=True)
+        for informer in self._informers:
+            informer.stop()
+
+    def mark_dirty(self) -> None:
+        with self._lock:
+            self._full = True
+        self._wake.set()
+
+    @property
+    def ready(self) -> bool:
+        """Every cache has synced (the replica could lead)."""
+        return self._synced.is_set()
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and time.monotonic() - self._heartbeat < STALL_SECONDS
+
+    @property
+    def is_leader(self) -> bool:
+        return self._elector.is_leader
+
+    @property
+    def reconciles(self) -> int:
+        """How many full reconciles (plans) this replica has run."""
+        return self._reconciles
+
+    @property
+    def writes(self) -> int:
+        """How many specs, statuses and Events this replica has written."""
+        return self._writer.writes
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def _leases_changed(self) -> None:
+        # Not `mark_dirty`: a renewal needs a full reconcile only if usability changes.
+        self._wake.set()
+
+    def _run(self) -> None:
+        for informer in self._informers:
+            while not informer.wait_for_sync(0.2):
+                self._heartbeat = time.monotonic()
+                if self._stopping.is_set():
+                    return
+        log.info("caches synced")
+        self._synced.set()
+        while not self._stopping.is_set():
+            self._heartbeat = time.monotonic()
+            self._wake.wait(max(0.0, min(self._next_full, self._next_check) - time.monotonic()))
+            if self._stopping.is_set():
+                return
+            # A burst of events becomes one reconcile: wait out the rest of the interval.
+            pause = self._last_run + self.options.min_interval - time.monotonic()
+            if pause > 0 and self._stopping.wait(pause):
+                return
+            self._wake.clear()
+            with self._lock:
+                full, self._full = self._full, False
+            self._last_run = time.monotonic()
+            try:
+                self._step(full or self._last_run >= self._next_full)
+            except Exception:  # a bug: say it loudly, keep the controller alive, retry
+                log.exception("reconcile failed")
+                self._retry(failed=True)
+
+    def _step(self, full: bool) -> None:
+        now = self._clock()
+        cluster = self._cluster()
+        trusted_since = self._view_trusted_since(now)
+        leader = self._elector.is_leader
+        if leader != self._was_leader:
+            self._was_leader = leader
+            self._reconciler.forget_decisions()
+            full = True
+        if not leader:
+            self._reconciler.observe(cluster, now, trusted_since)
+            self._next_full = time.monotonic() + self.options.resync_interval
+            self._next_check = self._next_full
+            return
+        if not full and not self._reconciler.usability_changed(cluster, now, trusted_since):
+            self._check_at(self._reconciler.health.next_change, now)
+            return
+        started = time.monotonic()
+        decisions = self._reconciler.plan(cluster, now, trusted_since, rfc3339(now))
+        planned = time.monotonic()
+        failed, conflicts = self._apply(cluster, decisions)
+        self._reconciles += 1
+        if self._reconciles == 1:
+            # The caches and the first plan are most of what this process will ever hold:
+            # the cyclic garbage collector need not walk them again and again.
+            gc.freeze()
+        log.debug(
+            "reconcile: plan %.3fs, writes %.3fs", planned - started, time.monotonic() - planned
+        )
+        self._check_at(decisions.wake_at, now)
+        if failed or conflicts:
+            self._retry(failed=failed > 0)
+        else:
+            self._failures = 0
+            self._next_full = time.monotonic() + self.options.resync_interval
+
+    def _check_at(self, wake_at: float | None, now: float) -> None:
+        """Look at gateway health again at `wake_at` (wall clock), if it comes before a resync."""
+        delay = self.options.resync_interval if wake_at is None else max(0.0, wake_at - now)
+        self._next_check = time.monotonic() + delay
+
+    def _retry(self, failed: bool) -> None:
+        """Reconcile again soon: after back-off when the API failed, shortly after a conflict
+        (the watch brings the newer object)."""
+        self._failures = self._failures + 1 if failed else 1
+        self._next_full = time.monotonic() + self.options.backoff.delay(self._failures)
+
+    def _view_trusted_since(self, now: float) -> float | None:
+        """Since when the controller has seen the API without a break; None while it cannot
+        (its Lease and EgressGateway watches fail, or the API does not answer at all)."""
+        broken = not self._elector.api_reachable or any(
+            i.last_error is not None for i in (self._leases, self._gateways)
+        )
+        if broken:
+            if self._trusted_since is not None:
+                log.warning("the view of the API is broken: gateway Leases are not trusted")
+            self._trusted_since = None
+        elif self._trusted_since is None:
+            log.info("the view of the API is restored")
+            self._trusted_since = now
+        return self._trusted_since
+
+    def _cluster(self) -> Cluster:
+        writer = self._writer
+        return Cluster(
+            policies=[writer.current(i.resource, o) for i in self._policies for o in i.objects()],
+            pods=self._pods.objects(),
+            namespaces=self._namespaces.objects(),
+            nodes=self._nodes.objects(),
+            gateways=[writer.current(EGRESS_GATEWAYS, o) for o in self._gateways.objects()],
+            egress_nodes=[writer.current(EGRESS_NODES, o) for o in self._egress_nodes.objects()],
+            leases={o["metadata"]["name"]: o for o in self._leases.objects()},
+            endpoint_slices=self._endpoint_slices.objects(),
+        )
+
+    def _apply(self, cluster: Cluster, decisions: Decisions) -> tuple[int, int]:
+        """Write what differs: gateways first (make-before-break: nodes only ever name gateways
+        already programmed), then nodes, statuses and Events; stop at the first write the API
+        does not answer. (failed, conflicts)."""
+        outcomes: list[Outcome] = []
+        writes: list[tuple[Resource, Any, str, Any]] = [
+            *(
+                (EGRESS_GATEWAYS, o, "spec", decisions.gateway_specs.get(_name(o)))
+                for o in cluster.gateways
+            ),
+            *(
+                (EGRESS_NODES, o, "spec", decisions.node_specs.get(_name(o)))
+                for o in cluster.egress_nodes
+            ),
+            *(
+                (EGRESS_GATEWAY_POLICIES, o, "status", decisions.policy_statuses.get(_name(o)))
+                for o in cluster.policies
+                if o.get("kind") == EGRESS_GATEWAY_POLICIES.kind
+            ),
+        ]
+        for resource, obj, part, content in writes:
+            if content is None or not self._elector.is_leader:
+                continue
+            if part == "spec":
+                outcome = self._writer.write_spec(resource, obj, content)
+                if outcome is Outcome.WRITTEN:
+                    self._reconciler.record_written(self._writer.current(resource, obj))
+            else:
+                outcome = self._writer.write_status(resource, obj, content)
+            outcomes.append(outcome)
+            if outcome is Outcome.UNREACHABLE:
+                return 1, 0
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        for event in decisions.events:
+            if self._elector.is_leader:
+                self._writer.record_event(
+                    event.involved, event.type, event.reason, event.message, now
+                )
+        failed = sum(1 for o in outcomes if o is Outcome.FAILED)
+        conflicts = sum(1 for o in outcomes if o is Outcome.CONFLICT)
+        return failed, conflicts
+
+
+def _name(obj: Any) -> str:
+    return str(obj["metadata"]["name"])
+
+
+def run_controller(kubeconfig: Path | None, options: ControllerOptions, health_port: int) -> int:
+    """Run until SIGTERM or SIGINT; 2 when the API credentials cannot be used."""
+    try:
+        api = client_from_kubeconfig(kubeconfig) if kubeconfig else client_in_cluster()
+    except KubeConfigError as error:
+        log.error("%s", error)
+        return 2
+    controller = Controller(api, options)
+    probes = ProbeServer("", health_port, lambda: controller.healthy, lambda: controller.ready)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info(
+        "controller %s starting: namespace %s, Cilium policies %s, hold-down %ss",
+        options.identity,
+        options.namespace,
+        "followed" if options.cilium_policies else "ignored",
+        options.hold_down,
+    )
+    probes.start()
+    controller.start()
+    stop.wait()
+    log.info("stopping")
+    controller.stop()
+    probes.stop()
+    return 0

@@ -1,0 +1,62 @@
+"""`/healthz` (the process works) and `/readyz` (its caches are synced) over plain HTTP, for the
+kubelet's probes. Both are true on the replica that does not lead too: it is ready to take over.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], checks: dict[str, Callable[[], bool]]) -> None:
+        self.checks = checks
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        check = self.server.checks.get(self.path.split("?")[0])
+        if check is None:
+            code, text = HTTPStatus.NOT_FOUND, "not found\n"
+        elif check():
+            code, text = HTTPStatus.OK, "ok\n"
+        else:
+            code, text = HTTPStatus.SERVICE_UNAVAILABLE, "not ok\n"
+        data = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # probes every few seconds would drown the log
+
+
+class ProbeServer:
+    def __init__(
+        self, host: str, port: int, healthy: Callable[[], bool], ready: Callable[[], bool]
+    ) -> None:
+        self._server = _Server((host, port), {"/healthz": healthy, "/readyz": ready})
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.2,), name="probes", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

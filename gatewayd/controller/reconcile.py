@@ -1,0 +1,470 @@
+"""The controller's decisions: everything it wants written, from the cached objects (no I/O).
+
+`Reconciler.plan()` is the one reconcile function. It builds the engine's Snapshot from the
+caches (`snapshots.py`), keeps the last valid version of invalid policies (`lastgood`), replaces
+each gateway's readiness with the health verdict (`health.py`), asks the engine for the plan with
+each policy's current active gateways as preferences (stickiness), and turns the plan into the
+EgressGateway and EgressNode specs (`specs.py`, with make-before-break), the policies' status
+(`status.py`) and Events. Running it again on the same caches gives the same result; the
+controller writes only what differs from what it reads.
+
+Stickiness, a deliberate difference from Cilium (which always takes the first matching node by
+name): an entry's active gateway stays active while it is usable and matches; a gateway that
+comes back after a failover becomes the standby. The current active gateway is the controller's
+previous decision, or, after a restart or a leader change, the one the policy's status records
+(`gateways[].role=active`). Cilium policies have no status, so for them it lasts as long as the
+leader runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from gatewayd.controller.generations import GenerationLog, ObjectId
+from gatewayd.controller.health import (
+    GatewaySignals,
+    Health,
+    HealthTracker,
+    lease_name,
+    read_signals,
+)
+from gatewayd.controller.snapshots import Cluster, SnapshotCache
+from gatewayd.controller.specs import (
+    Rule,
+    SpecForms,
+    active_egress_ips,
+    gateway_policies,
+    hold_back_moves,
+    node_gateways,
+    peers,
+    retained_rules,
+    spec_rules,
+    steered_pairs,
+)
+from gatewayd.controller.status import Status, active_gateways_of, policy_status
+from gatewayd.controller.tunnels import allocate_tunnel_addresses
+from gatewayd.policy.engine import EgressPlan, build_plan
+from gatewayd.policy.lastgood import PolicyMemory
+from gatewayd.policy.model import FieldError, Policy, Snapshot
+from gatewayd.policy.snapshot import LoadedSnapshot
+
+log = logging.getLogger(__name__)
+
+Object = Mapping[str, Any]
+Spec = dict[str, Any]
+POLICY_KIND = "EgressGatewayPolicy"
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to record about a policy."""
+
+    involved: Object  # the policy object
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Decisions:
+    """What the controller wants the cluster to hold after one reconcile."""
+
+    gateway_specs: dict[str, Spec] = field(default_factory=dict)  # by EgressGateway name
+    node_specs: dict[str, Spec] = field(default_factory=dict)  # by EgressNode name
+    policy_statuses: dict[str, Status] = field(default_factory=dict)  # by policy name
+    events: list[Event] = field(default_factory=list)
+    wake_at: float | None = None  # when to decide again even if nothing changes
+
+
+def _name(obj: Object) -> str:
+    return str(obj["metadata"]["name"])
+
+
+def _object_id(obj: Object) -> ObjectId:
+    return (_name(obj), str(obj["metadata"].get("uid", "")))
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _generations(obj: Object) -> tuple[int, int | None]:
+    """(metadata.generation, status.observedGeneration or None)."""
+    status = obj.get("status")
+    observed = _int(status.get("observedGeneration")) if isinstance(status, Mapping) else None
+    return _int(obj["metadata"].get("generation")) or 0, observed
+
+
+class Reconciler:
+    """The controller's memory between reconciles, and the reconcile function itself."""
+
+    def __init__(self, hold_down: float, tunnel_cidr: IPv4Network) -> None:
+        self.tunnel_cidr = tunnel_cidr
+        self.health = HealthTracker(hold_down)
+        self._snapshots = SnapshotCache()
+        self._policy_memory = PolicyMemory()
+        self._policies_seen: LoadedSnapshot | None = None
+        self._policies: tuple[Policy, ...] = ()  # the versions in force
+        self._problems: dict[tuple[str, str], list[FieldError]] = {}  # of the newest versions
+        # (policy, entry) -> the active gateway decided last (None: none was usable).
+        self._actives: dict[tuple[str, int], str | None] = {}
+        self._gateway_specs: GenerationLog[str] = GenerationLog()  # policies with rules
+        self._node_specs: GenerationLog[tuple[str, str]] = GenerationLog()  # (policy, gateway)
+        self._rejected: set[tuple[str, str, int]] = set()  # (kind, name, generation) reported
+        self._planned_usable: dict[str, bool] = {}  # gateway usability the last plan used
+        # The last plan, and its rules in spec form, while neither snapshot nor preferences
+        # change (an agent's status update, a conflict retry): no engine run then.
+        self._plan: EgressPlan | None = None
+        self._plan_snapshot: Snapshot | None = None
+        self._plan_preferences: set[tuple[tuple[tuple[str, int], str], ...]] = set()
+        self._rules: dict[tuple[str, str], Any] = {}
+        self._forms = SpecForms()
+
+    # --- what every replica keeps current, leading or not ------------------------------------
+
+    def observe(self, cluster: Cluster, now: float, trusted_since: float | None) -> None:
+        """Follow what needs history: the last valid version of each policy, gateway health."""
+        self._resolve_policies(self._snapshots.policies(cluster.policies))
+        self.health.update(self._signals(cluster), now, trusted_since)
+
+    @staticmethod
+    def _signals(cluster: Cluster) -> dict[str, GatewaySignals]:
+        return {
+            _name(g): read_signals(g, cluster.leases.get(lease_name(_name(g))))
+            for g in cluster.gateways
+        }
+
+    def forget_decisions(self) -> None:
+        """On a change of leader: another replica may have decided meanwhile, so the current
+        active gateways are read from the policies' status again."""
+        self._actives = {}
+
+    def usability_changed(self, cluster: Cluster, now: float, trusted_since: float | None) -> bool:
+        """After Lease changes alone: whether a gateway's usability differs from the last plan's
+        (only then is a new plan needed)."""
+        health = self.health.update(self._signals(cluster), now, trusted_since)
+        return {name: h.usable for name, h in health.items()} != self._planned_usable
+
+    def _resolve_policies(self, loaded: LoadedSnapshot) -> None:
+        if loaded is self._policies_seen:
+            return
+        self._policies_seen = loaded
+        resolved = self._policy_memory.resolve(loaded)
+        # A kept Cilium policy must not come back beside an EgressGatewayPolicy of its name.
+        ours = {p.name for p in resolved.snapshot.policies if p.kind == POLICY_KIND}
+        self._policies = tuple(
+            p for p in resolved.snapshot.policies if p.kind == POLICY_KIND or p.name not in ours
+        )
+        self._problems = {}
+        for problem in loaded.problems:
+            self._problems.setdefault((problem.kind, problem.name), []).append(problem.error)
+        for kept in resolved.kept:
+            log.warning("%s is invalid; its last valid version stays in force", kept)
+
+    # --- the reconcile function --------------------------------------------------------------
+
+    def plan(
+        self, cluster: Cluster, now: float, trusted_since: float | None, now_text: str
+    ) -> Decisions:
+        """Everything the cluster should hold, from `cluster` at `now` (wall clock).
+
+        `trusted_since`: since when the view of the API has been unbroken (None: broken now);
+        `now_text`: `now` in RFC 3339, for conditions.
+        """
+        self._resolve_policies(self._snapshots.policies(cluster.policies))
+        health = self.health.update(self._signals(cluster), now, trusted_since)
+        usable = {name: verdict.usable for name, verdict in health.items()}
+        self._planned_usable = usable
+        parsed = self._snapshots.build(cluster)
+        snapshot = replace(
+            parsed,
+            policies=self._policies,
+            gateways=tuple(replace(g, ready=usable[g.name]) for g in parsed.gateways),
+        )
+        previous = self._previous_actives(cluster.policies)
+        plan = self._engine(snapshot, {k: v for k, v in previous.items() if v is not None})
+
+        self._log_generations(cluster)
+        programmed = {_name(g): self._programmed(g) for g in cluster.gateways}
+        tunnel = self._tunnel_addresses(cluster.egress_nodes)
+        node_specs = self._node_specs_of(cluster, plan, tunnel, programmed, usable)
+        return Decisions(
+            gateway_specs=self._gateway_specs_of(cluster, plan, snapshot, tunnel, node_specs),
+            node_specs=node_specs,
+            policy_statuses=self._statuses(cluster, plan, programmed, now_text),
+            events=[
+                *self._active_changes(cluster.policies, previous, plan, health),
+                *self._rejections(cluster.policies),
+            ],
+            wake_at=self.health.next_change,
+        )
+
+    def _engine(self, snapshot: Snapshot, preferred: Mapping[tuple[str, int], str]) -> EgressPlan:
+        wanted = tuple(sorted(preferred.items()))
+        if (
+            self._plan is None
+            or wanted not in self._plan_preferences
+            or snapshot != self._plan_snapshot
+        ):
+            plan = build_plan(snapshot, preferred)
+            # Preferring exactly the gateways a plan chose gives that plan again, and that is
+            # what the next reconcile prefers: it needs no engine run of its own.
+            chosen = tuple(
+                sorted(
+                    ((name, entry.entry), entry.gateway)
+                    for name, result in plan.policy_results.items()
+                    for entry in result.entries
+                    if entry.gateway is not None
+                )
+            )
+            self._plan, self._plan_snapshot = plan, snapshot
+            self._plan_preferences = {wanted, chosen}
+            self._rules = {}
+            self._forms.next_plan()
+        return self._plan
+
+    def _gateway_rules(self, plan: EgressPlan, gateway: str) -> list[Rule]:
+        key = ("gateway", gateway)
+        if key not in self._rules:
+            self._rules[key] = self._forms.gateway_rules(plan.gateway_plan(gateway))
+        rules: list[Rule] = self._rules[key]
+        return rules
+
+    def _node_rules(self, plan: EgressPlan, node: str) -> tuple[list[Rule], list[str]]:
+        key = ("node", node)
+        if key not in self._rules:
+            self._rules[key] = self._forms.node_rules(plan.node_plan(node))
+        rules: tuple[list[Rule], list[str]] = self._rules[key]
+        return rules
+
+    def record_written(self, obj: Object) -> None:
+        """Remember what a spec the controller wrote holds (the API's answer to the write)."""
+        generation, _ = _generations(obj)
+        if obj.get("kind") == "EgressGateway":
+            self._gateway_specs.record(_object_id(obj), generation, gateway_policies(obj))
+        elif obj.get("kind") == "EgressNode":
+            self._node_specs.record(_object_id(obj), generation, steered_pairs(spec_rules(obj)))
+
+    # --- stickiness and Events ---------------------------------------------------------------
+
+    def _previous_actives(self, policies: Sequence[Object]) -> dict[tuple[str, int], str | None]:
+        """(policy, entry) -> current active gateway: the last decision, else the status; only
+        for entries the policies in force have."""
+        entries = {p.name: len(p.gateways) for p in self._policies}
+        previous: dict[tuple[str, int], str | None] = {}
+        for obj in policies:
+            if obj.get("kind") == POLICY_KIND:
+                for entry, gateway in active_gateways_of(obj).items():
+                    previous[(_name(obj), entry)] = gateway
+        previous.update(self._actives)
+        return {k: v for k, v in previous.items() if k[1] < entries.get(k[0], 0)}
+
+    def _active_changes(
+        self,
+        policies: Sequence[Object],
+        previous: Mapping[tuple[str, int], str | None],
+        plan: EgressPlan,
+        health: Mapping[str, Health],
+    ) -> list[Event]:
+        """Events for every entry whose active gateway changed; remembers the new ones."""
+        objects = {_name(o): o for o in policies if o.get("kind") != POLICY_KIND}
+        objects.update({_name(o): o for o in policies if o.get("kind") == POLICY_KIND})
+        self._actives = {}
+        events = []
+        for name, result in plan.policy_results.items():
+            for entry in result.entries:
+                before = previous.get((name, entry.entry))
+                self._actives[(name, entry.entry)] = entry.gateway
+                if before != entry.gateway and name in objects:
+                    events.append(
+                        _change_event(objects[name], entry.entry, before, entry.gateway, health)
+                    )
+        return events
+
+    def _rejections(self, policies: Sequence[Object]) -> list[Event]:
+        """One Warning per invalid policy version; none for one whose status already reports
+        it (after a controller restart)."""
+        in_force = {(p.kind, p.name) for p in self._policies}
+        events = []
+        rejected = set()
+        for obj in policies:
+            kind, name = str(obj.get("kind")), _name(obj)
+            errors = self._problems.get((kind, name))
+            if not errors:
+                continue
+            generation, observed = _generations(obj)
+            rejected.add((kind, name, generation))
+            status = obj.get("status")
+            in_status = isinstance(status, Mapping) and isinstance(status.get("lastError"), Mapping)
+            reported = (kind, name, generation) in self._rejected or (
+                in_status and observed == generation
+            )
+            if not reported:
+                verdict = (
+                    "the last valid version stays in force"
+                    if (kind, name) in in_force
+                    else "the policy has no effect"
+                )
+                message = f"{'; '.join(str(e) for e in errors)}; {verdict}"
+                events.append(Event(obj, "Warning", "PolicyRejected", message))
+        self._rejected = rejected
+        return events
+
+    # --- make-before-break bookkeeping -------------------------------------------------------
+
+    def _log_generations(self, cluster: Cluster) -> None:
+        for gateway in cluster.gateways:
+            generation, _ = _generations(gateway)
+            if not self._gateway_specs.knows(_object_id(gateway), generation):
+                policies = gateway_policies(gateway)
+                self._gateway_specs.record(_object_id(gateway), generation, policies)
+        for node in cluster.egress_nodes:
+            generation, _ = _generations(node)
+            if not self._node_specs.knows(_object_id(node), generation):
+                pairs = steered_pairs(spec_rules(node))
+                self._node_specs.record(_object_id(node), generation, pairs)
+        self._gateway_specs.keep_only(_object_id(g) for g in cluster.gateways)
+        self._node_specs.keep_only(_object_id(n) for n in cluster.egress_nodes)
+
+    def _programmed(self, gateway: Object) -> frozenset[str]:
+        """Policies whose rules the gateway surely has in its data plane."""
+        _, observed = _generations(gateway)
+        return self._gateway_specs.surely_applied(_object_id(gateway), observed)
+
+    # --- specs -------------------------------------------------------------------------------
+
+    def _tunnel_addresses(self, egress_nodes: Sequence[Object]) -> dict[str, IPv4Address]:
+        current = {}
+        for node in egress_nodes:
+            spec = node.get("spec")
+            address = spec.get("tunnelAddress") if isinstance(spec, Mapping) else None
+            current[_name(node)] = address if isinstance(address, str) else None
+        assigned, left_out = allocate_tunnel_addresses(current, self.tunnel_cidr)
+        for name in left_out:
+            log.error("no tunnel address left in %s for node %s", self.tunnel_cidr, name)
+        return assigned
+
+    def _node_specs_of(
+        self,
+        cluster: Cluster,
+        plan: EgressPlan,
+        tunnel: Mapping[str, IPv4Address],
+        programmed: Mapping[str, frozenset[str]],
+        usable: Mapping[str, bool],
+    ) -> dict[str, Spec]:
+        gateways = node_gateways(cluster.gateways)
+        specs = {}
+        for node in cluster.egress_nodes:
+            name = _name(node)
+            rules, cluster_internal = self._node_rules(plan, name)
+            spec: Spec = {
+                "gateways": gateways,
+                "clusterInternal": cluster_internal,
+                "rules": hold_back_moves(
+                    rules, spec_rules(node), lambda g: programmed.get(g, frozenset()), usable
+                ),
+            }
+            if name in tunnel:
+                spec["tunnelAddress"] = str(tunnel[name])
+            specs[name] = spec
+        return specs
+
+    def _gateway_specs_of(
+        self,
+        cluster: Cluster,
+        plan: EgressPlan,
+        snapshot: Snapshot,
+        tunnel: Mapping[str, IPv4Address],
+        node_specs: Mapping[str, Spec],
+    ) -> dict[str, Spec]:
+        # (policy, gateway) pairs nodes may send traffic along, now or once their new plans
+        # are written; None when some node's is unknown, so anything may be in use.
+        pairs: set[tuple[str, str]] = set()
+        for spec in node_specs.values():
+            pairs |= steered_pairs(spec["rules"])
+        steered: set[tuple[str, str]] | None = pairs
+        for node in cluster.egress_nodes:
+            _, observed = _generations(node)
+            in_use = self._node_specs.maybe_in_use(_object_id(node), observed)
+            if in_use is None:
+                steered = None
+                break
+            pairs |= in_use
+
+        def may_send(policy: str, gateway: str) -> bool:
+            return steered is None or (policy, gateway) in steered
+
+        pod_cidrs = {n.name: [str(c) for c in n.pod_cidrs] for n in snapshot.nodes}
+        gateway_peers = peers(cluster.egress_nodes, pod_cidrs, tunnel)
+        planned: dict[str, list[Rule]] = {
+            _name(g): self._gateway_rules(plan, _name(g)) for g in cluster.gateways
+        }
+        elsewhere = active_egress_ips(planned)
+        specs = {}
+        for gateway in cluster.gateways:
+            name = _name(gateway)
+            rules = retained_rules(
+                name, planned[name], spec_rules(gateway), may_send, elsewhere[name]
+            )
+            specs[name] = {"peers": gateway_peers, "rules": rules}
+        return specs
+
+    # --- policy status -----------------------------------------------------------------------
+
+    def _statuses(
+        self,
+        cluster: Cluster,
+        plan: EgressPlan,
+        programmed: Mapping[str, frozenset[str]],
+        now_text: str,
+    ) -> dict[str, Status]:
+        in_force = {p.name: p for p in self._policies if p.kind == POLICY_KIND}
+        statuses = {}
+        for obj in cluster.policies:
+            if obj.get("kind") != POLICY_KIND:
+                continue  # Cilium's policies have no status
+            name = _name(obj)
+            result = plan.policy_results.get(name)
+            not_programmed = {}
+            for entry in result.entries if result is not None else ():
+                gateway = entry.gateway
+                if gateway is not None and name not in programmed.get(gateway, frozenset()):
+                    # No generation numbers: they change with every plan and would rewrite
+                    # the status each time.
+                    not_programmed[gateway] = (
+                        f"gateway {gateway} has not yet reported a plan with this policy's rules "
+                        "as applied"
+                    )
+            statuses[name] = policy_status(
+                obj,
+                in_force.get(name),
+                result,
+                self._problems.get((POLICY_KIND, name), []),
+                not_programmed,
+                now_text,
+            )
+        return statuses
+
+
+def _change_event(
+    policy: Object, entry: int, before: str | None, after: str | None, health: Mapping[str, Health]
+) -> Event:
+    """Why an entry's active gateway changed from `before` to `after`."""
+    if before is not None and not (before in health and health[before].usable):
+        why = health[before].reason if before in health else "its EgressGateway is gone"
+        then = (
+            f"{after} takes over"
+            if after is not None
+            else "no other usable gateway matches, so its traffic is dropped"
+        )
+        message = f"entry {entry}: gateway {before} is unusable ({why}); {then}"
+        return Event(policy, "Warning", "GatewayFailover", message)
+    if after is None:
+        message = f"entry {entry}: no usable gateway matches any more ({before} no longer does)"
+        return Event(policy, "Warning", "GatewayFailover", message)
+    was = f" (was {before})" if before is not None else ""
+    return Event(policy, "Normal", "GatewayPromoted", f"entry {entry}: {after} is active{was}")

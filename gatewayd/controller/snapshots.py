@@ -1,0 +1,129 @@
+"""The engine's Snapshot from the informers' caches, parsing each object once per version.
+
+Objects are parsed with `gatewayd.policy.snapshot.parse_objects`, the same reader `gatewayctl
+explain` uses on files, one object at a time, so that an object the engine cannot read (a Pod
+with a malformed IP, an EgressGateway whose agent reported a bad address) is logged and left out
+instead of stopping every decision, and so that a pod change re-parses one pod, not ten thousand.
+Policies are parsed together (an EgressGatewayPolicy shadows a Cilium policy of the same name),
+again only when one of them changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from gatewayd.policy.model import Snapshot
+from gatewayd.policy.snapshot import LoadedSnapshot, SnapshotError, parse_objects
+
+log = logging.getLogger(__name__)
+
+Object = Mapping[str, Any]
+T = TypeVar("T")
+# What the API calls an object here, for messages: "Pod default/web-1".
+ORIGIN = "API"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The informers' caches at one moment: objects as the API serves them (never mutated)."""
+
+    policies: Sequence[Object] = ()  # EgressGatewayPolicies, and Cilium ones when enabled
+    pods: Sequence[Object] = ()
+    namespaces: Sequence[Object] = ()
+    nodes: Sequence[Object] = ()
+    gateways: Sequence[Object] = ()
+    egress_nodes: Sequence[Object] = ()
+    leases: Mapping[str, Object] = field(default_factory=dict)  # by name, in our namespace
+    endpoint_slices: Sequence[Object] = ()  # the `kubernetes` Service's, in `default`
+
+
+def object_key(obj: Object) -> tuple[str, str, str]:
+    metadata = obj.get("metadata") or {}
+    return (str(obj.get("kind")), str(metadata.get("namespace", "")), str(metadata.get("name")))
+
+
+def resource_version(obj: Object) -> str:
+    return str((obj.get("metadata") or {}).get("resourceVersion", ""))
+
+
+def _generation_or_version(obj: Object) -> str:
+    metadata = obj.get("metadata") or {}
+    if isinstance(metadata.get("generation"), int):
+        return f"{metadata.get('uid', '')}/{metadata['generation']}"
+    return resource_version(obj)
+
+
+class SnapshotCache:
+    """Builds Snapshots from Clusters; keeps each object's parse while its version is current."""
+
+    def __init__(self) -> None:
+        self._parsed: dict[tuple[str, str, str], tuple[str, Any]] = {}
+        self._policies_key: tuple[tuple[tuple[str, str, str], str], ...] | None = None
+        self._policies = LoadedSnapshot(Snapshot())
+
+    def build(self, cluster: Cluster) -> Snapshot:
+        """Every readable object of `cluster` but the policies (see `policies()`)."""
+        parsed: dict[tuple[str, str, str], tuple[str, Any]] = {}
+        pods = self._each(cluster.pods, parsed, lambda s: s.pods)
+        namespaces = self._each(cluster.namespaces, parsed, lambda s: s.namespaces)
+        nodes = self._each(cluster.nodes, parsed, lambda s: s.nodes)
+        gateways = self._each(cluster.gateways, parsed, lambda s: s.gateways)
+        addresses = self._each(cluster.endpoint_slices, parsed, lambda s: s.api_server_addresses)
+        self._parsed = parsed
+        return Snapshot(
+            # A pod without an IP yet (just created, not started) changes no plan: leaving
+            # it out spares an engine run until the kubelet reports its IP.
+            pods=tuple(
+                sorted((p for p in _flat(pods) if p.ips), key=lambda p: (p.namespace, p.name))
+            ),
+            namespaces=tuple(sorted(_flat(namespaces), key=lambda n: n.name)),
+            nodes=tuple(sorted(_flat(nodes), key=lambda n: n.name)),
+            gateways=tuple(sorted(_flat(gateways), key=lambda g: g.name)),
+            api_server_addresses=tuple(
+                sorted(set(_flat(addresses)), key=lambda a: (a.version, int(a)))
+            ),
+        )
+
+    def policies(self, objects: Sequence[Object]) -> LoadedSnapshot:
+        """The valid policies and the problems of the others; the same object again while
+        no policy changed."""
+        # A policy's meaning changes only with its generation (a status write changes its
+        # resourceVersion, not its generation).
+        key = tuple((object_key(p), _generation_or_version(p)) for p in objects)
+        if key != self._policies_key:
+            try:
+                self._policies = parse_objects([(ORIGIN, p) for p in objects])
+            except SnapshotError as error:  # not expected from an API server: keep the last
+                log.error("policies could not be read, keeping the previous ones: %s", error)
+                return self._policies
+            self._policies_key = key
+        return self._policies
+
+    def _each(
+        self,
+        objects: Sequence[Object],
+        parsed: dict[tuple[str, str, str], tuple[str, Any]],
+        pick: Callable[[Snapshot], tuple[T, ...]],
+    ) -> list[tuple[T, ...]]:
+        found = []
+        for obj in objects:
+            key, version = object_key(obj), resource_version(obj)
+            cached = self._parsed.get(key)
+            if cached is not None and cached[0] == version and version:
+                result: tuple[T, ...] = cached[1]
+            else:
+                try:
+                    result = pick(parse_objects([(ORIGIN, obj)]).snapshot)
+                except SnapshotError as error:
+                    log.warning("left out of every decision until it changes: %s", error)
+                    result = ()
+            parsed[key] = (version, result)
+            found.append(result)
+        return found
+
+
+def _flat(groups: list[tuple[T, ...]]) -> list[T]:
+    return [item for group in groups for item in group]

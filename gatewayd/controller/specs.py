@@ -1,0 +1,267 @@
+"""The plans the controller writes as EgressGateway and EgressNode specs (pure functions).
+
+The engine's plans, in planio's camelCase shape, with two additions for make-before-break:
+
+* `hold_back_moves`: a node's rules may only move a policy's traffic to a gateway that surely
+  has that policy's rules programmed (its reported observedGeneration covers a spec holding
+  them). Until then the node keeps sending it to the gateway it used before, as long as that
+  one is usable. If the old gateway is unusable the traffic moves at once: a failover cannot
+  wait.
+* `retained_rules`: a gateway keeps the rules of a policy the engine took away from it while any
+  node may still send it that policy's traffic (a node's plan names it, or a node has not yet
+  reported applying a plan that no longer does). Kept rules are demoted to standby when another
+  gateway is now active with the same egress IP, so an explicit egress IP has one active owner.
+
+Specs hold no nulls: an API server drops null fields of a custom resource, and the controller
+compares what it wants with what it reads back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
+from ipaddress import IPv4Address, ip_address
+from typing import Any
+
+from gatewayd.policy.model import GatewayPlan, IPNetwork, NodePlan, SnatRule, SteerRule
+from gatewayd.policy.planio import gateway_plan_to_dict, node_plan_to_dict
+
+Rule = dict[str, Any]
+Object = Mapping[str, Any]
+
+
+def without_nulls(rule: Mapping[str, Any]) -> Rule:
+    return {key: value for key, value in rule.items() if value is not None}
+
+
+class SpecForms:
+    """Plans in spec form (planio's dicts, without nulls), rule by rule, remembered while the
+    rules stay in the plans: after a pod change most rules equal the last plan's, and writing
+    thousands of addresses as text again would cost more than the engine run itself."""
+
+    def __init__(self) -> None:
+        self._current: dict[object, Any] = {}
+        self._previous: dict[object, Any] = {}
+
+    def next_plan(self) -> None:
+        """Forget the forms the last plan did not use."""
+        self._previous, self._current = self._current, {}
+
+    def _form(self, key: object, make: Callable[[], Any]) -> Any:
+        form = self._current.get(key)
+        if form is None:
+            form = self._previous.get(key)
+            if form is None:
+                form = make()
+            self._current[key] = form
+        return form
+
+    def gateway_rules(self, plan: GatewayPlan) -> list[Rule]:
+        return [self._form(rule, partial(_snat_form, rule)) for rule in plan.rules]
+
+    def node_rules(self, plan: NodePlan) -> tuple[list[Rule], list[str]]:
+        """(rules, clusterInternal) of a node plan."""
+        rules = [self._form(rule, partial(_steer_form, rule)) for rule in plan.rules]
+        internal = self._form(
+            ("clusterInternal", plan.cluster_internal),
+            partial(_cluster_internal_form, plan.cluster_internal),
+        )
+        return rules, list(internal)
+
+
+def _snat_form(rule: SnatRule) -> Rule:
+    return without_nulls(gateway_plan_to_dict(GatewayPlan("", (rule,)))["rules"][0])
+
+
+def _steer_form(rule: SteerRule) -> Rule:
+    return without_nulls(node_plan_to_dict(NodePlan("", (rule,)))["rules"][0])
+
+
+def _cluster_internal_form(networks: tuple[IPNetwork, ...]) -> list[str]:
+    return list(node_plan_to_dict(NodePlan("", (), networks))["clusterInternal"])
+
+
+def spec_rules(obj: Object) -> list[Mapping[str, Any]]:
+    """The rules of an object's spec, skipping anything malformed."""
+    spec = obj.get("spec")
+    rules = spec.get("rules") if isinstance(spec, Mapping) else None
+    if not isinstance(rules, list):
+        return []
+    return [r for r in rules if isinstance(r, Mapping) and isinstance(r.get("policy"), str)]
+
+
+def gateway_policies(obj: Object) -> frozenset[str]:
+    """Policies an EgressGateway spec holds rules for."""
+    return frozenset(r["policy"] for r in spec_rules(obj))
+
+
+def steered_pairs(rules: Iterable[Mapping[str, Any]]) -> frozenset[tuple[str, str]]:
+    """(policy, gateway) pairs node rules may send traffic along: to the gateway, or to the
+    standby after a fast failover."""
+    pairs = set()
+    for rule in rules:
+        for role in ("gateway", "standby"):
+            name = rule.get(role)
+            if isinstance(name, str) and rule.get("action") == "tunnel":
+                pairs.add((rule["policy"], name))
+    return frozenset(pairs)
+
+
+def _address_order(text: str) -> tuple[int, int]:
+    try:
+        address = ip_address(text)
+    except ValueError:
+        return (0, 0)
+    return (address.version, int(address))
+
+
+def _rule_key(rule: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (
+        rule["policy"].encode(),
+        rule.get("action", ""),
+        rule.get("gateway", ""),
+        rule.get("standby", ""),
+        rule.get("reason", ""),
+        tuple(rule.get("destinations", ())),
+    )
+
+
+def hold_back_moves(
+    desired: Sequence[Rule],
+    current: Sequence[Mapping[str, Any]],
+    programmed: Callable[[str], frozenset[str]],
+    usable: Mapping[str, bool],
+) -> list[Rule]:
+    """Node rules in which no policy's traffic moves to a gateway not yet programmed for it
+    while the gateway it goes to now is usable (see the module docstring). Rules that hold
+    nothing back are returned as they are."""
+    now_using: dict[tuple[str, str], str] | None = None  # (policy, source) -> gateway
+    pieces: list[Rule] = []
+    held = False
+    for rule in desired:
+        target = rule.get("gateway")
+        if rule.get("action") != "tunnel" or target is None or rule["policy"] in programmed(target):
+            pieces.append(rule)
+            continue
+        if now_using is None:
+            now_using = _gateways_in_use(current)
+        groups: dict[str, list[str]] = {}
+        for source in rule["sources"]:
+            before = now_using.get((rule["policy"], source))
+            keep = before is not None and before != target and usable.get(before, False)
+            groups.setdefault(before if keep and before is not None else target, []).append(source)
+        for gateway, sources in groups.items():
+            piece = {**rule, "gateway": gateway, "sources": sources}
+            if gateway != target:
+                held = True
+                if piece.get("standby") == gateway:
+                    del piece["standby"]
+            pieces.append(piece)
+    if not held:
+        return list(desired)
+    merged: dict[tuple[Any, ...], Rule] = {}
+    for piece in pieces:
+        key = _rule_key(piece)
+        sources = (
+            [*merged[key]["sources"], *piece["sources"]] if key in merged else piece["sources"]
+        )
+        merged[key] = {**piece, "sources": sorted(set(sources), key=_address_order)}
+    return [merged[key] for key in sorted(merged)]
+
+
+def _gateways_in_use(rules: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], str]:
+    """(policy, source) -> the gateway node rules send it to."""
+    using = {}
+    for rule in rules:
+        gateway = rule.get("gateway")
+        if rule.get("action") == "tunnel" and isinstance(gateway, str):
+            for source in rule.get("sources") or ():
+                using[(rule["policy"], source)] = gateway
+    return using
+
+
+def retained_rules(
+    gateway: str,
+    planned: Sequence[Rule],
+    current: Sequence[Mapping[str, Any]],
+    may_send: Callable[[str, str], bool],
+    active_elsewhere: frozenset[str],
+) -> list[Rule]:
+    """The gateway's rules: the engine's (`planned`), plus its current rules of every policy the
+    engine took away from it that a node may still send it (`may_send(policy, gateway)`).
+    `active_elsewhere`: egress IPs other gateways are now active with."""
+    planned_policies = {r["policy"] for r in planned}
+    kept = []
+    for rule in current:
+        policy = rule["policy"]
+        if policy in planned_policies or not may_send(policy, gateway):
+            continue
+        old = dict(rule)
+        if old.get("role") == "active" and old.get("egressIP") in active_elsewhere:
+            old["role"] = "standby"
+        kept.append(old)
+    return sorted([*planned, *kept], key=lambda r: r["policy"].encode())
+
+
+def active_egress_ips(rules_by_gateway: Mapping[str, Sequence[Rule]]) -> dict[str, frozenset[str]]:
+    """For each gateway, the egress IPs the OTHER gateways' planned rules are active with."""
+    owners: dict[str, set[str]] = {}
+    for gateway, rules in rules_by_gateway.items():
+        for rule in rules:
+            if rule.get("role") == "active":
+                owners.setdefault(rule["egressIP"], set()).add(gateway)
+    return {
+        gateway: frozenset(ip for ip, holders in owners.items() if holders - {gateway})
+        for gateway in rules_by_gateway
+    }
+
+
+def _status(obj: Object) -> Mapping[str, Any]:
+    status = obj.get("status")
+    return status if isinstance(status, Mapping) else {}
+
+
+def _name(obj: Object) -> str:
+    return str(obj["metadata"]["name"])
+
+
+def peers(
+    egress_nodes: Iterable[Object],
+    pod_cidrs: Mapping[str, Sequence[str]],
+    tunnel_addresses: Mapping[str, IPv4Address],
+) -> list[Rule]:
+    """A gateway's WireGuard peers: every cloud node that published its public key."""
+    found = []
+    for node in sorted(egress_nodes, key=lambda n: _name(n).encode()):
+        status = _status(node)
+        key = status.get("publicKey")
+        if not isinstance(key, str) or not key:
+            continue
+        name = _name(node)
+        allowed = list(pod_cidrs.get(name, ()))
+        if name in tunnel_addresses:
+            allowed.append(f"{tunnel_addresses[name]}/32")
+        peer = {
+            "name": name,
+            "publicKey": key,
+            "endpoint": status.get("endpoint") or None,
+            "allowedIPs": allowed,
+        }
+        found.append(without_nulls(peer))
+    return found
+
+
+def node_gateways(gateways: Iterable[Object]) -> list[Rule]:
+    """The gateways a node keeps a tunnel to: every one that published its public key, so a
+    gateway's health changes never rewrite the node plans, and a standby's tunnel is up
+    before it is needed."""
+    found = []
+    for gateway in sorted(gateways, key=lambda g: _name(g).encode()):
+        status = _status(gateway)
+        key = status.get("publicKey")
+        if isinstance(key, str) and key:
+            endpoint = status.get("endpoint") or None
+            found.append(
+                without_nulls({"name": _name(gateway), "publicKey": key, "endpoint": endpoint})
+            )
+    return found

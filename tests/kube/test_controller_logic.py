@@ -1,0 +1,449 @@
+"""The controller's pure parts, without an API server: health with hold-down, tunnel addresses,
+generation bookkeeping, make-before-break rules, policy status, and the reconcile function over
+in-memory caches. (Unit tests; they live beside the controller's other tests.)"""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fixtures.crdcheck import CustomResourceValidator
+
+from gatewayd.controller.generations import GenerationLog
+from gatewayd.controller.health import GatewaySignals, HealthTracker, read_signals
+from gatewayd.controller.reconcile import Reconciler
+from gatewayd.controller.snapshots import Cluster
+from gatewayd.controller.specs import active_egress_ips, hold_back_moves, retained_rules
+from gatewayd.controller.tunnels import allocate_tunnel_addresses
+
+pytestmark = pytest.mark.unit
+
+CIDR = IPv4Network("100.127.0.0/16")
+T0 = 1_000_000.0
+
+
+# --- health ------------------------------------------------------------------------------------
+
+
+def alive(now: float, ready: bool = True) -> GatewaySignals:
+    return GatewaySignals(ready, f"Ready={ready}", now + 6, 6.0)
+
+
+def dead(now: float) -> GatewaySignals:
+    return GatewaySignals(True, "Ready=True", now - 1, 6.0)
+
+
+def test_a_gateway_seen_for_the_first_time_needs_no_hold_down() -> None:
+    tracker = HealthTracker(hold_down=30)
+    verdicts = tracker.update({"gw-1": alive(T0)}, T0, float("-inf"))
+    assert verdicts["gw-1"].usable
+    assert tracker.next_change == T0 + 6  # when the Lease would expire
+
+
+def test_a_recovered_gateway_waits_for_the_hold_down() -> None:
+    tracker = HealthTracker(hold_down=30)
+    tracker.update({"gw-1": alive(T0)}, T0, float("-inf"))
+    lost = tracker.update({"gw-1": dead(T0 + 10)}, T0 + 10, float("-inf"))["gw-1"]
+    assert not lost.usable and "expired 1.0s ago" in lost.reason
+    back = tracker.update({"gw-1": alive(T0 + 20)}, T0 + 20, float("-inf"))["gw-1"]
+    assert not back.usable and "hold-down" in back.reason
+    assert tracker.next_change == T0 + 26  # the Lease, before the hold-down's end at T0 + 50
+    assert not tracker.update({"gw-1": alive(T0 + 49)}, T0 + 49, float("-inf"))["gw-1"].usable
+    assert tracker.update({"gw-1": alive(T0 + 50)}, T0 + 50, float("-inf"))["gw-1"].usable
+
+
+def test_a_flap_during_hold_down_starts_it_again() -> None:
+    tracker = HealthTracker(hold_down=30)
+    tracker.update({"gw-1": alive(T0)}, T0, float("-inf"))
+    tracker.update({"gw-1": alive(T0, ready=False)}, T0 + 1, float("-inf"))
+    tracker.update({"gw-1": alive(T0 + 2)}, T0 + 2, float("-inf"))
+    tracker.update({"gw-1": alive(T0 + 20, ready=False)}, T0 + 20, float("-inf"))
+    tracker.update({"gw-1": alive(T0 + 21)}, T0 + 21, float("-inf"))
+    assert not tracker.update({"gw-1": alive(T0 + 40)}, T0 + 40, float("-inf"))["gw-1"].usable
+    assert tracker.update({"gw-1": alive(T0 + 51)}, T0 + 51, float("-inf"))["gw-1"].usable
+
+
+def test_ready_false_counts_at_once_even_while_the_view_is_broken() -> None:
+    tracker = HealthTracker(hold_down=30)
+    tracker.update({"gw-1": alive(T0)}, T0, float("-inf"))
+    verdict = tracker.update({"gw-1": alive(T0, ready=False)}, T0 + 1, None)["gw-1"]
+    assert (verdict.usable, verdict.reason) == (False, "Ready=False")
+
+
+def test_an_expired_lease_is_not_believed_while_the_view_is_broken_and_just_after() -> None:
+    tracker = HealthTracker(hold_down=30)
+    tracker.update({"gw-1": alive(T0), "gw-2": alive(T0)}, T0, float("-inf"))
+    # gw-2 died before the break.
+    tracker.update({"gw-1": alive(T0), "gw-2": dead(T0)}, T0 + 1, float("-inf"))
+    during = tracker.update({"gw-1": dead(T0 + 30), "gw-2": dead(T0 + 30)}, T0 + 30, None)
+    assert during["gw-1"].usable and "view of the API is broken" in during["gw-1"].reason
+    assert not during["gw-2"].usable  # the break does not bring a dead gateway back
+    restored = T0 + 40
+    just_after = tracker.update({"gw-1": dead(restored)}, restored + 1, restored)
+    assert just_after["gw-1"].usable
+    assert tracker.next_change == restored + 6  # the grace: one lease duration
+    later = tracker.update({"gw-1": dead(restored)}, restored + 6, restored)
+    assert not later["gw-1"].usable
+
+
+def test_signals_are_read_from_the_objects() -> None:
+    gateway = {
+        "status": {
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "False",
+                    "reason": "TunnelsDown",
+                    "message": "no handshake",
+                }
+            ]
+        }
+    }
+    lease = {
+        "spec": {
+            "holderIdentity": "gw-1",
+            "leaseDurationSeconds": 10,
+            "renewTime": "2026-01-01T00:00:00.000000Z",
+        }
+    }
+    signals = read_signals(gateway, lease)
+    renewed = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    assert signals == GatewaySignals(
+        False, "Ready=False (TunnelsDown: no handshake)", renewed + 10, 10.0
+    )
+    assert read_signals({}, None) == GatewaySignals(False, "no Ready condition", None, 0.0)
+    for broken in ({"spec": {}}, {"spec": {**lease["spec"], "renewTime": "yesterday"}}):
+        assert read_signals(gateway, broken).lease_expires_at is None
+
+
+# --- tunnel addresses --------------------------------------------------------------------------
+
+
+def test_tunnel_addresses_keep_what_specs_hold_and_fill_the_lowest_free() -> None:
+    assigned, full = allocate_tunnel_addresses(
+        {
+            "node-b": "100.127.0.7",
+            "node-a": "100.127.0.7",  # claimed twice: node-a sorts first and keeps it
+            "node-c": "100.127.0.1",  # the gateways' address
+            "node-d": "10.0.0.5",  # outside the CIDR
+            "node-e": "not an address",
+            "node-f": None,
+        },
+        CIDR,
+    )
+    assert full == []
+    assert {n: str(a) for n, a in assigned.items()} == {
+        "node-a": "100.127.0.7",
+        "node-b": "100.127.0.2",
+        "node-c": "100.127.0.3",
+        "node-d": "100.127.0.4",
+        "node-e": "100.127.0.5",
+        "node-f": "100.127.0.6",
+    }
+
+
+def test_tunnel_addresses_run_out() -> None:
+    assigned, full = allocate_tunnel_addresses(
+        {"a": None, "b": None, "c": None}, IPv4Network("100.127.0.0/29")
+    )
+    # .0 network, .1 gateways, .7 broadcast: .2-.6 for nodes.
+    assert sorted(map(str, assigned.values())) == ["100.127.0.2", "100.127.0.3", "100.127.0.4"]
+    assigned, full = allocate_tunnel_addresses({"a": None, "b": None}, IPv4Network("10.0.0.0/30"))
+    assert (assigned, full) == ({"a": IPv4Address("10.0.0.2")}, ["b"])
+
+
+# --- generations ------------------------------------------------------------------------------
+
+
+def test_generation_log_knows_what_is_surely_applied_and_what_may_be_in_use() -> None:
+    log: GenerationLog[str] = GenerationLog()
+    gw = ("gw-1", "uid-1")
+    log.record(gw, 3, frozenset({"a", "b"}))
+    log.record(gw, 4, frozenset({"b", "c"}))
+    assert log.surely_applied(gw, None) == frozenset()  # never reported: nothing programmed
+    assert log.maybe_in_use(gw, None) == frozenset()
+    assert log.surely_applied(gw, 2) == frozenset()  # generation 2 is unknown
+    assert log.maybe_in_use(gw, 2) is None
+    assert log.surely_applied(gw, 3) == {"b"}  # at 3, or already at 4
+    assert log.maybe_in_use(gw, 3) == {"a", "b", "c"}
+    assert log.surely_applied(gw, 4) == {"b", "c"}
+    # Reported generations only grow: once 4 is reported, 3 is forgotten.
+    assert log.maybe_in_use(gw, 3) is None
+    log.record(gw, 6, frozenset({"c"}))  # 5 was never seen
+    assert log.surely_applied(gw, 4) == frozenset()
+    assert log.maybe_in_use(gw, 4) is None
+    assert log.surely_applied(gw, 6) == {"c"}
+    log.keep_only([])
+    assert log.surely_applied(gw, 6) == frozenset()
+
+
+# --- make-before-break -------------------------------------------------------------------------
+
+
+def tunnel(policy: str, gateway: str, *sources: str, standby: str | None = None) -> dict[str, Any]:
+    rule = {
+        "policy": policy,
+        "action": "tunnel",
+        "gateway": gateway,
+        "sources": list(sources),
+        "destinations": ["198.51.100.0/24"],
+    }
+    if standby is not None:
+        rule["standby"] = standby
+    return rule
+
+
+def test_a_node_keeps_its_gateway_until_the_new_one_is_programmed() -> None:
+    desired = [tunnel("pay", "gw-2", "10.0.0.1", "10.0.0.2", "10.0.0.3", standby="gw-3")]
+    current = [tunnel("pay", "gw-1", "10.0.0.1", "10.0.0.2")]  # 10.0.0.3 is a new pod
+    usable = {"gw-1": True, "gw-2": True, "gw-3": True}
+    held = hold_back_moves(desired, current, lambda g: frozenset(), usable)
+    assert held == [
+        tunnel("pay", "gw-1", "10.0.0.1", "10.0.0.2", standby="gw-3"),
+        tunnel("pay", "gw-2", "10.0.0.3", standby="gw-3"),
+    ]
+    programmed = hold_back_moves(desired, current, lambda g: frozenset({"pay"}), usable)
+    assert programmed == desired
+    failover = hold_back_moves(desired, current, lambda g: frozenset(), {**usable, "gw-1": False})
+    assert failover == desired
+
+
+def test_drop_rules_and_other_policies_are_not_held_back() -> None:
+    drop = {
+        "policy": "pay",
+        "action": "drop",
+        "reason": "no-egress-gateway",
+        "sources": ["10.0.0.1"],
+        "destinations": ["198.51.100.0/24"],
+    }
+    current = [tunnel("pay", "gw-1", "10.0.0.1"), tunnel("other", "gw-9", "10.0.0.1")]
+    assert hold_back_moves([drop], current, lambda g: frozenset(), {"gw-1": True}) == [drop]
+    desired = [tunnel("other", "gw-2", "10.0.0.1")]
+    # `other` went to gw-9 before, which is unusable now: it moves at once.
+    assert hold_back_moves(desired, current, lambda g: frozenset(), {"gw-9": False}) == desired
+
+
+def snat(policy: str, role: str, egress_ip: str) -> dict[str, Any]:
+    return {
+        "policy": policy,
+        "role": role,
+        "egressIP": egress_ip,
+        "sources": ["10.0.0.1"],
+        "destinations": ["198.51.100.0/24"],
+    }
+
+
+def test_a_gateway_keeps_rules_a_node_may_still_use_and_gives_up_a_moved_egress_ip() -> None:
+    current = [
+        snat("pay", "active", "203.0.113.5"),
+        snat("web", "active", "192.0.2.1"),
+        snat("old", "standby", "192.0.2.1"),
+    ]
+    planned = [snat("db", "active", "192.0.2.1")]
+
+    def may_send(policy: str, gateway: str) -> bool:
+        return policy in ("pay", "web")
+
+    rules = retained_rules("gw-1", planned, current, may_send, frozenset({"203.0.113.5"}))
+    assert rules == [
+        snat("db", "active", "192.0.2.1"),
+        snat("pay", "standby", "203.0.113.5"),  # gw-2 is active with it now
+        snat("web", "active", "192.0.2.1"),
+    ]
+
+
+def test_active_egress_ips_elsewhere() -> None:
+    planned = {
+        "gw-1": [snat("pay", "active", "203.0.113.5")],
+        "gw-2": [snat("pay", "standby", "203.0.113.5"), snat("web", "active", "192.0.2.2")],
+    }
+    assert active_egress_ips(planned) == {
+        "gw-1": frozenset({"192.0.2.2"}),
+        "gw-2": frozenset({"203.0.113.5"}),
+    }
+
+
+# --- the reconcile function over in-memory caches ---------------------------------------------
+
+NOW = datetime(2026, 11, 1, tzinfo=UTC).timestamp()
+NOW_TEXT = "2026-11-01T00:00:00Z"
+
+
+def gateway_object(index: int, generation: int = 1, observed: int | None = None) -> dict[str, Any]:
+    address = f"192.0.2.{index}"
+    status: dict[str, Any] = {
+        "publicKey": "A" * 43 + "=",
+        "addresses": [{"type": "InternalIP", "address": address}],
+        "interfaces": [{"name": "eth0", "addresses": [f"{address}/24"], "defaultRouteV4": True}],
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }
+    if observed is not None:
+        status["observedGeneration"] = observed
+    return {
+        "apiVersion": "egress.gatewayd.io/v1alpha1",
+        "kind": "EgressGateway",
+        "metadata": {
+            "name": f"gw-{index}",
+            "uid": f"uid-gw-{index}",
+            "generation": generation,
+            "resourceVersion": str(generation),
+            "labels": {"role": "gateway"},
+        },
+        "spec": {},
+        "status": status,
+    }
+
+
+def lease(index: int) -> dict[str, Any]:
+    return {
+        "spec": {
+            "holderIdentity": f"gw-{index}",
+            "leaseDurationSeconds": 10,
+            "renewTime": datetime.fromtimestamp(NOW, UTC).isoformat(),
+        }
+    }
+
+
+def cluster(**changes: Any) -> Cluster:
+    values: dict[str, Any] = {
+        "policies": [
+            {
+                "apiVersion": "egress.gatewayd.io/v1alpha1",
+                "kind": "EgressGatewayPolicy",
+                "metadata": {"name": "pay", "generation": 1, "resourceVersion": "1"},
+                "spec": {
+                    "selectors": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                    "destinationCIDRs": ["198.51.100.0/24"],
+                    "egressGateway": {
+                        "nodeSelector": {"matchLabels": {"role": "gateway"}},
+                        "egressIP": "203.0.113.5",
+                    },
+                },
+            }
+        ],
+        "pods": [
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": "web",
+                    "namespace": "default",
+                    "uid": "u1",
+                    "labels": {"app": "web"},
+                    "resourceVersion": "1",
+                },
+                "spec": {"nodeName": "node-1"},
+                "status": {"podIP": "10.244.1.10"},
+            }
+        ],
+        "gateways": [gateway_object(1), gateway_object(2)],
+        "egress_nodes": [
+            {
+                "apiVersion": "egress.gatewayd.io/v1alpha1",
+                "kind": "EgressNode",
+                "metadata": {"name": "node-1", "uid": "uid-n1", "generation": 1},
+            }
+        ],
+        "leases": {"egressgateway-gw-1": lease(1), "egressgateway-gw-2": lease(2)},
+    }
+    values.update(changes)
+    return Cluster(**values)
+
+
+def test_status_reports_no_egress_ip_when_no_gateway_may_hold_it() -> None:
+    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR)
+    decisions = reconciler.plan(cluster(), NOW, float("-inf"), NOW_TEXT)
+    (accepted, ready) = decisions.policy_statuses["pay"]["conditions"]
+    assert accepted["status"] == "True"
+    assert (ready["status"], ready["reason"]) == ("False", "NoEgressIP")
+    assert ready["message"].startswith("entry 0: gateway gw-1 has no IPv4 egress IP (egressIP")
+    assert decisions.node_specs["node-1"]["rules"][0]["action"] == "drop"
+
+
+def test_a_second_plan_keeps_transition_times_and_needs_no_engine_run() -> None:
+    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR)
+    first = reconciler.plan(cluster(), NOW, float("-inf"), NOW_TEXT)
+    policy = copy.deepcopy(cluster().policies[0])
+    policy["status"] = first.policy_statuses["pay"]
+    later = reconciler.plan(
+        cluster(policies=[policy]), NOW + 5, float("-inf"), "2026-11-01T00:00:05Z"
+    )
+    assert later.policy_statuses == first.policy_statuses
+    assert later.node_specs == first.node_specs
+    assert later.gateway_specs == first.gateway_specs
+    assert later.events == []  # the GatewayPromoted of the first plan is not repeated
+
+
+def test_the_active_gateway_recorded_in_the_status_is_kept() -> None:
+    policy = copy.deepcopy(cluster().policies[0])
+    del policy["spec"]["egressGateway"]["egressIP"]
+    policy["status"] = {"gateways": [{"entry": 0, "name": "gw-2", "role": "active"}]}
+    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR)
+    decisions = reconciler.plan(cluster(policies=[policy]), NOW, float("-inf"), NOW_TEXT)
+    assert [(g["name"], g["role"]) for g in decisions.policy_statuses["pay"]["gateways"]] == [
+        ("gw-2", "active"),
+        ("gw-1", "standby"),
+    ]
+    assert decisions.events == []
+    fresh = Reconciler(hold_down=30, tunnel_cidr=CIDR)
+    without = copy.deepcopy(policy)
+    del without["status"]
+    decisions = fresh.plan(cluster(policies=[without]), NOW, float("-inf"), NOW_TEXT)
+    assert decisions.policy_statuses["pay"]["activeGateways"] == "gw-1"
+    assert [e.reason for e in decisions.events] == ["GatewayPromoted"]
+
+
+def test_an_unreadable_object_is_left_out_and_the_rest_is_planned() -> None:
+    bad = copy.deepcopy(cluster().pods[0])
+    bad["metadata"] |= {"name": "broken", "uid": "u2"}
+    bad["status"] = {"podIP": "10.244.1.999"}
+    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR)
+    policy = copy.deepcopy(cluster().policies[0])
+    del policy["spec"]["egressGateway"]["egressIP"]
+    decisions = reconciler.plan(
+        cluster(pods=[*cluster().pods, bad], policies=[policy]), NOW, float("-inf"), NOW_TEXT
+    )
+    assert decisions.policy_statuses["pay"]["selectedPods"] == 1
+    assert decisions.node_specs["node-1"]["rules"][0]["sources"] == ["10.244.1.10"]
+
+
+def test_what_the_controller_writes_fits_the_crds() -> None:
+    crds = Path(__file__).parents[2] / "packaging" / "kubernetes" / "crds"
+
+    def validator(plural: str) -> CustomResourceValidator:
+        return CustomResourceValidator(yaml.safe_load((crds / f"{plural}.yaml").read_text()))
+
+    node = {
+        "apiVersion": "egress.gatewayd.io/v1alpha1",
+        "kind": "EgressNode",
+        "metadata": {"name": "node-1", "uid": "uid-n1", "generation": 1},
+        "status": {"publicKey": "B" * 42 + "A=", "endpoint": "10.0.0.1:51820"},
+    }
+    invalid = copy.deepcopy(cluster().policies[0])
+    invalid["metadata"]["name"] = "invalid"
+    invalid["spec"]["destinationCIDRs"] = ["198.51.100.0/33"]
+    state = cluster(egress_nodes=[node], policies=[*cluster().policies, invalid])
+    decisions = Reconciler(hold_down=30, tunnel_cidr=CIDR).plan(state, NOW, float("-inf"), NOW_TEXT)
+    assert decisions.gateway_specs["gw-1"]["peers"][0]["allowedIPs"] == ["100.127.0.2/32"]
+    checks = [
+        ("egressgateways", g, {"spec": decisions.gateway_specs[g["metadata"]["name"]]}, False)
+        for g in state.gateways
+    ]
+    checks.append(("egressnodes", node, {"spec": decisions.node_specs["node-1"]}, False))
+    checks += [
+        ("egressgatewaypolicies", p, {"status": decisions.policy_statuses[p["metadata"]["name"]]},
+         True)
+        for p in state.policies
+    ]  # fmt: skip
+    valid_spec = cluster().policies[0]["spec"]
+    for plural, obj, written, status_update in checks:
+        body = {**obj, **written}
+        body["metadata"] = {"name": obj["metadata"]["name"]}
+        if status_update:  # the API server would never have taken the invalid spec
+            body["spec"] = valid_spec
+        assert validator(plural).errors(body, status_update=status_update) == []

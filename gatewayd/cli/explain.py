@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from ipaddress import ip_address
 
 from gatewayd.policy.engine import Explanation, build_plan
@@ -35,13 +34,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     _add_arguments(parser)
     parser.set_defaults(func=run)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run as a stand-alone command (tests, scripts); `gatewayctl` uses `register`."""
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
-    _add_arguments(parser)
-    return run(parser.parse_args(argv))
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

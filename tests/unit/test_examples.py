@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd.cli.explain import main as explain_main
+from gatewayd.cli.gatewayctl import main as gatewayctl_main
 from gatewayd.policy.engine import build_plan
 from gatewayd.policy.snapshot import load_snapshot
 
@@ -66,9 +66,9 @@ def test_every_example_is_documented_and_loads_cleanly() -> None:
 def test_documented_verdict(
     example: str, row: dict[str, str | None], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = explain_main(
-        ["-f", str(EXAMPLES / example), "--src", str(row["--src"]), "--dst", str(row["--dst"]),
-         "-o", "json"]
+    code = gatewayctl_main(
+        ["explain", "-f", str(EXAMPLES / example), "--src", str(row["--src"]),
+         "--dst", str(row["--dst"]), "-o", "json"]
     )  # fmt: skip
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
@@ -91,7 +91,7 @@ def transcripts() -> list[tuple[list[str], str]]:
 def test_readme_transcripts(
     argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert explain_main(argv) == 0
+    assert gatewayctl_main(["explain", *argv]) == 0
     assert capsys.readouterr().out == expected
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd.cli import explain
+from gatewayd.cli import explain, gatewayctl
 
 pytestmark = pytest.mark.unit
 
@@ -67,7 +67,7 @@ def snapshot_file(tmp_path: Path) -> str:
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = explain.main(list(argv))
+    code = gatewayctl.main(["explain", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd.cli import validate
+from gatewayd.cli import gatewayctl, validate
 
 pytestmark = pytest.mark.unit
 
@@ -23,7 +23,7 @@ def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = validate.main(list(argv))
+    code = gatewayctl.main(["validate", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -161,7 +161,7 @@ def test_json_document_that_is_not_an_object_exits_2(
 
 def test_filename_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as raised:
-        validate.main([])
+        gatewayctl.main(["validate"])
     assert raised.value.code == 2
     assert "-f/--filename" in capsys.readouterr().err
 

@@ -106,8 +106,10 @@ class SnapshotSource(PlanSource[PlanT]):
                              f"snapshot unusable, keeping the last applied plan: {exc}",
                              file=exc.file) from exc
         resolved = self.memory.resolve(loaded)
-        self.problems = [str(p) for p in loaded.problems]
+        reported, self.problems = set(self.problems), [str(p) for p in loaded.problems]
         for problem in loaded.problems:
+            if str(problem) in reported:
+                continue  # the same problem read again (a reload, another file changed)
             journal_event("policy-invalid", f"invalid policy ignored: {problem}", Priority.ERR,
                           policy=f"{problem.kind}/{problem.name}", file=problem.file)
         for name in resolved.kept:
@@ -139,6 +141,7 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         self.applied: PlanT | None = None
         self.status = FollowerStatus()
         self.repairing = False  # true while a repair pass re-programs an unchanged plan
+        self._host_programmed_for: ConfigT | None = None  # config of the last clean apply
         self._config_seen: object = fingerprint([config.path])
         self.source = self.make_source()
 
@@ -221,7 +224,9 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         return True
 
     def _input_error(self, event: str, message: str, **fields: str) -> None:
-        journal_event(event, message, Priority.ERR, **fields)
+        # Inotify and a following `systemctl reload` read the same bad input twice: say it once.
+        if message != self.status.last_error:
+            journal_event(event, message, Priority.ERR, **fields)
         self.status.last_error = message
         self.write_status()
 
@@ -243,6 +248,7 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         errors: list[str] = []
         self.program(plan, errors)
         if not errors:
+            self._host_programmed_for = self.config
             if self.applied is None or plan.rules != self.applied.rules:
                 write_json_atomic(self.plan_path, self.plan_to_dict(plan))
                 journal_event("plan-applied",
@@ -255,6 +261,12 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         self.status.ready = not errors
         self.status.last_error = "; ".join(errors) or None
         self.write_status()
+
+    def host_settled(self) -> bool:
+        """True when only the plan changed: the host's own setup (tunnels, sysctls, routing)
+        was programmed for this very config without error, and this is not a repair pass
+        (which checks everything). Lets a one-pod change reach nftables in milliseconds."""
+        return not self.repairing and self._host_programmed_for == self.config
 
     def repair(self) -> None:
         """Program the target plan again: repairs drift, and retries what failed last time."""

@@ -54,8 +54,9 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayPlan]):
         return GatewayPlan(gateway=mine.gateway, rules=mine.rules, generation=generation)
 
     def program(self, plan: GatewayPlan, errors: list[str]) -> None:
-        self.step(errors, "wireguard", self._ensure_tunnel)
-        self.step(errors, "sysctl", self._ensure_sysctls)
+        if not self.host_settled():
+            self.step(errors, "wireguard", self._ensure_tunnel)
+            self.step(errors, "sysctl", self._ensure_sysctls)
         self.step(errors, "egress IPs", lambda: self._ensure_egress_ips(plan))
         self.step(errors, "nftables", lambda: self._ensure_table(plan))
 

@@ -73,11 +73,12 @@ class SteerAgent(PlanFollower[SteerConfig, NodePlan]):
         return rules
 
     def program(self, plan: NodePlan, errors: list[str]) -> None:
-        for gateway in self.config.gateways:
-            self.step(errors, f"wireguard {gateway.interface}",
-                      functools.partial(self._ensure_tunnel, gateway))
-        self.step(errors, "sysctl", self._ensure_sysctls)
-        self.step(errors, "policy routing", self._ensure_routing)
+        if not self.host_settled():
+            for gateway in self.config.gateways:
+                self.step(errors, f"wireguard {gateway.interface}",
+                          functools.partial(self._ensure_tunnel, gateway))
+            self.step(errors, "sysctl", self._ensure_sysctls)
+            self.step(errors, "policy routing", self._ensure_routing)
         self.step(errors, "nftables", lambda: self._ensure_table(plan))
 
     def status_details(self) -> dict[str, Any]:

@@ -143,6 +143,7 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         self.repairing = False  # true while a repair pass re-programs an unchanged plan
         self._host_programmed_for: ConfigT | None = None  # config of the last clean apply
         self._config_seen: object = fingerprint([config.path])
+        self._config_error: str | None = None  # why the config on disk is not the running one
         self.source = self.make_source()
 
     # --- what each daemon provides ----------------------------------------------------------
@@ -199,7 +200,7 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         if self.target is None or plan.rules != self.target.rules or config_changed:
             self.apply(plan)
         else:
-            self.status.last_error = None
+            self.status.last_error = self._config_error
             self.write_status()
 
     def watched_paths(self) -> tuple[Path, ...]:
@@ -214,9 +215,16 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         try:
             config = self.load_config(self.config.path)
         except ConfigError as exc:
-            self._input_error("config-invalid", f"config invalid, keeping the running one: {exc}",
+            # Reported until a valid config is read; the snapshot is still followed meanwhile.
+            message = f"config invalid, keeping the running one: {exc}"
+            if message != self._config_error:
+                journal_event("config-invalid", message, Priority.ERR,
                               config=str(self.config.path))
+            self._config_error = message
+            self.status.last_error = message
+            self.write_status()
             return False
+        self._config_error = None
         if config == self.config:
             return False
         log.info("configuration changed; applying it")
@@ -259,7 +267,7 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
             self.applied = plan
             self.status.generation = plan.generation
         self.status.ready = not errors
-        self.status.last_error = "; ".join(errors) or None
+        self.status.last_error = "; ".join(errors) or self._config_error
         self.write_status()
 
     def host_settled(self) -> bool:

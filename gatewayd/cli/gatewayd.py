@@ -1,8 +1,12 @@
-"""`gatewayd`: the daemons (`agent` on a gateway host, `steer` on a cloud node)."""
+"""`gatewayd`: the daemons (`agent` on a gateway host, `steer` on a cloud node, `controller` in
+the cluster)."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -17,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     agent.add_argument("--config", type=Path, default=Path("/etc/gatewayd/gatewayd.yaml"))
     steer = roles.add_parser("steer", help="run the cloud-node daemon (standalone mode)")
     steer.add_argument("--config", type=Path, default=Path("/etc/gatewayd/steer.yaml"))
+    _add_controller_parser(roles)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     # Imported here so `gatewayd --help` works without the data plane libraries.
@@ -24,9 +29,118 @@ def main(argv: list[str] | None = None) -> int:
         from gatewayd.agent.daemon import run_agent
 
         return run_agent(args.config)
+    if args.role == "controller":
+        return _run_controller(args)
     from gatewayd.steer.daemon import run_steer
 
     return run_steer(args.config)
+
+
+def _add_controller_parser(roles: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    controller = roles.add_parser(
+        "controller",
+        help="run the in-cluster controller (leader-elected; plans every gateway and node)",
+    )
+    controller.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="kubeconfig file (default: the pod's service account, in the cluster)",
+    )
+    controller.add_argument(
+        "--namespace",
+        default=os.environ.get("GATEWAYD_NAMESPACE") or "gatewayd-system",
+        help="namespace of the Leases: the controller's and the gateways' "
+        "(default: $GATEWAYD_NAMESPACE, else gatewayd-system)",
+    )
+    controller.add_argument(
+        "--cilium-policies",
+        action="store_true",
+        help="follow cilium.io/v2 CiliumEgressGatewayPolicies too",
+    )
+    controller.add_argument(
+        "--lease-duration",
+        type=_positive_int,
+        default=6,
+        help="seconds of the leader Lease; a standby replica takes over after that (default 6)",
+    )
+    controller.add_argument(
+        "--hold-down",
+        type=_non_negative_float,
+        default=30.0,
+        help="seconds a recovered gateway must stay healthy before it is used again (default 30)",
+    )
+    controller.add_argument(
+        "--health-port",
+        type=_port,
+        default=8081,
+        help="port of /healthz and /readyz (default 8081)",
+    )
+    controller.add_argument(
+        "--tunnel-cidr",
+        type=_tunnel_cidr,
+        default=ipaddress.IPv4Network("100.127.0.0/16"),
+        help="IPv4 CIDR of the tunnel addresses; its first host address is every gateway's "
+        "(default 100.127.0.0/16)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number of seconds >= 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of seconds >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a TCP port, 1-65535")
+    return value
+
+
+def _tunnel_cidr(text: str) -> ipaddress.IPv4Network:
+    try:
+        cidr = ipaddress.IPv4Network(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be an IPv4 network with its host bits zero, e.g. 100.127.0.0/16 "
+            f"({error})"
+        ) from None
+    if cidr.prefixlen > 30:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must have a prefix length of 30 or less (a gateway address and nodes)"
+        )
+    return cidr
+
+
+def _run_controller(args: argparse.Namespace) -> int:
+    from gatewayd.controller.daemon import ControllerOptions, run_controller
+
+    options = ControllerOptions(
+        namespace=args.namespace,
+        identity=os.environ.get("GATEWAYD_POD_NAME") or socket.gethostname(),
+        cilium_policies=args.cilium_policies,
+        lease_duration=args.lease_duration,
+        hold_down=args.hold_down,
+        tunnel_cidr=args.tunnel_cidr,
+    )
+    return run_controller(args.kubeconfig, options, args.health_port)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """The part both daemons share: follow a plan from a source, never lose the last good one.
 
-A `PlanFollower` asks its `PlanSource` (snapshot files in standalone mode) for the desired plan
-when the source or the config changed, and programs the whole plan through idempotent drivers
-(`program`). A repair pass programs the target plan again, so drift is repaired. Bad input
-(config, snapshot, policy) is reported and leaves the last plan in force; that plan is saved
-under the state directory and restored at start before any input is read.
+A `PlanFollower` asks its `PlanSource` (snapshot files in standalone mode, the daemon's own
+object in Kubernetes mode) for the desired plan when the source or the config changed, and
+programs the whole plan through idempotent drivers (`program`). A repair pass programs the
+target plan again, so drift is repaired. Bad input (config, snapshot, policy) is reported and
+leaves the last plan in force; that plan is saved under the state directory and restored at
+start before any input is read (and before the API server is reachable).
+
+A plan whose content equals the one in force but whose generation is newer is not programmed
+again: the follower only adopts its generation, which is then the one it reports as applied.
 """
 
 from __future__ import annotations
@@ -74,19 +78,31 @@ class PlanSource(ABC, Generic[PlanT]):
         """Files whose change should wake the daemon at once (see runtime.ChangeWatcher)."""
         return ()
 
+    def start(self, wake: Callable[[], None]) -> None:
+        """Begin following the input; call `wake` (from any thread) when it changed."""
+
+    def stop(self) -> None:
+        """Stop following the input (the source is being replaced, or the daemon stops)."""
+
 
 class SnapshotSource(PlanSource[PlanT]):
-    """Standalone mode: Kubernetes-object YAML files, turned into a plan by the engine."""
+    """Standalone mode: Kubernetes-object YAML files, turned into a plan by the engine.
+
+    The generation counts plans of different content: a snapshot change that leaves this
+    host's plan as it is keeps the generation.
+    """
 
     def __init__(
         self,
         paths: tuple[Path, ...],
         memory: PolicyMemory,
         plan_for: Callable[[EgressPlan, int], PlanT],
+        same_content: Callable[[PlanT, PlanT], bool],
     ) -> None:
         self.paths = paths
         self.memory = memory
         self.plan_for = plan_for
+        self.same_content = same_content
         self.problems = []
         self._seen: object = None
 
@@ -114,8 +130,13 @@ class SnapshotSource(PlanSource[PlanT]):
                           policy=f"{problem.kind}/{problem.name}", file=problem.file)
         for name in resolved.kept:
             log.warning("%s is invalid now; its last valid version stays in force", name)
-        generation = (previous.generation + 1) if previous else 1
-        return self.plan_for(build_plan(resolved.snapshot), generation)
+        plan = build_plan(resolved.snapshot)
+        if previous is None:
+            return self.plan_for(plan, 1)
+        candidate = self.plan_for(plan, previous.generation)
+        if self.same_content(candidate, previous):
+            return candidate
+        return self.plan_for(plan, previous.generation + 1)
 
 
 @dataclass
@@ -141,9 +162,10 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         self.applied: PlanT | None = None
         self.status = FollowerStatus()
         self.repairing = False  # true while a repair pass re-programs an unchanged plan
-        self._host_programmed_for: ConfigT | None = None  # config of the last clean apply
+        self._host_programmed_for: object = None  # host_inputs() of the last clean apply
         self._config_seen: object = fingerprint([config.path])
         self._config_error: str | None = None  # why the config on disk is not the running one
+        self._wake: Callable[[], None] | None = None  # set by attach()
         self.source = self.make_source()
 
     # --- what each daemon provides ----------------------------------------------------------
@@ -155,6 +177,23 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
     @abstractmethod
     def make_source(self) -> PlanSource[PlanT]:
         """The source of plans for the current config."""
+
+    @abstractmethod
+    def same_content(self, a: PlanT, b: PlanT) -> bool:
+        """Whether two plans program the same data plane (generations aside)."""
+
+    def attach(self, wake: Callable[[], None]) -> None:
+        """Start following inputs that do not live in files; `wake` makes the loop check
+        inputs at once. Called once the saved plan is restored."""
+        self._wake = wake
+        self.source.start(wake)
+
+    def shutdown(self) -> None:
+        """The daemon stops (its data plane stays): stop following inputs."""
+        self.source.stop()
+
+    def after_pass(self) -> None:
+        """Runs after every pass of the loop (input check and/or repair), in the loop's thread."""
 
     @abstractmethod
     def plan_from(self, plan: EgressPlan, generation: int) -> PlanT: ...
@@ -188,7 +227,12 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         """Reload the config and the plan when they changed (or on SIGHUP) and apply them."""
         config_changed = self._reload_config(forced)
         if config_changed:
-            self.source = self.make_source()
+            source = self.make_source()
+            if source is not self.source:
+                self.source.stop()
+                self.source = source
+                if self._wake is not None:
+                    source.start(self._wake)
         if not (self.source.changed() or forced or config_changed):
             return
         try:
@@ -197,11 +241,17 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
             self._input_error(exc.event, str(exc), **exc.fields)
             return
         self.status.input_problems = self.source.problems
-        if self.target is None or plan.rules != self.target.rules or config_changed:
+        if self.target is None or not self.same_content(plan, self.target) or config_changed:
             self.apply(plan)
-        else:
+            return
+        # Same content, maybe a newer generation: the data plane already matches it.
+        self.target = plan
+        if self.applied is not None and self.same_content(plan, self.applied):
+            self.applied = plan
+            self.status.generation = plan.generation
+        if self.status.ready:
             self.status.last_error = self._config_error
-            self.write_status()
+        self.write_status()
 
     def watched_paths(self) -> tuple[Path, ...]:
         return self.source.watched_paths()
@@ -256,8 +306,8 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         errors: list[str] = []
         self.program(plan, errors)
         if not errors:
-            self._host_programmed_for = self.config
-            if self.applied is None or plan.rules != self.applied.rules:
+            self._host_programmed_for = self.host_inputs(plan)
+            if self.applied is None or not self.same_content(plan, self.applied):
                 write_json_atomic(self.plan_path, self.plan_to_dict(plan))
                 journal_event("plan-applied",
                               f"plan generation {plan.generation} applied: {len(plan.rules)} rules",
@@ -270,11 +320,15 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         self.status.last_error = "; ".join(errors) or self._config_error
         self.write_status()
 
-    def host_settled(self) -> bool:
-        """True when only the plan changed: the host's own setup (tunnels, sysctls, routing)
-        was programmed for this very config without error, and this is not a repair pass
-        (which checks everything). Lets a one-pod change reach nftables in milliseconds."""
-        return not self.repairing and self._host_programmed_for == self.config
+    def host_inputs(self, plan: PlanT) -> object:
+        """What the host's own setup (tunnels, sysctls, routing) is made from."""
+        return self.config
+
+    def host_settled(self, plan: PlanT) -> bool:
+        """True when only the rules changed: the host's own setup was programmed for these
+        very inputs without error, and this is not a repair pass (which checks everything).
+        Lets a one-pod change reach nftables in milliseconds."""
+        return not self.repairing and self._host_programmed_for == self.host_inputs(plan)
 
     def repair(self) -> None:
         """Program the target plan again: repairs drift, and retries what failed last time."""
@@ -341,7 +395,13 @@ def run_follower(follower_class: type[PlanFollower[Any, Any]], config_path: Path
         return 2
     pids = pid_file(config.state_directory, follower_class.role)
     pids.claim()
-    follower = follower_class(config)
+    try:
+        follower = follower_class(config)
+    except ConfigError as exc:
+        pids.release()
+        journal_event("config-invalid", f"configuration unusable:\n{exc}", Priority.ERR,
+                      config=str(config_path))
+        return 2
     # A watchdog abort (SIGABRT) then logs where the loop hung.
     faulthandler.enable()
     watchdog = watchdog_interval()
@@ -357,13 +417,16 @@ def run_follower(follower_class: type[PlanFollower[Any, Any]], config_path: Path
         follower.check_inputs(forced)
 
     def after_pass() -> None:
+        follower.after_pass()
         # READY=1 only once a plan is in place (restored or applied); WATCHDOG=1 every pass.
         service.pass_done(follower.applied is not None, follower.service_status())
 
     try:
         follower.restore_saved_plan()
+        follower.attach(loop.notify)
         loop.run(check_inputs, follower.repair, after_pass)
         service.stopping()
+        follower.shutdown()
     finally:
         pids.release()
     log.info("stopping; the data plane stays in place")

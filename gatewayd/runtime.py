@@ -29,6 +29,9 @@ def setup_logging(verbose: bool = False) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Every retry of a request to an unreachable API server would be a warning; the daemons
+    # report an outage once, and its end, themselves.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def fingerprint(paths: Iterable[Path]) -> tuple[tuple[str, int, int], ...]:
@@ -157,6 +160,11 @@ class DaemonLoop:
     def _on_inputs_changed(self) -> None:
         self.inputs_changed = True
         self._wake.set()
+
+    def notify(self) -> None:
+        """Check inputs at once (from any thread): an input outside files changed, e.g. the
+        daemon's object in the Kubernetes API."""
+        self._on_inputs_changed()
 
     def run(
         self,

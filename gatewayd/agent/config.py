@@ -1,13 +1,19 @@
-"""The gateway agent's configuration (`/etc/gatewayd/gatewayd.yaml`)."""
+"""The gateway agent's configuration (`/etc/gatewayd/gatewayd.yaml`).
+
+Two modes: standalone (`snapshot:`, the tunnel's peers in `tunnel.peers`) and Kubernetes
+(`kubernetes:`; the peers and the plan come from the gateway's EgressGateway spec).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from gatewayd.clustersettings import KubernetesSettings, read_kubernetes
 from gatewayd.configfile import (
     DEFAULT_TUNNEL_ADDRESS,
     ReconcileSettings,
+    Section,
     parse_endpoint,
     parse_interface_address,
     parse_interface_name,
@@ -18,8 +24,11 @@ from gatewayd.configfile import (
     read_snapshot_paths,
 )
 from gatewayd.policy.model import EgressIPPool, IPNetwork
+from gatewayd.probe import GATEWAY_TUNNEL_ADDRESS
 
 DEFAULT_PATH = Path("/etc/gatewayd/gatewayd.yaml")
+# In Kubernetes mode every gateway has this address on its tunnel: the probes' destination.
+KUBERNETES_TUNNEL_ADDRESS = f"{GATEWAY_TUNNEL_ADDRESS}/32"
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,21 @@ class GatewayTunnel:
     private_key_file: Path
     mtu: int
     address: str
-    peers: tuple[TunnelPeer, ...]
+    peers: tuple[TunnelPeer, ...]  # standalone mode only
+    advertise_endpoint: str | None = None  # Kubernetes mode: HOST:PORT the nodes dial
+
+
+@dataclass(frozen=True)
+class FailoverSettings:
+    """The gateway's side of the fast failover path (Kubernetes mode; see gatewayd.probe)."""
+
+    # A provisioned egress IP is given up when no cloud node's probe arrived for this long.
+    # Keep it below the nodes' probe interval x misses + arpProbeSeconds (0.1 x 3 + 0.2 by
+    # default): then a gateway cut off from everything has given its addresses up before
+    # the standby the nodes moved to can have taken them.
+    egress_ip_hold_seconds: float = 0.4
+    # How long an ARP probe asks the segment whether another host holds an address first.
+    arp_probe_seconds: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -46,12 +69,14 @@ class AgentConfig:
     path: Path
     name: str
     labels: dict[str, str]
-    snapshot: tuple[Path, ...]
+    snapshot: tuple[Path, ...]  # standalone mode; empty in Kubernetes mode
     state_directory: Path
     uplink: str
     egress_ip_pools: tuple[EgressIPPool, ...]
     tunnel: GatewayTunnel
     reconcile: ReconcileSettings
+    kubernetes: KubernetesSettings | None = None
+    failover: FailoverSettings = FailoverSettings()
 
 
 def load_agent_config(path: Path = DEFAULT_PATH) -> AgentConfig:
@@ -59,7 +84,8 @@ def load_agent_config(path: Path = DEFAULT_PATH) -> AgentConfig:
     top = read_config(path)
     name = top.string("name")
     labels = top.string_map("labels")
-    snapshot = read_snapshot_paths(top)
+    kubernetes = _read_mode(top)
+    snapshot = read_snapshot_paths(top) if kubernetes is None else ()
     state_directory = Path(top.string("stateDirectory", "/var/lib/gatewayd"))
     uplink = top.parsed("uplink", parse_interface_name, "an interface name")
     pools = []
@@ -71,6 +97,9 @@ def load_agent_config(path: Path = DEFAULT_PATH) -> AgentConfig:
             pools.append(EgressIPPool(cidr=cidr, interface=interface))
     tunnel_section = top.section("tunnel", required=True)
     peers = []
+    if kubernetes is not None and "peers" in tunnel_section.data:
+        tunnel_section.error("peers", "not used in Kubernetes mode: the peers come from the "
+                                      "EgressGateway's spec.peers (remove it)")
     for peer in tunnel_section.sections("peers"):
         peers.append(
             TunnelPeer(
@@ -91,13 +120,21 @@ def load_agent_config(path: Path = DEFAULT_PATH) -> AgentConfig:
             tunnel_section.string("privateKeyFile", str(state_directory / "wireguard.key"))
         ),
         mtu=tunnel_section.integer("mtu", 1420, 1280, 9000),
-        address=tunnel_section.parsed("address", parse_interface_address, "ADDRESS/PREFIXLEN",
-                                      DEFAULT_TUNNEL_ADDRESS),
+        address=tunnel_section.parsed(
+            "address", parse_interface_address, "ADDRESS/PREFIXLEN",
+            DEFAULT_TUNNEL_ADDRESS if kubernetes is None else KUBERNETES_TUNNEL_ADDRESS,
+        ),
         peers=tuple(peers),
+        advertise_endpoint=tunnel_section.parsed(
+            "advertiseEndpoint", parse_endpoint, "HOST:PORT", None
+        ),
     )
+    if kubernetes is None and tunnel.advertise_endpoint is not None:
+        tunnel_section.error("advertiseEndpoint", "only used in Kubernetes mode")
     tunnel_section.finish()
     tunnel_section.check_unique("peers", [p.name for p in peers])
     reconcile = read_reconcile(top.section("reconcile"))
+    failover = _read_failover(top.section("failover"), kubernetes is not None)
     top.finish()
     top.raise_if_problems()
     return AgentConfig(
@@ -110,5 +147,30 @@ def load_agent_config(path: Path = DEFAULT_PATH) -> AgentConfig:
         egress_ip_pools=tuple(pools),
         tunnel=tunnel,
         reconcile=reconcile,
+        kubernetes=kubernetes,
+        failover=failover,
     )
+
+
+def _read_mode(top: Section) -> KubernetesSettings | None:
+    """Kubernetes settings in Kubernetes mode, None in standalone mode (`snapshot:`)."""
+    if "kubernetes" not in top.data:
+        return None
+    if "snapshot" in top.data:
+        top.error("snapshot", "give either snapshot (standalone mode) or kubernetes, not both")
+        read_snapshot_paths(top)  # read, so it is not reported as unknown too
+    return read_kubernetes(top.section("kubernetes"), in_cluster_allowed=False)
+
+
+def _read_failover(section: Section, kubernetes_mode: bool) -> FailoverSettings:
+    if section.data and not kubernetes_mode:
+        section.error(next(iter(section.data)), "failover settings are used in Kubernetes "
+                                                "mode only")
+    settings = FailoverSettings(
+        egress_ip_hold_seconds=section.number(
+            "egressIPHoldSeconds", FailoverSettings.egress_ip_hold_seconds),
+        arp_probe_seconds=section.number("arpProbeSeconds", FailoverSettings.arp_probe_seconds),
+    )
+    section.finish()
+    return settings
 

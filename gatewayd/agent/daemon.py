@@ -1,19 +1,30 @@
-"""`gatewayd agent`: the gateway host daemon in standalone mode.
+"""`gatewayd agent`: the gateway host daemon, in standalone or Kubernetes mode.
 
 It follows this gateway's plan (SNAT rules, egress IPs) and keeps the WireGuard tunnel to the
 cloud nodes up. Order within a pass: tunnel, sysctls, egress IPs, then the nftables table, so
 an SNAT rule never points at an address that is not there yet.
+
+Standalone mode: the plan comes from snapshot files, the tunnel's peers from the config, and
+the plan's active rules decide which provisioned egress IPs the host holds.
+Kubernetes mode (see `kubernetes.py`): plan and peers come from the EgressGateway's spec; the
+provisioned egress IPs follow the cloud nodes' traffic, as their probes report it (`egress.py`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gatewayd.agent.config import AgentConfig, load_agent_config
+from gatewayd.agent.config import AgentConfig, TunnelPeer, load_agent_config
+from gatewayd.agent.kubernetes import AgentCluster, AgentState, gateway_status, observe_host
+from gatewayd.agent.target import GatewayTarget, target_from_dict, target_to_dict
+from gatewayd.clusterlink import rfc3339
+from gatewayd.configfile import ConfigError
 from gatewayd.dataplane.addresses import AddressConflict, AddressDriver
 from gatewayd.dataplane.nft_render import GatewayTableSettings, render_gateway_table
 from gatewayd.dataplane.nftables import NftablesDriver
@@ -21,9 +32,9 @@ from gatewayd.dataplane.sysctl import ensure_sysctls
 from gatewayd.dataplane.wireguard import Peer, WireGuardConfig, WireGuardDriver
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
 from gatewayd.follower import PlanFollower, PlanSource, SnapshotSource, run_follower
+from gatewayd.kube.client import KubeConfigError
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import GatewayPlan, IPAddress
-from gatewayd.policy.planio import gateway_plan_from_dict, gateway_plan_to_dict
 from gatewayd.systemd import Priority, journal_event
 
 log = logging.getLogger("gatewayd.agent")
@@ -33,52 +44,110 @@ TABLE_FAMILY, TABLE_NAME = "inet", "gatewayd"
 PEER_UP_SECONDS = 180
 
 
-class GatewayAgent(PlanFollower[AgentConfig, GatewayPlan]):
+class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
     role = "agent"
     load_config = staticmethod(load_agent_config)
-    plan_to_dict = staticmethod(gateway_plan_to_dict)
-    plan_from_dict = staticmethod(gateway_plan_from_dict)
+    plan_to_dict = staticmethod(target_to_dict)
+    plan_from_dict = staticmethod(target_from_dict)
 
     def __init__(self, config: AgentConfig) -> None:
+        self.cluster: AgentCluster | None = None
+        if config.kubernetes is not None:
+            try:
+                self.cluster = AgentCluster(config, self._egress_ips_changed)
+            except KubeConfigError as exc:
+                raise ConfigError([f"{config.path}: kubernetes: {exc}"]) from exc
         super().__init__(config)
         self.nftables = NftablesDriver(TABLE_FAMILY, TABLE_NAME)
         self.addresses = AddressDriver()
         self.wireguard = WireGuardDriver()
         self.peers_up: set[str] = set()  # names of tunnel peers with a recent handshake
+        self.handshakes: dict[str, int] = {}  # peer name -> unix time of its latest handshake
+        self.errors: tuple[str, ...] = ()  # of the last programming pass
+        self.public_key: str | None = None
+        self._status_dirty = threading.Event()  # set by the egress IP keeper's thread
 
-    def make_source(self) -> PlanSource[GatewayPlan]:
-        return SnapshotSource(self.config.snapshot, self.memory, self.plan_from)
+    def make_source(self) -> PlanSource[GatewayTarget]:
+        if self.cluster is not None:
+            # Kubernetes settings are read at start only: the same source stays.
+            return self.cluster.source
+        return SnapshotSource(self.config.snapshot, self.memory, self.plan_from,
+                              self.same_content)
 
-    def plan_from(self, plan: EgressPlan, generation: int) -> GatewayPlan:
+    def same_content(self, a: GatewayTarget, b: GatewayTarget) -> bool:
+        return a.rules == b.rules and a.peers == b.peers
+
+    def plan_from(self, plan: EgressPlan, generation: int) -> GatewayTarget:
         mine = plan.gateway_plan(self.config.name)
-        return GatewayPlan(gateway=mine.gateway, rules=mine.rules, generation=generation)
+        return GatewayTarget(GatewayPlan(gateway=mine.gateway, rules=mine.rules,
+                                         generation=generation))
 
-    def program(self, plan: GatewayPlan, errors: list[str]) -> None:
-        if not self.host_settled():
-            self.step(errors, "wireguard", self._ensure_tunnel)
+    def peers(self, target: GatewayTarget | None) -> tuple[TunnelPeer, ...]:
+        if target is not None and target.peers is not None:
+            return target.peers
+        return self.config.tunnel.peers if self.cluster is None else ()
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def attach(self, wake: Callable[[], None]) -> None:
+        super().attach(wake)
+        if self.cluster is not None:
+            self.cluster.start()
+
+    def shutdown(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop(self._status(stopping=True))
+        super().shutdown()
+
+    def host_inputs(self, target: GatewayTarget) -> object:
+        return self.config, self.peers(target)
+
+    def program(self, target: GatewayTarget, errors: list[str]) -> None:
+        if not self.host_settled(target):
+            self.step(errors, "wireguard", lambda: self._ensure_tunnel(target))
             self.step(errors, "sysctl", self._ensure_sysctls)
-        self.step(errors, "egress IPs", lambda: self._ensure_egress_ips(plan))
-        self.step(errors, "nftables", lambda: self._ensure_table(plan))
+        if self.cluster is None:
+            self.step(errors, "egress IPs", lambda: self._ensure_egress_ips(target.plan))
+        else:
+            self.cluster.keeper.set_rules(target.rules)
+        self.step(errors, "nftables", lambda: self._ensure_table(target.plan))
+        self.errors = tuple(errors)
 
     def repair(self) -> None:
         super().repair()
         self._check_peers()
+        self.publish_status()
+
+    def after_pass(self) -> None:
+        if self._status_dirty.is_set():
+            self._status_dirty.clear()
+            self.publish_status()
+
+    def _egress_ips_changed(self) -> None:
+        self._status_dirty.set()
+        if self._wake is not None:
+            self._wake()
 
     def health_summary(self) -> str:
-        plan = self.applied
-        policies = len({r.policy for r in plan.rules}) if plan else 0
-        peers = f"{len(self.peers_up)}/{len(self.config.tunnel.peers)}"
-        egress_ips = len(plan.egress_ips) if plan else 0
+        target = self.applied
+        policies = len({r.policy for r in target.rules}) if target else 0
+        peers = f"{len(self.peers_up)}/{len(self.peers(target))}"
+        if self.cluster is not None:
+            egress_ips = len(self.cluster.keeper.report().held)
+        else:
+            egress_ips = len(target.plan.egress_ips) if target else 0
         return f"{policies} policies, {peers} peers up, {egress_ips} egress IPs"
 
     def _check_peers(self) -> None:
         """Record peers coming up or going down, judged by their latest handshake."""
         tunnel = self.config.tunnel
+        peers = self.peers(self.target)
         state = self.wireguard.observe(tunnel.interface)
         handshakes = {p.public_key: p.latest_handshake or 0 for p in state.peers} if state else {}
+        self.handshakes = {p.name: handshakes.get(p.public_key, 0) for p in peers}
         recent = time.time() - PEER_UP_SECONDS
-        up = {p.name for p in tunnel.peers if handshakes.get(p.public_key, 0) > recent}
-        for peer in tunnel.peers:
+        up = {p.name for p in peers if handshakes.get(p.public_key, 0) > recent}
+        for peer in peers:
             if peer.name in up - self.peers_up:
                 journal_event("peer-up", f"peer {peer.name} is up", Priority.NOTICE,
                               peer=peer.name, public_key=peer.public_key)
@@ -88,18 +157,66 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayPlan]):
                               peer=peer.name, public_key=peer.public_key)
         self.peers_up = up
 
+    # --- status -----------------------------------------------------------------------------
+
     def status_details(self) -> dict[str, Any]:
-        plan = self.applied
+        target = self.applied
+        if self.cluster is not None:
+            held = [str(ip) for ip in self.cluster.keeper.report().held]
+        else:
+            held = sorted(str(ip) for ip in target.plan.egress_ips) if target else []
         return {
             "name": self.config.name,
-            "policies": sorted({f"{r.policy} ({r.role.value})" for r in plan.rules})
-            if plan else [],
-            "egressIPs": sorted(str(ip) for ip in plan.egress_ips) if plan else [],
+            "mode": "standalone" if self.cluster is None else "kubernetes",
+            "policies": sorted({f"{r.policy} ({r.role.value})" for r in target.rules})
+            if target else [],
+            "egressIPs": held,
         }
 
-    def _ensure_tunnel(self) -> None:
+    def write_status(self) -> None:
+        super().write_status()
+        self.publish_status()
+
+    def publish_status(self) -> None:
+        """Hand the EgressGateway status to the reporter (written if it changed)."""
+        if self.cluster is not None:
+            self.cluster.config = self.config  # labels may have changed with a reload
+            self.cluster.reporter.publish(self._status())
+
+    def _status(self, stopping: bool = False) -> dict[str, Any]:
+        assert self.cluster is not None
+        if self.public_key is None:
+            try:
+                self.public_key = ensure_private_key(self.config.tunnel.private_key_file)
+            except Exception as exc:  # reported through Ready via the tunnel step anyway
+                log.warning("no public key yet: %s", exc)
+        try:
+            interfaces = observe_host(self.config)
+        except Exception:
+            log.exception("reading the host's interfaces failed")
+            interfaces = ()
+        state = AgentState(
+            config=self.config,
+            public_key=self.public_key,
+            generation=self.status.generation,
+            ready=self.status.ready and self.applied is not None,
+            errors=self.errors,
+            last_error=self.status.last_error,
+            peers_up=frozenset(self.peers_up),
+            peer_handshakes=self.handshakes,
+            peers=tuple(p.name for p in self.peers(self.target)),
+            egress_ips=self.cluster.keeper.report(),
+            interfaces=interfaces,
+            stopping=stopping,
+        )
+        return gateway_status(state, self.cluster.previous_status(), rfc3339())
+
+    # --- the data plane ---------------------------------------------------------------------
+
+    def _ensure_tunnel(self, target: GatewayTarget) -> None:
         tunnel = self.config.tunnel
-        ensure_private_key(tunnel.private_key_file)
+        self.public_key = ensure_private_key(tunnel.private_key_file)
+        peers = self.peers(target)
         changes = self.wireguard.ensure(
             WireGuardConfig(
                 interface=tunnel.interface,
@@ -112,12 +229,12 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayPlan]):
                         endpoint=p.endpoint,
                         persistent_keepalive=p.persistent_keepalive,
                     )
-                    for p in tunnel.peers
+                    for p in peers
                 ),
                 addresses=(tunnel.address,),
                 mtu=tunnel.mtu,
                 # Replies to pods go back through the tunnel: route every peer's pod CIDRs.
-                routes=tuple(net for peer in tunnel.peers for net in peer.allowed_ips),
+                routes=tuple(net for peer in peers for net in peer.allowed_ips),
             )
         )
         self.drift(f"wireguard {tunnel.interface}", changes)

@@ -17,9 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gatewayd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     roles = parser.add_subparsers(dest="role", required=True)
-    agent = roles.add_parser("agent", help="run the gateway daemon (standalone mode)")
+    agent = roles.add_parser(
+        "agent", help="run the gateway daemon (standalone mode with `snapshot:` in the config, "
+        "Kubernetes mode with `kubernetes:`)")
     agent.add_argument("--config", type=Path, default=Path("/etc/gatewayd/gatewayd.yaml"))
-    steer = roles.add_parser("steer", help="run the cloud-node daemon (standalone mode)")
+    steer = roles.add_parser(
+        "steer", help="run the cloud-node daemon (standalone or Kubernetes mode, as the config "
+        "says; in a pod without the config file: Kubernetes mode with its service account)")
     steer.add_argument("--config", type=Path, default=Path("/etc/gatewayd/steer.yaml"))
     _add_controller_parser(roles)
     args = parser.parse_args(argv)

@@ -43,10 +43,16 @@ class LineEchoServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 
+class SourceAddressServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # Probing clients open many connections a second; with the default backlog of 5 a busy
+    # moment drops SYNs, which would look like lost traffic.
+    request_queue_size = 256
+
+
 def serve(http_port: int, line_port: int) -> None:
     """Serve both until SIGTERM or SIGINT."""
-    http_server = ThreadingHTTPServer(("0.0.0.0", http_port), SourceAddressHandler)
-    http_server.daemon_threads = True
+    http_server = SourceAddressServer(("0.0.0.0", http_port), SourceAddressHandler)
     line_server = LineEchoServer(("0.0.0.0", line_port), LineEchoHandler)
     stop = threading.Event()
 

@@ -27,7 +27,8 @@ def test_an_invalid_policy_is_journaled_once_until_it_changes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     (tmp_path / "policy.yaml").write_text(INVALID_POLICY)
-    source = SnapshotSource((tmp_path,), PolicyMemory(), lambda plan, generation: plan)
+    source = SnapshotSource((tmp_path,), PolicyMemory(), lambda plan, generation: plan,
+                            lambda a, b: a == b)
 
     def reported() -> list[str]:
         return [r.getMessage() for r in caplog.records if "event=policy-invalid" in r.getMessage()]

@@ -1,0 +1,172 @@
+"""Failover time in the Kubernetes-mode lab: from the last reply through the failed gateway to
+the first reply through the standby, as a client in a selected pod sees it.
+
+    .venv/bin/python bench/bench_failover.py [--runs 20] [--api-outage 60]
+
+Builds the Kubernetes-mode lab (tests' fake API server, the controller, two gateways, two
+cloud nodes) in a temporary directory, creates the `payment-gateway` policy (explicit egress
+IP 198.51.100.70), and then, `--runs` times, cuts the policy's active gateway off (eth0 and its
+tunnel down; every other run a power loss, which also kills its agent and wireguard-go),
+measures, brings it back and waits for the steady state (the standby active, the returned
+gateway its standby), alternating between the two gateways. A client in checkout-1 starts one
+HTTP request (a new connection) every 20 ms with a 0.9 s timeout. Also measured: the time
+from the cut to the controller's promotion of the standby (the slow path: Lease expiry, 4 s
+here), and whether the egress IP was ever on both gateways' live uplinks (sampled every 10 ms).
+
+With `--api-outage SECONDS` it then takes the API server down for that long and counts failed
+requests and plans the daemons programmed (both must stay 0).
+
+Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from fixtures.fakeapi import FakeApiServer
+
+from gatewayd.lab.kubelab import (
+    EgressIPWatch,
+    KubeLab,
+    daemon_events,
+    kube_lab_session,
+    pinging,
+    policy_status,
+)
+from gatewayd.lab.netns import wait_for
+from gatewayd.lab.pinger import outage, read_attempts
+from gatewayd.lab.topology import EXAMPLE_SNAPSHOT, EXTERNAL, GATEWAYS, NODES
+
+POLICY = "payment-gateway"
+EGRESS_IP = "198.51.100.70"
+CLIENT = NODES[0].pods[0]  # checkout-1
+TARGET = f"{EXTERNAL.addresses[0]}:8080"
+HOLD_DOWN = 3.0
+TIMEOUT = 60.0
+
+
+def roles(lab: KubeLab) -> set[tuple[str, str]]:
+    return {(g["name"], g["role"]) for g in policy_status(lab, POLICY).get("gateways", [])}
+
+
+def active(lab: KubeLab) -> str:
+    return next(name for name, role in roles(lab) if role == "active")
+
+
+def one_run(lab: KubeLab, number: int, power_loss: bool, directory: Path) -> dict[str, float]:
+    old = active(lab)
+    new = next(g.name for g in GATEWAYS if g.name != old)
+    gateway = next(g for g in GATEWAYS if g.name == old)
+    with ExitStack() as stack:
+        watch = stack.enter_context(EgressIPWatch([EGRESS_IP]))
+        path = stack.enter_context(pinging(CLIENT.netns, TARGET, directory / f"run{number}"))
+        time.sleep(1.0)
+        cut = lab.cut(gateway, power_loss=power_loss)
+        wait_for(lambda: any(a.ok and a.start > cut for a in read_attempts(path)), TIMEOUT,
+                 "traffic to come back")
+        wait_for(lambda: active(lab) == new, TIMEOUT, "the controller to promote the standby")
+        promoted = time.time() - cut
+        lab.restore(gateway)
+        wait_for(lambda: roles(lab) == {(new, "active"), (old, "standby")}, TIMEOUT,
+                 f"{old} to become the standby")
+        time.sleep(1.0)
+        attempts = read_attempts(path)
+    gap = outage(attempts, cut)
+    if gap is None:
+        raise RuntimeError(f"run {number}: no answer after the cut")
+    after = [a for a in attempts if a.start >= gap.first_after.end]
+    for late in (a for a in after if not a.ok):
+        print(f"  run {number + 1}: a request {late.start - cut:+.3f}s after the cut failed "
+              f"({late.error})", file=sys.stderr)
+    return {
+        "outage": gap.seconds,
+        "promoted": promoted,
+        "failed_after": float(sum(not a.ok for a in after)),
+        "wrong_source": float(sum(a.ok and a.source != EGRESS_IP for a in attempts)),
+        "overlaps": float(len(watch.overlaps)),
+    }
+
+
+def api_outage(lab: KubeLab, seconds: float, directory: Path) -> dict[str, float]:
+    hosts = [g.name for g in GATEWAYS] + [n.name for n in NODES]
+    programmed = {h: daemon_events(lab, h, "plan-applied") for h in hosts}
+    before = roles(lab)
+    with pinging(CLIENT.netns, TARGET, directory / "api-outage") as path:
+        lab.api_down()
+        try:
+            time.sleep(seconds)
+        finally:
+            lab.api_up()
+        time.sleep(HOLD_DOWN + 5)
+        attempts = read_attempts(path)
+    return {
+        "requests": float(len(attempts)),
+        "failed": float(sum(not a.ok for a in attempts)),
+        "reprogrammed": float(sum(daemon_events(lab, h, "plan-applied") - programmed[h]
+                                  for h in hosts)),
+        "moved": float(roles(lab) != before),
+    }
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--api-outage", type=float, default=0,
+                        help="seconds of API server outage to check afterwards (0: skip)")
+    args = parser.parse_args()
+    results: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="gwdlab-failover-") as tmp, \
+            kube_lab_session(Path(tmp) / "lab", FakeApiServer(),
+                             timing={"hold_down": HOLD_DOWN}) as lab:
+        lab.create(yaml.safe_load((EXAMPLE_SNAPSHOT / f"30-policy-{POLICY}.yaml").read_text()))
+        wait_for(lambda: len(roles(lab)) == 2, TIMEOUT, "the policy to be planned")
+        time.sleep(2.0)
+        for number in range(args.runs):
+            power_loss = number % 2 == 0
+            result = one_run(lab, number, power_loss, Path(tmp))
+            results.append(result)
+            print(f"run {number + 1}: {'power loss' if power_loss else 'partition '}  "
+                  f"outage {result['outage']:.3f}s, controller promoted the standby after "
+                  f"{result['promoted']:.1f}s", file=sys.stderr, flush=True)
+        outage_result = api_outage(lab, args.api_outage, Path(tmp)) if args.api_outage else None
+
+    outages = [r["outage"] for r in results]
+    promoted = [r["promoted"] for r in results]
+    print(f"\n{len(results)} failovers (power loss and partition alternating), client request "
+          "every 20 ms\n")
+    print("| measure | p50 | p90 | max |\n|---|---|---|---|")
+    for name, values in (("last reply via the failed gateway -> first via the standby", outages),
+                         ("cut -> controller promotes the standby (Lease 4 s)", promoted)):
+        print(f"| {name} | {percentile(values, 0.5):.3f} s | {percentile(values, 0.9):.3f} s "
+              f"| {max(values):.3f} s |")
+    print(f"\nmean outage {statistics.mean(outages):.3f} s; under 1 s: "
+          f"{sum(v < 1.0 for v in outages)}/{len(outages)}; requests failed after traffic "
+          f"resumed (flaps): {sum(r['failed_after'] for r in results):.0f}; replies with "
+          f"another source IP: {sum(r['wrong_source'] for r in results):.0f}; samples with "
+          f"the egress IP on both gateways: {sum(r['overlaps'] for r in results):.0f}")
+    if outage_result is not None:
+        print(f"\nAPI server down {args.api_outage:.0f} s: {outage_result['requests']:.0f} "
+              f"requests, {outage_result['failed']:.0f} failed; plans programmed because of "
+              f"it: {outage_result['reprogrammed']:.0f}; policy moved: "
+              f"{'yes' if outage_result['moved'] else 'no'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Kubernetes mode: egress IPs the gateway provisions follow the cloud nodes' traffic.
+
+The agent answers the nodes' probes (`answer`, in the responder's thread) and remembers what
+each node said. The keeper thread then holds exactly the provisioned egress IPs that
+`gatewayd.probe.egress_ips_to_hold` asks for: a new one only after an ARP probe found no other
+holder (AddressDriver's conflict probe), then announced with gratuitous ARP / unsolicited NA;
+one that is no longer wanted at once. When another host claims an address this gateway holds
+(its gratuitous ARP reaches the ArpWatcher), the gateway yields unless
+`keep_when_contested` says otherwise, in which case it announces itself again.
+
+See README.md, "Egress IP failover and split brain".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from gatewayd.agent.config import FailoverSettings
+from gatewayd.dataplane.addresses import AddressConflict, AddressDriver
+from gatewayd.dataplane.probe import ArpWatcher
+from gatewayd.policy.model import EgressIPPool, IPAddress, Role, SnatRule
+from gatewayd.probe import (
+    Demand,
+    ProbeFormatError,
+    ProbeReply,
+    decode_request,
+    egress_ips_to_hold,
+    encode_reply,
+    keep_when_contested,
+)
+from gatewayd.systemd import Priority, journal_event
+
+log = logging.getLogger("gatewayd.agent")
+
+PASS_SECONDS = 0.05  # how often the keeper looks again without being woken
+FULL_PASS_SECONDS = 1.0  # re-read the kernel at least this often (repairs deleted addresses)
+RETRY_CONFLICT_SECONDS = 1.0  # an address another host answered for is probed again after this
+FORGET_NODE_SECONDS = 600.0
+ANNOUNCE_AGAIN_SECONDS = 1.0
+# A new holder announces itself again after these delays: a Linux neighbour that updated its
+# entry for the address less than `locktime` (1 s by default) before ignores an announcement.
+REANNOUNCE_AFTER = (0.5, 1.1)
+
+
+@dataclass(frozen=True)
+class EgressIPReport:
+    """For the EgressGateway status."""
+
+    held: tuple[IPAddress, ...]
+    present: bool  # EgressIPsPresent
+    reason: str
+    message: str
+
+
+class EgressIPKeeper:
+    def __init__(
+        self,
+        gateway: str,
+        pools: tuple[EgressIPPool, ...],
+        settings: FailoverSettings,
+        changed: Callable[[], None],
+    ) -> None:
+        self.gateway = gateway
+        self.pools = pools
+        self.settings = settings
+        self._changed = changed
+        self.addresses = AddressDriver(
+            probe_seconds=settings.arp_probe_seconds,
+            retry_conflicts_after=RETRY_CONFLICT_SECONDS,
+        )
+        self._lock = threading.Lock()
+        self._rules: tuple[SnatRule, ...] = ()
+        self._demands: dict[str, Demand] = {}
+        self._held: frozenset[IPAddress] = frozenset()
+        self._wanted: frozenset[IPAddress] = frozenset()
+        self._conflicts: tuple[AddressConflict, ...] = ()
+        self._contested: dict[IPv4Address, str] = {}  # address -> the other host's MAC
+        self._announced: dict[IPAddress, float] = {}
+        self._reannounce: dict[IPAddress, list[float]] = {}  # address -> when (monotonic)
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="egress-ips", daemon=True)
+        self._watcher = ArpWatcher(
+            {p.interface for p in pools}, self._held_ipv4, self._claimed_elsewhere
+        )
+
+    # --- from other threads ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        self._watcher.start()
+
+    def stop(self) -> None:
+        """Stop following; the addresses held stay (the data plane outlives the daemon)."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(5)
+        self._watcher.stop()
+
+    def set_rules(self, rules: tuple[SnatRule, ...]) -> None:
+        """The rules of the plan in force (main thread, after each apply)."""
+        with self._lock:
+            self._rules = rules
+        self._wake.set()
+
+    def answer(self, data: bytes) -> bytes | None:
+        """A probe's answer (responder thread): record what the node said, say what we serve."""
+        try:
+            request = decode_request(data)
+        except ProbeFormatError:
+            return None
+        with self._lock:
+            before = self._demands.get(request.node)
+            self._demands[request.node] = Demand(
+                request.node, time.monotonic(), request.here, request.away
+            )
+            serving = self._serving(request.here | request.away)
+        if before is None or (before.here, before.away) != (request.here, request.away):
+            self._wake.set()
+        return encode_reply(ProbeReply(self.gateway, request.sequence, serving))
+
+    def report(self) -> EgressIPReport:
+        with self._lock:
+            held, wanted, conflicts = self._held, self._wanted, self._conflicts
+            rules, demands = self._rules, list(self._demands.values())
+        now = time.monotonic()
+        recent = [d for d in demands if now - d.received_at <= self.settings.egress_ip_hold_seconds]
+        active = {r.egress_ip for r in rules if r.role is Role.ACTIVE and self.provisioned(
+            r.egress_ip)}
+        ordered = tuple(sorted(held, key=_order))
+        if conflicts:
+            return EgressIPReport(ordered, False, "AddressConflict",
+                                  "; ".join(str(c) for c in conflicts))
+        if active and not recent:
+            return EgressIPReport(
+                ordered, False, "NoCloudNodeReachesThisGateway",
+                f"no cloud node's probe arrived for {self.settings.egress_ip_hold_seconds:g}s; "
+                "provisioned egress IPs are held only while the nodes reach this gateway",
+            )
+        missing = wanted - held
+        if missing:
+            waiting = ", ".join(map(str, sorted(missing, key=_order)))
+            return EgressIPReport(ordered, False, "Claiming", f"not yet held: {waiting}")
+        return EgressIPReport(ordered, True, "Held",
+                              f"{len(held)} egress IPs held" if held else "none needed here")
+
+    def provisioned(self, address: IPAddress) -> bool:
+        return any(address.version == p.cidr.version and address in p.cidr for p in self.pools)
+
+    # --- the keeper thread -------------------------------------------------------------------
+
+    def _serving(self, policies: frozenset[str]) -> frozenset[str]:
+        """Policies (of `policies`) whose rules are here with their egress IPs (lock held)."""
+        ips: dict[str, set[IPAddress]] = defaultdict(set)
+        for rule in self._rules:
+            ips[rule.policy].add(rule.egress_ip)
+        return frozenset(
+            p for p in policies
+            if p in ips and all(ip in self._held or not self.provisioned(ip) for ip in ips[p])
+        )
+
+    def _held_ipv4(self) -> frozenset[IPv4Address]:
+        with self._lock:
+            return frozenset(a for a in self._held if isinstance(a, IPv4Address))
+
+    def _claimed_elsewhere(self, address: IPv4Address, interface: str, mac: str) -> None:
+        with self._lock:
+            self._contested[address] = mac
+        self._wake.set()
+
+    def _run(self) -> None:
+        last_full = 0.0
+        last_wanted: frozenset[IPAddress] | None = None
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            with self._lock:
+                rules = self._rules
+                self._demands = {
+                    n: d for n, d in self._demands.items()
+                    if now - d.received_at < FORGET_NODE_SECONDS
+                }
+                demands = list(self._demands.values())
+                contested, self._contested = self._contested, {}
+            wanted = egress_ips_to_hold(
+                rules, self.provisioned, demands, now, self.settings.egress_ip_hold_seconds
+            )
+            recent_here = {
+                p for d in demands if now - d.received_at <= self.settings.egress_ip_hold_seconds
+                for p in d.here
+            }
+            wanted = self._settle_contests(wanted, contested, rules, recent_here)
+            if wanted != last_wanted or contested or now - last_full >= FULL_PASS_SECONDS:
+                try:
+                    self._ensure(wanted)
+                    last_full, last_wanted = now, wanted
+                except Exception:  # a netlink hiccup: try again at the next pass
+                    log.exception("egress IPs: pass failed")
+            self._announce_again(time.monotonic())
+            self._wake.wait(PASS_SECONDS)
+            self._wake.clear()
+
+    def _settle_contests(
+        self,
+        wanted: frozenset[IPAddress],
+        contested: dict[IPv4Address, str],
+        rules: tuple[SnatRule, ...],
+        here: set[str],
+    ) -> frozenset[IPAddress]:
+        with self._lock:
+            held = self._held
+        keep = set(wanted)
+        for address, mac in contested.items():
+            if address not in held:
+                continue
+            policies = {r.policy for r in rules if r.egress_ip == address}
+            if keep_when_contested(policies, rules, here):
+                last = self._announced.get(address, 0.0)
+                if time.monotonic() - last >= ANNOUNCE_AGAIN_SECONDS:
+                    self._announced[address] = time.monotonic()
+                    for pool in self.pools:
+                        if address in pool.cidr:
+                            self.addresses.announce(pool.interface, [address])
+                    journal_event("egress-ip-defended",
+                                  f"egress IP {address} is claimed by {mac} too; this gateway is "
+                                  "active for it and serves its traffic, so it announces itself "
+                                  "again", Priority.WARNING, egress_ip=str(address), other=mac)
+                continue
+            keep.discard(address)
+            journal_event("egress-ip-yielded",
+                          f"egress IP {address} is claimed by {mac}; this gateway gives it up",
+                          Priority.WARNING, egress_ip=str(address), other=mac)
+        return frozenset(keep)
+
+    def _ensure(self, wanted: frozenset[IPAddress]) -> None:
+        by_interface: dict[str, set[IPAddress]] = {p.interface: set() for p in self.pools}
+        for pool in self.pools:
+            by_interface[pool.interface] |= {
+                ip for ip in wanted if ip.version == pool.cidr.version and ip in pool.cidr
+            }
+        held: set[IPAddress] = set()
+        conflicts: list[AddressConflict] = []
+        changed = False
+        for interface, addresses in sorted(by_interface.items()):
+            changes = self.addresses.ensure(interface, addresses)
+            for ip in changes.added:
+                journal_event("egress-ip-added", f"egress IP {ip} added on {interface}",
+                              Priority.NOTICE, egress_ip=str(ip), interface=interface)
+                self._reannounce[ip] = [time.monotonic() + d for d in REANNOUNCE_AFTER]
+            for ip in changes.removed:
+                self._reannounce.pop(ip, None)
+                journal_event("egress-ip-removed", f"egress IP {ip} removed from {interface}",
+                              Priority.NOTICE, egress_ip=str(ip), interface=interface)
+            changed = changed or bool(changes)
+            conflicts += changes.conflicts
+            held |= self.addresses.observe(interface)
+        with self._lock:
+            changed = changed or (frozenset(held), wanted, tuple(conflicts)) != (
+                self._held, self._wanted, self._conflicts)
+            self._held = frozenset(held)
+            self._wanted = wanted
+            self._conflicts = tuple(conflicts)
+        if changed:
+            self._changed()
+
+    def _announce_again(self, now: float) -> None:
+        for address, times in list(self._reannounce.items()):
+            if times[0] > now:
+                continue
+            times.pop(0)
+            if not times:
+                del self._reannounce[address]
+            for pool in self.pools:
+                if address.version == pool.cidr.version and address in pool.cidr:
+                    try:
+                        self.addresses.announce(pool.interface, [address])
+                    except OSError as exc:
+                        log.warning("announcing %s again failed: %s", address, exc)
+
+
+def _order(address: IPAddress) -> tuple[int, int]:
+    return address.version, int(address)

@@ -1,0 +1,286 @@
+"""The agent in Kubernetes mode: its EgressGateway, its Lease, and its status.
+
+- Join: the agent adopts its EgressGateway (pre-created with its credentials; created when it is
+  missing and RBAC allows), with the configured labels and `kubernetes.io/hostname` merged into
+  `metadata.labels`.
+- Plan: `spec.rules` (planio's rule dicts) with `metadata.generation`, and `spec.peers`, the
+  WireGuard peers, followed through a list+watch limited to this one object.
+- Heartbeat: the Lease `<namespace>/egressgateway-<name>`, renewed every `leaseRenewSeconds`.
+- Status: observedGeneration (once the data plane matches that generation), public key,
+  endpoint, addresses, interfaces, egress IP pools, the egress IPs held now, conditions and
+  peers' handshakes; written when it changes.
+- Fast failover: answers the cloud nodes' probes, and moves provisioned egress IPs with the
+  nodes' traffic (`egress.py`).
+
+On SIGTERM the agent writes Ready=False first (best effort, a short timeout), so that the
+controller moves traffic away, then exits; the data plane stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, ip_interface
+from typing import Any
+
+from kubernetes.client import ApiClient
+
+from gatewayd.agent.config import AgentConfig
+from gatewayd.agent.egress import EgressIPKeeper, EgressIPReport
+from gatewayd.agent.host import first_ipv4, observe_interfaces
+from gatewayd.agent.target import GatewayTarget, peers_from_list
+from gatewayd.clusterlink import (
+    Condition,
+    CustomObject,
+    Reporter,
+    Status,
+    Timeout,
+    api_client,
+    conditions,
+    rfc3339,
+)
+from gatewayd.dataplane.probe import ProbeResponder
+from gatewayd.follower import InputError, PlanSource
+from gatewayd.kube.informer import Informer
+from gatewayd.kube.leases import renew_lease
+from gatewayd.kube.resources import EGRESS_GATEWAYS
+from gatewayd.policy.model import GatewayInterface
+from gatewayd.policy.planio import PlanFormatError, gateway_plan_from_dict
+from gatewayd.probe import PROBE_PORT
+
+log = logging.getLogger("gatewayd.agent")
+
+LEASE_PREFIX = "egressgateway-"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+
+
+def object_labels(config: AgentConfig) -> dict[str, str]:
+    return {HOSTNAME_LABEL: config.name, **config.labels}
+
+
+class GatewaySource(PlanSource[GatewayTarget]):
+    """The EgressGateway's spec, through a list+watch of that one object."""
+
+    def __init__(self, api: ApiClient, name: str) -> None:
+        self.informer = Informer(api, EGRESS_GATEWAYS, self._changed,
+                                 field_selector=f"metadata.name={name}")
+        self.name = name
+        self.problems = []
+        self._dirty = threading.Event()
+        self._dirty.set()
+        self._wake: Callable[[], None] = lambda: None
+        # Until the reporter joined (created the object), a missing object is no news.
+        self.joined: Callable[[], bool] = lambda: True
+
+    def start(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self.informer.start()
+
+    def stop(self) -> None:
+        self.informer.stop(timeout=2)
+
+    def _changed(self) -> None:
+        self._dirty.set()
+        self._wake()
+
+    def changed(self) -> bool:
+        if not self.informer.synced or not self._dirty.is_set():
+            return False
+        if self.informer.get(self.name) is None and not self.joined():
+            return False
+        self._dirty.clear()
+        return True
+
+    def desired(self, previous: GatewayTarget | None) -> GatewayTarget:
+        obj = self.informer.get(self.name)
+        if obj is None:
+            raise InputError("egressgateway-missing",
+                             f"EgressGateway {self.name} does not exist (yet); keeping the last "
+                             "applied plan", object=f"EgressGateway/{self.name}")
+        return target_from_object(obj)
+
+
+def target_from_object(obj: Mapping[str, Any]) -> GatewayTarget:
+    """The plan an EgressGateway's spec holds; InputError names the field that is wrong."""
+    metadata = obj.get("metadata") or {}
+    name = str(metadata.get("name"))
+    spec = obj.get("spec") or {}
+    try:
+        plan = gateway_plan_from_dict({
+            "gateway": name,
+            "generation": int(metadata.get("generation") or 0),
+            "rules": spec.get("rules") or [],
+        })
+        peers = peers_from_list(spec.get("peers") or [], "spec.peers")
+    except PlanFormatError as exc:
+        raise InputError("plan-invalid", f"EgressGateway {name}: spec unusable, keeping the "
+                         f"last applied plan: {exc}", object=f"EgressGateway/{name}") from exc
+    return GatewayTarget(plan, peers)
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """What the status reports, gathered by the agent after a pass."""
+
+    config: AgentConfig
+    public_key: str | None
+    generation: int  # of the plan applied without error
+    ready: bool
+    errors: tuple[str, ...]  # of the last programming pass
+    last_error: str | None
+    peers_up: frozenset[str]
+    peer_handshakes: Mapping[str, int]  # peer name -> unix time of its latest handshake
+    peers: tuple[str, ...]
+    egress_ips: EgressIPReport
+    interfaces: tuple[GatewayInterface, ...]
+    stopping: bool = False
+
+
+def gateway_status(state: AgentState, previous: Mapping[str, Any], now: str) -> Status:
+    """The EgressGateway status for `state`; `previous` is the status written before (its
+    conditions keep their transition times)."""
+    config = state.config
+    uplink_ip = first_ipv4(state.interfaces, config.uplink)
+    endpoint = config.tunnel.advertise_endpoint or (
+        f"{uplink_ip}:{config.tunnel.listen_port}" if uplink_ip else None
+    )
+    failed = {error.split(":", 1)[0] for error in state.errors}
+    peers = len(state.peers)
+    up = len(state.peers_up)
+    tunnel_ok = "wireguard" not in failed
+    snat_ok = "nftables" not in failed
+    new = [
+        Condition("Ready", state.ready and not state.stopping,
+                  "Stopping" if state.stopping else ("PlanApplied" if state.ready
+                                                     else "ApplyFailed"),
+                  "the agent is stopping; its data plane stays" if state.stopping
+                  else (state.last_error or f"plan generation {state.generation} applied")),
+        Condition("TunnelsUp", tunnel_ok and (up > 0 or peers == 0),
+                  "Handshakes" if tunnel_ok else "TunnelFailed",
+                  f"{up}/{peers} peers have a recent handshake" if tunnel_ok
+                  else "; ".join(e for e in state.errors if e.startswith("wireguard"))),
+        Condition("SNATProgrammed", snat_ok, "Programmed" if snat_ok else "NftablesFailed",
+                  "" if snat_ok else "; ".join(e for e in state.errors
+                                               if e.startswith("nftables"))),
+        Condition("EgressIPsPresent", state.egress_ips.present, state.egress_ips.reason,
+                  state.egress_ips.message),
+    ]
+    status: Status = {
+        "observedGeneration": state.generation,
+        "publicKey": state.public_key,
+        "endpoint": endpoint,
+        "addresses": [{"type": "InternalIP", "address": uplink_ip}] if uplink_ip else [],
+        "interfaces": [_interface(i) for i in state.interfaces],
+        "egressIPPools": [
+            {"cidr": str(p.cidr), "interface": p.interface} for p in config.egress_ip_pools
+        ],
+        "egressIPs": [str(ip) for ip in state.egress_ips.held],
+        "conditions": conditions(new, previous.get("conditions") or [], state.generation, now),
+        "peers": [
+            {"name": name, **({"lastHandshakeTime": rfc3339(state.peer_handshakes[name])}
+                              if state.peer_handshakes.get(name) else {})}
+            for name in state.peers
+        ],
+    }
+    return {key: value for key, value in status.items() if value is not None}
+
+
+def _interface(interface: GatewayInterface) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": interface.name,
+        "addresses": [f"{a.address}/{a.prefixlen}" for a in interface.addresses],
+    }
+    if interface.altnames:
+        data["altnames"] = list(interface.altnames)
+    if interface.default_route_v4:
+        data["defaultRouteV4"] = True
+    if interface.default_route_v6:
+        data["defaultRouteV6"] = True
+    return data
+
+
+class AgentCluster:
+    """Everything the agent does with the cluster, started once the saved plan is restored."""
+
+    def __init__(self, config: AgentConfig, changed: Callable[[], None]) -> None:
+        settings = config.kubernetes
+        if settings is None:
+            raise ValueError("AgentCluster needs a config in Kubernetes mode")
+        self.config = config
+        self.api = api_client(settings)
+        self.object = CustomObject(self.api, "egressgateways", "EgressGateway", config.name)
+        self.source = GatewaySource(self.api, config.name)
+        self.keeper = EgressIPKeeper(config.name, config.egress_ip_pools, config.failover,
+                                     changed)
+        # A gateway's credentials may not create Events (its journal has them): none here.
+        self.reporter = Reporter(
+            f"EgressGateway {config.name}", self._join, self._write_status,
+            heartbeat=self._renew_lease, heartbeat_seconds=settings.lease_renew_seconds,
+        )
+        self.source.joined = self.reporter.joined.is_set
+        self._responder: ProbeResponder | None = None
+
+    def start(self) -> None:
+        address = ip_interface(self.config.tunnel.address).ip
+        if not isinstance(address, IPv4Address):
+            raise ValueError(f"tunnel.address {self.config.tunnel.address}: the probes need "
+                             "an IPv4 address")
+        self._responder = ProbeResponder(address, PROBE_PORT, self.keeper.answer)
+        self._responder.start()
+        self.keeper.start()
+        self.reporter.start()
+
+    def stop(self, final: Status | None) -> None:
+        """Write `final` (Ready=False) first, then stop following; the data plane stays."""
+        written = self.reporter.stop(final, timeout=2.0)
+        if final is not None:
+            log.info("Ready=False %s", "written" if written else "NOT written (API unreachable)")
+        self.keeper.stop()
+        if self._responder is not None:
+            self._responder.stop()
+
+    def previous_status(self) -> Mapping[str, Any]:
+        written = self.reporter.written
+        if written is not None:
+            return written
+        obj = self.source.informer.get(self.config.name)
+        status = (obj or {}).get("status")
+        return status if isinstance(status, Mapping) else {}
+
+    # --- the reporter's calls (its thread) -----------------------------------------------------
+
+    def _join(self) -> None:
+        labels = object_labels(self.config)
+        obj = self.object.get()
+        if obj is None:
+            obj = self.object.create({"labels": labels}) or self.object.get() or {}
+            log.info("created EgressGateway %s", self.config.name)
+        current = (obj.get("metadata") or {}).get("labels") or {}
+        if any(current.get(k) != v for k, v in labels.items()):
+            self.object.patch_labels(labels)
+        log.info("joined as EgressGateway %s", self.config.name)
+
+    def _renew_lease(self) -> None:
+        settings = self.config.kubernetes
+        assert settings is not None
+        name = LEASE_PREFIX + self.config.name
+        if not renew_lease(self.api, settings.namespace, name, self.config.name,
+                           settings.lease_duration_seconds):
+            log.warning("Lease %s/%s is held by someone else or changed concurrently; "
+                        "retrying at the next renewal", settings.namespace, name)
+
+    def _write_status(self, status: Status, timeout: Timeout) -> None:
+        # Labels are checked with every status: the config may have new ones since the join,
+        # and someone may have removed one of ours (other labels are left alone).
+        obj = self.source.informer.get(self.config.name) or {}
+        labels = object_labels(self.config)
+        current = (obj.get("metadata") or {}).get("labels") or {}
+        if obj and any(current.get(k) != v for k, v in labels.items()):
+            self.object.patch_labels(labels)
+        self.object.patch_status(status, timeout)
+
+
+def observe_host(config: AgentConfig) -> tuple[GatewayInterface, ...]:
+    return observe_interfaces(skip=frozenset({config.tunnel.interface}))

@@ -1,0 +1,229 @@
+"""Sockets of the fast failover path: UDP probes through the tunnels, and an ARP watcher.
+
+Bytes in, bytes out: the message format and what the probes decide are in `gatewayd.probe`.
+
+- `ProbeResponder` (gateway): answers probes on the gateway's tunnel address in a thread of
+  its own, so a slow reconcile pass never delays an answer (a delayed answer is a miss).
+- `ProbeSockets` (cloud node): one UDP socket per gateway, bound to the node's tunnel address
+  and marked with the gateway's fwmark (SO_MARK, CAP_NET_ADMIN), so policy routing sends each
+  probe into that gateway's tunnel.
+- `ArpWatcher` (gateway): reports ARP packets from other hosts that claim one of the watched
+  addresses (a gratuitous ARP after another gateway took an egress IP, or its answers).
+
+Sockets bind with IP_FREEBIND: the tunnel address may not exist yet (or for a moment not at
+all, while an interface is re-created), and a bound socket keeps working once it does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import struct
+import threading
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+log = logging.getLogger(__name__)
+
+IP_FREEBIND = 15  # <linux/in.h>; not exported by every Python build
+ETH_P_ARP = 0x0806
+_ARP_HEADER = struct.Struct("!HHBBH6s4s6s4s")
+RECEIVE_BYTES = 65535
+
+
+def _udp_socket(address: IPv4Address, port: int, mark: int | None = None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        sock.bind((str(address), port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class ProbeResponder:
+    """Answers every datagram to `address:port` with `answer(data)` (None: no answer)."""
+
+    def __init__(
+        self, address: IPv4Address, port: int, answer: Callable[[bytes], bytes | None]
+    ) -> None:
+        self._sock = _udp_socket(address, port)
+        self._answer = answer
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="probe-responder", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(2)
+        self._sock.close()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            if not select.select([self._sock], [], [], 0.2)[0]:
+                continue
+            try:
+                data, peer = self._sock.recvfrom(RECEIVE_BYTES)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                log.warning("probe responder: receive failed: %s", exc)
+                continue
+            try:
+                reply = self._answer(data)
+            except Exception:  # a bug must not stop the answers
+                log.exception("probe responder: answering %s failed", peer[0])
+                continue
+            if reply is not None:
+                with contextlib.suppress(OSError):  # no route back right now: a miss there
+                    self._sock.sendto(reply, peer)
+
+
+@dataclass(frozen=True)
+class ProbeTarget:
+    """Where one gateway's probes go, and the fwmark that routes them into its tunnel."""
+
+    gateway: str
+    mark: int
+    destination: IPv4Address
+    port: int
+
+
+class ProbeSockets:
+    """One socket per gateway, all bound to `source` (the node's tunnel address)."""
+
+    def __init__(self, source: IPv4Address) -> None:
+        self.source = source
+        self._sockets: dict[str, tuple[ProbeTarget, socket.socket]] = {}
+
+    def update(self, targets: Collection[ProbeTarget]) -> None:
+        """Open sockets for new targets, close those of targets that went or changed."""
+        wanted = {t.gateway: t for t in targets}
+        for gateway, (target, sock) in list(self._sockets.items()):
+            if wanted.get(gateway) != target:
+                sock.close()
+                del self._sockets[gateway]
+        for gateway, target in wanted.items():
+            if gateway not in self._sockets:
+                self._sockets[gateway] = (target, _udp_socket(self.source, 0, target.mark))
+
+    @property
+    def gateways(self) -> tuple[str, ...]:
+        return tuple(sorted(self._sockets))
+
+    def send(self, messages: Mapping[str, bytes]) -> None:
+        """Send each gateway its message; a send that fails now is simply a missed probe."""
+        for gateway, data in messages.items():
+            entry = self._sockets.get(gateway)
+            if entry is None:
+                continue
+            target, sock = entry
+            with contextlib.suppress(OSError):
+                sock.sendto(data, (str(target.destination), target.port))
+
+    def receive(self, timeout: float) -> list[tuple[str, bytes]]:
+        """Datagrams that arrive within `timeout` seconds (returns early when there are some)."""
+        by_socket = {sock: gateway for gateway, (_, sock) in self._sockets.items()}
+        if not by_socket:
+            return []
+        ready = select.select(list(by_socket), [], [], max(timeout, 0.0))[0]
+        received = []
+        for sock in ready:
+            while True:
+                try:
+                    data = sock.recv(RECEIVE_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:  # e.g. ICMP unreachable reported on the socket
+                    break
+                received.append((by_socket[sock], data))
+        return received
+
+    def close(self) -> None:
+        self.update(())
+
+
+class ArpWatcher:
+    """Calls `claimed(address, interface, mac)` for every ARP packet from another MAC whose
+    sender address is one of `addresses()` (read at each packet, so it follows the caller)."""
+
+    def __init__(
+        self,
+        interfaces: Collection[str],
+        addresses: Callable[[], Collection[IPv4Address]],
+        claimed: Callable[[IPv4Address, str, str], None],
+    ) -> None:
+        self._interfaces = sorted(set(interfaces))
+        self._addresses = addresses
+        self._claimed = claimed
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="arp-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(2)
+
+    def _open(self) -> dict[socket.socket, tuple[str, bytes]]:
+        opened: dict[socket.socket, tuple[str, bytes]] = {}
+        for interface in self._interfaces:
+            try:
+                sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+                sock.bind((interface, ETH_P_ARP))
+                mac = sock.getsockname()[4]
+            except OSError as exc:
+                log.warning("cannot watch ARP on %s (%s); retrying", interface, exc)
+                continue
+            opened[sock] = (interface, bytes(mac))
+        return opened
+
+    def _run(self) -> None:
+        sockets: dict[socket.socket, tuple[str, bytes]] = {}
+        try:
+            while not self._stopping.is_set():
+                if len(sockets) < len(self._interfaces):
+                    for sock in sockets:
+                        sock.close()
+                    sockets = self._open()
+                    if len(sockets) < len(self._interfaces):
+                        self._stopping.wait(1.0)
+                        continue
+                try:
+                    ready = select.select(list(sockets), [], [], 0.2)[0]
+                except OSError:
+                    ready = []
+                for sock in ready:
+                    interface, mac = sockets[sock]
+                    try:
+                        frame = sock.recv(2048)
+                    except OSError:  # the interface went away: open again
+                        sock.close()
+                        del sockets[sock]
+                        continue
+                    self._handle(frame, interface, mac)
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    def _handle(self, frame: bytes, interface: str, own_mac: bytes) -> None:
+        if len(frame) < 42 or frame[12:14] != struct.pack("!H", ETH_P_ARP):
+            return
+        htype, ptype, hlen, plen, _op, sender_mac, sender_ip, _tmac, _tip = _ARP_HEADER.unpack(
+            frame[14:42]
+        )
+        if (htype, ptype, hlen, plen) != (1, 0x0800, 6, 4) or sender_mac == own_mac:
+            return
+        address = IPv4Address(sender_ip)
+        if address in self._addresses():
+            self._claimed(address, interface, ":".join(f"{b:02x}" for b in sender_mac))

@@ -1,0 +1,457 @@
+"""The lab in Kubernetes mode: the same namespaces, hosts and pods as the standalone lab, but
+the daemons follow the API instead of snapshot files.
+
+    api (198.51.100.6): the API server (a test double), the controller
+    gw1, gw2:           `gatewayd agent` in Kubernetes mode
+    node1, node2:       `gatewayd steer` in Kubernetes mode
+
+The API server is an object the caller provides (the tests' in-repo fake, `FakeApiServer`),
+served from the caller's process: its listening socket is opened inside the `api` host's
+namespace, on its loopback, and the lab DNATs 198.51.100.6:6443 there. Nothing listens
+outside the lab's namespaces, and the caller keeps direct control of the server (it can take
+it down for an outage test). The lab writes what kubelets and the scheduler would (Namespaces,
+Nodes, Pods, the `kubernetes` EndpointSlice, from the lab's example snapshot); agents and
+steer create their EgressGateway and EgressNode; the controller (`gatewayd controller`, a
+process in the `api` host) plans. Policies are created through the API, as `kubectl` would.
+
+Only tests and benchmarks build it (the fake API server lives in the source tree's tests/).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import yaml
+from kubernetes.client import ApiClient, CustomObjectsApi
+from kubernetes.config import new_client_from_config_dict
+from pyroute2 import IPRoute
+
+from gatewayd.lab.netns import entered, run, start_process, stop_process, wait_for
+from gatewayd.lab.topology import (
+    API_SERVER,
+    EXAMPLE_SNAPSHOT,
+    GATEWAY_LISTEN_PORT,
+    GATEWAYS,
+    KEEPALIVE_SECONDS,
+    NODES,
+    ONPREM_ROUTER,
+    POLL_SECONDS,
+    REPAIR_SECONDS,
+    WIREGUARD_MTU,
+    GatewayHost,
+    Lab,
+    LabError,
+    lab_up,
+)
+
+API_PORT = 6443
+NAMESPACE = "gatewayd-system"
+GROUP, VERSION = "egress.gatewayd.io", "v1alpha1"
+CLUSTER_FILES = ("00-cluster.yaml", "10-pods.yaml")  # what kubelets and the scheduler write
+EGRESS_IP_POOL = "198.51.100.64/27"
+API_NAT_TABLE = "gwdlab-api"
+
+
+class ApiServer(Protocol):
+    """What the lab needs of the API server it is given (the tests' FakeApiServer has it)."""
+
+    @property
+    def url(self) -> str: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def go_down(self) -> None: ...
+
+    def come_up(self) -> None: ...
+
+    def kubeconfig_dict(self) -> dict[str, Any]: ...
+
+    def put(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def get(self, resource: str, name: str, namespace: str | None = None) -> Any: ...
+
+    def list(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]: ...
+
+
+class KubeLab(Lab):
+    """A lab whose daemons run in Kubernetes mode against `api`."""
+
+    def __init__(self, directory: Path, api: ApiServer, timing: Mapping[str, float]) -> None:
+        super().__init__(directory)
+        self.api = api
+        self.timing = dict(timing)
+        self._controller: subprocess.Popen[bytes] | None = None
+
+    # --- the API server ---------------------------------------------------------------------
+
+    @property
+    def api_port(self) -> int:
+        port = urlsplit(self.api.url).port
+        if port is None:
+            raise LabError(f"API server URL {self.api.url} has no port")
+        return port
+
+    def kubeconfig_path(self, inside: bool) -> Path:
+        """The kubeconfig for the lab's hosts (198.51.100.6:6443), or for processes inside
+        the `api` host (its loopback, where the server listens)."""
+        return self.directory / ("kubeconfig-local" if inside else "kubeconfig")
+
+    def api_down(self) -> None:
+        self.api.go_down()
+
+    def api_up(self) -> None:
+        with entered(API_SERVER.netns):  # the listening socket belongs to that namespace
+            self.api.come_up()
+
+    @contextlib.contextmanager
+    def client(self) -> Iterator[ApiClient]:
+        """A Kubernetes client of the test's own, as `kubectl` on an admin's machine; use it
+        only inside the block (its connections are opened in the `api` host's namespace)."""
+        with entered(API_SERVER.netns):
+            client: ApiClient = new_client_from_config_dict(  # type: ignore[no-untyped-call]
+                self.api.kubeconfig_dict(), persist_config=False
+            )
+            try:
+                yield client
+            finally:
+                client.close()  # type: ignore[no-untyped-call]
+
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """POST a cluster-scoped object of ours (a policy), as `kubectl create` would."""
+        plural = {"EgressGatewayPolicy": "egressgatewaypolicies"}[obj["kind"]]
+        with self.client() as client:
+            created = CustomObjectsApi(client).create_cluster_custom_object(
+                GROUP, VERSION, plural, dict(obj)
+            )
+        if not isinstance(created, dict):
+            raise LabError(f"the API answered {created!r}")
+        return created
+
+    def object(self, plural: str, name: str) -> dict[str, Any]:
+        found = self.api.get(plural, name)
+        return found if isinstance(found, dict) else {}
+
+    # --- the controller ---------------------------------------------------------------------
+
+    def start_controller(self) -> None:
+        if self._controller is not None and self._controller.poll() is None:
+            raise LabError("the controller is already running")
+        argv = [sys.executable, "-m", "gatewayd.cli.gatewayd", "controller",
+                "--kubeconfig", str(self.kubeconfig_path(inside=True)),
+                "--namespace", NAMESPACE,
+                "--hold-down", str(self.timing["hold_down"]),
+                "--health-port", "18081"]
+        self._controller = start_process(API_SERVER.netns, argv,
+                                         self.directory / "controller.log",
+                                         {"PYTHONUNBUFFERED": "1"})
+
+    def stop_controller(self) -> None:
+        if self._controller is not None:
+            stop_process(self._controller)
+            self._controller = None
+
+    def wait_joined(self, timeout: float) -> None:
+        """Wait until every node has its tunnel address and both gateways in its spec, has
+        applied it, and its probes reach both gateways; and until both gateways have been
+        Ready for the controller's hold-down (it holds a gateway it first saw not Ready back
+        for that long), so that a policy created next can use either."""
+        try:
+            wait_for(lambda: _joined(self), timeout, "the nodes to reach both gateways", 0.2)
+            # + 2: the condition's time has whole seconds, and the controller saw it later
+            wait_for(lambda: self._ready_for(self.timing["hold_down"] + 2), timeout,
+                     "the gateways to be Ready for the hold-down", 0.2)
+        except TimeoutError:
+            state = {n.name: self.object("egressnodes", n.name) for n in NODES}
+            raise LabError("not joined: " + json.dumps(state)[:4000]) from None
+
+    def _ready_for(self, seconds: float) -> bool:
+        for gateway in GATEWAYS:
+            conditions = (self.object("egressgateways", gateway.name).get("status") or {}).get(
+                "conditions") or []
+            ready: dict[str, Any] = next(
+                (c for c in conditions if c.get("type") == "Ready"), {})
+            since = ready.get("lastTransitionTime")
+            if ready.get("status") != "True" or not isinstance(since, str):
+                return False
+            if time.time() - datetime.fromisoformat(since).timestamp() < seconds:
+                return False
+        return True
+
+    # --- gateways going away and coming back ---------------------------------------------------
+
+    def cut(self, gateway: GatewayHost, power_loss: bool = False) -> float:
+        """Cut the gateway off its network (eth0 and its tunnel down); with `power_loss`, its
+        agent and wireguard-go are killed too. Returns the time (time.time()) by which eth0
+        was down: nothing the gateway sends after it leaves the host."""
+        run(["ip", "link", "set", "eth0", "down"], gateway.netns)
+        cut_at = time.time()
+        run(["ip", "link", "set", gateway.tunnel_interface, "down"], gateway.netns)
+        if power_loss:
+            self.stop_daemon(gateway.name, signal.SIGKILL)
+            run(["pkill", "-KILL", "-x", "-f", f"wireguard-go {gateway.tunnel_interface}"],
+                check=False)
+        return cut_at
+
+    def restore(self, gateway: GatewayHost) -> None:
+        """Bring a cut gateway back. After a power loss this is a boot: a real one would find
+        no egress IPs on the uplink, but a namespace keeps its kernel state, so the agent
+        starts (and gives up the provisioned addresses no node asks for) before the uplink
+        comes up, as services start before the network is reachable."""
+        if self.daemon_pid(gateway.name) is None:
+            started = time.time()
+            self.start_daemon(gateway.name)
+            self.wait_ready([gateway.name], since=started)
+            wait_for(lambda: (self.status(gateway.name) or {}).get("egressIPs") == [], 10,
+                     f"the agent of {gateway.name} to give up its egress IPs")
+        else:
+            run(["ip", "link", "set", gateway.tunnel_interface, "up"], gateway.netns)
+        run(["ip", "link", "set", "eth0", "up"], gateway.netns)
+        run(["ip", "route", "replace", "default", "via", ONPREM_ROUTER], gateway.netns)
+
+    # --- removing ---------------------------------------------------------------------------
+
+    def down(self, *, remove_directory: bool = True) -> list[str]:
+        self.stop_controller()
+        with contextlib.suppress(Exception):
+            self.api.stop()
+        return super().down(remove_directory=remove_directory)
+
+
+# --- watching traffic and egress IPs --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def pinging(netns: str, target: str, out: Path, interval: float = 0.02,
+            timeout: float = 0.9) -> Iterator[Path]:
+    """The probing client (`gatewayd.lab.pinger`) in `netns` for the block; its outcomes are
+    in `out` (JSON lines). The timeout stays under TCP's first SYN retransmission (1 s), so a
+    lost SYN is a failed request, while a busy host's scheduling delays are not."""
+    argv = [sys.executable, "-m", "gatewayd.lab.pinger", "--target", target,
+            "--interval", str(interval), "--timeout", str(timeout), "--out", str(out)]
+    proc = start_process(netns, argv, out.with_suffix(".log"))
+    try:
+        wait_for(lambda: out.exists() and out.stat().st_size > 0, 10, f"pinger in {netns}")
+        yield out
+    finally:
+        stop_process(proc)
+
+
+
+class EgressIPWatch:
+    """Samples, every `interval`, which gateways hold each of `addresses` on an uplink that is
+    up (so the segment can hear them answer for it). `overlaps` are the samples in which two
+    gateways did at once: what must never happen."""
+
+    def __init__(self, addresses: Iterable[str], interval: float = 0.01) -> None:
+        self.addresses = frozenset(addresses)
+        self.interval = interval
+        self.overlaps: list[tuple[float, str, tuple[str, ...]]] = []
+        self.samples = 0
+        self._stop = threading.Event()
+        self._sockets: dict[str, IPRoute] = {}
+        for gateway in GATEWAYS:
+            with entered(gateway.netns):  # a netlink socket stays in its namespace
+                self._sockets[gateway.name] = IPRoute()
+        self._thread = threading.Thread(target=self._run, name="egress-ip-watch", daemon=True)
+
+    def __enter__(self) -> EgressIPWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for sock in self._sockets.values():
+            sock.close()
+
+    def holders(self) -> dict[str, set[str]]:
+        """address -> gateways holding it on an uplink that is up, now."""
+        found: dict[str, set[str]] = {a: set() for a in self.addresses}
+        for name, ipr in self._sockets.items():
+            links = ipr.link_lookup(ifname="eth0")
+            if not links or not ipr.get_links(links[0])[0]["flags"] & 1:  # IFF_UP
+                continue
+            for msg in ipr.get_addr(index=links[0]):
+                address = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+                if address in found:
+                    found[address].add(name)
+        return found
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for address, holders in self.holders().items():
+                if len(holders) > 1:
+                    self.overlaps.append((time.time(), address, tuple(sorted(holders))))
+            self.samples += 1
+
+
+# --- building ------------------------------------------------------------------------------------
+
+
+DEFAULT_TIMING = {
+    "lease_duration": 4.0,  # gateways' Lease
+    "lease_renew": 1.0,
+    "hold_down": 3.0,  # the controller's, for a recovered gateway
+}
+
+
+def kube_lab_up(
+    directory: Path,
+    api: ApiServer,
+    *,
+    controller: bool = True,
+    timing: Mapping[str, float] | None = None,
+    ready_timeout: float = 60,
+) -> KubeLab:
+    """Build the lab in `directory`, serve `api` from the `api` host, put the cluster's
+    objects, start the controller and the daemons in Kubernetes mode; wait until the daemons
+    are ready and every node has a tunnel address and its gateways. A failure removes it."""
+    lab = lab_up(directory, start_daemons=False)  # network, echo servers, keys
+    kube = KubeLab(lab.directory, api, {**DEFAULT_TIMING, **(timing or {})})
+    kube._echo_servers = lab._echo_servers
+    try:
+        _serve_api(kube)
+        _put_cluster(api)
+        _write_configs(kube)
+        if controller:
+            kube.start_controller()
+        kube.start_daemons(ready_timeout)
+        if controller:
+            kube.wait_joined(ready_timeout)
+    except BaseException:
+        kube.down(remove_directory=False)
+        raise
+    return kube
+
+
+@contextlib.contextmanager
+def kube_lab_session(directory: Path, api: ApiServer, **options: Any) -> Iterator[KubeLab]:
+    """A Kubernetes-mode lab for the duration of the block, removed afterwards even on failure
+    (its files stay in `directory` for the post-mortem)."""
+    lab = kube_lab_up(directory, api, **options)
+    try:
+        yield lab
+    finally:
+        lab.down(remove_directory=False)
+
+
+def _serve_api(lab: KubeLab) -> None:
+    with entered(API_SERVER.netns):
+        lab.api.start()
+    port = lab.api_port
+    run(["sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=1",
+         "net.ipv4.conf.eth0.route_localnet=1"], API_SERVER.netns)
+    address = API_SERVER.addresses[0]
+    rules = f"ip daddr {address} tcp dport {API_PORT} dnat to 127.0.0.1:{port}"
+    run(["nft", "-f", "-"], API_SERVER.netns, input=f"""
+table ip {API_NAT_TABLE} {{
+    chain prerouting {{ type nat hook prerouting priority dstnat; {rules}; }}
+    chain output {{ type nat hook output priority -100; {rules}; }}
+}}
+""")
+    config = lab.api.kubeconfig_dict()
+    lab.kubeconfig_path(inside=True).write_text(yaml.safe_dump(config))
+    config["clusters"][0]["cluster"]["server"] = f"http://{address}:{API_PORT}"
+    lab.kubeconfig_path(inside=False).write_text(yaml.safe_dump(config))
+
+
+def _put_cluster(api: ApiServer) -> None:
+    for name in CLUSTER_FILES:
+        for obj in yaml.safe_load_all((EXAMPLE_SNAPSHOT / name).read_text()):
+            if obj:
+                api.put(obj)
+
+
+def agent_config(lab: KubeLab, gateway: GatewayHost) -> dict[str, Any]:
+    return {
+        "name": gateway.name,
+        "labels": {"egress.gatewayd.io/role": "gateway"},
+        "kubernetes": {
+            "kubeconfig": str(lab.kubeconfig_path(inside=False)),
+            "namespace": NAMESPACE,
+            "leaseDurationSeconds": int(lab.timing["lease_duration"]),
+            "leaseRenewSeconds": lab.timing["lease_renew"],
+        },
+        "stateDirectory": str(lab.state_dir(gateway.name)),
+        "uplink": "eth0",
+        "egressIPPools": [{"cidr": EGRESS_IP_POOL, "interface": "eth0"}],
+        "tunnel": {
+            "interface": gateway.tunnel_interface,
+            "listenPort": GATEWAY_LISTEN_PORT,
+            "mtu": WIREGUARD_MTU,
+            "privateKeyFile": str(lab.key_path(gateway.name)),
+        },
+        "reconcile": {"pollSeconds": POLL_SECONDS, "repairSeconds": REPAIR_SECONDS},
+    }
+
+
+def steer_config(lab: KubeLab, node_name: str, number: int) -> dict[str, Any]:
+    return {
+        "node": node_name,
+        "kubernetes": {
+            "kubeconfig": str(lab.kubeconfig_path(inside=False)),
+            "namespace": NAMESPACE,
+        },
+        "stateDirectory": str(lab.state_dir(node_name)),
+        "tunnel": {
+            "privateKeyFile": str(lab.key_path(node_name)),
+            "mtu": WIREGUARD_MTU,
+            # wireguard-go's sockets are shared by every namespace: names unique per node
+            "interfacePrefix": f"n{number}-",
+            "listenPort": GATEWAY_LISTEN_PORT + 1,
+            "persistentKeepalive": KEEPALIVE_SECONDS,
+        },
+        "reconcile": {"pollSeconds": POLL_SECONDS, "repairSeconds": REPAIR_SECONDS},
+    }
+
+
+def _write_configs(lab: KubeLab) -> None:
+    configs = {g.name: agent_config(lab, g) for g in GATEWAYS}
+    configs.update({n.name: steer_config(lab, n.name, n.number) for n in NODES})
+    for host, config in configs.items():
+        lab.config_path(host).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+# --- waiting for the cluster ---------------------------------------------------------------------
+
+
+def _joined(lab: KubeLab) -> bool:
+    for node in NODES:
+        obj = lab.object("egressnodes", node.name)
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        gateways = {g.get("name") for g in spec.get("gateways") or []}
+        if not spec.get("tunnelAddress") or gateways != {g.name for g in GATEWAYS}:
+            return False
+        if status.get("observedGeneration") != obj["metadata"].get("generation"):
+            return False
+        if not all(g.get("reachable") for g in status.get("gateways") or [{}]):
+            return False
+    return True
+
+
+def policy_status(lab: KubeLab, name: str) -> dict[str, Any]:
+    status = lab.object("egressgatewaypolicies", name).get("status")
+    return status if isinstance(status, dict) else {}
+
+
+def daemon_events(lab: Lab, host: str, event: str) -> int:
+    """How many journal events of kind `event` the host's daemon logged (the lab's daemons log
+    events to their log file)."""
+    try:
+        text = lab.log_path(host).read_text(errors="replace")
+    except FileNotFoundError:
+        return 0
+    return text.count(f"[event={event} ") + text.count(f"[event={event}]")

@@ -1,0 +1,304 @@
+"""The fast failover path (Kubernetes mode): probes through the tunnels, and what they decide.
+
+Every cloud node (steer) sends a small UDP probe through each gateway's tunnel every
+`interval` (~0.1 s): from its tunnel address to the gateway's `GATEWAY_TUNNEL_ADDRESS`, port
+`PROBE_PORT`, with that gateway's fwmark so the gateway's routing table carries it into the
+gateway's tunnel. The agent answers from the same address. The request tells the gateway which
+policies this node sends to it now (`here`) and which it sends to other gateways (`away`); the
+reply says which of them the gateway can serve now (`serving`: its SNAT rule is in
+place and its egress IP, when the gateway provisions it, is held).
+
+Everything here is pure: the wire format, the per-gateway probe history, the steer side's
+failover decision (`decide_failovers`) and the gateway side's egress IP decision
+(`egress_ips_to_hold`). The sockets are in `gatewayd.dataplane.probe`; the daemons wire them.
+See README.md, "Egress IP failover and split brain", for the rules and their failure modes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from typing import Any
+
+from gatewayd.policy.model import IPAddress, Role, SnatRule, SteerAction, SteerRule
+
+PROBE_PORT = 51871
+# Every gateway's own address on its tunnel interface: each node reaches it through its own
+# per-gateway interface, so all gateways can share it (the controller's tunnel CIDR's first host).
+GATEWAY_TUNNEL_ADDRESS = IPv4Address("100.127.0.1")
+PROTOCOL_VERSION = 1
+MAX_DATAGRAM = 65000
+
+
+class ProbeFormatError(ValueError):
+    pass
+
+
+# --- the wire format ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    node: str
+    sequence: int
+    here: frozenset[str] = frozenset()  # policies this node sends (some of) to the gateway now
+    away: frozenset[str] = frozenset()  # its other policies: sent to other gateways only
+
+
+@dataclass(frozen=True)
+class ProbeReply:
+    gateway: str
+    sequence: int
+    serving: frozenset[str] = frozenset()  # of the request's policies, those served now
+
+
+def encode_request(request: ProbeRequest) -> bytes:
+    return _encode({
+        "v": PROTOCOL_VERSION, "node": request.node, "seq": request.sequence,
+        "here": sorted(request.here), "away": sorted(request.away),
+    })
+
+
+def encode_reply(reply: ProbeReply) -> bytes:
+    return _encode({
+        "v": PROTOCOL_VERSION, "gateway": reply.gateway, "seq": reply.sequence,
+        "serving": sorted(reply.serving),
+    })
+
+
+def decode_request(data: bytes) -> ProbeRequest:
+    message = _decode(data)
+    return ProbeRequest(
+        node=_field(message, "node", str),
+        sequence=_field(message, "seq", int),
+        here=_names(message, "here"),
+        away=_names(message, "away"),
+    )
+
+
+def decode_reply(data: bytes) -> ProbeReply:
+    message = _decode(data)
+    return ProbeReply(
+        gateway=_field(message, "gateway", str),
+        sequence=_field(message, "seq", int),
+        serving=_names(message, "serving"),
+    )
+
+
+def _encode(message: Mapping[str, Any]) -> bytes:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    if len(data) > MAX_DATAGRAM:
+        raise ProbeFormatError(f"probe message of {len(data)} bytes does not fit a datagram")
+    return data
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProbeFormatError(f"not a probe message: {exc}") from exc
+    if not isinstance(message, dict) or message.get("v") != PROTOCOL_VERSION:
+        raise ProbeFormatError(f"not a version {PROTOCOL_VERSION} probe message")
+    return message
+
+
+def _field(message: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = message.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ProbeFormatError(f"probe message: {key} must be a {kind.__name__}")
+    return value
+
+
+def _names(message: Mapping[str, Any], key: str) -> frozenset[str]:
+    value = message.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ProbeFormatError(f"probe message: {key} must be a list of policy names")
+    return frozenset(value)
+
+
+# --- steer: gateway health from probe outcomes ---------------------------------------------------
+
+
+@dataclass
+class ProbeHistory:
+    """One gateway's probe outcomes as seen by one node, with hysteresis: `down` after
+    `misses` unanswered probes in a row, `up` again only after `recoveries` answered in a row.
+    Unknown (None) until the first verdict; a gateway never answered yet (a tunnel still
+    handshaking after a start) counts as down only after `first_misses`, so a node that just
+    started fails nothing over while its tunnels come up."""
+
+    misses: int
+    recoveries: int
+    first_misses: int
+    up: bool | None = None
+    missed: int = 0  # consecutive unanswered probes
+    answered: int = 0  # consecutive answered probes
+    serving: frozenset[str] = frozenset()  # from the last reply
+
+    def record(self, reply: ProbeReply | None) -> bool:
+        """Count one probe's outcome (None: unanswered); True when `up` changed."""
+        before = self.up
+        if reply is None:
+            self.missed += 1
+            self.answered = 0
+            if self.missed >= (self.misses if self.up is not None else self.first_misses):
+                self.up = False
+        else:
+            self.answered += 1
+            self.missed = 0
+            self.serving = reply.serving
+            if self.up is None or self.answered >= self.recoveries:
+                self.up = True
+        return self.up != before
+
+
+@dataclass(frozen=True)
+class Failover:
+    """New connections of `policy` that the plan sends to `gateway` go to `standby` instead,
+    since `since` (seconds, the caller's clock)."""
+
+    policy: str
+    gateway: str
+    standby: str
+    since: float
+    at: str = field(default="", compare=False)  # wall-clock time for status, RFC 3339
+
+
+FailoverKey = tuple[str, str]  # (policy, the plan's gateway)
+
+
+def decide_failovers(
+    rules: Iterable[SteerRule],
+    up: Mapping[str, bool | None],
+    serving: Mapping[str, frozenset[str]],
+    previous: Mapping[FailoverKey, Failover],
+    now: float,
+    claim_grace: float,
+    at: str = "",
+) -> dict[FailoverKey, Failover]:
+    """The failovers in force after this decision, from the plan's tunnel rules, each gateway's
+    health (`up`: True, False, or None when unknown) and what each serves.
+
+    - A rule's traffic moves to its standby when its gateway is down and the standby is up.
+    - It stays there while the standby works: no flip back when the gateway recovers. The
+      controller decides the steady state; a plan that names another gateway or standby for
+      the rule ends the failover (the rule then follows the new plan).
+    - It goes back to the gateway only if the standby stops working (down, or not serving the
+      policy `claim_grace` seconds after the failover, e.g. because another gateway still holds
+      the egress IP) while the gateway is up again.
+    """
+    decided: dict[FailoverKey, Failover] = {}
+    for rule in rules:
+        if rule.action is not SteerAction.TUNNEL or rule.gateway is None:
+            continue
+        key = (rule.policy, rule.gateway)
+        standby = rule.standby
+        if key in decided or standby is None or standby == rule.gateway:
+            continue
+        current = previous.get(key)
+        if current is not None and current.standby != standby:
+            current = None  # the plan changed the standby: follow the new plan
+        gateway_up, standby_up = up.get(rule.gateway), up.get(standby)
+        if current is None:
+            if gateway_up is False and standby_up is True:
+                decided[key] = Failover(rule.policy, rule.gateway, standby, now, at)
+            continue
+        standby_works = standby_up is not False and (
+            rule.policy in serving.get(standby, frozenset())
+            or now - current.since < claim_grace
+        )
+        if standby_works or gateway_up is not True:
+            decided[key] = current
+    return decided
+
+
+def effective_rules(
+    rules: Iterable[SteerRule], failovers: Mapping[FailoverKey, Failover]
+) -> tuple[SteerRule, ...]:
+    """The rules as steered now: each failed-over rule sends to its standby."""
+    result = []
+    for rule in rules:
+        moved = failovers.get((rule.policy, rule.gateway)) if rule.gateway else None
+        if moved is not None and rule.action is SteerAction.TUNNEL:
+            rule = SteerRule(
+                policy=rule.policy, action=rule.action, sources=rule.sources,
+                destinations=rule.destinations, gateway=moved.standby, standby=None,
+            )
+        result.append(rule)
+    return tuple(result)
+
+
+def probe_requests(
+    node: str, gateways: Iterable[str], rules: Iterable[SteerRule],
+    failovers: Mapping[FailoverKey, Failover], sequence: int,
+) -> dict[str, ProbeRequest]:
+    """The request for each gateway: the policies this node sends to it now (`here`), and all
+    its other tunnelled policies (`away`), so that no gateway holds a policy's egress IP on
+    the strength of an old plan while nodes send that policy elsewhere."""
+    targets: dict[str, set[str]] = {}
+    for rule in rules:
+        if rule.action is not SteerAction.TUNNEL or rule.gateway is None:
+            continue
+        moved = failovers.get((rule.policy, rule.gateway))
+        targets.setdefault(rule.policy, set()).add(moved.standby if moved else rule.gateway)
+    requests = {}
+    for gateway in gateways:
+        here = frozenset(p for p, sent_to in targets.items() if gateway in sent_to)
+        requests[gateway] = ProbeRequest(node, sequence, here, frozenset(targets) - here)
+    return requests
+
+
+# --- the gateway: which provisioned egress IPs to hold ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What one node's latest probe said, and when it arrived (the caller's clock)."""
+
+    node: str
+    received_at: float
+    here: frozenset[str]
+    away: frozenset[str]
+
+
+def egress_ips_to_hold(
+    rules: Sequence[SnatRule],
+    provisioned: Callable[[IPAddress], bool],
+    demands: Iterable[Demand],
+    now: float,
+    hold_seconds: float,
+) -> frozenset[IPAddress]:
+    """The egress IPs (among those this gateway provisions itself) it should hold now.
+
+    Only probes younger than `hold_seconds` count. With none, the gateway holds nothing: a
+    gateway that no cloud node reaches gives its addresses up (it fences itself), so the
+    standby that the nodes moved to can take them without two hosts answering for one address.
+    Otherwise an address is held when a node sends the rule's policy here, or when the plan
+    makes this gateway active for it and no node reports sending it to another gateway.
+    """
+    recent = [d for d in demands if now - d.received_at <= hold_seconds]
+    if not recent:
+        return frozenset()
+    here = {p for d in recent for p in d.here}
+    away = {p for d in recent for p in d.away}
+    held = set()
+    for rule in rules:
+        if not provisioned(rule.egress_ip):
+            continue
+        if rule.policy in here or (rule.role is Role.ACTIVE and rule.policy not in away):
+            held.add(rule.egress_ip)
+    return frozenset(held)
+
+
+def keep_when_contested(
+    policies: Iterable[str], rules: Sequence[SnatRule], here: Iterable[str]
+) -> bool:
+    """Whether to keep an egress IP another host now claims too (a gratuitous ARP or an ARP
+    answer from another MAC), `policies` being those whose rules use it: only when the plan
+    makes this gateway active for one of them and a node sends that policy here. Otherwise it
+    yields at once; the other host's claim passed its own checks."""
+    active = {r.policy for r in rules if r.role is Role.ACTIVE}
+    demanded = set(here)
+    return any(p in active and p in demanded for p in policies)

@@ -1,0 +1,181 @@
+"""Kubernetes mode: steer's fast failover, without an API round trip.
+
+A thread probes every gateway through its tunnel every `probeIntervalSeconds` (see
+`gatewayd.probe` for the message and the rules). A probe not answered before the next one is
+sent is a miss. When a gateway's health or what it serves changes, the failovers are decided
+again (`decide_failovers`) and, if they changed, the daemon re-renders its nftables table with
+each failed-over rule sent to its standby: one transaction; new connections only, since
+established ones keep their conntrack mark. The daemon reports each change in its EgressNode
+status and as an Event.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection
+from ipaddress import IPv4Address
+
+from gatewayd.clusterlink import rfc3339
+from gatewayd.dataplane.probe import ProbeSockets, ProbeTarget
+from gatewayd.policy.model import SteerRule
+from gatewayd.probe import (
+    Failover,
+    FailoverKey,
+    ProbeFormatError,
+    ProbeHistory,
+    ProbeReply,
+    decide_failovers,
+    decode_reply,
+    encode_request,
+    probe_requests,
+)
+from gatewayd.steer.config import FailoverSettings
+
+log = logging.getLogger("gatewayd.steer")
+
+# Before a gateway ever answered (tunnels coming up at start), this many intervals pass
+# before it counts as down.
+FIRST_MISSES_FACTOR = 10
+
+
+class FastFailover:
+    def __init__(
+        self, node: str, settings: FailoverSettings, on_change: Callable[[], None]
+    ) -> None:
+        self.node = node
+        self.settings = settings
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._rules: tuple[SteerRule, ...] = ()
+        self._targets: tuple[ProbeTarget, ...] = ()
+        self._source: IPv4Address | None = None
+        self._history: dict[str, ProbeHistory] = {}
+        self._failovers: dict[FailoverKey, Failover] = {}
+        self._sequence = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fast-failover", daemon=True)
+
+    # --- for the daemon (any thread) -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(2)
+
+    def set_plan(
+        self,
+        rules: tuple[SteerRule, ...],
+        targets: Collection[ProbeTarget],
+        source: IPv4Address | None,
+    ) -> None:
+        """The rules in force, where each gateway's probes go, and the node's tunnel address
+        (None: not assigned yet, no probes)."""
+        with self._lock:
+            self._rules = rules
+            self._targets = tuple(sorted(targets, key=lambda t: t.gateway))
+            self._source = source
+            for gateway in set(self._history) - {t.gateway for t in targets}:
+                del self._history[gateway]
+
+    def decide(self) -> tuple[dict[FailoverKey, Failover], bool]:
+        """The failovers in force now, and whether they changed since the last decision."""
+        with self._lock:
+            up = {g: h.up for g, h in self._history.items()}
+            serving = {g: h.serving for g, h in self._history.items()}
+            decided = decide_failovers(
+                self._rules, up, serving, self._failovers, time.monotonic(),
+                self.settings.claim_grace_seconds, at=rfc3339(),
+            )
+            changed = decided != self._failovers
+            self._failovers = decided
+            return dict(decided), changed
+
+    @property
+    def failovers(self) -> dict[FailoverKey, Failover]:
+        with self._lock:
+            return dict(self._failovers)
+
+    def reachable(self) -> dict[str, bool | None]:
+        """Each probed gateway's health: True (up), False (down), None (not known yet)."""
+        with self._lock:
+            return {t.gateway: self._history[t.gateway].up if t.gateway in self._history
+                    else None for t in self._targets}
+
+    # --- the thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        sockets: ProbeSockets | None = None
+        interval = self.settings.probe_interval_seconds
+        next_send = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                with self._lock:
+                    source, targets = self._source, self._targets
+                if source is None or not targets:
+                    if sockets is not None:
+                        sockets.close()
+                        sockets = None
+                    self._stopping.wait(interval)
+                    continue
+                if sockets is None or sockets.source != source:
+                    if sockets is not None:
+                        sockets.close()
+                    sockets = ProbeSockets(source)
+                try:
+                    sockets.update(targets)
+                except OSError as exc:
+                    log.warning("probe sockets: %s; retrying", exc)
+                    self._stopping.wait(1.0)
+                    continue
+                next_send = max(next_send + interval, time.monotonic())
+                replies = self._probe_once(sockets, next_send)
+                if self._record(replies, {t.gateway for t in targets}):
+                    self._on_change()
+        except Exception:
+            log.exception("fast failover stopped working; failovers wait for the controller")
+        finally:
+            if sockets is not None:
+                sockets.close()
+
+    def _probe_once(self, sockets: ProbeSockets, until: float) -> dict[str, ProbeReply]:
+        """Send one probe to every gateway; the replies that come back before `until`."""
+        with self._lock:
+            self._sequence += 1
+            sequence = self._sequence
+            requests = probe_requests(self.node, sockets.gateways, self._rules,
+                                      self._failovers, sequence)
+        sockets.send({gateway: encode_request(r) for gateway, r in requests.items()})
+        replies: dict[str, ProbeReply] = {}
+        while (left := until - time.monotonic()) > 0 and len(replies) < len(requests):
+            for gateway, data in sockets.receive(left):
+                try:
+                    reply = decode_reply(data)
+                except ProbeFormatError:
+                    continue
+                if reply.sequence == sequence and reply.gateway == gateway:
+                    replies[gateway] = reply
+        # The rest of the interval passes before the next probe goes out.
+        self._stopping.wait(max(0.0, until - time.monotonic()))
+        return replies
+
+    def _record(self, replies: dict[str, ProbeReply], gateways: set[str]) -> bool:
+        """Count each gateway's outcome; True when a health or a `serving` set changed."""
+        changed = False
+        with self._lock:
+            for gateway in sorted(gateways):
+                history = self._history.setdefault(gateway, ProbeHistory(
+                    misses=self.settings.misses,
+                    recoveries=self.settings.recoveries,
+                    first_misses=self.settings.misses * FIRST_MISSES_FACTOR,
+                ))
+                serving = history.serving
+                if history.record(replies.get(gateway)):
+                    log.info("gateway %s is %s (probes through its tunnel)", gateway,
+                             "up" if history.up else "DOWN")
+                    changed = True
+                changed = changed or history.serving != serving
+        return changed

@@ -1,0 +1,256 @@
+"""`gatewayd agent` in Kubernetes mode against the fake API server: join, status,
+observedGeneration, Lease renewal, SIGTERM, and API outages.
+
+The agent runs as a process in a throwaway network namespace (it programs WireGuard, nftables
+and addresses there); the fake API server listens inside that namespace. No traffic flows:
+the lab tests (tests/lab/test_k8s_*.py) do that.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixtures.fakeapi import FakeApiServer
+
+from gatewayd.lab.sandboxed import HOST_ADDRESS, DaemonSandbox
+
+pytestmark = pytest.mark.kube
+
+NAME = "gw-kube"
+NAMESPACE = "gatewayd-system"
+LEASE = f"egressgateway-{NAME}"
+TUNNEL = "ktgw0"  # unique on the machine: wireguard-go's sockets are shared by namespaces
+TIMEOUT = 20.0
+RULE = {"policy": "pay", "role": "active", "egressIP": "198.51.100.70",
+        "sources": ["10.244.1.10"], "destinations": ["198.51.100.10/32"]}
+
+
+def public_key(name: str) -> str:
+    return base64.b64encode(hashlib.sha256(name.encode()).digest()).decode()
+
+
+PEER: dict[str, Any] = {"name": "node1", "publicKey": public_key("node1"),
+                        "endpoint": "192.0.2.21:51821",
+                        "allowedIPs": ["10.244.1.0/24", "100.127.0.2/32"]}
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[DaemonSandbox]:
+    if os.geteuid() != 0:
+        pytest.skip("the agent needs root (a network namespace of its own)")
+    with DaemonSandbox("gwdkagent-", tmp_path, FakeApiServer()) as box:
+        box.interfaces.add(TUNNEL)
+        yield box
+
+
+def config(box: DaemonSandbox) -> dict[str, Any]:
+    return {
+        "name": NAME,
+        "labels": {"site": "dc1"},
+        "kubernetes": {"kubeconfig": str(box.kubeconfig), "namespace": NAMESPACE,
+                       "leaseDurationSeconds": 4, "leaseRenewSeconds": 0.5},
+        "stateDirectory": str(box.directory / "state"),
+        "uplink": "eth0",
+        "egressIPPools": [{"cidr": "198.51.100.64/27"}],
+        "tunnel": {"interface": TUNNEL, "listenPort": 51820},
+        "reconcile": {"pollSeconds": 0.2, "repairSeconds": 1},
+    }
+
+
+def gateway(box: DaemonSandbox) -> dict[str, Any]:
+    return box.api.get("egressgateways", NAME) or {}
+
+
+def status(box: DaemonSandbox) -> dict[str, Any]:
+    return gateway(box).get("status") or {}
+
+
+def condition(box: DaemonSandbox, kind: str) -> dict[str, Any]:
+    return next((c for c in status(box).get("conditions", []) if c["type"] == kind), {})
+
+
+def applied(box: DaemonSandbox) -> bool:
+    """The agent reports the object's current generation as applied, and is Ready."""
+    obj = gateway(box)
+    generation = (obj.get("metadata") or {}).get("generation")
+    return generation is not None and status(box).get("observedGeneration") == generation \
+        and condition(box, "Ready").get("status") == "True"
+
+
+def set_spec(box: DaemonSandbox, spec: dict[str, Any]) -> None:
+    """Write the spec as the controller would."""
+    obj = gateway(box)
+    box.api.put({**obj, "spec": spec})
+
+
+def renew_time(box: DaemonSandbox) -> str | None:
+    lease = box.api.get("leases", LEASE, NAMESPACE) or {}
+    return (lease.get("spec") or {}).get("renewTime")
+
+
+def test_joins_creates_its_gateway_and_reports_its_host(sandbox: DaemonSandbox) -> None:
+    sandbox.start("agent", config(sandbox))
+    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to report generation 1")
+    obj = gateway(sandbox)
+    assert obj["metadata"]["labels"] == {"kubernetes.io/hostname": NAME, "site": "dc1"}
+    found = status(sandbox)
+    key_file = sandbox.directory / "state" / "wireguard.key"
+    expected_key = subprocess.run(["wg", "pubkey"], input=key_file.read_text(), text=True,
+                                  capture_output=True, check=True).stdout.strip()
+    assert found["publicKey"] == expected_key
+    assert found["endpoint"] == f"{HOST_ADDRESS}:51820"
+    assert found["addresses"] == [{"type": "InternalIP", "address": HOST_ADDRESS}]
+    assert {"name": "eth0", "addresses": [f"{HOST_ADDRESS}/24"], "defaultRouteV4": True} \
+        in found["interfaces"]
+    assert TUNNEL not in {i["name"] for i in found["interfaces"]}
+    assert found["egressIPPools"] == [{"cidr": "198.51.100.64/27", "interface": "eth0"}]
+    assert {c["type"]: c["status"] for c in found["conditions"]} == {
+        "Ready": "True", "TunnelsUp": "True", "SNATProgrammed": "True",
+        "EgressIPsPresent": "True"}
+
+
+def test_adopts_its_gateway_keeps_other_labels_and_follows_the_spec(
+    sandbox: DaemonSandbox,
+) -> None:
+    sandbox.api.put({
+        "apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGateway",
+        "metadata": {"name": NAME, "labels": {"team": "payments", "site": "old"}},
+        "spec": {"peers": [PEER], "rules": [RULE]},
+    })
+    sandbox.start("agent", config(sandbox))
+    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to apply the spec")
+    assert gateway(sandbox)["metadata"]["labels"] == {
+        "team": "payments", "site": "dc1", "kubernetes.io/hostname": NAME}
+    table = sandbox.nft("list", "table", "inet", "gatewayd")
+    assert "snat ip to 198.51.100.70" in table and "10.244.1.10" in table
+    assert PEER["publicKey"] in sandbox.cmd("wg", "show", TUNNEL, "peers")
+    routes = sandbox.cmd("ip", "route", "show", "dev", TUNNEL)
+    assert "10.244.1.0/24" in routes and "100.127.0.2" in routes
+    assert "100.127.0.1/32" in sandbox.cmd("ip", "-br", "addr", "show", "dev", TUNNEL)
+
+    # A new peer is a new generation, applied and reported.
+    second = {**PEER, "name": "node2", "publicKey": public_key("node2"),
+              "allowedIPs": ["10.244.2.0/24"]}
+    set_spec(sandbox, {"peers": [PEER, second], "rules": [RULE]})
+    sandbox.wait(lambda: status(sandbox).get("observedGeneration") == 2, TIMEOUT,
+                 "generation 2 to be reported")
+    assert second["publicKey"] in sandbox.cmd("wg", "show", TUNNEL, "peers")
+    assert {p["name"] for p in status(sandbox)["peers"]} == {"node1", "node2"}
+
+
+def test_a_new_generation_with_the_same_plan_is_reported_without_programming(
+    sandbox: DaemonSandbox,
+) -> None:
+    sandbox.start("agent", config(sandbox))
+    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to report generation 1")
+    set_spec(sandbox, {"rules": [RULE]})
+    sandbox.wait(lambda: status(sandbox).get("observedGeneration") == 2, TIMEOUT,
+                 "generation 2")
+    programmed = sandbox.events("plan-applied")
+    set_spec(sandbox, {"rules": [RULE], "peers": []})  # generation 3, the same plan
+    sandbox.wait(lambda: status(sandbox).get("observedGeneration") == 3, TIMEOUT,
+                 "generation 3")
+    assert sandbox.events("plan-applied") == programmed
+
+
+def test_an_unusable_spec_keeps_the_plan_in_force(sandbox: DaemonSandbox) -> None:
+    sandbox.start("agent", config(sandbox))
+    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to report generation 1")
+    set_spec(sandbox, {"rules": [RULE]})
+    sandbox.wait(lambda: status(sandbox).get("observedGeneration") == 2, TIMEOUT,
+                 "generation 2")
+    set_spec(sandbox, {"rules": [{**RULE, "egressIP": "not-an-ip"}]})
+    sandbox.wait(lambda: sandbox.events("plan-invalid") > 0, TIMEOUT,
+                 "the bad spec to be reported")
+    assert status(sandbox)["observedGeneration"] == 2
+    assert "snat ip to 198.51.100.70" in sandbox.nft("list", "table", "inet", "gatewayd")
+
+
+def test_renews_its_lease(sandbox: DaemonSandbox) -> None:
+    sandbox.start("agent", config(sandbox))
+    sandbox.wait(lambda: renew_time(sandbox) is not None, TIMEOUT, "the Lease")
+    lease = sandbox.api.get("leases", LEASE, NAMESPACE)
+    assert lease["spec"]["holderIdentity"] == NAME
+    assert lease["spec"]["leaseDurationSeconds"] == 4
+    first = renew_time(sandbox)
+    sandbox.wait(lambda: renew_time(sandbox) != first, TIMEOUT, "a renewal")
+    assert datetime.fromisoformat(renew_time(sandbox) or "") > datetime.fromisoformat(
+        first or "")
+
+
+def test_sigterm_reports_not_ready_first_and_leaves_the_data_plane(
+    sandbox: DaemonSandbox,
+) -> None:
+    sandbox.api.put({
+        "apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGateway",
+        "metadata": {"name": NAME}, "spec": {"peers": [PEER], "rules": [RULE]},
+    })
+    sandbox.start("agent", config(sandbox))
+    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to apply the spec")
+    assert sandbox.stop(signal.SIGTERM) == 0
+    ready = condition(sandbox, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "Stopping")
+    assert "snat ip to 198.51.100.70" in sandbox.nft("list", "table", "inet", "gatewayd")
+    assert PEER["publicKey"] in sandbox.cmd("wg", "show", TUNNEL, "peers")
+
+
+def test_an_api_outage_changes_nothing_and_the_return_reprograms_nothing(
+    sandbox: DaemonSandbox,
+) -> None:
+    sandbox.api.put({
+        "apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGateway",
+        "metadata": {"name": NAME}, "spec": {"peers": [PEER], "rules": [RULE]},
+    })
+    sandbox.start("agent", config(sandbox))
+    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to apply the spec")
+    programmed = sandbox.events("plan-applied")
+    table = sandbox.nft("-a", "list", "table", "inet", "gatewayd")  # with handles
+
+    sandbox.api.go_down()
+    # The agent notices (a renewal fails) and goes on: its repair passes keep running.
+    sandbox.wait(lambda: "unreachable or refuses" in sandbox.log(), TIMEOUT,
+                 "the agent to notice the outage")
+    local = sandbox.directory / "state" / "status.json"
+    written = local.stat().st_mtime_ns
+    sandbox.wait(lambda: local.stat().st_mtime_ns != written, TIMEOUT, "a repair pass")
+    assert sandbox.running and json.loads(local.read_text())["ready"] is True
+    assert sandbox.nft("-a", "list", "table", "inet", "gatewayd") == table
+
+    before = renew_time(sandbox)
+    sandbox.api_up()
+    sandbox.wait(lambda: renew_time(sandbox) != before, TIMEOUT, "renewals to resume")
+    sandbox.wait(lambda: "answers again" in sandbox.log(), TIMEOUT, "the agent to reconnect")
+    assert sandbox.events("plan-applied") == programmed
+    assert sandbox.nft("-a", "list", "table", "inet", "gatewayd") == table
+    assert applied(sandbox)
+
+
+def test_starts_from_its_saved_plan_while_the_api_is_down(sandbox: DaemonSandbox) -> None:
+    sandbox.api.put({
+        "apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGateway",
+        "metadata": {"name": NAME}, "spec": {"peers": [PEER], "rules": [RULE]},
+    })
+    sandbox.start("agent", config(sandbox))
+    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to apply the spec")
+    assert sandbox.stop(signal.SIGTERM) == 0
+    sandbox.nft("delete", "table", "inet", "gatewayd")  # as after a reboot
+    sandbox.api.go_down()
+    sandbox.log_path.unlink()
+
+    sandbox.start("agent", config(sandbox))
+    sandbox.wait(lambda: sandbox.events("plan-applied") == 1, TIMEOUT,
+                 "the saved plan to be restored")
+    assert "snat ip to 198.51.100.70" in sandbox.nft("list", "table", "inet", "gatewayd")
+    sandbox.api_up()
+    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to report again")
+    assert sandbox.events("plan-applied") == 1  # the restored plan is the spec's

@@ -1,0 +1,305 @@
+"""End to end in Kubernetes mode: the fake API server, the controller, two gateways (agents)
+and two cloud nodes (steer) in the lab's namespaces, with real traffic.
+
+A policy created through the API gives the selected pods their egress IP; a gateway that loses
+power (or its network) is replaced by the standby within a second, with the SAME egress IP,
+which is never held by both gateways at once; its return does not take traffic back; the
+controller's plans converge to what the nodes chose; unselected pods never notice; an API
+server outage changes nothing. Failover times are printed here and measured in
+bench/bench_failover.py; tests assert no timings.
+
+GATEWAYD_LAB_API_OUTAGE_SECONDS sets the API outage (default 10; the bench/README documents
+the 60 s run).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fixtures.fakeapi import FakeApiServer
+
+from gatewayd.lab.kubelab import (
+    EgressIPWatch,
+    KubeLab,
+    daemon_events,
+    kube_lab_session,
+    pinging,
+    policy_status,
+)
+from gatewayd.lab.netns import run, wait_for
+from gatewayd.lab.observe import has_address
+from gatewayd.lab.pinger import Attempt, outage, read_attempts
+from gatewayd.lab.topology import (
+    EXAMPLE_SNAPSHOT,
+    EXTERNAL,
+    GATEWAYS,
+    NODES,
+    ROUTER,
+    GatewayHost,
+)
+from gatewayd.lab.verify import probe
+
+pytestmark = pytest.mark.lab
+
+PAYMENT, BATCH = "payment-gateway", "batch-all"
+PAYMENT_IP, BATCH_IP = "198.51.100.70", "198.51.100.71"
+CHECKOUT_1, BATCH_1, WEB_1 = NODES[0].pods
+CHECKOUT_2, BATCH_2, WEB_2 = NODES[1].pods
+TARGET = f"{EXTERNAL.addresses[0]}:8080"
+NODE_IPS = {NODES[0].name: "192.0.2.21", NODES[1].name: "192.0.2.22"}
+HOLD_DOWN = 3.0
+TIMEOUT = 30.0
+API_OUTAGE_SECONDS = float(os.environ.get("GATEWAYD_LAB_API_OUTAGE_SECONDS", "10"))
+
+
+@pytest.fixture(scope="module")
+def klab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeLab]:
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root (network namespaces)")
+    with kube_lab_session(tmp_path_factory.mktemp("k8slab"), FakeApiServer(),
+                          timing={"hold_down": HOLD_DOWN}) as lab:
+        for name in ("30-policy-payment-gateway.yaml", "31-policy-batch-all.yaml"):
+            lab.create(yaml.safe_load((EXAMPLE_SNAPSHOT / name).read_text()))
+        for pod, expected in ((CHECKOUT_1, PAYMENT_IP), (CHECKOUT_2, PAYMENT_IP),
+                              (BATCH_1, BATCH_IP), (BATCH_2, BATCH_IP)):
+            wait_for(lambda p=pod, e=expected: probe(p.netns, EXTERNAL.addresses[0]) == e,
+                     TIMEOUT, f"{pod.name} to leave with {expected}", interval=0.2)
+        yield lab
+
+
+def active(lab: KubeLab, policy: str) -> str | None:
+    return next((g["name"] for g in policy_status(lab, policy).get("gateways", [])
+                 if g["role"] == "active"), None)
+
+
+def roles(lab: KubeLab, policy: str) -> set[tuple[str, str]]:
+    return {(g["name"], g["role"]) for g in policy_status(lab, policy).get("gateways", [])}
+
+
+def node_routes(lab: KubeLab, node: str, policy: str) -> set[tuple[str | None, str | None]]:
+    rules = (lab.object("egressnodes", node).get("spec") or {}).get("rules", [])
+    return {(r.get("gateway"), r.get("standby")) for r in rules if r["policy"] == policy}
+
+
+def reachable(lab: KubeLab, node: str) -> dict[str, bool]:
+    status = lab.object("egressnodes", node).get("status") or {}
+    return {g["name"]: g["reachable"] for g in status.get("gateways", [])}
+
+
+def gateway_host(name: str) -> GatewayHost:
+    return next(g for g in GATEWAYS if g.name == name)
+
+
+def events(lab: KubeLab, reason: str) -> list[dict[str, Any]]:
+    return [e for e in lab.api.list("events") if e.get("reason") == reason]
+
+
+def test_a_policy_created_through_the_api_gives_selected_pods_the_egress_ip(
+    klab: KubeLab,
+) -> None:
+    assert roles(klab, PAYMENT) == {("gw1", "active"), ("gw2", "standby")}
+    assert policy_status(klab, PAYMENT)["selectedPods"] == 2
+    ready = next(c for c in policy_status(klab, PAYMENT)["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+    # unselected pods, excluded and cluster-internal destinations leave with the node's IP
+    assert probe(WEB_1.netns, EXTERNAL.addresses[0]) == NODE_IPS[NODES[0].name]
+    assert probe(BATCH_1.netns, EXTERNAL.addresses[1]) == NODE_IPS[NODES[0].name]
+    assert probe(BATCH_2.netns, "198.51.100.6") == NODE_IPS[NODES[1].name]
+    # the active gateway holds both egress IPs, the standby none, and reports them
+    assert has_address("gwdlab-gw1", "eth0", PAYMENT_IP)
+    assert not has_address("gwdlab-gw2", "eth0", PAYMENT_IP)
+    status = klab.object("egressgateways", "gw1")["status"]
+    assert sorted(status["egressIPs"]) == [PAYMENT_IP, BATCH_IP]
+
+
+def check_failover(lab: KubeLab, power_loss: bool, directory: Path) -> None:
+    """Cut the payment policy's active gateway; the standby takes over with the same egress
+    IPs; bring the gateway back; nothing flaps; the controller converges."""
+    old = active(lab, PAYMENT)
+    assert old is not None and active(lab, BATCH) == old
+    new = next(g.name for g in GATEWAYS if g.name != old)
+    with ExitStack() as stack:
+        watch = stack.enter_context(EgressIPWatch([PAYMENT_IP, BATCH_IP]))
+        files = {
+            pod.name: stack.enter_context(pinging(pod.netns, TARGET, directory / pod.name))
+            for pod in (CHECKOUT_1, BATCH_2, WEB_1)
+        }
+        time.sleep(1.0)  # a stretch of normal traffic first
+        cut = lab.cut(gateway_host(old), power_loss=power_loss)
+        # a connection attempt under way at the failure: its first SYN goes to the dead
+        # gateway; a retransmission must complete it through the standby
+        pending = subprocess.Popen(
+            ["ip", "netns", "exec", CHECKOUT_2.netns, "curl", "-sS", "--max-time", "8",
+             f"http://{TARGET}/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def answered_after(pod: str) -> bool:
+            return any(a.ok and a.start > cut for a in read_attempts(files[pod]))
+
+        for pod in (CHECKOUT_1, BATCH_2):
+            wait_for(lambda p=pod.name: answered_after(p), TIMEOUT,
+                     f"{pod.name}'s traffic to come back")
+        # the slow path: the controller promotes the standby, the nodes' plans follow
+        wait_for(lambda: active(lab, PAYMENT) == new and active(lab, BATCH) == new, TIMEOUT,
+                 "the controller to promote the standby")
+        for node in NODES:
+            wait_for(lambda n=node.name: {g for g, _ in node_routes(lab, n, PAYMENT)} == {new},
+                     TIMEOUT, f"{node.name}'s plan to send {PAYMENT} to {new}")
+        lab.restore(gateway_host(old))
+        print(f"{old} restored {time.time() - cut:.3f}s after the cut")
+        # every node reaches it again (after a power loss it has lost its WireGuard sessions)
+        for node in NODES:
+            wait_for(lambda n=node.name: reachable(lab, n).get(old) is True, TIMEOUT,
+                     f"{node.name} to reach {old} again")
+        # back, healthy for the hold-down: the standby of the steady state, not the active
+        wait_for(lambda: roles(lab, PAYMENT) == {(new, "active"), (old, "standby")},
+                 TIMEOUT, f"{old} to become the standby")
+        for node in NODES:
+            wait_for(lambda n=node.name: node_routes(lab, n, PAYMENT) == {(new, old)},
+                     TIMEOUT, f"{node.name}'s plan to name {old} as the standby")
+        time.sleep(1.0)  # traffic after the steady state is reached
+        attempts = {pod: read_attempts(path) for pod, path in files.items()}
+        answer, error = pending.communicate(timeout=10)
+        assert answer == PAYMENT_IP, f"curl started at the cut: {error.strip()}"
+
+    for client, expected in ((CHECKOUT_1.name, PAYMENT_IP), (BATCH_2.name, BATCH_IP)):
+        gap = outage(attempts[client], cut)
+        assert gap is not None, f"{client}: no answer after the cut"
+        print(f"{client}: {'power loss' if power_loss else 'partition'} of {old}: no answers "
+              f"for {gap.seconds:.3f}s ({gap.failed} requests failed)")
+        # requests in flight while traffic resumed may fail; none that start afterwards
+        after = [a for a in attempts[client] if a.start >= gap.first_after.end]
+        # the SAME egress IP through the standby, and no flap when the gateway returned
+        assert {a.source for a in attempts[client] if a.ok} == {expected}
+        assert all(a.ok for a in after), f"{client}: {failures(after, cut)}"
+    web: list[Attempt] = attempts[WEB_1.name]
+    assert web and all(a.ok and a.source == NODE_IPS[NODES[0].name] for a in web), \
+        failures(web, cut)
+    assert watch.samples > 100 and watch.overlaps == [], watch.overlaps[:5]
+    assert has_address(gateway_host(new).netns, "eth0", PAYMENT_IP)
+    assert not has_address(gateway_host(old).netns, "eth0", PAYMENT_IP)
+
+
+def failures(attempts: list[Attempt], since: float) -> str:
+    bad = [f"{a.start - since:+.3f}s ({a.error}, {a.end - a.start:.3f}s)"
+           for a in attempts if not a.ok]
+    return f"{len(bad)} of {len(attempts)} failed, started at {', '.join(bad[:10])}"
+
+
+def test_power_loss_of_the_active_gateway(klab: KubeLab, tmp_path: Path) -> None:
+    started = len(events(klab, "FastFailover"))
+    check_failover(klab, power_loss=True, directory=tmp_path)
+    # the nodes moved the traffic themselves, before the controller, and said so
+    assert len(events(klab, "FastFailover")) > started
+
+
+def test_network_partition_of_the_active_gateway(klab: KubeLab, tmp_path: Path) -> None:
+    check_failover(klab, power_loss=False, directory=tmp_path)
+
+
+def node_failovers(lab: KubeLab, node: str) -> set[tuple[str, str, str]]:
+    status = lab.object("egressnodes", node).get("status") or {}
+    return {(f["policy"], f["from"], f["to"]) for f in status.get("failovers", [])}
+
+
+def test_a_node_that_cannot_reach_the_active_gateway_never_makes_two_holders(
+    klab: KubeLab, tmp_path: Path,
+) -> None:
+    """node1 loses its path to the active gateway, node2 does not: node1 moves to the
+    standby, whose ARP probe finds the active still holding the egress IP, so it does not take
+    it (node1's connections for the policy fail meanwhile: the documented price). node2 never
+    notices; once node1's path is back, node1 returns to the active gateway."""
+    old = active(klab, PAYMENT)
+    assert old is not None
+    standby = next(g.name for g in GATEWAYS if g.name != old)
+    blocked = gateway_host(old)
+    block = (f"table inet gwdlab-block {{\n chain output {{ type filter hook output priority 0; "
+             f"ip daddr {blocked.address} udp dport 51820 drop; }}\n}}\n")
+    with ExitStack() as stack:
+        watch = stack.enter_context(EgressIPWatch([PAYMENT_IP, BATCH_IP]))
+        other = stack.enter_context(pinging(CHECKOUT_2.netns, TARGET, tmp_path / "checkout-2"))
+        run(["nft", "-f", "-"], NODES[0].netns, input=block)
+        try:
+            wait_for(lambda: (PAYMENT, old, standby) in node_failovers(klab, NODES[0].name),
+                     TIMEOUT, f"{NODES[0].name} to move {PAYMENT} to {standby}")
+            time.sleep(3.0)  # longer than the standby's grace to claim the address
+            assert has_address(blocked.netns, "eth0", PAYMENT_IP)
+            assert not has_address(gateway_host(standby).netns, "eth0", PAYMENT_IP)
+            assert node_failovers(klab, NODES[1].name) == set()
+        finally:
+            run(["nft", "delete", "table", "inet", "gwdlab-block"], NODES[0].netns)
+        wait_for(lambda: node_failovers(klab, NODES[0].name) == set(), TIMEOUT,
+                 f"{NODES[0].name} to return to {old}")
+        wait_for(lambda: probe(CHECKOUT_1.netns, EXTERNAL.addresses[0]) == PAYMENT_IP,
+                 TIMEOUT, "checkout-1's traffic to come back")
+        time.sleep(0.5)
+        attempts = read_attempts(other)
+    assert attempts and all(a.ok and a.source == PAYMENT_IP for a in attempts), \
+        failures(attempts, attempts[0].start)
+    assert watch.overlaps == [], watch.overlaps[:5]
+    assert active(klab, PAYMENT) == old  # the controller saw a healthy gateway throughout
+
+
+def test_gateways_that_cannot_see_each_other_change_nothing(
+    klab: KubeLab, tmp_path: Path,
+) -> None:
+    before = roles(klab, PAYMENT)
+    isolate = ("table bridge gwdlab-l2 {\n chain forward { type filter hook forward priority 0; "
+               'iifname "gw1" oifname "gw2" drop; iifname "gw2" oifname "gw1" drop; }\n}\n')
+    with ExitStack() as stack:
+        watch = stack.enter_context(EgressIPWatch([PAYMENT_IP, BATCH_IP]))
+        files = {pod.name: stack.enter_context(pinging(pod.netns, TARGET, tmp_path / pod.name))
+                 for pod in (CHECKOUT_1, BATCH_2)}
+        run(["nft", "-f", "-"], ROUTER, input=isolate)
+        try:
+            time.sleep(5.0)
+        finally:
+            run(["nft", "delete", "table", "bridge", "gwdlab-l2"], ROUTER)
+        attempts = {pod: read_attempts(path) for pod, path in files.items()}
+    for pod, found in attempts.items():
+        assert found and all(a.ok for a in found), f"{pod}: {failures(found, found[0].start)}"
+    assert watch.overlaps == [] and roles(klab, PAYMENT) == before
+    assert all(node_failovers(klab, n.name) == set() for n in NODES)
+
+
+def test_an_api_server_outage_changes_nothing(klab: KubeLab, tmp_path: Path) -> None:
+    hosts = [g.name for g in GATEWAYS] + [n.name for n in NODES]
+    programmed = {h: daemon_events(klab, h, "plan-applied") for h in hosts}
+    before = {p: roles(klab, p) for p in (PAYMENT, BATCH)}
+    with ExitStack() as stack:
+        files = {
+            pod.name: stack.enter_context(pinging(pod.netns, TARGET, tmp_path / pod.name))
+            for pod in (CHECKOUT_1, BATCH_2, WEB_2)
+        }
+        klab.api_down()
+        down_at = time.time()
+        try:
+            time.sleep(API_OUTAGE_SECONDS)
+        finally:
+            klab.api_up()
+        # the agents renew their Leases again; the controller sees a healthy cluster
+        wait_for(lambda: all(_renewed_since(klab, g.name, down_at + API_OUTAGE_SECONDS)
+                             for g in GATEWAYS), TIMEOUT, "the Leases to be renewed")
+        time.sleep(HOLD_DOWN + 2)  # long enough for a needless move to show
+        attempts = {pod: read_attempts(path) for pod, path in files.items()}
+    for pod, found in attempts.items():
+        assert found and all(a.ok for a in found), f"{pod}: {failures(found, down_at)}"
+    assert {p: roles(klab, p) for p in (PAYMENT, BATCH)} == before
+    assert {h: daemon_events(klab, h, "plan-applied") for h in hosts} == programmed
+    print(f"API server down {API_OUTAGE_SECONDS:.0f}s: "
+          f"{sum(len(a) for a in attempts.values())} requests, all answered")
+
+
+def _renewed_since(lab: KubeLab, gateway: str, moment: float) -> bool:
+    from datetime import datetime
+
+    lease = lab.api.get("leases", f"egressgateway-{gateway}", "gatewayd-system") or {}
+    renewed = (lease.get("spec") or {}).get("renewTime")
+    return renewed is not None and datetime.fromisoformat(renewed).timestamp() > moment

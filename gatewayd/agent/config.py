@@ -62,6 +62,9 @@ class FailoverSettings:
     egress_ip_hold_seconds: float = 0.4
     # How long an ARP probe asks the segment whether another host holds an address first.
     arp_probe_seconds: float = 0.2
+    # On stop, how long the agent still listens (without answering) to the nodes' probes, so
+    # the egress IPs of policies the nodes moved to a standby are given up for it to claim.
+    handover_seconds: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,7 @@ def _read_failover(section: Section, kubernetes_mode: bool) -> FailoverSettings:
         egress_ip_hold_seconds=section.number(
             "egressIPHoldSeconds", FailoverSettings.egress_ip_hold_seconds),
         arp_probe_seconds=section.number("arpProbeSeconds", FailoverSettings.arp_probe_seconds),
+        handover_seconds=section.number("handoverSeconds", FailoverSettings.handover_seconds),
     )
     section.finish()
     return settings

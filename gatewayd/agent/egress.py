@@ -8,6 +8,12 @@ one that is no longer wanted at once. When another host claims an address this g
 (its gratuitous ARP reaches the ArpWatcher), the gateway yields unless
 `keep_when_contested` says otherwise, in which case it announces itself again.
 
+Restarts: for `egressIPHoldSeconds` after the keeper starts it removes nothing, so the first
+probes can say what to keep; and a stopping agent hands over (`hand_over`): it listens to the
+probes without answering them, so the nodes move every policy that has a standby there and
+report it, and gives up exactly the addresses of those policies (the standby claims them),
+keeping those of policies that have nowhere else to go.
+
 See README.md, "Egress IP failover and split brain".
 """
 
@@ -40,7 +46,6 @@ log = logging.getLogger("gatewayd.agent")
 
 PASS_SECONDS = 0.05  # how often the keeper looks again without being woken
 FULL_PASS_SECONDS = 1.0  # re-read the kernel at least this often (repairs deleted addresses)
-RETRY_CONFLICT_SECONDS = 1.0  # an address another host answered for is probed again after this
 FORGET_NODE_SECONDS = 600.0
 ANNOUNCE_AGAIN_SECONDS = 1.0
 # A new holder announces itself again after these delays: a Linux neighbour that updated its
@@ -72,7 +77,9 @@ class EgressIPKeeper:
         self._changed = changed
         self.addresses = AddressDriver(
             probe_seconds=settings.arp_probe_seconds,
-            retry_conflicts_after=RETRY_CONFLICT_SECONDS,
+            # The holder the nodes just left gives the address up within the hold time, often
+            # at once: ask again soon, then less often (the driver doubles the pause).
+            retry_conflicts_after=settings.egress_ip_hold_seconds / 4,
         )
         self._lock = threading.Lock()
         self._rules: tuple[SnatRule, ...] = ()
@@ -85,6 +92,8 @@ class EgressIPKeeper:
         self._reannounce: dict[IPAddress, list[float]] = {}  # address -> when (monotonic)
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._silent = threading.Event()  # handing over: listen to probes, answer none
+        self._started_at = 0.0
         self._thread = threading.Thread(target=self._run, name="egress-ips", daemon=True)
         self._watcher = ArpWatcher(
             {p.interface for p in pools}, self._held_ipv4, self._claimed_elsewhere
@@ -93,11 +102,33 @@ class EgressIPKeeper:
     # --- from other threads ------------------------------------------------------------------
 
     def start(self) -> None:
+        held: set[IPAddress] = set()
+        for interface in sorted({p.interface for p in self.pools}):
+            try:
+                held |= self.addresses.observe(interface)
+            except Exception as exc:  # the first pass reports it
+                log.warning("egress IPs on %s: %s", interface, exc)
+        with self._lock:
+            self._held = frozenset(held)  # what an earlier run left: kept until probes say
+        self._started_at = time.monotonic()
         self._thread.start()
         self._watcher.start()
 
+    def hand_over(self, seconds: float) -> tuple[IPAddress, ...]:
+        """Stop answering probes (the nodes take it for a failure and move what they can) and
+        follow what they report for up to `seconds`, or until nothing is held. Returns the
+        addresses still held: those of policies no node could move elsewhere."""
+        self._silent.set()
+        deadline = time.monotonic() + seconds
+        while True:
+            with self._lock:
+                held = self._held
+            if not held or time.monotonic() >= deadline or not self._thread.is_alive():
+                return tuple(sorted(held, key=_order))
+            self._stopping.wait(PASS_SECONDS)
+
     def stop(self) -> None:
-        """Stop following; the addresses held stay (the data plane outlives the daemon)."""
+        """Stop following; the addresses held now stay (the data plane outlives the daemon)."""
         self._stopping.set()
         self._wake.set()
         self._thread.join(5)
@@ -123,6 +154,8 @@ class EgressIPKeeper:
             serving = self._serving(request.here | request.away)
         if before is None or (before.here, before.away) != (request.here, request.away):
             self._wake.set()
+        if self._silent.is_set():
+            return None
         return encode_reply(ProbeReply(self.gateway, request.sequence, serving))
 
     def report(self) -> EgressIPReport:
@@ -195,7 +228,13 @@ class EgressIPKeeper:
                 for p in d.here
             }
             wanted = self._settle_contests(wanted, contested, rules, recent_here)
-            if wanted != last_wanted or contested or now - last_full >= FULL_PASS_SECONDS:
+            if now - self._started_at < self.settings.egress_ip_hold_seconds:
+                with self._lock:  # just started: the first probes decide what goes
+                    wanted |= self._held & {r.egress_ip for r in rules}
+            with self._lock:
+                refused = bool(self._conflicts)  # the driver asks again once it is time
+            if (wanted != last_wanted or contested or refused
+                    or now - last_full >= FULL_PASS_SECONDS):
                 try:
                     self._ensure(wanted)
                     last_full, last_wanted = now, wanted
@@ -258,6 +297,10 @@ class EgressIPKeeper:
                               Priority.NOTICE, egress_ip=str(ip), interface=interface)
             changed = changed or bool(changes)
             conflicts += changes.conflicts
+            for conflict in changes.conflicts:
+                if conflict not in self._conflicts:
+                    log.warning("egress IP %s not claimed: %s", conflict.address,
+                                conflict.detail)
             held |= self.addresses.observe(interface)
         with self._lock:
             changed = changed or (frozenset(held), wanted, tuple(conflicts)) != (

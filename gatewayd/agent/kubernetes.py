@@ -233,10 +233,16 @@ class AgentCluster:
         self.reporter.start()
 
     def stop(self, final: Status | None) -> None:
-        """Write `final` (Ready=False) first, then stop following; the data plane stays."""
+        """Write `final` (Ready=False) first, so the controller moves traffic away; hand the
+        egress IPs the nodes move elsewhere over (see egress.py); then stop following. The
+        rest of the data plane stays."""
         written = self.reporter.stop(final, timeout=2.0)
         if final is not None:
             log.info("Ready=False %s", "written" if written else "NOT written (API unreachable)")
+        kept = self.keeper.hand_over(self.config.failover.handover_seconds)
+        if kept:
+            log.info("egress IPs kept, no node could move their policies elsewhere: %s",
+                     ", ".join(map(str, kept)))
         self.keeper.stop()
         if self._responder is not None:
             self._responder.stop()

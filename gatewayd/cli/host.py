@@ -16,6 +16,7 @@ from gatewayd.configfile import ConfigError
 from gatewayd.follower import pid_file
 from gatewayd.runtime import read_json
 from gatewayd.steer.config import SteerConfig, load_steer_config
+from gatewayd.steer.slots import slots_path, tunnel_interfaces
 
 DEFAULT_CONFIG = Path("/etc/gatewayd/gatewayd.yaml")
 
@@ -88,7 +89,7 @@ def collect_status(config: AgentConfig | SteerConfig) -> dict[str, Any]:
     if isinstance(config, AgentConfig):
         table, interfaces = ("inet", "gatewayd"), [config.tunnel.interface]
     else:
-        table, interfaces = ("inet", "gatewayd-steer"), [g.interface for g in config.gateways]
+        table, interfaces = ("inet", "gatewayd-steer"), tunnel_interfaces(config)
     report["counters"] = {
         name: {"packets": packets, "bytes": size}
         for name, (packets, size) in sorted(NftablesDriver(*table).counters().items())
@@ -191,16 +192,19 @@ def teardown(config: AgentConfig | SteerConfig) -> list[str]:
 
         if NftablesDriver("inet", "gatewayd-steer").delete():
             removed.append("nftables table inet gatewayd-steer")
-        if PolicyRoutingDriver().ensure({}):
+        if PolicyRoutingDriver(mark_mask=config.mark_mask).ensure({}):
             removed.append("policy routing rules")
-        interfaces = [g.interface for g in config.gateways]
+        interfaces = tunnel_interfaces(config)
     for interface in interfaces:
         if wireguard.delete(interface):
             removed.append(f"wireguard interface {interface}")
-    plan = config.state_directory / "plan.json"
-    if plan.exists():
-        plan.unlink()
-        removed.append(str(plan))
+    saved = [config.state_directory / "plan.json"]
+    if isinstance(config, SteerConfig):
+        saved.append(slots_path(config))  # no tunnel is left to keep its slot for
+    for path in saved:
+        if path.exists():
+            path.unlink()
+            removed.append(str(path))
     return removed
 
 

@@ -2,9 +2,10 @@
 
 A gateway is usable iff its EgressGateway reports `Ready=True`, its Lease
 `<namespace>/egressgateway-<name>` is not expired (renewTime + leaseDurationSeconds > now), and,
-if it was unusable before, it has been healthy without a break for the hold-down time, so a
-flapping gateway is not handed traffic back and forth. A gateway the tracker sees for the first
-time (a new gateway, or any gateway after a controller restart) needs no hold-down.
+if it was usable once and failed, it has been healthy again without a break for the hold-down
+time, so a flapping gateway is not handed traffic back and forth. A gateway that has not been
+usable since the tracker first saw it (a new gateway still starting, or any gateway after a
+controller restart) needs no hold-down: it carried no traffic, so it cannot flap.
 
 An expired Lease proves the gateway dead only if the controller could have seen it renewed: while
 the controller's view of the API is broken (its watches fail, or it cannot reach the API server),
@@ -75,6 +76,7 @@ class Health:
 class _State:
     usable: bool
     healthy_since: float | None  # start of the current unbroken healthy stretch
+    was_usable: bool  # usable at some time since the tracker first saw it
 
 
 class HealthTracker:
@@ -101,16 +103,16 @@ class HealthTracker:
             healthy = signal.ready and lease_ok
             if not healthy:
                 why = signal.ready_detail if not signal.ready else lease_reason
-                self._states[name] = _State(usable=False, healthy_since=None)
+                self._states[name] = _State(False, None, state is not None and state.was_usable)
                 verdicts[name] = Health(False, why)
                 continue
-            if state is None or state.usable:
-                self._states[name] = _State(usable=True, healthy_since=now)
+            if state is None or state.usable or not state.was_usable:
+                self._states[name] = _State(usable=True, healthy_since=now, was_usable=True)
                 verdicts[name] = Health(True, f"{signal.ready_detail}, {lease_reason}")
                 continue
             since = state.healthy_since if state.healthy_since is not None else now
             usable = now - since >= self.hold_down
-            self._states[name] = _State(usable=usable, healthy_since=since)
+            self._states[name] = _State(usable=usable, healthy_since=since, was_usable=True)
             if usable:
                 verdicts[name] = Health(True, f"{signal.ready_detail}, {lease_reason}")
             else:

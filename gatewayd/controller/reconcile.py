@@ -399,7 +399,6 @@ class Reconciler:
             return steered is None or (policy, gateway) in steered
 
         pod_cidrs = {n.name: [str(c) for c in n.pod_cidrs] for n in snapshot.nodes}
-        gateway_peers = peers(cluster.egress_nodes, pod_cidrs, tunnel)
         planned: dict[str, list[Rule]] = {
             _name(g): self._gateway_rules(plan, _name(g)) for g in cluster.gateways
         }
@@ -410,6 +409,7 @@ class Reconciler:
             rules = retained_rules(
                 name, planned[name], spec_rules(gateway), may_send, elsewhere[name]
             )
+            gateway_peers = peers(cluster.egress_nodes, pod_cidrs, tunnel, name)
             specs[name] = {"peers": gateway_peers, "rules": rules}
         return specs
 

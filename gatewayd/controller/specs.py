@@ -225,12 +225,27 @@ def _name(obj: Object) -> str:
     return str(obj["metadata"]["name"])
 
 
+def node_endpoint(status: Mapping[str, Any], gateway: str) -> str | None:
+    """Where `gateway` reaches a cloud node: the node's address with the port it listens on
+    for that gateway (`gatewayPorts`); its main endpoint until it has published that port."""
+    endpoint = status.get("endpoint")
+    if not isinstance(endpoint, str) or not endpoint:
+        return None
+    ports = status.get("gatewayPorts")
+    port = ports.get(gateway) if isinstance(ports, Mapping) else None
+    if not isinstance(port, int):
+        return endpoint
+    host, _, _ = endpoint.rpartition(":")
+    return f"{host}:{port}"
+
+
 def peers(
     egress_nodes: Iterable[Object],
     pod_cidrs: Mapping[str, Sequence[str]],
     tunnel_addresses: Mapping[str, IPv4Address],
+    gateway: str,
 ) -> list[Rule]:
-    """A gateway's WireGuard peers: every cloud node that published its public key."""
+    """`gateway`'s WireGuard peers: every cloud node that published its public key."""
     found = []
     for node in sorted(egress_nodes, key=lambda n: _name(n).encode()):
         status = _status(node)
@@ -244,7 +259,7 @@ def peers(
         peer = {
             "name": name,
             "publicKey": key,
-            "endpoint": status.get("endpoint") or None,
+            "endpoint": node_endpoint(status, gateway),
             "allowedIPs": allowed,
         }
         found.append(without_nulls(peer))

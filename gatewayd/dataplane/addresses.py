@@ -7,8 +7,9 @@ someone else configured is never removed, even when it is also desired.
 Before an IPv4 address is used, an ARP probe asks the segment whether another host has it;
 IPv6 addresses go through the kernel's duplicate address detection. An address another host
 answers for is refused and reported in `AddressChanges.conflicts`, and not tried again for
-`retry_conflicts_after` seconds (a probe costs `probe_seconds` of the reconcile pass). Added
-addresses are announced: gratuitous ARP, unsolicited neighbour advertisement.
+`retry_conflicts_after` seconds, doubled after each refusal in a row up to 8 times as long (a
+probe costs `probe_seconds` of the reconcile pass). Added addresses are announced: gratuitous
+ARP, unsolicited neighbour advertisement.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class _Present:
     flags: int
 
 
+MAX_BACKOFF = 8  # a refused address is asked for again at most this many retry periods later
+
+
 class AddressDriver:
     def __init__(
         self,
@@ -81,7 +85,9 @@ class AddressDriver:
         self.probe_seconds = probe_seconds
         self.dad_timeout = dad_timeout
         self.retry_conflicts_after = retry_conflicts_after
+        # (interface, address) -> (when to ask again, the conflict); refusals in a row
         self._conflicts: dict[tuple[str, IPAddress], tuple[float, AddressConflict]] = {}
+        self._refusals: dict[tuple[str, IPAddress], int] = {}
 
     def ensure(self, interface: str, desired: Iterable[IPAddress]) -> AddressChanges:
         """Add the missing addresses (after a conflict probe), announce them, then remove the
@@ -123,6 +129,7 @@ class AddressDriver:
             for address in v4:
                 if address not in taken:
                     self._add(ipr, index, address, dad=False)
+                    self._refusals.pop((interface, address), None)
                     if can_arp:
                         send_gratuitous_arp(interface, mac, address)
                     added.append(address)
@@ -133,6 +140,7 @@ class AddressDriver:
                                                   "duplicate address detection failed"))
                     continue
                 added.append(address6)
+                self._refusals.pop((interface, address6), None)
                 if outcome == "done" and can_arp:
                     send_unsolicited_na(index, mac, address6, _forwarding(interface))
 
@@ -237,14 +245,17 @@ class AddressDriver:
 
     def _refuse(self, interface: str, address: IPAddress, detail: str) -> AddressConflict:
         conflict = AddressConflict(address, interface, detail)
-        self._conflicts[(interface, address)] = (time.monotonic(), conflict)
+        key = (interface, address)
+        self._refusals[key] = refusals = self._refusals.get(key, 0) + 1
+        delay = self.retry_conflicts_after * min(2 ** (refusals - 1), MAX_BACKOFF)
+        self._conflicts[key] = (time.monotonic() + delay, conflict)
         return conflict
 
     def _refused_recently(self, interface: str, address: IPAddress) -> AddressConflict | None:
         entry = self._conflicts.get((interface, address))
         if entry is None:
             return None
-        if time.monotonic() - entry[0] >= self.retry_conflicts_after:
+        if time.monotonic() >= entry[0]:
             del self._conflicts[(interface, address)]
             return None
         return entry[1]

@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -165,30 +164,12 @@ class KubeLab(Lab):
 
     def wait_joined(self, timeout: float) -> None:
         """Wait until every node has its tunnel address and both gateways in its spec, has
-        applied it, and its probes reach both gateways; and until both gateways have been
-        Ready for the controller's hold-down (it holds a gateway it first saw not Ready back
-        for that long), so that a policy created next can use either."""
+        applied it, and its probes reach both gateways."""
         try:
             wait_for(lambda: _joined(self), timeout, "the nodes to reach both gateways", 0.2)
-            # + 2: the condition's time has whole seconds, and the controller saw it later
-            wait_for(lambda: self._ready_for(self.timing["hold_down"] + 2), timeout,
-                     "the gateways to be Ready for the hold-down", 0.2)
         except TimeoutError:
             state = {n.name: self.object("egressnodes", n.name) for n in NODES}
             raise LabError("not joined: " + json.dumps(state)[:4000]) from None
-
-    def _ready_for(self, seconds: float) -> bool:
-        for gateway in GATEWAYS:
-            conditions = (self.object("egressgateways", gateway.name).get("status") or {}).get(
-                "conditions") or []
-            ready: dict[str, Any] = next(
-                (c for c in conditions if c.get("type") == "Ready"), {})
-            since = ready.get("lastTransitionTime")
-            if ready.get("status") != "True" or not isinstance(since, str):
-                return False
-            if time.time() - datetime.fromisoformat(since).timestamp() < seconds:
-                return False
-        return True
 
     # --- gateways going away and coming back ---------------------------------------------------
 

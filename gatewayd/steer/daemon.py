@@ -44,7 +44,13 @@ from gatewayd.steer.config import GatewayTunnelEnd, SteerConfig, load_steer_conf
 from gatewayd.steer.conntrack import forget_unanswered
 from gatewayd.steer.failover import FastFailover
 from gatewayd.steer.kubernetes import NodeState, SteerCluster, node_status
-from gatewayd.steer.slots import SlotsFullError, SlotTable, interface_name, tunnel_end
+from gatewayd.steer.slots import (
+    SlotsFullError,
+    SlotTable,
+    interface_name,
+    slots_path,
+    tunnel_end,
+)
 from gatewayd.steer.target import NodeTarget, target_from_dict, target_to_dict
 from gatewayd.systemd import Priority, journal_event
 
@@ -78,7 +84,7 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
         self.nftables = NftablesDriver(TABLE_FAMILY, TABLE_NAME)
         self.routing = PolicyRoutingDriver(mark_mask=config.mark_mask)
         self.wireguard = WireGuardDriver()
-        self.slots = SlotTable(config.state_directory / "slots.json", config.mark_mask)
+        self.slots = SlotTable(slots_path(config), config.mark_mask)
         # The data plane is programmed from the loop's thread and from the fast failover's.
         self._dataplane = threading.Lock()
         self.errors: tuple[str, ...] = ()

@@ -11,7 +11,8 @@
 
 Endpoints: the node listens on one port per gateway (`tunnel.listenPort` + the gateway's
 slot). `status.endpoint` is `<address>:<tunnel.listenPort>`; `status.gatewayPorts` maps each
-gateway to its port, so gateway G's peer endpoint for this node is `<address>:<gatewayPorts[G]>`.
+gateway to its port, and the controller gives gateway G the peer endpoint
+`<address>:<gatewayPorts[G]>` for this node.
 A gateway that dials the wrong port anyway is corrected by WireGuard itself: the node's probes
 (and keepalives) reach the gateway, which learns the node's real endpoint from them.
 """
@@ -147,7 +148,7 @@ def node_status(state: NodeState, previous: Mapping[str, Any], now: str) -> Stat
     status: Status = {
         "observedGeneration": state.generation,
         "publicKey": state.public_key,
-        "endpoint": f"{state.address}:{state.listen_port}" if state.address else None,
+        "endpoint": _endpoint(state.address, state.listen_port) if state.address else None,
         "gatewayPorts": _ports(state.tunnels, previous.get("gatewayPorts")),
         "conditions": conditions(new, previous.get("conditions") or [], state.generation, now),
         "gateways": [
@@ -165,6 +166,10 @@ def node_status(state: NodeState, previous: Mapping[str, Any], now: str) -> Stat
         ],
     }
     return {key: value for key, value in status.items() if value is not None}
+
+
+def _endpoint(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _ports(tunnels: Sequence[GatewayTunnelEnd], previous: object) -> dict[str, int | None]:

@@ -37,6 +37,10 @@ def capacity(mask: int) -> int:
     return count
 
 
+def slots_path(config: SteerConfig) -> Path:
+    return config.state_directory / "slots.json"
+
+
 class SlotTable:
     def __init__(self, path: Path, mask: int) -> None:
         self.path = path
@@ -95,6 +99,18 @@ def interface_name(prefix: str, gateway: str, slot: int) -> str:
         return name
     tag = f"-{slot}"
     return f"{prefix}{gateway}"[: INTERFACE_NAME_MAX - len(tag)] + tag
+
+
+def tunnel_interfaces(config: SteerConfig) -> list[str]:
+    """Every WireGuard interface steer may have made: the config's gateways' (standalone) and
+    those of the gateways that hold a slot (Kubernetes mode; departed ones included)."""
+    names = [g.interface for g in config.gateways]
+    slots = SlotTable(slots_path(config), config.mark_mask).slots
+    for gateway, slot in sorted(slots.items(), key=lambda item: item[1]):
+        name = interface_name(config.interface_prefix, gateway, slot)
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def tunnel_end(

@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +24,15 @@ from typing import Any
 import pytest
 from fixtures.fakeapi import FakeApiServer
 
+from gatewayd.lab.netns import entered
 from gatewayd.lab.sandboxed import HOST_ADDRESS, DaemonSandbox
+from gatewayd.probe import (
+    GATEWAY_TUNNEL_ADDRESS,
+    PROBE_PORT,
+    ProbeRequest,
+    decode_reply,
+    encode_request,
+)
 
 pytestmark = pytest.mark.kube
 
@@ -254,3 +264,78 @@ def test_starts_from_its_saved_plan_while_the_api_is_down(sandbox: DaemonSandbox
     sandbox.api_up()
     sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to report again")
     assert sandbox.events("plan-applied") == 1  # the restored plan is the spec's
+
+
+class ProbingNode:
+    """Probes the agent from inside the sandbox as a cloud node's steer does (every 50 ms,
+    saying it sends `pay` here). With `has_standby`, after 3 unanswered probes it moves `pay`
+    to a standby and says so (`away`), as steer's fast failover would."""
+
+    def __init__(self, box: DaemonSandbox, has_standby: bool) -> None:
+        with entered(box.netns):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.settimeout(0.05)
+        self.has_standby = has_standby
+        self.answered = 0
+        self.moved = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ProbingNode:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+    def _run(self) -> None:
+        sequence, misses = 0, 0
+        while not self._stop.is_set():
+            sequence += 1
+            moved = self.moved.is_set()
+            request = ProbeRequest("node1", sequence, frozenset() if moved else {"pay"},
+                                   {"pay"} if moved else frozenset())
+            self.sock.sendto(encode_request(request), (str(GATEWAY_TUNNEL_ADDRESS), PROBE_PORT))
+            try:
+                decode_reply(self.sock.recv(2048))
+                self.answered, misses = self.answered + 1, 0
+            except TimeoutError:
+                misses += 1
+                if misses >= 3 and self.has_standby:
+                    self.moved.set()
+            self._stop.wait(0.05)
+
+
+def egress_ip_present(box: DaemonSandbox) -> bool:
+    return "198.51.100.70/" in box.cmd("ip", "-br", "addr", "show", "dev", "eth0")
+
+
+@pytest.mark.parametrize("has_standby", [True, False], ids=["standby", "no-standby"])
+def test_sigterm_hands_over_the_egress_ips_the_nodes_move(
+    sandbox: DaemonSandbox, has_standby: bool,
+) -> None:
+    """A stopping agent gives up the egress IP of a policy the nodes moved to a standby (so
+    the standby can claim it), and keeps that of a policy that has nowhere else to go."""
+    sandbox.api.put({
+        "apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGateway",
+        "metadata": {"name": NAME}, "spec": {"peers": [PEER], "rules": [RULE]},
+    })
+    sandbox.start("agent", config(sandbox))
+    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to apply the spec")
+    with ProbingNode(sandbox, has_standby) as node:
+        sandbox.wait(lambda: egress_ip_present(sandbox) and node.answered > 0, TIMEOUT,
+                     "the agent to hold the egress IP the node's traffic needs")
+        assert sandbox.stop(signal.SIGTERM) == 0
+        assert node.moved.is_set() == has_standby
+        assert egress_ip_present(sandbox) != has_standby
+        if not has_standby:
+            # started again, it keeps the address until the probes have had their say
+            answered = node.answered
+            sandbox.start("agent", config(sandbox))
+            sandbox.wait(lambda: node.answered > answered + 10, TIMEOUT, "answers again")
+            assert egress_ip_present(sandbox)
+            assert sandbox.events("egress-ip-removed") == 0, sandbox.log()
+    # the SNAT rules stay either way (the data plane outlives the daemon)
+    assert "snat ip to 198.51.100.70" in sandbox.nft("list", "table", "inet", "gatewayd")

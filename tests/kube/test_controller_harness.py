@@ -75,7 +75,12 @@ class World:
                 "apiVersion": API_VERSION,
                 "kind": "EgressNode",
                 "metadata": {"name": name},
-                "status": {"publicKey": public_key(name), "endpoint": f"10.0.0.{index}:51820"},
+                # Steer listens for gw-2 on its own port; gw-1's is not published (yet).
+                "status": {
+                    "publicKey": public_key(name),
+                    "endpoint": f"10.0.0.{index}:51820",
+                    "gatewayPorts": {"gw-2": 51822},
+                },
             }
         )
         return name

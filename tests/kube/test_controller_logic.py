@@ -45,6 +45,17 @@ def test_a_gateway_seen_for_the_first_time_needs_no_hold_down() -> None:
     assert tracker.next_change == T0 + 6  # when the Lease would expire
 
 
+def test_a_gateway_still_starting_when_first_seen_needs_no_hold_down() -> None:
+    tracker = HealthTracker(hold_down=30)
+    starting = tracker.update({"gw-1": alive(T0, ready=False)}, T0, float("-inf"))["gw-1"]
+    assert not starting.usable and starting.reason == "Ready=False"
+    assert tracker.update({"gw-1": alive(T0 + 5)}, T0 + 5, float("-inf"))["gw-1"].usable
+    # once it carried traffic, a failure and a recovery cost the hold-down
+    tracker.update({"gw-1": alive(T0 + 6, ready=False)}, T0 + 6, float("-inf"))
+    back = tracker.update({"gw-1": alive(T0 + 7)}, T0 + 7, float("-inf"))["gw-1"]
+    assert not back.usable and "hold-down" in back.reason
+
+
 def test_a_recovered_gateway_waits_for_the_hold_down() -> None:
     tracker = HealthTracker(hold_down=30)
     tracker.update({"gw-1": alive(T0)}, T0, float("-inf"))

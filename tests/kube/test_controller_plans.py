@@ -57,7 +57,7 @@ def test_a_policy_with_pods_and_two_gateways(fake_api: FakeApiServer, api: ApiCl
         }
         assert world.spec("egressgateways", "gw-1") == {"peers": [peer], "rules": [active]}
         assert world.spec("egressgateways", "gw-2") == {
-            "peers": [peer],
+            "peers": [{**peer, "endpoint": "10.0.0.1:51822"}],
             "rules": [{**active, "role": "standby", "egressIP": "192.0.2.2"}],
         }
         assert world.spec("egressnodes", "node-1") == {

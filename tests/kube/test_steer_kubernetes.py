@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -190,3 +191,31 @@ def test_restarts_from_its_saved_plan_and_slots(sandbox: DaemonSandbox) -> None:
                  "the saved plan to be restored")
     assert "10.244.1.10" in sandbox.nft("list", "table", "inet", "gatewayd-steer")
     assert "fwmark 0x20/0xf0 lookup 26701" in sandbox.cmd("ip", "rule", "show")
+
+
+def test_gatewayctl_status_and_teardown_know_the_tunnels_from_the_plan(
+    sandbox: DaemonSandbox,
+) -> None:
+    sandbox.start("steer", config(sandbox))
+    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "steer to report generation 1")
+    set_spec(sandbox, SPEC)
+    sandbox.wait(lambda: applied(sandbox, 2), TIMEOUT, "steer to apply the spec")
+    gatewayctl = [sys.executable, "-m", "gatewayd.cli.gatewayctl"]
+    path = str(sandbox.directory / "config.yaml")
+    report = json.loads(sandbox.cmd(*gatewayctl, "status", "--config", path, "-o", "json"))
+    assert {(p["interface"], p["publicKey"]) for p in report["peers"]} == {
+        (f"{PREFIX}{g['name']}", g["publicKey"]) for g in GATEWAYS}
+    assert report["running"] and report["mode"] == "kubernetes"
+    assert sandbox.stop(signal.SIGTERM) == 0
+    removed = sandbox.cmd(*gatewayctl, "teardown", "--config", path).splitlines()
+    state = sandbox.directory / "state"
+    assert removed == [
+        "removed nftables table inet gatewayd-steer",
+        "removed policy routing rules",
+        f"removed wireguard interface {PREFIX}gw1",
+        f"removed wireguard interface {PREFIX}gw2",
+        f"removed {state / 'plan.json'}",
+        f"removed {state / 'slots.json'}",
+    ]
+    assert PREFIX not in sandbox.cmd("ip", "-br", "link")
+    assert "fwmark" not in sandbox.cmd("ip", "rule", "show")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
+from gatewayd.dataplane import addresses
 from gatewayd.dataplane.addresses import AddressChanges, AddressDriver
 from gatewayd.lab.netns import Sandbox, entered, run, wait_for
 
@@ -95,6 +98,30 @@ def test_an_address_another_host_answers_for_is_refused(segment: Segment) -> Non
         assert driver.observe("upl") == {EGRESS_V4}
     left = addresses_on(segment.gateway, "upl")
     assert str(TAKEN_V4) not in left and str(TAKEN_V6) not in left
+
+
+def test_a_refused_address_is_asked_for_again_less_and_less_often(
+    segment: Segment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probes: list[float] = []
+    real_probe = addresses.probe_ipv4
+
+    def counted(*args: Any) -> dict[Any, str]:
+        probes.append(time.monotonic())
+        return real_probe(*args)
+
+    monkeypatch.setattr(addresses, "probe_ipv4", counted)
+    driver = AddressDriver(probe_seconds=0.1, retry_conflicts_after=0.3)
+    with entered(segment.gateway):
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            assert driver.ensure("upl", {TAKEN_V4}).conflicts
+            time.sleep(0.02)  # a keeper pass
+        # asked at 0, after 0.3 s, then only after 0.6 s more (0.3 s each: 5 or more)
+        assert 2 <= len(probes) <= 3, probes
+        run(["ip", "addr", "del", f"{TAKEN_V4}/32", "dev", "pl"], segment.peer)
+        wait_for(lambda: driver.ensure("upl", {TAKEN_V4}).added == (TAKEN_V4,), 5,
+                 "the freed address to be taken")
 
 
 def test_added_addresses_are_announced(segment: Segment) -> None:

@@ -15,6 +15,7 @@ the 60 s run).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -202,6 +203,51 @@ def test_power_loss_of_the_active_gateway(klab: KubeLab, tmp_path: Path) -> None
 
 def test_network_partition_of_the_active_gateway(klab: KubeLab, tmp_path: Path) -> None:
     check_failover(klab, power_loss=False, directory=tmp_path)
+
+
+def test_stopping_the_active_agent_hands_its_traffic_and_egress_ip_over(
+    klab: KubeLab, tmp_path: Path,
+) -> None:
+    """`systemctl stop` on the active gateway: it stops answering probes and writes
+    Ready=False; the nodes move to the standby, the stopping agent gives the egress IP up and
+    the standby claims it; started again, the gateway becomes the standby."""
+    old = active(klab, PAYMENT)
+    assert old is not None
+    new = next(g.name for g in GATEWAYS if g.name != old)
+    with ExitStack() as stack:
+        watch = stack.enter_context(EgressIPWatch([PAYMENT_IP, BATCH_IP]))
+        files = {pod.name: stack.enter_context(pinging(pod.netns, TARGET, tmp_path / pod.name))
+                 for pod in (CHECKOUT_1, WEB_1)}
+        time.sleep(1.0)  # a stretch of normal traffic first
+        stopped = time.time()
+        assert klab.stop_daemon(old, signal.SIGTERM) == 0
+        print(f"agent of {old} stopped in {time.time() - stopped:.3f}s")
+        wait_for(lambda: any(a.ok and a.start > stopped
+                             for a in read_attempts(files[CHECKOUT_1.name])),
+                 TIMEOUT, "checkout-1's traffic to come back")
+        assert not has_address(gateway_host(old).netns, "eth0", PAYMENT_IP)
+        wait_for(lambda: active(klab, PAYMENT) == new, TIMEOUT, "the controller to promote")
+        started = time.time()
+        klab.start_daemon(old)
+        klab.wait_ready([old], since=started)
+        wait_for(lambda: roles(klab, PAYMENT) == {(new, "active"), (old, "standby")},
+                 TIMEOUT, f"{old} to become the standby")
+        time.sleep(1.0)  # traffic after the steady state is reached
+        attempts = {pod: read_attempts(path) for pod, path in files.items()}
+    checkout = attempts[CHECKOUT_1.name]
+    # the stopping agent serves until the nodes move: the gap starts at the first failure
+    failed = [a for a in checkout if not a.ok and a.start >= stopped]
+    gap = outage(checkout, failed[0].start if failed else stopped)
+    assert gap is not None, "no answer after the stop"
+    print(f"{CHECKOUT_1.name}: agent of {old} stopped: no answers for {gap.seconds:.3f}s "
+          f"({gap.failed} requests failed)")
+    after = [a for a in checkout if a.start >= gap.first_after.end]
+    assert {a.source for a in checkout if a.ok} == {PAYMENT_IP}
+    assert all(a.ok for a in after), failures(after, stopped)
+    web = attempts[WEB_1.name]
+    assert web and all(a.ok for a in web), failures(web, stopped)
+    assert watch.overlaps == [], watch.overlaps[:5]
+    assert has_address(gateway_host(new).netns, "eth0", PAYMENT_IP)
 
 
 def node_failovers(lab: KubeLab, node: str) -> set[tuple[str, str, str]]:

@@ -18,6 +18,7 @@ from gatewayd.agent.kubernetes import AgentState, gateway_status, target_from_ob
 from gatewayd.agent.target import target_from_dict as gateway_target_from_dict
 from gatewayd.agent.target import target_to_dict as gateway_target_to_dict
 from gatewayd.configfile import ConfigError
+from gatewayd.controller.specs import node_endpoint
 from gatewayd.follower import InputError
 from gatewayd.policy.model import GatewayInterface, InterfaceAddress
 from gatewayd.probe import Failover
@@ -319,3 +320,24 @@ def test_node_status(tmp_path: Path) -> None:
     assert later["gatewayPorts"] == {"gw1": None, "gw2": 51822}
     assert conditions(status) == {"Ready": "True", "TunnelsUp": "True",
                                   "SteeringProgrammed": "True"}
+    v6 = node_status(NodeState(**{**state.__dict__, "address": "2001:db8::21"}), {},
+                     "2026-01-01T00:00:00Z")
+    assert v6["endpoint"] == "[2001:db8::21]:51821"
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        ({"endpoint": "10.0.0.1:51820", "gatewayPorts": {"gw1": 51821}}, "10.0.0.1:51821"),
+        ({"endpoint": "[2001:db8::1]:51820", "gatewayPorts": {"gw1": 51823}},
+         "[2001:db8::1]:51823"),
+        ({"endpoint": "10.0.0.1:51820", "gatewayPorts": {"gw2": 51822}}, "10.0.0.1:51820"),
+        ({"endpoint": "10.0.0.1:51820", "gatewayPorts": {"gw1": None}}, "10.0.0.1:51820"),
+        ({"endpoint": "10.0.0.1:51820"}, "10.0.0.1:51820"),
+        ({"gatewayPorts": {"gw1": 51821}}, None),
+    ],
+)
+def test_a_gateway_dials_the_port_the_node_listens_on_for_it(
+    status: dict[str, object], expected: str | None
+) -> None:
+    assert node_endpoint(status, "gw1") == expected

@@ -1,7 +1,7 @@
 """Failover time in the Kubernetes-mode lab: from the last reply through the failed gateway to
 the first reply through the standby, as a client in a selected pod sees it.
 
-    .venv/bin/python bench/bench_failover.py [--runs 20] [--api-outage 60]
+    .venv/bin/python bench/bench_failover.py [--runs 20] [--stops 10] [--api-outage 60]
 
 Builds the Kubernetes-mode lab (tests' fake API server, the controller, two gateways, two
 cloud nodes) in a temporary directory, creates the `payment-gateway` policy (explicit egress
@@ -13,6 +13,10 @@ HTTP request (a new connection) every 20 ms with a 0.9 s timeout. Also measured:
 from the cut to the controller's promotion of the standby (the slow path: Lease expiry, 4 s
 here), and whether the egress IP was ever on both gateways' live uplinks (sampled every 10 ms).
 
+With `--stops N` it then stops the active gateway's agent N times as `systemctl stop` does
+(SIGTERM; the agent hands its egress IP over) and starts it again: measured from the last
+reply before the first failed request to the first reply through the standby.
+
 With `--api-outage SECONDS` it then takes the API server down for that long and counts failed
 requests and plans the daemons programmed (both must stay 0).
 
@@ -22,6 +26,7 @@ Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import sys
 import tempfile
@@ -44,7 +49,7 @@ from gatewayd.lab.kubelab import (
     policy_status,
 )
 from gatewayd.lab.netns import wait_for
-from gatewayd.lab.pinger import outage, read_attempts
+from gatewayd.lab.pinger import Attempt, outage, read_attempts
 from gatewayd.lab.topology import EXAMPLE_SNAPSHOT, EXTERNAL, GATEWAYS, NODES
 
 POLICY = "payment-gateway"
@@ -81,20 +86,51 @@ def one_run(lab: KubeLab, number: int, power_loss: bool, directory: Path) -> dic
                  f"{old} to become the standby")
         time.sleep(1.0)
         attempts = read_attempts(path)
-    gap = outage(attempts, cut)
+    return {**tally(attempts, cut, cut, watch, f"run {number + 1}"), "promoted": promoted}
+
+
+def tally(
+    attempts: list[Attempt], failed_at: float, since: float, watch: EgressIPWatch, what: str
+) -> dict[str, float]:
+    """The outage around `failed_at`, and what went wrong after traffic resumed."""
+    gap = outage(attempts, failed_at)
     if gap is None:
-        raise RuntimeError(f"run {number}: no answer after the cut")
+        raise RuntimeError(f"{what}: no answer after the failure")
     after = [a for a in attempts if a.start >= gap.first_after.end]
     for late in (a for a in after if not a.ok):
-        print(f"  run {number + 1}: a request {late.start - cut:+.3f}s after the cut failed "
+        print(f"  {what}: a request {late.start - since:+.3f}s after the failure failed "
               f"({late.error})", file=sys.stderr)
     return {
         "outage": gap.seconds,
-        "promoted": promoted,
         "failed_after": float(sum(not a.ok for a in after)),
         "wrong_source": float(sum(a.ok and a.source != EGRESS_IP for a in attempts)),
         "overlaps": float(len(watch.overlaps)),
     }
+
+
+def one_stop(lab: KubeLab, number: int, directory: Path) -> dict[str, float]:
+    old = active(lab)
+    new = next(g.name for g in GATEWAYS if g.name != old)
+    with ExitStack() as stack:
+        watch = stack.enter_context(EgressIPWatch([EGRESS_IP]))
+        path = stack.enter_context(pinging(CLIENT.netns, TARGET, directory / f"stop{number}"))
+        time.sleep(1.0)
+        stopped = time.time()
+        lab.stop_daemon(old, signal.SIGTERM)
+        took = time.time() - stopped
+        wait_for(lambda: active(lab) == new, TIMEOUT, "the controller to promote the standby")
+        started = time.time()
+        lab.start_daemon(old)
+        lab.wait_ready([old], since=started)
+        wait_for(lambda: roles(lab) == {(new, "active"), (old, "standby")}, TIMEOUT,
+                 f"{old} to become the standby")
+        time.sleep(1.0)
+        attempts = read_attempts(path)
+    # the stopping agent serves until the nodes move: the gap starts at the first failure
+    failed = [a for a in attempts if not a.ok and a.start >= stopped]
+    first_failure = failed[0].start if failed else stopped
+    return {**tally(attempts, first_failure, stopped, watch, f"stop {number + 1}"),
+            "stop": took}
 
 
 def api_outage(lab: KubeLab, seconds: float, directory: Path) -> dict[str, float]:
@@ -127,6 +163,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--stops", type=int, default=10,
+                        help="planned stops of the active agent to measure afterwards")
     parser.add_argument("--api-outage", type=float, default=0,
                         help="seconds of API server outage to check afterwards (0: skip)")
     args = parser.parse_args()
@@ -144,6 +182,11 @@ def main() -> int:
             print(f"run {number + 1}: {'power loss' if power_loss else 'partition '}  "
                   f"outage {result['outage']:.3f}s, controller promoted the standby after "
                   f"{result['promoted']:.1f}s", file=sys.stderr, flush=True)
+        stops = []
+        for number in range(args.stops):
+            stops.append(one_stop(lab, number, Path(tmp)))
+            print(f"stop {number + 1}: outage {stops[-1]['outage']:.3f}s, the agent stopped "
+                  f"in {stops[-1]['stop']:.2f}s", file=sys.stderr, flush=True)
         outage_result = api_outage(lab, args.api_outage, Path(tmp)) if args.api_outage else None
 
     outages = [r["outage"] for r in results]
@@ -160,6 +203,18 @@ def main() -> int:
           f"resumed (flaps): {sum(r['failed_after'] for r in results):.0f}; replies with "
           f"another source IP: {sum(r['wrong_source'] for r in results):.0f}; samples with "
           f"the egress IP on both gateways: {sum(r['overlaps'] for r in results):.0f}")
+    if stops:
+        gaps, took = [r["outage"] for r in stops], [r["stop"] for r in stops]
+        print(f"\n{len(stops)} planned stops (SIGTERM) of the active agent\n")
+        print("| measure | p50 | p90 | max |\n|---|---|---|---|")
+        for name, values in (("last reply before the first failure -> first via the standby",
+                              gaps), ("SIGTERM -> the agent exited (hand-over)", took)):
+            print(f"| {name} | {percentile(values, 0.5):.3f} s | "
+                  f"{percentile(values, 0.9):.3f} s | {max(values):.3f} s |")
+        print(f"\nrequests failed after traffic resumed: "
+              f"{sum(r['failed_after'] for r in stops):.0f}; replies with another source IP: "
+              f"{sum(r['wrong_source'] for r in stops):.0f}; samples with the egress IP on "
+              f"both gateways: {sum(r['overlaps'] for r in stops):.0f}")
     if outage_result is not None:
         print(f"\nAPI server down {args.api_outage:.0f} s: {outage_result['requests']:.0f} "
               f"requests, {outage_result['failed']:.0f} failed; plans programmed because of "

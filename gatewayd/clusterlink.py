@@ -245,6 +245,11 @@ class Reporter:
         self._wake.set()
 
     @property
+    def failing(self) -> str | None:
+        """The error of the ongoing outage (what failed and why), None while the API answers."""
+        return self._failing
+
+    @property
     def written(self) -> Status | None:
         """The status last written successfully."""
         with self._lock:

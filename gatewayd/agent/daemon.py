@@ -66,6 +66,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         self.errors: tuple[str, ...] = ()  # of the last programming pass
         self.public_key: str | None = None
         self._status_dirty = threading.Event()  # set by the egress IP keeper's thread
+        self._connection: dict[str, Any] | None = None  # as status.json last reported it
 
     def make_source(self) -> PlanSource[GatewayTarget]:
         if self.cluster is not None:
@@ -122,6 +123,9 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         if self._status_dirty.is_set():
             self._status_dirty.clear()
             self.publish_status()
+        # Losing or regaining the API server changes no plan: say so in status.json anyway.
+        if self.cluster is not None and self.cluster.connection() != self._connection:
+            self.write_status()
 
     def _egress_ips_changed(self) -> None:
         self._status_dirty.set()
@@ -165,13 +169,16 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             held = [str(ip) for ip in self.cluster.keeper.report().held]
         else:
             held = sorted(str(ip) for ip in target.plan.egress_ips) if target else []
-        return {
+        details: dict[str, Any] = {
             "name": self.config.name,
             "mode": "standalone" if self.cluster is None else "kubernetes",
             "policies": sorted({f"{r.policy} ({r.role.value})" for r in target.rules})
             if target else [],
             "egressIPs": held,
         }
+        if self.cluster is not None:
+            self._connection = details["apiServer"] = self.cluster.connection()
+        return details
 
     def write_status(self) -> None:
         super().write_status()

@@ -247,6 +247,23 @@ class AgentCluster:
         if self._responder is not None:
             self._responder.stop()
 
+    def connection(self) -> dict[str, Any]:
+        """Whether this gateway is in touch with the API server: its EgressGateway listed and
+        watched, joined, and the last write and Lease renewal went through. For status.json,
+        where the rollout's health check reads it: a gateway that serves its saved plan but
+        cannot reach the API server is ready, and still must not pass a rollout."""
+        settings = self.config.kubernetes
+        assert settings is not None
+        informer = self.source.informer
+        error = informer.last_error or self.reporter.failing
+        if error is None and not informer.synced:
+            error = "no answer yet"
+        return {
+            "server": settings.server or f"kubeconfig {settings.kubeconfig}",
+            "connected": error is None and self.reporter.joined.is_set(),
+            "error": error,
+        }
+
     def previous_status(self) -> Mapping[str, Any]:
         written = self.reporter.written
         if written is not None:

@@ -142,6 +142,10 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"counter {name}: {value['packets']} packets, {value['bytes']} bytes")
     lines.append(f"drift repaired: {report.get('driftRepaired', 0)} times"
                  + (f", last at {report['lastDriftAt']}" if report.get("lastDriftAt") else ""))
+    api = report.get("apiServer")
+    if isinstance(api, dict):
+        lines.append(f"API server {api.get('server')}: " + (
+            "connected" if api.get("connected") else f"NOT CONNECTED: {api.get('error')}"))
     for problem in report.get("inputProblems", []):
         lines.append(f"input problem: {problem}")
     if report.get("lastError"):

@@ -2,22 +2,27 @@
 
 ansible-playbook runs on this host, as an operator's controller would, with an inventory and
 an SSH key made by the test; the gateways are containers from the shared rootfs, reachable on
-their veths. gw1 installs the .deb shipped from here and joins with a token; gw2 installs from
-an apt repository (a flat one, bind-mounted) and joins with a kubeconfig. The tests after the
-lint checks are one rollout story, in order, on the same two hosts: install, a run that changes
-nothing, --check, a reload and a restart rolled one host at a time, a broken variable that
-stops at the first host, removal. Every run is verbose with --diff, and no secret may appear
-in any of their output.
+their veths. Both run in Kubernetes mode and really join a cluster: the in-repo fake API server
+(tests/fixtures/fakeapi.py) serves HTTPS on this host's end of gw1's veth, and the real
+`gatewayd controller` runs here against it. gw1 installs the .deb shipped from here and joins
+with a token, the API server's URL and its CA; gw2 installs from an apt repository (a flat one,
+bind-mounted) and joins with a kubeconfig. The tests after the lint checks are one rollout
+story, in order, on the same two hosts: install and join, a run that changes nothing, --check,
+a reload, a restart and a credential rotation rolled one host at a time, an API server a host
+cannot reach and a broken variable that each stop at the first host, removal. Every run is
+verbose with --diff, and no secret may appear in any of their output.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,6 +32,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fixtures.fakeapi import FakeApiServer, make_test_certificates
 from nspawn import Container
 
 from gatewayd.lab.netns import Sandbox, run, wait_for
@@ -41,64 +47,61 @@ TOOLS = Path(sys.executable).parent  # ansible-playbook and ansible-lint, from t
 UNIT = "gatewayd.service"
 CONFIG = "/etc/gatewayd/gatewayd.yaml"
 PRIVATE_KEY = "/var/lib/gatewayd/wireguard.key"
-# Made up: 32 bytes each, base64. No traffic ever goes to them (no endpoints).
-NODE1_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
-NODE2_KEY = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8="
-PEER_NODE1 = {"name": "node1", "public_key": NODE1_KEY, "allowed_ips": ["10.244.1.0/24"],
-              "persistent_keepalive": 0}
-PEER_NODE2 = {"name": "node2", "public_key": NODE2_KEY, "allowed_ips": ["10.244.2.0/24"],
-              "persistent_keepalive": 0}
-STRAY_EGRESS_IP = "198.51.100.75"
 # Management /30s for the veths; 10.250.0.0/16 is ours (see shared/notes: private ranges only).
 MANAGEMENT = ipaddress.ip_network("10.250.0.0/16")
 
 
-# --- what the gateways follow ------------------------------------------------------------------
+# --- what the cluster holds ----------------------------------------------------------------------
+
+NAMESPACE = "gatewayd-system"
+GROUP_VERSION = "egress.gatewayd.io/v1alpha1"
 
 
-def snapshot(name: str, egress_ip: str) -> dict[str, list[dict[str, Any]]]:
-    """A standalone snapshot: this gateway, one node with one pod, one policy through it."""
-    return {
-        "00-cluster.yaml": [
-            {"apiVersion": "v1", "kind": "Namespace",
-             "metadata": {"name": "shop", "labels": {"kubernetes.io/metadata.name": "shop"}}},
-            {"apiVersion": "v1", "kind": "Node",
-             "metadata": {"name": "node1", "labels": {"kubernetes.io/hostname": "node1"}},
-             "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]},
-             "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.21"}]}},
-            {"apiVersion": "v1", "kind": "Pod",
-             "metadata": {"name": "checkout-1", "namespace": "shop",
-                          "uid": "c0000000-0000-4000-8000-000000000001",
-                          "labels": {"app": "checkout"}},
-             "spec": {"nodeName": "node1"},
-             "status": {"phase": "Running", "podIP": "10.244.1.10",
-                        "podIPs": [{"ip": "10.244.1.10"}]}},
-            {"apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGateway",
-             "metadata": {"name": name, "labels": {"egress.gatewayd.io/role": "gateway",
-                                                   "kubernetes.io/hostname": name}},
-             "status": {
-                 "addresses": [{"type": "InternalIP", "address": "198.51.100.2"}],
-                 "interfaces": [{"name": "host0", "addresses": ["198.51.100.2/24"],
-                                 "defaultRouteV4": True}],
-                 "egressIPPools": [{"cidr": "198.51.100.64/27", "interface": "host0"}],
-                 "conditions": [{"type": "Ready", "status": "True"}]}},
-        ],
-        "30-payment.yaml": [policy("payment-gateway", "198.51.100.10/32", egress_ip)],
-    }
+def cluster_objects() -> list[dict[str, Any]]:
+    """What kubelets and the scheduler would have written, and one policy through any gateway
+    (as `kubectl apply` would): the controller plans from these."""
+    return [
+        {"apiVersion": "v1", "kind": "Namespace",
+         "metadata": {"name": "shop", "labels": {"kubernetes.io/metadata.name": "shop"}}},
+        {"apiVersion": "v1", "kind": "Node",
+         "metadata": {"name": "node1", "labels": {"kubernetes.io/hostname": "node1"}},
+         "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]},
+         "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.21"}]}},
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": "checkout-1", "namespace": "shop",
+                      "uid": "c0000000-0000-4000-8000-000000000001",
+                      "labels": {"app": "checkout"}},
+         "spec": {"nodeName": "node1"},
+         "status": {"phase": "Running", "podIP": "10.244.1.10",
+                    "podIPs": [{"ip": "10.244.1.10"}]}},
+        {"apiVersion": GROUP_VERSION, "kind": "EgressGatewayPolicy",
+         "metadata": {"name": "payment-gateway"},
+         "spec": {
+             "selectors": [{"podSelector": {"matchLabels": {"app": "checkout"}}}],
+             "destinationCIDRs": ["198.51.100.10/32"],
+             "egressGateway": {
+                 "nodeSelector": {"matchLabels": {"egress.gatewayd.io/role": "gateway"}},
+                 "egressIP": "198.51.100.70"}}},
+    ]
 
 
-def policy(name: str, destination: str, egress_ip: str) -> dict[str, Any]:
-    """Checkout pods to `destination` leave through any gateway from `egress_ip`."""
-    return {
-        "apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGatewayPolicy",
-        "metadata": {"name": name},
-        "spec": {
-            "selectors": [{"podSelector": {"matchLabels": {"app": "checkout"}}}],
-            "destinationCIDRs": [destination],
-            "egressGateway": {
-                "nodeSelector": {"matchLabels": {"egress.gatewayd.io/role": "gateway"}},
-                "egressIP": egress_ip}},
-    }
+def kubeconfig(server: str, ca: bytes, token: str) -> str:
+    return yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {
+            "server": server, "certificate-authority-data": base64.b64encode(ca).decode()}}],
+        "users": [{"name": "u", "user": {"token": token}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "c",
+    })
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for the controller's health endpoint)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 # --- the hosts and the controller --------------------------------------------------------------
@@ -109,7 +112,6 @@ class Gateway:
     name: str
     container: Container
     address: str  # where SSH reaches it
-    egress_ip: str
 
 
 @dataclass
@@ -143,6 +145,9 @@ class Rollout:
     directory: Path
     gateways: list[Gateway]
     inventory: Path
+    api: FakeApiServer
+    ca: bytes  # the API server's CA certificate (PEM)
+    spare_tokens: list[str]  # accepted by the API server, for a rotation
     overrides: dict[str, Any] = field(default_factory=dict)  # extra vars every run keeps
     outputs: list[str] = field(default_factory=list)
     secrets: list[str] = field(default_factory=list)
@@ -235,21 +240,13 @@ def rollout(rootfs: Path, deb: Path, tmp_path_factory: pytest.TempPathFactory) -
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / "id_ed25519")])
     public_key = (directory / "id_ed25519.pub").read_text()
     flat_repository(deb, directory / "repo")
-    join_token = f"gwjoin.{os.urandom(16).hex()}"
-    kube_token = f"gwkube.{os.urandom(16).hex()}"
-    kubeconfig = f"""\
-apiVersion: v1
-kind: Config
-clusters: [{{name: c, cluster: {{server: "https://203.0.113.10:6443"}}}}]
-users: [{{name: gw2, user: {{token: {kube_token}}}}}]
-contexts: [{{name: c, context: {{cluster: c, user: gw2}}}}]
-current-context: c
-"""
+    join_token, kube_token, *spare_tokens = (f"gwjoin.{os.urandom(16).hex()}" for _ in range(4))
+    admin_token = f"admin.{os.urandom(16).hex()}"
     prefix = f"gwa{os.getpid() % 100000}"
     with Sandbox(prefix) as sandbox:
         gateways = []
-        for index, (name, egress_ip) in enumerate([("gw1", "198.51.100.70"),
-                                                   ("gw2", "198.51.100.71")]):
+        host_addresses = []
+        for index, name in enumerate(["gw1", "gw2"]):
             container = Container(sandbox, f"{prefix}-{index + 1}", rootfs,
                                   directory / f"console-{name}.log",
                                   binds=[(directory / "repo", "/mnt/repo")])
@@ -258,11 +255,34 @@ current-context: c
             container.write("/root/.ssh/authorized_keys", public_key, "0600")
             # No route out of here: the apt sources are the role's and nothing else.
             container.run("rm", "-f", "/etc/apt/sources.list")
-            gateway = Gateway(name, container, address.split("/")[0], egress_ip)
+            gateway = Gateway(name, container, address.split("/")[0])
             sandbox.on_close(f"ssh master for {name}",
                              lambda a=gateway.address: close_ssh_master(directory, a))
             wait_for(lambda a=gateway.address: ssh_works(directory, a), 30, f"sshd on {name}")
             gateways.append(gateway)
+            host_addresses.append(host_address.split("/")[0])
+        gw1, gw2 = gateways
+
+        # The API server listens on this host's end of gw1's veth (nowhere else), with a
+        # certificate for that address; gw2 reaches it through its own veth. It checks the
+        # bearer tokens (one per gateway, one for the controller) but, unlike a real cluster,
+        # not RBAC: packaging/kubernetes's per-gateway Role is not exercised here.
+        api_address = host_addresses[0]
+        gw2.container.run("ip", "route", "add", f"{api_address}/32", "via", host_addresses[1])
+        tls = make_test_certificates(directory / "tls", [api_address])
+        api = FakeApiServer(host=api_address, tls=tls,
+                            accepted_tokens=[join_token, kube_token, *spare_tokens, admin_token])
+        api.start()
+        sandbox.on_close("API server", api.stop)
+        for obj in cluster_objects():
+            api.put(obj)
+        ca = tls.ca.read_bytes()
+        admin = directory / "admin.kubeconfig"
+        admin.write_text(kubeconfig(api.url, ca, admin_token))
+        sandbox.spawn(None, [sys.executable, "-m", "gatewayd.cli.gatewayd", "controller",
+                             "--kubeconfig", str(admin), "--namespace", NAMESPACE,
+                             "--hold-down", "0", "--health-port", str(free_port())],
+                      directory / "controller.log", {"PYTHONUNBUFFERED": "1"})
 
         common = {
             "ansible_user": "root",
@@ -275,33 +295,31 @@ current-context: c
             "gatewayd_uplink": "host0",
             "gatewayd_labels": {"egress.gatewayd.io/role": "gateway", "site": "test"},
             "gatewayd_egress_ip_pools": [{"cidr": "198.51.100.64/27"}],
-            "gatewayd_tunnel_address": "10.255.0.1/24",
-            "gatewayd_tunnel_peers": [PEER_NODE1],
             "gatewayd_reconcile_repair_seconds": 2,
+            "gatewayd_cluster_namespace": NAMESPACE,
+            "gatewayd_cluster_lease_duration_seconds": 4,
+            "gatewayd_cluster_lease_renew_seconds": 1,
         }
-        gw1, gw2 = gateways
         hosts = {
             "gw1": {
                 "ansible_host": gw1.address,
                 "gatewayd_deb_path": str(deb),
                 "gatewayd_cluster_join_token": join_token,
-                "gatewayd_cluster_api_server": "https://203.0.113.10:6443",
-                "gatewayd_cluster_ca_certificate": "-----BEGIN CERTIFICATE-----\nMIIB\n"
-                                                   "-----END CERTIFICATE-----\n",
-                "gatewayd_snapshot_objects": snapshot("gw1", gw1.egress_ip),
+                "gatewayd_cluster_api_server": api.url,
+                "gatewayd_cluster_ca_certificate": ca.decode(),
             },
             "gw2": {
                 "ansible_host": gw2.address,
                 "gatewayd_apt_repository": {"uris": ["file:/mnt/repo"], "suites": ["./"],
                                             "trusted": True},
-                "gatewayd_cluster_kubeconfig": kubeconfig,
-                "gatewayd_snapshot_objects": snapshot("gw2", gw2.egress_ip),
+                "gatewayd_cluster_kubeconfig": kubeconfig(api.url, ca, kube_token),
             },
         }
         inventory = directory / "inventory.yml"
         # JSON is YAML.
         inventory.write_text(json.dumps({"gateways": {"vars": common, "hosts": hosts}}))
-        yield Rollout(directory, gateways, inventory, secrets=[join_token, kube_token])
+        yield Rollout(directory, gateways, inventory, api, ca, spare_tokens,
+                      secrets=[join_token, kube_token, admin_token])
 
 
 # --- what a host shows -------------------------------------------------------------------------
@@ -334,9 +352,42 @@ def peers(host: Container) -> set[str]:
     return set(host.run("wg", "show", "egress0", "peers").stdout.split())
 
 
+def tunnel_mtu(host: Container) -> int:
+    mtu: int = json.loads(host.run("ip", "-j", "link", "show", "egress0").stdout)[0]["mtu"]
+    return mtu
+
+
 def status(host: Container) -> dict[str, Any]:
     report: dict[str, Any] = json.loads(host.run("gatewayctl", "status", "-o", "json").stdout)
     return report
+
+
+def gateway_object(api: FakeApiServer, name: str) -> dict[str, Any]:
+    return api.get("egressgateways", name) or {}
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    found = [c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == kind]
+    return found[0] if found else {}
+
+
+def plan_applied(api: FakeApiServer, name: str) -> bool:
+    """The controller wrote the gateway's spec, and the agent reports that generation applied."""
+    obj = gateway_object(api, name)
+    generation = (obj.get("metadata") or {}).get("generation")
+    return ("spec" in obj and condition(obj, "Ready").get("status") == "True"
+            and (obj.get("status") or {}).get("observedGeneration") == generation)
+
+
+def planned_policies(api: FakeApiServer, name: str) -> set[str]:
+    return {r.get("policy") for r in (gateway_object(api, name).get("spec") or {}).get("rules")
+            or []}
+
+
+def lease_renewed(api: FakeApiServer, name: str) -> str | None:
+    lease = api.get("leases", f"egressgateway-{name}", NAMESPACE) or {}
+    renewed: str | None = (lease.get("spec") or {}).get("renewTime")
+    return renewed
 
 
 def file_state(host: Container, path: str) -> str:
@@ -392,10 +443,11 @@ def test_playbook_passes_syntax_check(tmp_path: Path) -> None:
 # --- the rollout, in order -----------------------------------------------------------------------
 
 
-def test_first_run_installs_and_starts_both_gateways(rollout: Rollout) -> None:
+def test_first_run_installs_starts_and_joins_both_gateways(rollout: Rollout) -> None:
     play = rollout.play()
     assert play.returncode == 0, play.tail()
     gw1, gw2 = rollout.gateways
+    api = rollout.api
     for gateway in rollout.gateways:
         host = gateway.container
         counts = play.recap[gateway.name]
@@ -404,17 +456,38 @@ def test_first_run_installs_and_starts_both_gateways(rollout: Rollout) -> None:
         assert host.systemctl("is-enabled", UNIT).stdout.strip() == "enabled"
         report = status(host)
         assert report["ready"] and report["running"] and report["name"] == gateway.name
-        assert egress_ips(host) == {gateway.egress_ip}
-        assert peers(host) == {NODE1_KEY}
+        assert report["mode"] == "kubernetes" and report["apiServer"]["connected"], report
+        config = yaml.safe_load(host.sh(f"cat {CONFIG}"))
+        assert "snapshot" not in config and "peers" not in config["tunnel"], config
         # The key was made on the host; the fact carries only its public half.
         assert file_state(host, PRIVATE_KEY).startswith("600 root\n")
         public = host.sh(f"wg pubkey < {PRIVATE_KEY}").strip()
         assert host.run("wg", "show", "egress0", "public-key").stdout.strip() == public
         assert f"gateway {gateway.name}: WireGuard public key {public}" in play.output
         rollout.secrets.append(host.sh(f"cat {PRIVATE_KEY}").strip())
+        # Joined: its EgressGateway carries its public key and says Ready.
+        obj = gateway_object(api, gateway.name)
+        assert obj["status"]["publicKey"] == public, obj
+        assert condition(obj, "Ready")["status"] == "True", obj
+        assert obj["metadata"]["labels"]["site"] == "test"
+        # Its heartbeat goes on after the play: the Lease is renewed.
+        renewed = lease_renewed(api, gateway.name)
+        assert renewed is not None
+        wait_for(lambda n=gateway.name, r=renewed: lease_renewed(api, n) not in (None, r), 10,
+                 f"the Lease of {gateway.name} to be renewed")
+    # The controller planned the policy onto a gateway, and the agents applied its specs.
+    wait_for(lambda: all(plan_applied(api, g.name) for g in rollout.gateways)
+             and planned_policies(api, "gw1") | planned_policies(api, "gw2")
+             == {"payment-gateway"}, 30, "the controller's plans to be applied")
+    for gateway in rollout.gateways:
+        if planned_policies(api, gateway.name):
+            assert [p for p in status(gateway.container)["policies"]
+                    if p.startswith("payment-gateway")], status(gateway.container)
+            assert has_table(gateway.container)
     # One way of joining each, as root's secrets; the other way's file is absent.
     assert file_state(gw1.container, "/etc/gatewayd/join-token").startswith("600 root\n")
     assert gw1.container.sh("cat /etc/gatewayd/join-token") == rollout.secrets[0]
+    assert gw1.container.sh("cat /etc/gatewayd/cluster-ca.crt") == rollout.ca.decode()
     assert file_state(gw1.container, "/etc/gatewayd/kubeconfig") == ""
     assert file_state(gw2.container, "/etc/gatewayd/kubeconfig").startswith("600 root\n")
     assert rollout.secrets[1] in gw2.container.sh("cat /etc/gatewayd/kubeconfig")
@@ -442,10 +515,10 @@ def test_check_mode_reports_a_change_without_making_it(rollout: Rollout) -> None
     before = {g.name: (file_state(g.container, CONFIG), main_pid(g.container),
                        data_plane(g.container), reload_times(g.container))
               for g in rollout.gateways}
-    play = rollout.play("--check", gatewayd_tunnel_peers=[PEER_NODE1, PEER_NODE2])
+    play = rollout.play("--check", gatewayd_tunnel_mtu=1400)
     assert play.returncode == 0, play.tail()
-    # The diff shows the new peer, and each host says it would reload.
-    assert re.search(rf"^\+\s+publicKey: \"{re.escape(NODE2_KEY)}\"$", play.output, re.MULTILINE)
+    # The diff shows the new MTU, and each host says it would reload.
+    assert re.search(r"^\+\s+mtu: 1400$", play.output, re.MULTILINE), play.tail()
     for gateway in rollout.gateways:
         assert play.recap[gateway.name]["changed"] > 0
         assert play.results(gateway.name, "Write the configuration")[0]["changed"]
@@ -456,25 +529,19 @@ def test_check_mode_reports_a_change_without_making_it(rollout: Rollout) -> None
 
 
 def test_config_change_reloads_one_host_at_a_time(rollout: Rollout) -> None:
-    # A policy put into the snapshot by hand is served, until the role removes it again.
-    for gateway in rollout.gateways:
-        gateway.container.write("/etc/gatewayd/snapshot/99-by-hand.yaml", yaml.safe_dump(
-            policy("by-hand", "198.51.100.11/32", STRAY_EGRESS_IP)))
-        wait_for(lambda h=gateway.container: STRAY_EGRESS_IP in egress_ips(h), 15,
-                 f"the policy put by hand on {gateway.name}")
     pids = {g.name: main_pid(g.container) for g in rollout.gateways}
-    rollout.overrides["gatewayd_tunnel_peers"] = [PEER_NODE1, PEER_NODE2]
+    rollout.overrides["gatewayd_tunnel_mtu"] = 1400
     play = rollout.play()
     assert play.returncode == 0, play.tail()
     assert_one_at_a_time(play, "Reload gatewayd")
     for gateway in rollout.gateways:
         host = gateway.container
         assert not play.results(gateway.name, "Restart gatewayd")[0]["changed"]
-        # Applied by the same process: the new peer is on the tunnel, the stray policy and its
-        # egress IP are gone.
-        assert peers(host) == {NODE1_KEY, NODE2_KEY}
-        assert egress_ips(host) == {gateway.egress_ip}
-        assert main_pid(host) == pids[gateway.name] and status(host)["ready"]
+        # Applied by the same process, still joined.
+        assert tunnel_mtu(host) == 1400
+        assert main_pid(host) == pids[gateway.name]
+        report = status(host)
+        assert report["ready"] and report["apiServer"]["connected"], report
         # systemd itself saw the reload inside this host's turn, not in the other's.
         start, end = play.span(gateway.name)
         assert [t for t in reload_times(host) if start <= t <= end], reload_times(host)
@@ -495,6 +562,55 @@ def test_reconcile_change_restarts_one_host_at_a_time_keeping_snat(rollout: Roll
         assert not play.results(gateway.name, "Reload gatewayd")[0]["changed"]
 
 
+def test_rotated_credentials_restart_one_host_at_a_time(rollout: Rollout) -> None:
+    # The agent reads its credentials only at start: new ones need a restart, not a reload.
+    before = {g.name: main_pid(g.container) for g in rollout.gateways}
+    join_token, kube_token = rollout.spare_tokens
+    rollout.secrets += [join_token, kube_token]
+    hosts = yaml.safe_load(rollout.inventory.read_text())["gateways"]["hosts"]
+    hosts["gw1"]["gatewayd_cluster_join_token"] = join_token
+    hosts["gw2"]["gatewayd_cluster_kubeconfig"] = kubeconfig(rollout.api.url, rollout.ca,
+                                                             kube_token)
+    inventory = yaml.safe_load(rollout.inventory.read_text())
+    inventory["gateways"]["hosts"] = hosts
+    rollout.inventory.write_text(json.dumps(inventory))
+    play = rollout.play()
+    assert play.returncode == 0, play.tail()
+    assert_one_at_a_time(play, "Restart gatewayd")
+    gw1, gw2 = rollout.gateways
+    assert gw1.container.sh("cat /etc/gatewayd/join-token") == join_token
+    assert kube_token in gw2.container.sh("cat /etc/gatewayd/kubeconfig")
+    for gateway in rollout.gateways:
+        host = gateway.container
+        assert main_pid(host) != before[gateway.name]
+        assert not play.results(gateway.name, "Write the configuration")[0]["changed"]
+        assert not play.results(gateway.name, "Reload gatewayd")[0]["changed"]
+        assert status(host)["apiServer"]["connected"]
+        renewed = lease_renewed(rollout.api, gateway.name)
+        wait_for(lambda n=gateway.name, r=renewed: lease_renewed(rollout.api, n) != r, 10,
+                 f"the Lease of {gateway.name} to be renewed with the new credentials")
+
+
+def test_unreachable_api_server_stops_at_the_first_host(rollout: Rollout) -> None:
+    gw1, gw2 = rollout.gateways
+    before = (file_state(gw2.container, CONFIG), main_pid(gw2.container))
+    # Nothing listens there: gw1 restarts, restores its saved plan (ready), but cannot join.
+    nowhere = rollout.api.url.rsplit(":", 1)[0] + ":1"
+    play = rollout.play(gatewayd_cluster_api_server=nowhere, gatewayd_health_timeout=10)
+    assert play.returncode != 0
+    assert play.recap["gw1"]["failed"] == 1 and "gw2" not in play.recap, play.tail()
+    assert f"it cannot reach the API server {nowhere}: " in play.output, play.tail()
+    assert "is not healthy after 10 s" in play.output
+    assert status(gw1.container)["ready"]  # it goes on serving its saved plan meanwhile
+    assert (file_state(gw2.container, CONFIG), main_pid(gw2.container)) == before
+    # Back to the right address: a restart, and it joins again.
+    pid = main_pid(gw1.container)
+    again = rollout.play()
+    assert again.returncode == 0, again.tail()
+    assert again.results("gw1", "Restart gatewayd")[0]["changed"]
+    assert main_pid(gw1.container) != pid and status(gw1.container)["apiServer"]["connected"]
+
+
 def test_broken_variable_stops_at_the_first_host(rollout: Rollout) -> None:
     before = {g.name: (file_state(g.container, CONFIG), main_pid(g.container),
                        data_plane(g.container)) for g in rollout.gateways}
@@ -512,6 +628,14 @@ def test_broken_variable_stops_at_the_first_host(rollout: Rollout) -> None:
         assert after == before[gateway.name]
         report = status(host)
         assert report["ready"] and report["running"]
+
+
+def test_standalone_inputs_with_credentials_are_refused(rollout: Rollout) -> None:
+    play = rollout.play(gatewayd_tunnel_peers=[{"name": "node1", "public_key": "x" * 43 + "=",
+                                                "allowed_ips": ["10.244.1.0/24"]}])
+    assert play.returncode != 0
+    assert "gatewayd_tunnel_peers: not used in Kubernetes mode" in play.output, play.tail()
+    assert "gw2" not in play.recap
 
 
 def test_absent_asks_for_consent_then_removes_everything(rollout: Rollout) -> None:
@@ -556,8 +680,9 @@ def test_check_mode_on_a_bare_host_reports_the_install_without_doing_it(rollout:
 
 
 def test_no_secret_in_any_output(rollout: Rollout) -> None:
-    # Two join secrets and the two private keys, against every run of this module.
-    assert len(rollout.secrets) == 4 and len(rollout.outputs) >= 8
+    # The join secrets (first and rotated), the controller's token and the two private keys,
+    # against every run of this module.
+    assert len(rollout.secrets) == 7 and len(rollout.outputs) >= 10
     # The runs were verbose: module results (the config's path, a diff) are in the output.
     everything = "\n".join(rollout.outputs)
     assert '"dest": "/etc/gatewayd/gatewayd.yaml"' in everything

@@ -17,8 +17,9 @@ With `--stops N` it then stops the active gateway's agent N times as `systemctl 
 (SIGTERM; the agent hands its egress IP over) and starts it again: measured from the last
 reply before the first failed request to the first reply through the standby.
 
-With `--api-outage SECONDS` it then takes the API server down for that long and counts failed
-requests and plans the daemons programmed (both must stay 0).
+With `--api-outage SECONDS` it then runs the client that long with the API server up (the
+baseline), takes the API server down for as long, and counts failed requests in both stretches
+and the plans the daemons programmed because of the outage.
 
 Prints a Markdown table.
 """
@@ -134,20 +135,31 @@ def one_stop(lab: KubeLab, number: int, directory: Path) -> dict[str, float]:
 
 
 def api_outage(lab: KubeLab, seconds: float, directory: Path) -> dict[str, float]:
+    """The same client for `seconds` with the API server up (the baseline), then down."""
     hosts = [g.name for g in GATEWAYS] + [n.name for n in NODES]
     programmed = {h: daemon_events(lab, h, "plan-applied") for h in hosts}
     before = roles(lab)
     with pinging(CLIENT.netns, TARGET, directory / "api-outage") as path:
+        baseline_from = time.time()
+        time.sleep(seconds)
         lab.api_down()
+        down_at = time.time()
         try:
             time.sleep(seconds)
         finally:
             lab.api_up()
         time.sleep(HOLD_DOWN + 5)
         attempts = read_attempts(path)
+    for failed in (a for a in attempts if not a.ok):
+        print(f"  API check: a request {failed.start - down_at:+.3f}s after the API went down "
+              f"failed ({failed.error})", file=sys.stderr)
+    baseline = [a for a in attempts if baseline_from <= a.start < down_at]
+    outage = [a for a in attempts if a.start >= down_at]
     return {
-        "requests": float(len(attempts)),
-        "failed": float(sum(not a.ok for a in attempts)),
+        "baseline_requests": float(len(baseline)),
+        "baseline_failed": float(sum(not a.ok for a in baseline)),
+        "requests": float(len(outage)),
+        "failed": float(sum(not a.ok for a in outage)),
         "reprogrammed": float(sum(daemon_events(lab, h, "plan-applied") - programmed[h]
                                   for h in hosts)),
         "moved": float(roles(lab) != before),
@@ -157,6 +169,23 @@ def api_outage(lab: KubeLab, seconds: float, directory: Path) -> dict[str, float
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def print_failovers(results: list[dict[str, float]]) -> None:
+    outages = [r["outage"] for r in results]
+    promoted = [r["promoted"] for r in results]
+    print(f"\n{len(results)} failovers (power loss and partition alternating), client request "
+          "every 20 ms\n")
+    print("| measure | p50 | p90 | max |\n|---|---|---|---|")
+    for name, values in (("last reply via the failed gateway -> first via the standby", outages),
+                         ("cut -> controller promotes the standby (Lease 4 s)", promoted)):
+        print(f"| {name} | {percentile(values, 0.5):.3f} s | {percentile(values, 0.9):.3f} s "
+              f"| {max(values):.3f} s |")
+    print(f"\nmean outage {statistics.mean(outages):.3f} s; under 1 s: "
+          f"{sum(v < 1.0 for v in outages)}/{len(outages)}; requests failed after traffic "
+          f"resumed (flaps): {sum(r['failed_after'] for r in results):.0f}; replies with "
+          f"another source IP: {sum(r['wrong_source'] for r in results):.0f}; samples with "
+          f"the egress IP on both gateways: {sum(r['overlaps'] for r in results):.0f}")
 
 
 def main() -> int:
@@ -189,20 +218,8 @@ def main() -> int:
                   f"in {stops[-1]['stop']:.2f}s", file=sys.stderr, flush=True)
         outage_result = api_outage(lab, args.api_outage, Path(tmp)) if args.api_outage else None
 
-    outages = [r["outage"] for r in results]
-    promoted = [r["promoted"] for r in results]
-    print(f"\n{len(results)} failovers (power loss and partition alternating), client request "
-          "every 20 ms\n")
-    print("| measure | p50 | p90 | max |\n|---|---|---|---|")
-    for name, values in (("last reply via the failed gateway -> first via the standby", outages),
-                         ("cut -> controller promotes the standby (Lease 4 s)", promoted)):
-        print(f"| {name} | {percentile(values, 0.5):.3f} s | {percentile(values, 0.9):.3f} s "
-              f"| {max(values):.3f} s |")
-    print(f"\nmean outage {statistics.mean(outages):.3f} s; under 1 s: "
-          f"{sum(v < 1.0 for v in outages)}/{len(outages)}; requests failed after traffic "
-          f"resumed (flaps): {sum(r['failed_after'] for r in results):.0f}; replies with "
-          f"another source IP: {sum(r['wrong_source'] for r in results):.0f}; samples with "
-          f"the egress IP on both gateways: {sum(r['overlaps'] for r in results):.0f}")
+    if results:
+        print_failovers(results)
     if stops:
         gaps, took = [r["outage"] for r in stops], [r["stop"] for r in stops]
         print(f"\n{len(stops)} planned stops (SIGTERM) of the active agent\n")
@@ -216,8 +233,11 @@ def main() -> int:
               f"{sum(r['wrong_source'] for r in stops):.0f}; samples with the egress IP on "
               f"both gateways: {sum(r['overlaps'] for r in stops):.0f}")
     if outage_result is not None:
-        print(f"\nAPI server down {args.api_outage:.0f} s: {outage_result['requests']:.0f} "
-              f"requests, {outage_result['failed']:.0f} failed; plans programmed because of "
+        print(f"\nAPI server down {args.api_outage:.0f} s (and the {HOLD_DOWN + 5:.0f} s "
+              f"after): {outage_result['requests']:.0f} requests, "
+              f"{outage_result['failed']:.0f} failed; the {args.api_outage:.0f} s before, API "
+              f"up: {outage_result['baseline_requests']:.0f} requests, "
+              f"{outage_result['baseline_failed']:.0f} failed; plans programmed because of "
               f"it: {outage_result['reprogrammed']:.0f}; policy moved: "
               f"{'yes' if outage_result['moved'] else 'no'}")
     return 0

@@ -95,6 +95,8 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
         self._health: ProbeServer | None = None
         self._rehandshaken: dict[str, float] = {}  # gateway -> when its session was dropped
         self._reported_failovers: dict[tuple[str, str], Failover] = {}
+        self._steered: dict[str, set[str]] = {}  # policy -> gateways its rules tunnel to now
+        self._marks: dict[str, int] = {}  # gateway -> fwmark, as last programmed
 
     def make_source(self) -> PlanSource[NodeTarget]:
         if self.cluster is not None:
@@ -269,20 +271,33 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
                 self._failovers_applied(failovers)
         self.publish_status()
 
-    def _failovers_applied(self, failovers: dict[tuple[str, str], Failover]) -> None:
-        """After the table changed: unanswered connections of the gateways traffic moved
-        away from start over; new and ended failovers are reported."""
-        before = self._reported_failovers
-        if failovers == before:
-            return
-        marks = {e.name: e.mark for e in self.ends}
-        moved_from = sorted({f.gateway for k, f in failovers.items() if k not in before})
-        forget = [marks[g] for g in moved_from if g in marks]
+    def _steering_changed(self, rules: tuple[SteerRule, ...],
+                          ends: tuple[GatewayTunnelEnd, ...]) -> None:
+        """After the table changed: if a policy's new connections left a gateway (a failover,
+        or the controller's plan), that gateway's unanswered connections start over. A
+        handshake under way keeps its conntrack mark, and so does a client that reuses its
+        port while the entry lives (2 minutes for an unanswered SYN): both would go on into
+        the gateway the policy left, whose replies no longer come back here."""
+        steered: dict[str, set[str]] = {}
+        for rule in rules:
+            if rule.action is SteerAction.TUNNEL and rule.gateway is not None:
+                steered.setdefault(rule.policy, set()).add(rule.gateway)
+        left = {g for policy, before in self._steered.items()
+                for g in before - steered.get(policy, set())}
+        marks = {**self._marks, **{e.name: e.mark for e in ends}}
+        self._steered, self._marks = steered, {e.name: e.mark for e in ends}
+        forget = sorted(marks[g] for g in left if g in marks)
         if forget:
             # Its own thread: a gateway's many connection entries take a while to read, and
             # the probes (the fast failover's thread may be the caller) must not wait.
             threading.Thread(target=self._forget_unanswered, args=(forget,),
                              name="forget-unanswered", daemon=True).start()
+
+    def _failovers_applied(self, failovers: dict[tuple[str, str], Failover]) -> None:
+        """After the table changed: new and ended failovers are reported."""
+        before = self._reported_failovers
+        if failovers == before:
+            return
         for key, failover in failovers.items():
             if key not in before:
                 message = (f"policy {failover.policy}: gateway {failover.gateway} does not "
@@ -447,6 +462,7 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
                                        verify=self.repairing)
         if result.drift:
             self.drift(f"nftables table {TABLE_FAMILY} {TABLE_NAME}", result)
+        self._steering_changed(steered.rules, ends)
 
 
 def run_steer(config_path: Path) -> int:

@@ -250,6 +250,52 @@ def test_stopping_the_active_agent_hands_its_traffic_and_egress_ip_over(
     assert has_address(gateway_host(new).netns, "eth0", PAYMENT_IP)
 
 
+def curl_from_port(pod: str, port: int, seconds: float) -> str | None:
+    """What the echo server answers a request from `pod` with source port `port` (None: no
+    answer within `seconds`)."""
+    proc = run(["curl", "-s", "--local-port", str(port), "--max-time", str(seconds),
+                f"http://{TARGET}/"], pod, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def node_applied(lab: KubeLab, node: str) -> bool:
+    obj = lab.object("egressnodes", node)
+    return (obj.get("status") or {}).get("observedGeneration") == \
+        (obj.get("metadata") or {}).get("generation")
+
+
+def test_a_policy_moved_by_the_controller_takes_unanswered_handshakes_along(
+    klab: KubeLab,
+) -> None:
+    """A connection attempt the active gateway never answered keeps its conntrack mark on the
+    node. When the controller moves the policy to the other gateway (no failover: both are
+    healthy), a client that tries again from the same source port must reach the new one."""
+    old = active(klab, PAYMENT)
+    assert old is not None
+    new = next(g.name for g in GATEWAYS if g.name != old)
+    port = 40123
+    hold = (f"table inet gwdlab-hold {{\n chain forward {{ type filter hook forward priority "
+            f"-10; ip saddr {CHECKOUT_1.address} tcp dport 8080 drop; }}\n}}\n")
+    policy = klab.api.get("egressgatewaypolicies", PAYMENT)
+    only_new = {**policy, "spec": {**policy["spec"], "egressGateway": {
+        **policy["spec"]["egressGateway"],
+        "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": new}}}}}
+    run(["nft", "-f", "-"], gateway_host(old).netns, input=hold)
+    try:
+        assert curl_from_port(CHECKOUT_1.netns, port, 1) is None  # its SYN goes unanswered
+        klab.api.put(only_new)
+        wait_for(lambda: node_routes(klab, NODES[0].name, PAYMENT) == {(new, None)}
+                 and node_applied(klab, NODES[0].name), TIMEOUT,
+                 f"{NODES[0].name} to send {PAYMENT} to {new} only")
+        assert curl_from_port(CHECKOUT_1.netns, port, 3) == PAYMENT_IP
+    finally:
+        run(["nft", "delete", "table", "inet", "gwdlab-hold"], gateway_host(old).netns)
+        klab.api.put({**klab.api.get("egressgatewaypolicies", PAYMENT),
+                      "spec": policy["spec"]})
+    wait_for(lambda: roles(klab, PAYMENT) == {(new, "active"), (old, "standby")}, TIMEOUT,
+             "the policy to have both gateways again")
+
+
 def node_failovers(lab: KubeLab, node: str) -> set[tuple[str, str, str]]:
     status = lab.object("egressnodes", node).get("status") or {}
     return {(f["policy"], f["from"], f["to"]) for f in status.get("failovers", [])}

@@ -11,6 +11,10 @@ story, in order, on the same two hosts: install and join, a run that changes not
 a reload, a restart and a credential rotation rolled one host at a time, an API server a host
 cannot reach and a broken variable that each stop at the first host, removal. Every run is
 verbose with --diff, and no secret may appear in any of their output.
+
+Standalone mode (no cluster credentials: a snapshot and hand-written tunnel peers) is a story of
+its own, shorter and on one more host (gw3, installed from the .deb): install, a change of the
+peers applied by a reload, a run that changes nothing.
 """
 
 from __future__ import annotations
@@ -47,6 +51,15 @@ TOOLS = Path(sys.executable).parent  # ansible-playbook and ansible-lint, from t
 UNIT = "gatewayd.service"
 CONFIG = "/etc/gatewayd/gatewayd.yaml"
 PRIVATE_KEY = "/var/lib/gatewayd/wireguard.key"
+# Made up: 32 bytes each, base64. No traffic ever goes to them (no endpoints).
+NODE1_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+NODE2_KEY = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8="
+PEER_NODE1 = {"name": "node1", "public_key": NODE1_KEY, "allowed_ips": ["10.244.1.0/24"],
+              "persistent_keepalive": 0}
+PEER_NODE2 = {"name": "node2", "public_key": NODE2_KEY, "allowed_ips": ["10.244.2.0/24"],
+              "persistent_keepalive": 0}
+STRAY_EGRESS_IP = "198.51.100.75"
+STANDALONE_EGRESS_IP = "198.51.100.71"
 # Management /30s for the veths; 10.250.0.0/16 is ours (see shared/notes: private ranges only).
 MANAGEMENT = ipaddress.ip_network("10.250.0.0/16")
 
@@ -104,6 +117,43 @@ def free_port() -> int:
         return port
 
 
+# --- what a standalone gateway follows ----------------------------------------------------------
+
+
+def snapshot(name: str, egress_ip: str) -> dict[str, list[dict[str, Any]]]:
+    """A standalone snapshot: this gateway, one node with one pod, one policy through it."""
+    cluster = cluster_objects()[:3]  # the namespace, the node and its pod
+    return {
+        "00-cluster.yaml": [
+            *cluster,
+            {"apiVersion": GROUP_VERSION, "kind": "EgressGateway",
+             "metadata": {"name": name, "labels": {"egress.gatewayd.io/role": "gateway",
+                                                   "kubernetes.io/hostname": name}},
+             "status": {
+                 "addresses": [{"type": "InternalIP", "address": "198.51.100.2"}],
+                 "interfaces": [{"name": "host0", "addresses": ["198.51.100.2/24"],
+                                 "defaultRouteV4": True}],
+                 "egressIPPools": [{"cidr": "198.51.100.64/27", "interface": "host0"}],
+                 "conditions": [{"type": "Ready", "status": "True"}]}},
+        ],
+        "30-payment.yaml": [policy("payment-gateway", "198.51.100.10/32", egress_ip)],
+    }
+
+
+def policy(name: str, destination: str, egress_ip: str) -> dict[str, Any]:
+    """Checkout pods to `destination` leave through any gateway from `egress_ip`."""
+    return {
+        "apiVersion": GROUP_VERSION, "kind": "EgressGatewayPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "selectors": [{"podSelector": {"matchLabels": {"app": "checkout"}}}],
+            "destinationCIDRs": [destination],
+            "egressGateway": {
+                "nodeSelector": {"matchLabels": {"egress.gatewayd.io/role": "gateway"}},
+                "egressIP": egress_ip}},
+    }
+
+
 # --- the hosts and the controller --------------------------------------------------------------
 
 
@@ -139,15 +189,12 @@ RECAP_LINE = re.compile(r"^(\S+)\s+:\s+((?:\w+=\d+\s*)+)$", re.MULTILINE)
 
 
 @dataclass
-class Rollout:
-    """Two gateways and a controller that runs ansible/site.yml against them."""
+class Playbook:
+    """Gateways and a controller that runs ansible/site.yml against them."""
 
     directory: Path
     gateways: list[Gateway]
     inventory: Path
-    api: FakeApiServer
-    ca: bytes  # the API server's CA certificate (PEM)
-    spare_tokens: list[str]  # accepted by the API server, for a rotation
     overrides: dict[str, Any] = field(default_factory=dict)  # extra vars every run keeps
     outputs: list[str] = field(default_factory=list)
     secrets: list[str] = field(default_factory=list)
@@ -172,6 +219,19 @@ class Rollout:
         entries = ([json.loads(line) for line in timeline.read_text().splitlines()]
                    if timeline.exists() else [])
         return Play(proc.returncode, output, recap, entries)
+
+
+class Standalone(Playbook):
+    """One gateway in standalone mode: a snapshot and hand-written tunnel peers."""
+
+
+@dataclass(kw_only=True)
+class Rollout(Playbook):
+    """Two gateways in Kubernetes mode, the API server they join and its CA."""
+
+    api: FakeApiServer
+    ca: bytes  # the API server's CA certificate (PEM)
+    spare_tokens: list[str]  # accepted by the API server, for a rotation
 
 
 def ansible_environment(directory: Path, timeline: Path) -> dict[str, str]:
@@ -207,7 +267,7 @@ def flat_repository(deb: Path, directory: Path) -> None:
 def management_addresses(index: int) -> tuple[str, str]:
     """The host's and the container's address on one /30, distinct per test process."""
     subnets = MANAGEMENT.num_addresses // 4
-    base = MANAGEMENT.network_address + 4 * ((os.getpid() * 2 + index) % subnets)
+    base = MANAGEMENT.network_address + 4 * ((os.getpid() * 4 + index) % subnets)
     return f"{base + 1}/30", f"{base + 2}/30"
 
 
@@ -231,14 +291,55 @@ def close_ssh_master(directory: Path, address: str) -> None:
                    stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
 
 
-@pytest.fixture(scope="module")
-def rollout(rootfs: Path, deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rollout]:
+def controller_directory(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A directory for one story's runs, with the SSH key its hosts will trust."""
     for tool in ("ansible-playbook", "ansible-lint"):
         if not (TOOLS / tool).exists():
             pytest.fail(f"{TOOLS / tool} is missing: install the test extra (pip install .[test])")
-    directory = tmp_path_factory.mktemp("ansible")
+    directory = tmp_path_factory.mktemp(name)
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / "id_ed25519")])
-    public_key = (directory / "id_ed25519.pub").read_text()
+    return directory
+
+
+def boot_gateway(sandbox: Sandbox, directory: Path, rootfs: Path, container_name: str,
+                 name: str, index: int, binds: list[tuple[Path, str]]) -> tuple[Gateway, str]:
+    """A booted host that trusts `directory`'s SSH key, reachable on its veth; returns it and
+    this host's address on that veth."""
+    container = Container(sandbox, container_name, rootfs, directory / f"console-{name}.log",
+                          binds=binds)
+    host_address, address = management_addresses(index)
+    container.address_veth(host_address, address)
+    container.write("/root/.ssh/authorized_keys", (directory / "id_ed25519.pub").read_text(),
+                    "0600")
+    # No route out of here: the apt sources are the role's and nothing else.
+    container.run("rm", "-f", "/etc/apt/sources.list")
+    gateway = Gateway(name, container, address.split("/")[0])
+    sandbox.on_close(f"ssh master for {name}",
+                     lambda a=gateway.address: close_ssh_master(directory, a))
+    wait_for(lambda a=gateway.address: ssh_works(directory, a), 30, f"sshd on {name}")
+    return gateway, host_address.split("/")[0]
+
+
+def common_vars(directory: Path) -> dict[str, Any]:
+    """What every gateway of both stories gets: how to reach it, its uplink, its pool."""
+    return {
+        "ansible_user": "root",
+        "ansible_ssh_private_key_file": str(directory / "id_ed25519"),
+        "ansible_ssh_common_args": "-o StrictHostKeyChecking=no "
+                                   "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "gatewayd_apt_cache_valid_time": 0,  # no network: nothing to refresh from
+        "gatewayd_extra_packages": ["wireguard-go"],
+        "gatewayd_uplink": "host0",
+        "gatewayd_labels": {"egress.gatewayd.io/role": "gateway", "site": "test"},
+        "gatewayd_egress_ip_pools": [{"cidr": "198.51.100.64/27"}],
+        "gatewayd_reconcile_repair_seconds": 2,
+    }
+
+
+@pytest.fixture(scope="module")
+def rollout(rootfs: Path, deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rollout]:
+    directory = controller_directory(tmp_path_factory, "ansible")
     flat_repository(deb, directory / "repo")
     join_token, kube_token, *spare_tokens = (f"gwjoin.{os.urandom(16).hex()}" for _ in range(4))
     admin_token = f"admin.{os.urandom(16).hex()}"
@@ -247,20 +348,11 @@ def rollout(rootfs: Path, deb: Path, tmp_path_factory: pytest.TempPathFactory) -
         gateways = []
         host_addresses = []
         for index, name in enumerate(["gw1", "gw2"]):
-            container = Container(sandbox, f"{prefix}-{index + 1}", rootfs,
-                                  directory / f"console-{name}.log",
-                                  binds=[(directory / "repo", "/mnt/repo")])
-            host_address, address = management_addresses(index)
-            container.address_veth(host_address, address)
-            container.write("/root/.ssh/authorized_keys", public_key, "0600")
-            # No route out of here: the apt sources are the role's and nothing else.
-            container.run("rm", "-f", "/etc/apt/sources.list")
-            gateway = Gateway(name, container, address.split("/")[0])
-            sandbox.on_close(f"ssh master for {name}",
-                             lambda a=gateway.address: close_ssh_master(directory, a))
-            wait_for(lambda a=gateway.address: ssh_works(directory, a), 30, f"sshd on {name}")
+            gateway, host_address = boot_gateway(sandbox, directory, rootfs,
+                                                 f"{prefix}-{index + 1}", name, index,
+                                                 [(directory / "repo", "/mnt/repo")])
             gateways.append(gateway)
-            host_addresses.append(host_address.split("/")[0])
+            host_addresses.append(host_address)
         gw1, gw2 = gateways
 
         # The API server listens on this host's end of gw1's veth (nowhere else), with a
@@ -285,17 +377,7 @@ def rollout(rootfs: Path, deb: Path, tmp_path_factory: pytest.TempPathFactory) -
                       directory / "controller.log", {"PYTHONUNBUFFERED": "1"})
 
         common = {
-            "ansible_user": "root",
-            "ansible_ssh_private_key_file": str(directory / "id_ed25519"),
-            "ansible_ssh_common_args": "-o StrictHostKeyChecking=no "
-                                       "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
-            "ansible_python_interpreter": "/usr/bin/python3",
-            "gatewayd_apt_cache_valid_time": 0,  # no network: nothing to refresh from
-            "gatewayd_extra_packages": ["wireguard-go"],
-            "gatewayd_uplink": "host0",
-            "gatewayd_labels": {"egress.gatewayd.io/role": "gateway", "site": "test"},
-            "gatewayd_egress_ip_pools": [{"cidr": "198.51.100.64/27"}],
-            "gatewayd_reconcile_repair_seconds": 2,
+            **common_vars(directory),
             "gatewayd_cluster_namespace": NAMESPACE,
             "gatewayd_cluster_lease_duration_seconds": 4,
             "gatewayd_cluster_lease_renew_seconds": 1,
@@ -318,8 +400,31 @@ def rollout(rootfs: Path, deb: Path, tmp_path_factory: pytest.TempPathFactory) -
         inventory = directory / "inventory.yml"
         # JSON is YAML.
         inventory.write_text(json.dumps({"gateways": {"vars": common, "hosts": hosts}}))
-        yield Rollout(directory, gateways, inventory, api, ca, spare_tokens,
+        yield Rollout(directory, gateways, inventory, api=api, ca=ca, spare_tokens=spare_tokens,
                       secrets=[join_token, kube_token, admin_token])
+
+
+@pytest.fixture(scope="module")
+def standalone(rootfs: Path, deb: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Standalone]:
+    """One more host, gw3, for a standalone rollout from the shipped .deb: no credentials, a
+    snapshot whose policy makes it the active gateway for STANDALONE_EGRESS_IP, node1's peer."""
+    directory = controller_directory(tmp_path_factory, "ansible-standalone")
+    prefix = f"gws{os.getpid() % 100000}"
+    with Sandbox(prefix) as sandbox:
+        # Index 2: the management /30s of this process after gw1's and gw2's.
+        gateway, _ = boot_gateway(sandbox, directory, rootfs, f"{prefix}-1", "gw3", 2, [])
+        hosts = {"gw3": {
+            "ansible_host": gateway.address,
+            "gatewayd_deb_path": str(deb),
+            "gatewayd_tunnel_address": "10.255.0.1/24",
+            "gatewayd_tunnel_peers": [PEER_NODE1],
+            "gatewayd_snapshot_objects": snapshot("gw3", STANDALONE_EGRESS_IP),
+        }}
+        inventory = directory / "inventory.yml"
+        inventory.write_text(json.dumps({"gateways": {"vars": common_vars(directory),
+                                                      "hosts": hosts}}))
+        yield Standalone(directory, [gateway], inventory)
 
 
 # --- what a host shows -------------------------------------------------------------------------
@@ -688,3 +793,80 @@ def test_no_secret_in_any_output(rollout: Rollout) -> None:
     assert '"dest": "/etc/gatewayd/gatewayd.yaml"' in everything
     for secret in rollout.secrets:
         assert secret not in everything
+
+
+# --- standalone mode, on its own host --------------------------------------------------------
+
+
+def test_standalone_first_run_installs_with_the_snapshot_and_peers(standalone: Standalone) -> None:
+    play = standalone.play()
+    assert play.returncode == 0, play.tail()
+    [gateway] = standalone.gateways
+    host = gateway.container
+    counts = play.recap["gw3"]
+    assert counts["failed"] == 0 and counts["changed"] > 0, counts
+    assert host.show(UNIT, "ActiveState") == "active"
+    config = yaml.safe_load(host.sh(f"cat {CONFIG}"))
+    assert "kubernetes" not in config, config
+    assert config["snapshot"] == "/etc/gatewayd/snapshot", config
+    assert [p["publicKey"] for p in config["tunnel"]["peers"]] == [NODE1_KEY], config
+    assert sorted(host.sh("ls /etc/gatewayd/snapshot").split()) == ["00-cluster.yaml",
+                                                                    "30-payment.yaml"]
+    for credentials in ("kubeconfig", "join-token", "cluster-ca.crt"):
+        assert file_state(host, f"/etc/gatewayd/{credentials}") == ""
+    report = status(host)
+    assert report["ready"] and report["running"] and report["name"] == "gw3", report
+    assert report["mode"] == "standalone" and "apiServer" not in report, report
+    assert [p for p in report["policies"] if p.startswith("payment-gateway")], report
+    # The snapshot's policy makes it the active gateway: it holds the egress IP, with SNAT.
+    assert egress_ips(host) == {STANDALONE_EGRESS_IP}
+    assert has_table(host)
+    assert peers(host) == {NODE1_KEY}
+    public = host.sh(f"wg pubkey < {PRIVATE_KEY}").strip()
+    assert f"gateway gw3: WireGuard public key {public}" in play.output
+    standalone.secrets.append(host.sh(f"cat {PRIVATE_KEY}").strip())
+
+
+def test_standalone_peers_change_is_a_reload(standalone: Standalone) -> None:
+    [gateway] = standalone.gateways
+    host = gateway.container
+    # A policy put into the snapshot by hand is served, until the role removes it again.
+    host.write("/etc/gatewayd/snapshot/99-by-hand.yaml", yaml.safe_dump(
+        policy("by-hand", "198.51.100.11/32", STRAY_EGRESS_IP)))
+    wait_for(lambda: STRAY_EGRESS_IP in egress_ips(host), 15, "the policy put by hand on gw3")
+    pid = main_pid(host)
+    standalone.overrides["gatewayd_tunnel_peers"] = [PEER_NODE1, PEER_NODE2]
+    play = standalone.play()
+    assert play.returncode == 0, play.tail()
+    # The diff shows the new peer; the handler reloaded, and systemd saw it in this run.
+    assert re.search(rf"^\+\s+publicKey: \"{re.escape(NODE2_KEY)}\"$", play.output,
+                     re.MULTILINE), play.tail()
+    assert play.results("gw3", "Reload gatewayd")[0]["changed"]
+    assert not play.results("gw3", "Restart gatewayd")[0]["changed"]
+    assert play.results("gw3", "Check that gatewayd is healthy")[0]["outcome"] == "ok"
+    start, end = play.span("gw3")
+    assert [t for t in reload_times(host) if start <= t <= end], reload_times(host)
+    # Applied by the same process: the new peer is on the tunnel, the stray policy and its
+    # egress IP are gone, the snapshot's egress IP stays.
+    assert main_pid(host) == pid
+    assert peers(host) == {NODE1_KEY, NODE2_KEY}
+    assert egress_ips(host) == {STANDALONE_EGRESS_IP}
+    assert file_state(host, "/etc/gatewayd/snapshot/99-by-hand.yaml") == ""
+    assert status(host)["ready"]
+
+
+def test_standalone_second_run_changes_nothing(standalone: Standalone) -> None:
+    [gateway] = standalone.gateways
+    host = gateway.container
+    before = (main_pid(host), data_plane(host), reload_times(host))
+    play = standalone.play()
+    assert play.returncode == 0, play.tail()
+    counts = play.recap["gw3"]
+    assert counts["changed"] == 0 and counts["failed"] == 0, (counts, play.tail())
+    assert play.results("gw3", "Check that gatewayd is healthy")[0]["outcome"] == "ok"
+    assert (main_pid(host), data_plane(host), reload_times(host)) == before
+    # The private key never left the host: not in any run's output.
+    assert len(standalone.secrets) == 1 and len(standalone.outputs) == 3
+    everything = "\n".join(standalone.outputs)
+    assert '"dest": "/etc/gatewayd/gatewayd.yaml"' in everything
+    assert standalone.secrets[0] not in everything

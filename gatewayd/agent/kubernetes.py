@@ -5,7 +5,8 @@
   `metadata.labels`.
 - Plan: `spec.rules` (planio's rule dicts) with `metadata.generation`, and `spec.peers`, the
   WireGuard peers, followed through a list+watch limited to this one object.
-- Heartbeat: the Lease `<namespace>/egressgateway-<name>`, renewed every `leaseRenewSeconds`.
+- Heartbeat: the Lease `<namespace>/egressgateway-<name>`, renewed every `leaseRenewSeconds`;
+  with it the configured labels are put back on the EgressGateway if they differ (a reload).
 - Status: observedGeneration (once the data plane matches that generation), public key,
   endpoint, addresses, interfaces, egress IP pools, the egress IPs held now, conditions and
   peers' handshakes; written when it changes.
@@ -217,7 +218,7 @@ class AgentCluster:
         # A gateway's credentials may not create Events (its journal has them): none here.
         self.reporter = Reporter(
             f"EgressGateway {config.name}", self._join, self._write_status,
-            heartbeat=self._renew_lease, heartbeat_seconds=settings.lease_renew_seconds,
+            heartbeat=self._beat, heartbeat_seconds=settings.lease_renew_seconds,
         )
         self.source.joined = self.reporter.joined.is_set
         self._responder: ProbeResponder | None = None
@@ -275,15 +276,27 @@ class AgentCluster:
     # --- the reporter's calls (its thread) -----------------------------------------------------
 
     def _join(self) -> None:
-        labels = object_labels(self.config)
         obj = self.object.get()
         if obj is None:
-            obj = self.object.create({"labels": labels}) or self.object.get() or {}
+            obj = self.object.create({"labels": object_labels(self.config)}) \
+                or self.object.get() or {}
             log.info("created EgressGateway %s", self.config.name)
+        self._keep_labels(obj)
+        log.info("joined as EgressGateway %s", self.config.name)
+
+    def _beat(self) -> None:
+        self._renew_lease()
+        obj = self.source.informer.get(self.config.name)
+        if obj is not None:
+            self._keep_labels(obj)
+
+    def _keep_labels(self, obj: Mapping[str, Any]) -> None:
+        """The config's labels on the EgressGateway: a reload may have changed them, and
+        someone may have removed one of ours (other labels are left alone)."""
+        labels = object_labels(self.config)
         current = (obj.get("metadata") or {}).get("labels") or {}
         if any(current.get(k) != v for k, v in labels.items()):
             self.object.patch_labels(labels)
-        log.info("joined as EgressGateway %s", self.config.name)
 
     def _renew_lease(self) -> None:
         settings = self.config.kubernetes
@@ -295,13 +308,6 @@ class AgentCluster:
                         "retrying at the next renewal", settings.namespace, name)
 
     def _write_status(self, status: Status, timeout: Timeout) -> None:
-        # Labels are checked with every status: the config may have new ones since the join,
-        # and someone may have removed one of ours (other labels are left alone).
-        obj = self.source.informer.get(self.config.name) or {}
-        labels = object_labels(self.config)
-        current = (obj.get("metadata") or {}).get("labels") or {}
-        if obj and any(current.get(k) != v for k, v in labels.items()):
-            self.object.patch_labels(labels)
         self.object.patch_status(status, timeout)
 
 

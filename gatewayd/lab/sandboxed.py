@@ -99,6 +99,12 @@ class DaemonSandbox:
         daemon.send_signal(sig)
         return daemon.wait(timeout)
 
+    def signal(self, sig: signal.Signals) -> None:
+        """Send the running daemon `sig` (SIGHUP: what `systemctl reload` does)."""
+        if self._daemon is None or self._daemon.poll() is not None:
+            raise RuntimeError("the daemon is not running")
+        self._daemon.send_signal(sig)
+
     @property
     def running(self) -> bool:
         return self._daemon is not None and self._daemon.poll() is None

@@ -339,3 +339,13 @@ def test_sigterm_hands_over_the_egress_ips_the_nodes_move(
             assert sandbox.events("egress-ip-removed") == 0, sandbox.log()
     # the SNAT rules stay either way (the data plane outlives the daemon)
     assert "snat ip to 198.51.100.70" in sandbox.nft("list", "table", "inet", "gatewayd")
+
+
+def test_new_labels_reach_the_gateway_object_after_a_reload(sandbox: DaemonSandbox) -> None:
+    sandbox.start("agent", config(sandbox))
+    sandbox.wait(lambda: status(sandbox).get("publicKey") is not None, TIMEOUT, "the join")
+    sandbox.write_config({**config(sandbox), "labels": {"site": "dc2", "tier": "gold"}})
+    sandbox.signal(signal.SIGHUP)
+    sandbox.wait(lambda: gateway(sandbox)["metadata"]["labels"] == {
+        "kubernetes.io/hostname": NAME, "site": "dc2", "tier": "gold"}, TIMEOUT,
+        "the new labels on the EgressGateway")

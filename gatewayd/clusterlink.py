@@ -1,5 +1,6 @@
-"""What both daemons share in Kubernetes mode: the API client, and a reporter thread that joins,
-heartbeats, publishes status and records Events (the settings are in `clustersettings`).
+"""What both daemons share in Kubernetes mode: the API client, their own object's spec as the
+source of their plan, and a reporter thread that joins, heartbeats, publishes status and records
+Events (the settings are in `clustersettings`).
 
 The daemons never wait for the API server: the data plane is restored from disk and kept in
 force whatever the API does. Everything that talks to the API runs in the `Reporter` thread
@@ -32,13 +33,15 @@ from kubernetes.client import (
 from kubernetes.client.exceptions import ApiException
 
 from gatewayd.clustersettings import KubernetesSettings
+from gatewayd.follower import InputError, PlanSource, PlanT
 from gatewayd.kube.client import (
     KubeConfigError,
     client_from_kubeconfig,
     client_from_token,
     client_in_cluster,
 )
-from gatewayd.kube.resources import EGRESS_GROUP, EGRESS_VERSION
+from gatewayd.kube.informer import Informer
+from gatewayd.kube.resources import EGRESS_GROUP, EGRESS_VERSION, Resource
 
 log = logging.getLogger("gatewayd")
 
@@ -51,6 +54,54 @@ REQUEST_TIMEOUT = (3.0, 5.0)
 API_ERRORS = (ApiException, urllib3.exceptions.HTTPError, OSError)
 Status = dict[str, Any]
 Timeout = tuple[float, float]
+
+
+class OwnObjectSource(PlanSource[PlanT]):
+    """A daemon's own object (its EgressGateway or EgressNode): its spec, through a list+watch
+    of that one object, turned into a plan by `parse` (which raises InputError)."""
+
+    def __init__(
+        self, api: ApiClient, resource: Resource, name: str,
+        parse: Callable[[Mapping[str, Any]], PlanT],
+    ) -> None:
+        self.informer = Informer(api, resource, self._changed,
+                                 field_selector=f"metadata.name={name}")
+        self.kind = resource.kind
+        self.name = name
+        self.parse = parse
+        self.problems = []
+        self._dirty = threading.Event()
+        self._dirty.set()
+        self._wake: Callable[[], None] = lambda: None
+        # Until the reporter joined (created the object), a missing object is no news.
+        self.joined: Callable[[], bool] = lambda: True
+
+    def start(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self.informer.start()
+
+    def stop(self) -> None:
+        self.informer.stop(timeout=2)
+
+    def _changed(self) -> None:
+        self._dirty.set()
+        self._wake()
+
+    def changed(self) -> bool:
+        if not self.informer.synced or not self._dirty.is_set():
+            return False
+        if self.informer.get(self.name) is None and not self.joined():
+            return False
+        self._dirty.clear()
+        return True
+
+    def desired(self, previous: PlanT | None) -> PlanT:
+        obj = self.informer.get(self.name)
+        if obj is None:
+            raise InputError(f"{self.kind.lower()}-missing",
+                             f"{self.kind} {self.name} does not exist (yet); keeping the last "
+                             "applied plan", object=f"{self.kind}/{self.name}")
+        return self.parse(obj)
 
 
 def api_client(settings: KubernetesSettings) -> ApiClient:

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gatewayd.configfile import Section
+from gatewayd.configfile import Section, read_snapshot_paths
 
 DEFAULT_NAMESPACE = "gatewayd-system"
 
@@ -63,3 +63,20 @@ def read_kubernetes(section: Section, *, in_cluster_allowed: bool) -> Kubernetes
                                            f"({duration}), got {renew:g}")
     section.finish()
     return settings
+
+
+def read_mode(top: Section, *, in_cluster_allowed: bool) -> KubernetesSettings | None:
+    """Kubernetes settings in Kubernetes mode, None in standalone mode (`snapshot:`)."""
+    if "kubernetes" not in top.data:
+        return None
+    if "snapshot" in top.data:
+        top.error("snapshot", "give either snapshot (standalone mode) or kubernetes, not both")
+        read_snapshot_paths(top)  # read, so it is not reported as unknown too
+    return read_kubernetes(top.section("kubernetes"), in_cluster_allowed=in_cluster_allowed)
+
+
+def reject_outside_kubernetes(section: Section, kubernetes_mode: bool) -> None:
+    """A section (such as `failover:`) that only Kubernetes mode uses: an error otherwise."""
+    if section.data and not kubernetes_mode:
+        section.error(next(iter(section.data)), f"{section.path} settings are used in "
+                                                "Kubernetes mode only")

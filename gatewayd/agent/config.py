@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gatewayd.clustersettings import KubernetesSettings, read_kubernetes
+from gatewayd.clustersettings import KubernetesSettings, read_mode, reject_outside_kubernetes
 from gatewayd.configfile import (
     DEFAULT_TUNNEL_ADDRESS,
     ReconcileSettings,
@@ -87,7 +87,7 @@ def load_agent_config(path: Path = DEFAULT_PATH) -> AgentConfig:
     top = read_config(path)
     name = top.string("name")
     labels = top.string_map("labels")
-    kubernetes = _read_mode(top)
+    kubernetes = read_mode(top, in_cluster_allowed=False)
     snapshot = read_snapshot_paths(top) if kubernetes is None else ()
     state_directory = Path(top.string("stateDirectory", "/var/lib/gatewayd"))
     uplink = top.parsed("uplink", parse_interface_name, "an interface name")
@@ -155,20 +155,8 @@ def load_agent_config(path: Path = DEFAULT_PATH) -> AgentConfig:
     )
 
 
-def _read_mode(top: Section) -> KubernetesSettings | None:
-    """Kubernetes settings in Kubernetes mode, None in standalone mode (`snapshot:`)."""
-    if "kubernetes" not in top.data:
-        return None
-    if "snapshot" in top.data:
-        top.error("snapshot", "give either snapshot (standalone mode) or kubernetes, not both")
-        read_snapshot_paths(top)  # read, so it is not reported as unknown too
-    return read_kubernetes(top.section("kubernetes"), in_cluster_allowed=False)
-
-
 def _read_failover(section: Section, kubernetes_mode: bool) -> FailoverSettings:
-    if section.data and not kubernetes_mode:
-        section.error(next(iter(section.data)), "failover settings are used in Kubernetes "
-                                                "mode only")
+    reject_outside_kubernetes(section, kubernetes_mode)
     settings = FailoverSettings(
         egress_ip_hold_seconds=section.number(
             "egressIPHoldSeconds", FailoverSettings.egress_ip_hold_seconds),

@@ -20,13 +20,10 @@ controller moves traffic away, then exits; the data plane stays.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_interface
 from typing import Any
-
-from kubernetes.client import ApiClient
 
 from gatewayd.agent.config import AgentConfig
 from gatewayd.agent.egress import EgressIPKeeper, EgressIPReport
@@ -35,6 +32,7 @@ from gatewayd.agent.target import GatewayTarget, peers_from_list
 from gatewayd.clusterlink import (
     Condition,
     CustomObject,
+    OwnObjectSource,
     Reporter,
     Status,
     Timeout,
@@ -43,8 +41,7 @@ from gatewayd.clusterlink import (
     rfc3339,
 )
 from gatewayd.dataplane.probe import ProbeResponder
-from gatewayd.follower import InputError, PlanSource
-from gatewayd.kube.informer import Informer
+from gatewayd.follower import InputError
 from gatewayd.kube.leases import renew_lease
 from gatewayd.kube.resources import EGRESS_GATEWAYS
 from gatewayd.policy.model import GatewayInterface
@@ -59,48 +56,6 @@ HOSTNAME_LABEL = "kubernetes.io/hostname"
 
 def object_labels(config: AgentConfig) -> dict[str, str]:
     return {HOSTNAME_LABEL: config.name, **config.labels}
-
-
-class GatewaySource(PlanSource[GatewayTarget]):
-    """The EgressGateway's spec, through a list+watch of that one object."""
-
-    def __init__(self, api: ApiClient, name: str) -> None:
-        self.informer = Informer(api, EGRESS_GATEWAYS, self._changed,
-                                 field_selector=f"metadata.name={name}")
-        self.name = name
-        self.problems = []
-        self._dirty = threading.Event()
-        self._dirty.set()
-        self._wake: Callable[[], None] = lambda: None
-        # Until the reporter joined (created the object), a missing object is no news.
-        self.joined: Callable[[], bool] = lambda: True
-
-    def start(self, wake: Callable[[], None]) -> None:
-        self._wake = wake
-        self.informer.start()
-
-    def stop(self) -> None:
-        self.informer.stop(timeout=2)
-
-    def _changed(self) -> None:
-        self._dirty.set()
-        self._wake()
-
-    def changed(self) -> bool:
-        if not self.informer.synced or not self._dirty.is_set():
-            return False
-        if self.informer.get(self.name) is None and not self.joined():
-            return False
-        self._dirty.clear()
-        return True
-
-    def desired(self, previous: GatewayTarget | None) -> GatewayTarget:
-        obj = self.informer.get(self.name)
-        if obj is None:
-            raise InputError("egressgateway-missing",
-                             f"EgressGateway {self.name} does not exist (yet); keeping the last "
-                             "applied plan", object=f"EgressGateway/{self.name}")
-        return target_from_object(obj)
 
 
 def target_from_object(obj: Mapping[str, Any]) -> GatewayTarget:
@@ -212,7 +167,7 @@ class AgentCluster:
         self.config = config
         self.api = api_client(settings)
         self.object = CustomObject(self.api, "egressgateways", "EgressGateway", config.name)
-        self.source = GatewaySource(self.api, config.name)
+        self.source = OwnObjectSource(self.api, EGRESS_GATEWAYS, config.name, target_from_object)
         self.keeper = EgressIPKeeper(config.name, config.egress_ip_pools, config.failover,
                                      changed)
         # A gateway's credentials may not create Events (its journal has them): none here.

@@ -81,15 +81,19 @@ def expectations(
     return result
 
 
-def probe(netns: str, destination: str, port: int = HTTP_PORT) -> str | None:
+def probe(
+    netns: str, destination: str, port: int = HTTP_PORT, *,
+    local_port: int | None = None, seconds: float = CURL_SECONDS,
+) -> str | None:
     """The source address the echo server at `destination` reports for a request from
-    `netns`, or None when no answer came back in time."""
+    `netns` (from `local_port` if given), or None when no answer came back in `seconds`."""
+    pinned = ["--local-port", str(local_port)] if local_port is not None else []
     try:
         proc = run(
-            ["curl", "-s", "--max-time", str(CURL_SECONDS), f"http://{destination}:{port}/"],
+            ["curl", "-s", *pinned, "--max-time", str(seconds), f"http://{destination}:{port}/"],
             netns,
             check=False,
-            timeout=CURL_SECONDS + 5,
+            timeout=seconds + 5,
         )
     except subprocess.TimeoutExpired:
         return None

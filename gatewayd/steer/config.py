@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gatewayd.clustersettings import KubernetesSettings, read_kubernetes
+from gatewayd.clustersettings import KubernetesSettings, read_mode, reject_outside_kubernetes
 from gatewayd.configfile import (
     DEFAULT_TUNNEL_ADDRESS,
     ConfigError,
@@ -99,7 +99,7 @@ def load_steer_config(path: Path = DEFAULT_PATH) -> SteerConfig:
     if path == DEFAULT_PATH and not path.exists() and os.environ.get("KUBERNETES_SERVICE_HOST"):
         return in_cluster_defaults(path)
     top = read_config(path)
-    kubernetes = _read_mode(top)
+    kubernetes = read_mode(top, in_cluster_allowed=True)
     if kubernetes is not None and "node" not in top.data and os.environ.get(NODE_NAME_ENV):
         node = os.environ[NODE_NAME_ENV]
     else:
@@ -198,20 +198,8 @@ def in_cluster_defaults(path: Path) -> SteerConfig:
     )
 
 
-def _read_mode(top: Section) -> KubernetesSettings | None:
-    """Kubernetes settings in Kubernetes mode, None in standalone mode (`snapshot:`)."""
-    if "kubernetes" not in top.data:
-        return None
-    if "snapshot" in top.data:
-        top.error("snapshot", "give either snapshot (standalone mode) or kubernetes, not both")
-        read_snapshot_paths(top)  # read, so it is not reported as unknown too
-    return read_kubernetes(top.section("kubernetes"), in_cluster_allowed=True)
-
-
 def _read_failover(section: Section, kubernetes_mode: bool) -> FailoverSettings:
-    if section.data and not kubernetes_mode:
-        section.error(next(iter(section.data)), "failover settings are used in Kubernetes "
-                                                "mode only")
+    reject_outside_kubernetes(section, kubernetes_mode)
     defaults = FailoverSettings()
     settings = FailoverSettings(
         probe_interval_seconds=section.number("probeIntervalSeconds",

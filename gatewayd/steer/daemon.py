@@ -284,8 +284,9 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
                 steered.setdefault(rule.policy, set()).add(rule.gateway)
         left = {g for policy, before in self._steered.items()
                 for g in before - steered.get(policy, set())}
-        marks = {**self._marks, **{e.name: e.mark for e in ends}}
-        self._steered, self._marks = steered, {e.name: e.mark for e in ends}
+        now_marks = {e.name: e.mark for e in ends}
+        marks = {**self._marks, **now_marks}  # a departed gateway's mark too
+        self._steered, self._marks = steered, now_marks
         forget = sorted(marks[g] for g in left if g in marks)
         if forget:
             # Its own thread: a gateway's many connection entries take a while to read, and

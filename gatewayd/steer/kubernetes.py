@@ -20,19 +20,19 @@ A gateway that dials the wrong port anyway is corrected by WireGuard itself: the
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from kubernetes.client import ApiClient, CoreV1Api
+from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
 from gatewayd.clusterlink import (
     REQUEST_TIMEOUT,
     Condition,
     CustomObject,
+    OwnObjectSource,
     PendingEvent,
     Reporter,
     Status,
@@ -41,8 +41,7 @@ from gatewayd.clusterlink import (
     conditions,
     rfc3339,
 )
-from gatewayd.follower import InputError, PlanSource
-from gatewayd.kube.informer import Informer
+from gatewayd.follower import InputError
 from gatewayd.kube.resources import EGRESS_NODES
 from gatewayd.policy.planio import PlanFormatError
 from gatewayd.probe import Failover
@@ -52,48 +51,6 @@ from gatewayd.steer.target import NodeTarget, target_from_dict
 log = logging.getLogger("gatewayd.steer")
 
 COMPONENT = "gatewayd-steer"
-
-
-class NodeSource(PlanSource[NodeTarget]):
-    """The EgressNode's spec, through a list+watch of that one object."""
-
-    def __init__(self, api: ApiClient, node: str) -> None:
-        self.node = node
-        self.informer = Informer(api, EGRESS_NODES, self._changed,
-                                 field_selector=f"metadata.name={node}")
-        self.problems = []
-        self._dirty = threading.Event()
-        self._dirty.set()
-        self._wake: Callable[[], None] = lambda: None
-        # Until the reporter joined (created the object), a missing object is no news.
-        self.joined: Callable[[], bool] = lambda: True
-
-    def start(self, wake: Callable[[], None]) -> None:
-        self._wake = wake
-        self.informer.start()
-
-    def stop(self) -> None:
-        self.informer.stop(timeout=2)
-
-    def _changed(self) -> None:
-        self._dirty.set()
-        self._wake()
-
-    def changed(self) -> bool:
-        if not self.informer.synced or not self._dirty.is_set():
-            return False
-        if self.informer.get(self.node) is None and not self.joined():
-            return False
-        self._dirty.clear()
-        return True
-
-    def desired(self, previous: NodeTarget | None) -> NodeTarget:
-        obj = self.informer.get(self.node)
-        if obj is None:
-            raise InputError("egressnode-missing",
-                             f"EgressNode {self.node} does not exist (yet); keeping the last "
-                             "applied plan", object=f"EgressNode/{self.node}")
-        return target_from_object(obj)
 
 
 def target_from_object(obj: Mapping[str, Any]) -> NodeTarget:
@@ -192,7 +149,7 @@ class SteerCluster:
         self.config = config
         self.api = api_client(config.kubernetes)
         self.object = CustomObject(self.api, "egressnodes", "EgressNode", config.node)
-        self.source = NodeSource(self.api, config.node)
+        self.source = OwnObjectSource(self.api, EGRESS_NODES, config.node, target_from_object)
         self.reporter = Reporter(
             f"EgressNode {config.node}", self._join, self._write_status, self._record_event
         )

@@ -108,6 +108,15 @@ def renew_time(box: DaemonSandbox) -> str | None:
     return (lease.get("spec") or {}).get("renewTime")
 
 
+def start_with_spec(box: DaemonSandbox) -> None:
+    """The EgressGateway exists with a spec (peers and RULE) before the agent starts."""
+    box.api.put({
+        "apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGateway",
+        "metadata": {"name": NAME}, "spec": {"peers": [PEER], "rules": [RULE]},
+    })
+    box.start("agent", config(box))
+
+
 def test_joins_creates_its_gateway_and_reports_its_host(sandbox: DaemonSandbox) -> None:
     sandbox.start("agent", config(sandbox))
     sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to report generation 1")
@@ -201,11 +210,7 @@ def test_renews_its_lease(sandbox: DaemonSandbox) -> None:
 def test_sigterm_reports_not_ready_first_and_leaves_the_data_plane(
     sandbox: DaemonSandbox,
 ) -> None:
-    sandbox.api.put({
-        "apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGateway",
-        "metadata": {"name": NAME}, "spec": {"peers": [PEER], "rules": [RULE]},
-    })
-    sandbox.start("agent", config(sandbox))
+    start_with_spec(sandbox)
     sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to apply the spec")
     assert sandbox.stop(signal.SIGTERM) == 0
     ready = condition(sandbox, "Ready")
@@ -217,11 +222,7 @@ def test_sigterm_reports_not_ready_first_and_leaves_the_data_plane(
 def test_an_api_outage_changes_nothing_and_the_return_reprograms_nothing(
     sandbox: DaemonSandbox,
 ) -> None:
-    sandbox.api.put({
-        "apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGateway",
-        "metadata": {"name": NAME}, "spec": {"peers": [PEER], "rules": [RULE]},
-    })
-    sandbox.start("agent", config(sandbox))
+    start_with_spec(sandbox)
     sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to apply the spec")
     programmed = sandbox.events("plan-applied")
     table = sandbox.nft("-a", "list", "table", "inet", "gatewayd")  # with handles
@@ -246,11 +247,7 @@ def test_an_api_outage_changes_nothing_and_the_return_reprograms_nothing(
 
 
 def test_starts_from_its_saved_plan_while_the_api_is_down(sandbox: DaemonSandbox) -> None:
-    sandbox.api.put({
-        "apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGateway",
-        "metadata": {"name": NAME}, "spec": {"peers": [PEER], "rules": [RULE]},
-    })
-    sandbox.start("agent", config(sandbox))
+    start_with_spec(sandbox)
     sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to apply the spec")
     assert sandbox.stop(signal.SIGTERM) == 0
     sandbox.nft("delete", "table", "inet", "gatewayd")  # as after a reboot
@@ -318,11 +315,7 @@ def test_sigterm_hands_over_the_egress_ips_the_nodes_move(
 ) -> None:
     """A stopping agent gives up the egress IP of a policy the nodes moved to a standby (so
     the standby can claim it), and keeps that of a policy that has nowhere else to go."""
-    sandbox.api.put({
-        "apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGateway",
-        "metadata": {"name": NAME}, "spec": {"peers": [PEER], "rules": [RULE]},
-    })
-    sandbox.start("agent", config(sandbox))
+    start_with_spec(sandbox)
     sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to apply the spec")
     with ProbingNode(sandbox, has_standby) as node:
         sandbox.wait(lambda: egress_ip_present(sandbox) and node.answered > 0, TIMEOUT,

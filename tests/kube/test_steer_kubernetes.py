@@ -86,6 +86,14 @@ def set_spec(box: DaemonSandbox, spec: dict[str, Any]) -> None:
     box.api.put({**node(box), "spec": spec})
 
 
+def start_with_spec(box: DaemonSandbox) -> None:
+    """steer joins (generation 1), then follows SPEC (generation 2)."""
+    box.start("steer", config(box))
+    box.wait(lambda: applied(box), TIMEOUT, "steer to report generation 1")
+    set_spec(box, SPEC)
+    box.wait(lambda: applied(box, 2), TIMEOUT, "steer to apply the spec")
+
+
 def test_joins_with_an_egress_node_owned_by_its_node(sandbox: DaemonSandbox) -> None:
     node_object = sandbox.api.put({"apiVersion": "v1", "kind": "Node",
                                    "metadata": {"name": NODE}})
@@ -104,10 +112,7 @@ def test_joins_with_an_egress_node_owned_by_its_node(sandbox: DaemonSandbox) -> 
 
 
 def test_follows_the_spec_with_one_tunnel_per_gateway(sandbox: DaemonSandbox) -> None:
-    sandbox.start("steer", config(sandbox))
-    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "steer to report generation 1")
-    set_spec(sandbox, SPEC)
-    sandbox.wait(lambda: applied(sandbox, 2), TIMEOUT, "steer to apply the spec")
+    start_with_spec(sandbox)
     for index, gateway in enumerate(GATEWAYS):
         interface = f"{PREFIX}{gateway['name']}"
         dump = sandbox.cmd("wg", "show", interface, "dump").splitlines()
@@ -130,10 +135,7 @@ def test_follows_the_spec_with_one_tunnel_per_gateway(sandbox: DaemonSandbox) ->
 def test_gateways_keep_their_slots_and_departed_ones_lose_their_tunnel(
     sandbox: DaemonSandbox,
 ) -> None:
-    sandbox.start("steer", config(sandbox))
-    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "steer to report generation 1")
-    set_spec(sandbox, SPEC)
-    sandbox.wait(lambda: applied(sandbox, 2), TIMEOUT, "steer to apply the spec")
+    start_with_spec(sandbox)
     # gw0 sorts first but gets a new slot; gw1 leaves; gw2 keeps its mark and port
     gw0 = {"name": "gw0", "publicKey": public_key("gw0")}
     set_spec(sandbox, {**SPEC, "gateways": [gw0, GATEWAYS[1]],
@@ -161,10 +163,7 @@ def test_a_gateway_missing_from_the_gateways_list_drops_its_traffic(
 def test_an_api_outage_keeps_the_plan_and_the_return_reprograms_nothing(
     sandbox: DaemonSandbox,
 ) -> None:
-    sandbox.start("steer", config(sandbox))
-    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "steer to report generation 1")
-    set_spec(sandbox, SPEC)
-    sandbox.wait(lambda: applied(sandbox, 2), TIMEOUT, "steer to apply the spec")
+    start_with_spec(sandbox)
     programmed = sandbox.events("plan-applied")
     table = sandbox.nft("-a", "list", "table", "inet", "gatewayd-steer")
     sandbox.api.go_down()
@@ -178,10 +177,7 @@ def test_an_api_outage_keeps_the_plan_and_the_return_reprograms_nothing(
 
 
 def test_restarts_from_its_saved_plan_and_slots(sandbox: DaemonSandbox) -> None:
-    sandbox.start("steer", config(sandbox))
-    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "steer to report generation 1")
-    set_spec(sandbox, SPEC)
-    sandbox.wait(lambda: applied(sandbox, 2), TIMEOUT, "steer to apply the spec")
+    start_with_spec(sandbox)
     assert sandbox.stop(signal.SIGTERM) == 0
     sandbox.api.go_down()
     sandbox.nft("delete", "table", "inet", "gatewayd-steer")
@@ -196,10 +192,7 @@ def test_restarts_from_its_saved_plan_and_slots(sandbox: DaemonSandbox) -> None:
 def test_gatewayctl_status_and_teardown_know_the_tunnels_from_the_plan(
     sandbox: DaemonSandbox,
 ) -> None:
-    sandbox.start("steer", config(sandbox))
-    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "steer to report generation 1")
-    set_spec(sandbox, SPEC)
-    sandbox.wait(lambda: applied(sandbox, 2), TIMEOUT, "steer to apply the spec")
+    start_with_spec(sandbox)
     gatewayctl = [sys.executable, "-m", "gatewayd.cli.gatewayctl"]
     path = str(sandbox.directory / "config.yaml")
     report = json.loads(sandbox.cmd(*gatewayctl, "status", "--config", path, "-o", "json"))

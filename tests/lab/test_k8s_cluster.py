@@ -250,14 +250,6 @@ def test_stopping_the_active_agent_hands_its_traffic_and_egress_ip_over(
     assert has_address(gateway_host(new).netns, "eth0", PAYMENT_IP)
 
 
-def curl_from_port(pod: str, port: int, seconds: float) -> str | None:
-    """What the echo server answers a request from `pod` with source port `port` (None: no
-    answer within `seconds`)."""
-    proc = run(["curl", "-s", "--local-port", str(port), "--max-time", str(seconds),
-                f"http://{TARGET}/"], pod, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
-
-
 def node_applied(lab: KubeLab, node: str) -> bool:
     obj = lab.object("egressnodes", node)
     return (obj.get("status") or {}).get("observedGeneration") == \
@@ -282,12 +274,13 @@ def test_a_policy_moved_by_the_controller_takes_unanswered_handshakes_along(
         "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": new}}}}}
     run(["nft", "-f", "-"], gateway_host(old).netns, input=hold)
     try:
-        assert curl_from_port(CHECKOUT_1.netns, port, 1) is None  # its SYN goes unanswered
+        # its SYN goes unanswered
+        assert probe(CHECKOUT_1.netns, EXTERNAL.addresses[0], local_port=port, seconds=1) is None
         klab.api.put(only_new)
         wait_for(lambda: node_routes(klab, NODES[0].name, PAYMENT) == {(new, None)}
                  and node_applied(klab, NODES[0].name), TIMEOUT,
                  f"{NODES[0].name} to send {PAYMENT} to {new} only")
-        assert curl_from_port(CHECKOUT_1.netns, port, 3) == PAYMENT_IP
+        assert probe(CHECKOUT_1.netns, EXTERNAL.addresses[0], local_port=port) == PAYMENT_IP
     finally:
         run(["nft", "delete", "table", "inet", "gwdlab-hold"], gateway_host(old).netns)
         klab.api.put({**klab.api.get("egressgatewaypolicies", PAYMENT),

@@ -95,6 +95,11 @@ class OwnObjectSource(PlanSource[PlanT]):
         self._dirty.clear()
         return True
 
+    def status(self) -> Mapping[str, Any]:
+        """The object's status as last seen (empty before it is seen)."""
+        status = (self.informer.get(self.name) or {}).get("status")
+        return status if isinstance(status, Mapping) else {}
+
     def desired(self, previous: PlanT | None) -> PlanT:
         obj = self.informer.get(self.name)
         if obj is None:

@@ -221,12 +221,9 @@ class AgentCluster:
         }
 
     def previous_status(self) -> Mapping[str, Any]:
+        """The status written last, or the one found on the object (after a restart)."""
         written = self.reporter.written
-        if written is not None:
-            return written
-        obj = self.source.informer.get(self.config.name)
-        status = (obj or {}).get("status")
-        return status if isinstance(status, Mapping) else {}
+        return written if written is not None else self.source.status()
 
     # --- the reporter's calls (its thread) -----------------------------------------------------
 

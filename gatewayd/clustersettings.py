@@ -47,7 +47,7 @@ def read_kubernetes(section: Section, *, in_cluster_allowed: bool) -> Kubernetes
             "namespace", os.environ.get("GATEWAYD_NAMESPACE", DEFAULT_NAMESPACE)
         ),
         lease_duration_seconds=section.integer("leaseDurationSeconds", 6, 2, 3600),
-        lease_renew_seconds=section.number("leaseRenewSeconds", 2.0),
+        lease_renew_seconds=section.number("leaseRenewSeconds", 2.0, 0.1, 1800),
     )
     if kubeconfig and (server or token_file or ca_file):
         section.error("kubeconfig", "give either kubeconfig or server + tokenFile + caFile")

@@ -16,13 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-import yaml
-
 from gatewayd.policy.model import IPAddress, IPNetwork
+from gatewayd.policy.safeload import (
+    CONFIG_LIMITS,
+    DocumentError,
+    LineDict,
+    describe,
+    load_yaml_file,
+)
 
 T = TypeVar("T")
 _MISSING: Any = object()
-INTERFACE_NAME = re.compile(r"^[^/:\s]{1,15}$")
+# Linux's rules (dev_valid_name): at most 15 bytes, not "." or "..", no "/", ":" or
+# whitespace; control characters and non-ASCII are refused too (tools print them badly).
+INTERFACE_NAME = re.compile(r"[\x21-\x7e]{1,15}")
+HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+# A peer's allowed IPs become routes into the tunnel, and a pool's addresses are claimed on
+# the LAN: neither may cover the default route or most of an address family.
+SHORTEST_PREFIX = {4: 8, 6: 16}
 
 
 @dataclass(frozen=True)
@@ -50,40 +61,19 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-class _Mapping(dict[Any, Any]):
-    """A YAML mapping that remembers the line of each key (1-based)."""
-
-    key_lines: dict[Any, int]
-    line: int
-
-
-class _LineLoader(yaml.SafeLoader):
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        mapping = _Mapping(super().construct_mapping(node, deep=True))
-        mapping.key_lines = {
-            self.construct_object(key, deep=True): key.start_mark.line + 1 for key, _ in node.value
-        }
-        mapping.line = node.start_mark.line + 1
-        return mapping
-
-
-_LineLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _LineLoader.construct_mapping,
-)
+_Mapping = LineDict  # a mapping of the file that remembers the line of each key
 
 
 def read_config(path: Path) -> Section:
+    """The file's top-level mapping, read within `CONFIG_LIMITS` (see `policy.safeload`)."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
-    try:
-        data = yaml.load(text, Loader=_LineLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+        documents = load_yaml_file(path, CONFIG_LIMITS)
+    except DocumentError as exc:
+        raise ConfigError([str(exc)]) from exc
+    if len(documents) > 1:
+        raise ConfigError([f"{path}:{documents[1][0]}: one YAML document expected, found "
+                           "a second"])
+    data = documents[0][1] if documents else None
     if not isinstance(data, _Mapping):
         raise ConfigError([f"{path}: the top level must be a mapping of settings"])
     return Section(data, "", path, [])
@@ -115,7 +105,7 @@ class Section:
             return default
         value = self.data[key]
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            self.error(key, f"must be {what}, got {value!r}")
+            self.error(key, f"must be {what}, got {describe(value)}")
             return None if default is _MISSING else default
         return value
 
@@ -131,11 +121,16 @@ class Section:
             self.error(key, f"must be between {low} and {high}, got {value}")
         return value  # type: ignore[no-any-return]
 
-    def number(self, key: str, default: float = _MISSING, low: float = 0.0) -> float:
+    def number(self, key: str, default: float, low: float, high: float) -> float:
+        """A finite number from `low` to `high` (seconds, mostly: 1e-300 would spin the CPU,
+        .inf or .nan would never fire)."""
         value = self._get(key, default, (int, float), "a number")
-        if isinstance(value, int | float) and value <= low:
-            self.error(key, f"must be greater than {low}, got {value}")
-        return float(value) if value is not None else default
+        if value is None:
+            return default
+        if not low <= value <= high:  # false for NaN too
+            self.error(key, f"must be a number from {low:g} to {high:g}, got {describe(value)}")
+            return default
+        return float(value)
 
     def string_map(self, key: str) -> dict[str, str]:
         value = self._get(key, {}, dict, "a mapping of strings")
@@ -152,7 +147,7 @@ class Section:
         try:
             return parse(raw)
         except ValueError as exc:
-            self.error(key, f"must be {what}, got {raw!r} ({exc})")
+            self.error(key, f"must be {what}, got {describe(raw)} ({exc})")
             # Values are only used when no problem was recorded (see raise_if_problems).
             return cast(T, None if default is _MISSING else default)
 
@@ -165,14 +160,13 @@ class Section:
                     raise ValueError("not a string")
                 result.append(parse(item))
             except ValueError as exc:
-                self.error(key, f"item {index} must be {what}, got {item!r} ({exc})")
+                self.error(key, f"item {index} must be {what}, got {describe(item)} ({exc})")
         return tuple(result)
 
     def section(self, key: str, required: bool = False) -> Section:
         value = self._get(key, _MISSING if required else _Mapping(), dict, "a mapping")
-        if not isinstance(value, _Mapping):
-            value = _Mapping(value or {})
-            value.key_lines, value.line = {}, self.data.key_lines.get(key, self.data.line)
+        if not isinstance(value, _Mapping):  # absent, or a problem was recorded
+            value = _Mapping(self.data.key_lines.get(key, self.data.line))
         return Section(value, self._key_path(key), self.file, self.problems)
 
     def sections(self, key: str) -> list[Section]:
@@ -183,14 +177,14 @@ class Section:
                 result.append(Section(item, f"{self._key_path(key)}[{index}]", self.file,
                                       self.problems))
             else:
-                self.error(key, f"item {index} must be a mapping, got {item!r}")
+                self.error(key, f"item {index} must be a mapping, got {describe(item)}")
         return result
 
     def check_unique(self, key: str, names: list[str]) -> None:
         seen = set()
         for name in names:
             if name in seen:
-                self.error(key, f"{name!r} is used twice")
+                self.error(key, f"{describe(name)} is used twice")
             seen.add(name)
 
     def finish(self) -> None:
@@ -213,20 +207,24 @@ def parse_network(text: str) -> IPNetwork:
 
 
 def parse_interface_name(text: str) -> str:
-    if not INTERFACE_NAME.match(text) or text in (".", ".."):
-        raise ValueError("1 to 15 characters, no '/', ':' or whitespace")
+    if not INTERFACE_NAME.fullmatch(text) or "/" in text or ":" in text or text in (".", ".."):
+        raise ValueError("1 to 15 ASCII characters, no '/', ':', whitespace or control "
+                         "characters, not '.' or '..'")
     return text
 
 
 def parse_endpoint(text: str) -> str:
     """`host:port` or `[v6]:port`, as WireGuard takes it."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-        raise ValueError("expected HOST:PORT")
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+        raise ValueError("expected HOST:PORT, the port a number from 1 to 65535")
     if host.startswith("["):
         if not host.endswith("]"):
             raise ValueError("unbalanced brackets")
         ipaddress.IPv6Address(host[1:-1])
+    elif not HOST_NAME.fullmatch(host):
+        raise ValueError("expected HOST:PORT, the host an IPv4 address or a DNS name "
+                         "(an IPv6 address in brackets)")
     return text
 
 
@@ -237,13 +235,47 @@ def parse_wireguard_key(text: str) -> str:
         raise ValueError("not base64") from exc
     if len(raw) != 32:
         raise ValueError("a WireGuard key is 32 bytes, base64-encoded (44 characters)")
-    return text
+    # The canonical spelling, so that one key cannot pass as two (unused low bits).
+    return base64.b64encode(raw).decode()
+
+
+def parse_peer_network(text: str) -> IPNetwork:
+    """A CIDR routed to one peer; never the default route or most of an address family."""
+    network = parse_network(text)
+    if network.prefixlen < SHORTEST_PREFIX[network.version]:
+        raise ValueError(f"would route most of IPv{network.version} (the host's default route) "
+                         f"into the tunnel: at least /{SHORTEST_PREFIX[network.version]}")
+    return network
+
+
+def parse_pool(text: str) -> IPNetwork:
+    network = parse_network(text)
+    if network.prefixlen < SHORTEST_PREFIX[network.version]:
+        raise ValueError(f"an egress IP pool this large would claim most of IPv"
+                         f"{network.version}: at least /{SHORTEST_PREFIX[network.version]}")
+    return network
+
+
+def peer_network_conflicts(peers: list[tuple[str, tuple[IPNetwork, ...]]]) -> list[str]:
+    """Overlaps between different peers' allowed IPs: WireGuard would give the shared
+    addresses to one of them only, silently."""
+    owned: list[tuple[str, IPNetwork]] = []
+    conflicts = []
+    for name, networks in peers:
+        for network in networks:
+            for other, taken in owned:
+                if other != name and network.version == taken.version and network.overlaps(taken):
+                    conflicts.append(f"{network} of {describe(name)} overlaps {taken} of "
+                                     f"{describe(other)}")
+        owned += [(name, network) for network in networks]
+    return conflicts
 
 
 def read_reconcile(section: Section) -> ReconcileSettings:
     settings = ReconcileSettings(
-        poll_seconds=section.number("pollSeconds", ReconcileSettings.poll_seconds),
-        repair_seconds=section.number("repairSeconds", ReconcileSettings.repair_seconds),
+        poll_seconds=section.number("pollSeconds", ReconcileSettings.poll_seconds, 0.01, 3600),
+        repair_seconds=section.number("repairSeconds", ReconcileSettings.repair_seconds, 0.1,
+                                      86400),
     )
     section.finish()
     return settings

@@ -25,8 +25,16 @@ from gatewayd.configfile import ConfigError, ReconcileSettings
 from gatewayd.policy.engine import EgressPlan, build_plan
 from gatewayd.policy.lastgood import PolicyMemory
 from gatewayd.policy.planio import PlanFormatError
+from gatewayd.policy.safeload import DOCUMENT_LIMITS, load_json_file
 from gatewayd.policy.snapshot import SnapshotError, load_snapshot
-from gatewayd.runtime import DaemonLoop, PidFile, fingerprint, now_iso, read_json, write_json_atomic
+from gatewayd.runtime import (
+    DaemonLoop,
+    PidFile,
+    fingerprint,
+    now_iso,
+    set_aside,
+    write_json_atomic,
+)
 from gatewayd.systemd import Priority, ServiceNotifier, journal_event, watchdog_interval
 
 log = logging.getLogger("gatewayd")
@@ -293,13 +301,22 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         if not self.plan_path.exists():
             return False
         try:
-            plan = self.plan_from_dict(read_json(self.plan_path))
+            plan = self.plan_from_dict(load_json_file(self.plan_path, DOCUMENT_LIMITS))
         except (OSError, ValueError, PlanFormatError) as exc:
-            log.error("saved plan %s unusable (%s); waiting for inputs", self.plan_path, exc)
+            self._set_aside_saved_plan(exc)
             return False
         log.info("restoring saved plan generation %d", plan.generation)
         self.apply(plan)
         return True
+
+    def _set_aside_saved_plan(self, problem: Exception) -> None:
+        """A damaged plan.json is moved to plan.json.bad (replacing an older one) and
+        reported; the daemon goes on from its inputs instead of failing at every start."""
+        message = (f"saved plan {self.plan_path} unusable, {set_aside(self.plan_path)}; "
+                   f"waiting for inputs: {problem}")
+        journal_event("state-invalid", message, Priority.ERR, file=str(self.plan_path))
+        self.status.last_error = message
+        self.write_status()
 
     def apply(self, plan: PlanT) -> None:
         self.target = plan

@@ -21,6 +21,8 @@ from typing import Any
 
 from inotify_simple import INotify, flags
 
+from gatewayd.dataplane.durable import fsync_directory
+
 log = logging.getLogger("gatewayd")
 
 
@@ -60,6 +62,18 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def set_aside(path: Path) -> str:
+    """Move a damaged state file to `<name>.bad` (replacing an older one), so that the next
+    start does not trip over it again; says where it went, for the report."""
+    aside = path.with_name(f"{path.name}.bad")
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        return f"could not be moved aside ({exc.strerror or exc})"
+    return f"moved to {aside}"
 
 
 def read_json(path: Path) -> Any:

@@ -17,8 +17,10 @@ from gatewayd.configfile import (
     parse_endpoint,
     parse_interface_address,
     parse_interface_name,
-    parse_network,
+    parse_peer_network,
+    parse_pool,
     parse_wireguard_key,
+    peer_network_conflicts,
     read_config,
     read_reconcile,
     read_snapshot_paths,
@@ -93,7 +95,7 @@ def load_agent_config(path: Path = DEFAULT_PATH) -> AgentConfig:
     uplink = top.parsed("uplink", parse_interface_name, "an interface name")
     pools = []
     for pool in top.sections("egressIPPools"):
-        cidr = pool.parsed("cidr", parse_network, "a CIDR without host bits")
+        cidr = pool.parsed("cidr", parse_pool, "a CIDR without host bits")
         interface = pool.parsed("interface", parse_interface_name, "an interface name", uplink)
         pool.finish()
         if cidr is not None:
@@ -108,7 +110,7 @@ def load_agent_config(path: Path = DEFAULT_PATH) -> AgentConfig:
             TunnelPeer(
                 name=peer.string("name"),
                 public_key=peer.parsed("publicKey", parse_wireguard_key, "a WireGuard public key"),
-                allowed_ips=peer.parsed_list("allowedIPs", parse_network, "a CIDR"),
+                allowed_ips=peer.parsed_list("allowedIPs", parse_peer_network, "a CIDR"),
                 endpoint=peer.parsed("endpoint", parse_endpoint, "HOST:PORT", None),
                 persistent_keepalive=peer.integer("persistentKeepalive", 25, 0, 65535) or None,
             )
@@ -136,6 +138,10 @@ def load_agent_config(path: Path = DEFAULT_PATH) -> AgentConfig:
         tunnel_section.error("advertiseEndpoint", "only used in Kubernetes mode")
     tunnel_section.finish()
     tunnel_section.check_unique("peers", [p.name for p in peers])
+    tunnel_section.check_unique("peers", [f"publicKey {p.public_key}" for p in peers
+                                          if p.public_key is not None])
+    for conflict in peer_network_conflicts([(p.name, p.allowed_ips) for p in peers]):
+        tunnel_section.error("peers", f"allowedIPs: {conflict}")
     reconcile = read_reconcile(top.section("reconcile"))
     failover = _read_failover(top.section("failover"), kubernetes is not None)
     top.finish()
@@ -159,9 +165,11 @@ def _read_failover(section: Section, kubernetes_mode: bool) -> FailoverSettings:
     reject_outside_kubernetes(section, kubernetes_mode)
     settings = FailoverSettings(
         egress_ip_hold_seconds=section.number(
-            "egressIPHoldSeconds", FailoverSettings.egress_ip_hold_seconds),
-        arp_probe_seconds=section.number("arpProbeSeconds", FailoverSettings.arp_probe_seconds),
-        handover_seconds=section.number("handoverSeconds", FailoverSettings.handover_seconds),
+            "egressIPHoldSeconds", FailoverSettings.egress_ip_hold_seconds, 0.01, 60),
+        arp_probe_seconds=section.number("arpProbeSeconds", FailoverSettings.arp_probe_seconds,
+                                         0.01, 10),
+        handover_seconds=section.number("handoverSeconds", FailoverSettings.handover_seconds,
+                                        0.01, 60),
     )
     section.finish()
     return settings

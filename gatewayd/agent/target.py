@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from gatewayd.agent.config import TunnelPeer
-from gatewayd.configfile import parse_endpoint, parse_network, parse_wireguard_key
+from gatewayd.configfile import (
+    parse_endpoint,
+    parse_peer_network,
+    parse_wireguard_key,
+    peer_network_conflicts,
+)
 from gatewayd.policy.model import GatewayPlan, SnatRule
 from gatewayd.policy.planio import PlanFormatError, gateway_plan_from_dict, gateway_plan_to_dict
 
@@ -75,7 +80,7 @@ def peers_from_list(items: object, path: str) -> tuple[TunnelPeer, ...]:
             peers.append(TunnelPeer(
                 name=name,
                 public_key=parse_wireguard_key(str(item["publicKey"])),
-                allowed_ips=tuple(parse_network(str(n)) for n in _list(item, "allowedIPs")),
+                allowed_ips=tuple(parse_peer_network(str(n)) for n in _list(item, "allowedIPs")),
                 endpoint=parse_endpoint(endpoint) if isinstance(endpoint, str) else None,
                 persistent_keepalive=PEER_KEEPALIVE_SECONDS,
             ))
@@ -84,6 +89,9 @@ def peers_from_list(items: object, path: str) -> tuple[TunnelPeer, ...]:
     keys = [p.public_key for p in peers]
     if len(set(keys)) != len(keys):
         raise PlanFormatError(f"{path}: a public key is listed twice")
+    conflicts = peer_network_conflicts([(p.name, p.allowed_ips) for p in peers])
+    if conflicts:
+        raise PlanFormatError(f"{path}: allowedIPs: {conflicts[0]}")
     return tuple(peers)
 
 

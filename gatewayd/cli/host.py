@@ -9,10 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gatewayd.agent.config import AgentConfig, load_agent_config
-from gatewayd.configfile import ConfigError
+from gatewayd.configfile import ConfigError, read_config
 from gatewayd.follower import pid_file
 from gatewayd.runtime import read_json
 from gatewayd.steer.config import SteerConfig, load_steer_config
@@ -43,11 +41,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def load_host_config(path: Path) -> AgentConfig | SteerConfig:
     """A steer config names its `node`; a gateway config names itself with `name`."""
-    try:
-        top = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        top = None  # the loader below reports it with the line
-    if isinstance(top, dict) and "node" in top:
+    if "node" in read_config(path).data:  # raises ConfigError for a file it cannot read
         return load_steer_config(path)
     return load_agent_config(path)
 

@@ -16,6 +16,7 @@ import contextlib
 import ipaddress
 import os
 import socket
+import stat
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
+from gatewayd.dataplane.durable import fsync_directory
 from gatewayd.dataplane.netlink import OWNER_PROTOCOL, find_link
 from gatewayd.policy.model import IPNetwork
 
@@ -97,8 +99,11 @@ class WireGuardChanges:
 
 def generate_private_key(path: Path) -> str:
     """Create the private key file if it is missing (`wg genkey`, mode 0600, written
-    atomically); return the public key."""
-    if not path.exists():
+    atomically and durably); return the public key. An existing key must be private to
+    this daemon's user (see `check_private_key_file`)."""
+    if path.exists():
+        check_private_key_file(path)
+    else:
         key = _run(["wg", "genkey"]).strip()
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -109,11 +114,29 @@ def generate_private_key(path: Path) -> str:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(temporary, path)
+            fsync_directory(path.parent)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 temporary.unlink()
             raise
     return public_key(path)
+
+
+def check_private_key_file(path: Path) -> None:
+    """Refuse a private key that others can read, or that belongs to another user than the
+    one this daemon runs as (whoever owns it can replace it)."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise WireGuardError(f"cannot read private key {path}: {exc.strerror or exc}") from exc
+    if st.st_uid != os.geteuid():
+        raise WireGuardError(
+            f"private key {path} belongs to uid {st.st_uid}, not to this daemon's uid "
+            f"{os.geteuid()}: run `chown {os.geteuid()} {path}` (or remove it for a new key)")
+    if st.st_mode & 0o077:
+        raise WireGuardError(
+            f"private key {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+            f"run `chmod 600 {path}`, and replace the key if others may have read it")
 
 
 def public_key(private_key_path: Path) -> str:

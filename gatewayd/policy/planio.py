@@ -20,6 +20,7 @@ from gatewayd.policy.model import (
     SteerAction,
     SteerRule,
 )
+from gatewayd.policy.safeload import describe
 
 
 class PlanFormatError(ValueError):
@@ -65,9 +66,10 @@ def node_plan_to_dict(plan: NodePlan) -> dict[str, Any]:
 
 def gateway_plan_from_dict(data: Mapping[str, Any]) -> GatewayPlan:
     try:
+        _check_mapping(data)
         return GatewayPlan(
             gateway=_str(data, "gateway"),
-            generation=int(data.get("generation", 0)),
+            generation=_generation(data),
             rules=tuple(
                 SnatRule(
                     policy=_str(r, "policy"),
@@ -80,14 +82,15 @@ def gateway_plan_from_dict(data: Mapping[str, Any]) -> GatewayPlan:
             ),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise PlanFormatError(f"not a valid gateway plan: {exc!r}") from exc
+        raise PlanFormatError(f"not a valid gateway plan: {_reason(exc)}") from exc
 
 
 def node_plan_from_dict(data: Mapping[str, Any]) -> NodePlan:
     try:
+        _check_mapping(data)
         return NodePlan(
             node=_str(data, "node"),
-            generation=int(data.get("generation", 0)),
+            generation=_generation(data),
             cluster_internal=tuple(ipaddress.ip_network(n) for n in data["clusterInternal"]),
             rules=tuple(
                 SteerRule(
@@ -103,7 +106,28 @@ def node_plan_from_dict(data: Mapping[str, Any]) -> NodePlan:
             ),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise PlanFormatError(f"not a valid node plan: {exc!r}") from exc
+        raise PlanFormatError(f"not a valid node plan: {_reason(exc)}") from exc
+
+
+def _check_mapping(data: object) -> None:
+    if not isinstance(data, Mapping):
+        raise TypeError("must be a mapping (a JSON object)")
+
+
+def _generation(data: Mapping[str, Any]) -> int:
+    """A whole number from 0 to 2**63 - 1 (metadata.generation is an int64)."""
+    value = data.get("generation", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ValueError("generation must be a whole number from 0 to 2**63 - 1")
+    return value
+
+
+def _reason(exc: Exception) -> str:
+    """The exception as a message, with no structure of the input expanded into it."""
+    if isinstance(exc, KeyError):
+        return f"missing field {describe(exc.args[0]) if exc.args else ''}"
+    text = str(exc)
+    return text if len(text) <= 200 else text[:200] + "…"
 
 
 def _str(data: Mapping[str, Any], key: str) -> str:

@@ -10,13 +10,9 @@ read, are ignored, since a cluster dump holds plenty of them.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from gatewayd.policy.fields import (
     child,
@@ -49,6 +45,7 @@ from gatewayd.policy.model import (
     Policy,
     Snapshot,
 )
+from gatewayd.policy.safeload import DOCUMENT_LIMITS, DocumentError, load_json_file, load_yaml_file
 from gatewayd.policy.validation import POLICY_API_VERSIONS, parse_policy
 
 SNAPSHOT_SUFFIXES = (".yaml", ".yml", ".json")
@@ -99,10 +96,13 @@ def snapshot_files(paths: Sequence[str | Path]) -> list[Path]:
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            files += sorted(
-                (p for p in path.iterdir() if p.suffix in SNAPSHOT_SUFFIXES and p.is_file()),
-                key=lambda p: p.name,
-            )
+            try:
+                files += sorted(
+                    (p for p in path.iterdir() if p.suffix in SNAPSHOT_SUFFIXES and p.is_file()),
+                    key=lambda p: p.name,
+                )
+            except OSError as e:
+                raise SnapshotError(str(path), None, f"cannot read: {e.strerror or e}") from e
         elif path.exists():
             files.append(path)
         else:
@@ -133,86 +133,21 @@ class _Located:
     file: str
     line: int | None
     obj: object
-    node: yaml.Node | None = field(default=None, compare=False)
-
-
-# libyaml's parser where PyYAML was built with it (it is, from PyPI): several times faster,
-# which matters for the latency from a snapshot change to the data plane.
-_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _StrictLoader(_SafeLoader):  # type: ignore[misc, valid-type]
-    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one silently
-    (Kubernetes' strict decoding refuses them too)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<:` merges may be overridden by explicit keys; that is not a duplicate
-            map_key = self.construct_object(key_node, deep=True)
-            if isinstance(map_key, Hashable) and map_key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key {map_key!r}",
-                    key_node.start_mark,
-                )
-            if isinstance(map_key, Hashable):
-                seen.add(map_key)
-        mapping: dict[Hashable, Any] = super().construct_mapping(node, deep=deep)
-        return mapping
 
 
 def _read_file(path: Path) -> list[_Located]:
+    """The documents of one file, read within `DOCUMENT_LIMITS` (see `safeload`)."""
     file = str(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as e:
-        raise SnapshotError(file, None, f"cannot read: {e.strerror or e}") from e
-    except UnicodeDecodeError as e:
-        raise SnapshotError(file, None, f"not UTF-8 text (byte {e.start})") from e
-    if path.suffix == ".json":
-        return _read_json(file, text)
-    return _read_yaml(file, text)
-
-
-def _read_json(file: str, text: str) -> list[_Located]:
-    def refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        result: dict[str, object] = {}
-        for name, value in pairs:
-            if name in result:
-                raise SnapshotError(file, None, f"JSON: duplicate key {name!r}")
-            result[name] = value
-        return result
-
-    try:
-        obj = json.loads(text, object_pairs_hook=refuse_duplicates)
-    except json.JSONDecodeError as e:
-        raise SnapshotError(file, e.lineno, f"JSON syntax error: {e.msg}") from e
-    return [_Located(file, None, obj)]
-
-
-def _read_yaml(file: str, text: str) -> list[_Located]:
-    loader = _StrictLoader(text)
-    documents = []
-    try:
-        while loader.check_node():
-            node = loader.get_node()
-            if node is None:
-                break
-            obj = loader.construct_document(node)
-            if obj is not None:  # an empty document, e.g. a trailing `---`
-                documents.append(_Located(file, node.start_mark.line + 1, obj, node))
-    except yaml.MarkedYAMLError as e:
-        line = e.problem_mark.line + 1 if e.problem_mark is not None else None
-        context = f" ({e.context})" if e.context else ""
-        raise SnapshotError(file, line, f"YAML syntax error: {e.problem}{context}") from e
-    except yaml.YAMLError as e:
-        raise SnapshotError(file, None, f"YAML error: {e}") from e
-    finally:
-        loader.dispose()
-    return documents
+        if path.suffix == ".json":
+            return [_Located(file, None, load_json_file(path, DOCUMENT_LIMITS))]
+        return [
+            _Located(file, line, obj)
+            for line, obj in load_yaml_file(path, DOCUMENT_LIMITS)
+            if obj is not None  # an empty document, e.g. a trailing `---`
+        ]
+    except DocumentError as e:
+        raise SnapshotError(e.file, e.line, e.message) from e
 
 
 def _expand(document: _Located) -> Iterator[_Located]:
@@ -236,27 +171,13 @@ def _expand(document: _Located) -> Iterator[_Located]:
         raise SnapshotError(
             document.file, document.line, f"{kind}: items: must be a list, found {type_name(items)}"
         )
-    item_nodes = _list_item_nodes(document.node, len(items))
-    for item, node in zip(items, item_nodes, strict=True):
+    # YAML lists know their items' lines (safeload.LineList); JSON has none.
+    lines: list[int | None] = list(getattr(items, "item_lines", [])) or [document.line] * len(items)
+    for item, line in zip(items, lines, strict=True):
         # Typed lists (PodList, ...) from the API omit kind and apiVersion on their items.
         if kind != "List" and isinstance(item, Mapping) and "kind" not in item:
             item = {**item, "kind": kind.removesuffix("List"), "apiVersion": obj.get("apiVersion")}
-        line = node.start_mark.line + 1 if node is not None else document.line
-        yield from _expand(_Located(document.file, line, item, node))
-
-
-def _list_item_nodes(node: yaml.Node | None, count: int) -> list[yaml.Node | None]:
-    """The YAML nodes of a List's items, for their line numbers, where they can be found."""
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            if (
-                isinstance(key_node, yaml.ScalarNode)
-                and key_node.value == "items"
-                and isinstance(value_node, yaml.SequenceNode)
-                and len(value_node.value) == count
-            ):
-                return list(value_node.value)
-    return [None] * count
+        yield from _expand(_Located(document.file, line, item))
 
 
 # --- building the snapshot ---------------------------------------------------------------------

@@ -156,6 +156,8 @@ def load_steer_config(path: Path = DEFAULT_PATH) -> SteerConfig:
     tunnel.check_unique("gateways", [g.name for g in gateways])
     tunnel.check_unique("gateways", [g.interface for g in gateways])
     tunnel.check_unique("gateways", [f"mark {g.mark:#x}" for g in gateways])
+    tunnel.check_unique("gateways", [f"publicKey {g.public_key}" for g in gateways
+                                     if g.public_key is not None])
     reconcile = read_reconcile(top.section("reconcile"))
     failover = _read_failover(top.section("failover"), kubernetes is not None)
     top.finish()
@@ -203,10 +205,11 @@ def _read_failover(section: Section, kubernetes_mode: bool) -> FailoverSettings:
     defaults = FailoverSettings()
     settings = FailoverSettings(
         probe_interval_seconds=section.number("probeIntervalSeconds",
-                                              defaults.probe_interval_seconds),
+                                              defaults.probe_interval_seconds, 0.01, 10),
         misses=section.integer("missesBeforeDown", defaults.misses, 1, 100),
         recoveries=section.integer("answersBeforeUp", defaults.recoveries, 1, 100),
-        claim_grace_seconds=section.number("claimGraceSeconds", defaults.claim_grace_seconds),
+        claim_grace_seconds=section.number("claimGraceSeconds", defaults.claim_grace_seconds,
+                                           0.01, 600),
     )
     section.finish()
     return settings

@@ -9,12 +9,13 @@ the plan is reused only when every slot is taken.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from gatewayd.runtime import write_json_atomic
+from gatewayd.policy.safeload import DOCUMENT_LIMITS, DocumentError, load_json_file
+from gatewayd.runtime import set_aside, write_json_atomic
 from gatewayd.steer.config import FIRST_TABLE, GatewayTunnelEnd, SteerConfig
+from gatewayd.systemd import Priority, journal_event
 
 INTERFACE_NAME_MAX = 15
 
@@ -48,11 +49,16 @@ class SlotTable:
         self._slots: dict[str, int] = self._load()
 
     def _load(self) -> dict[str, int]:
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        if not self.path.exists():
             return {}
-        if not isinstance(data, dict):
+        try:
+            data = load_json_file(self.path, DOCUMENT_LIMITS)
+            if not isinstance(data, dict):
+                raise DocumentError(str(self.path), None, "must be a JSON object")
+        except DocumentError as exc:
+            journal_event("state-invalid", f"slot table {self.path} unusable, "
+                          f"{set_aside(self.path)}; gateways get new slots: {exc}",
+                          Priority.ERR, file=str(self.path))
             return {}
         return {
             name: index for name, index in data.items()

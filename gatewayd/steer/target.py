@@ -62,6 +62,8 @@ def target_to_dict(plan: NodeTarget) -> dict[str, Any]:
 def target_from_dict(data: Mapping[str, Any]) -> NodeTarget:
     """A node target from planio's shape plus `gateways` and `tunnelAddress` (an EgressNode's
     spec has that shape); PlanFormatError names the field that is wrong."""
+    if not isinstance(data, Mapping):
+        raise PlanFormatError("a node plan must be a mapping (a JSON object)")
     plan = node_plan_from_dict({**data, "clusterInternal": data.get("clusterInternal") or [],
                                 "rules": data.get("rules") or []})
     gateways = data.get("gateways")

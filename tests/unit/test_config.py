@@ -15,6 +15,7 @@ from gatewayd.steer.config import FIRST_TABLE, MARK_MASK, load_steer_config
 pytestmark = pytest.mark.unit
 
 KEY = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="
+KEY2 = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
 
 AGENT = f"""\
 name: gw1
@@ -49,7 +50,7 @@ tunnel:
       publicKey: "{KEY}"
       endpoint: "198.51.100.2:51820"
     - name: gateway-with-long-name
-      publicKey: "{KEY}"
+      publicKey: "{KEY2}"
       interface: n1-gw2
 """
 
@@ -99,7 +100,7 @@ def test_agent_config_loads_with_defaults(tmp_path: Path) -> None:
          ":18: tunnel.peers[0].endpoint: must be HOST:PORT"),
         ('      allowedIPs: ["10.244.1.0/24"]', '      allowedIPs: ["10.244.1.0/33"]',
          ":19: tunnel.peers[0].allowedIPs: item 0 must be a CIDR"),
-        ("  pollSeconds: 0.5", "  pollSeconds: 0", ":21: reconcile.pollSeconds: must be greater"),
+        ("  pollSeconds: 0.5", "  pollSeconds: 0", ":21: reconcile.pollSeconds: must be a number from 0.01 to 3600"),
         ("  address: 100.64.0.1/24", "  address: 100.64.0.1",
          ":14: tunnel.address: must be ADDRESS/PREFIXLEN"),
         ("  pollSeconds: 0.5", "  pollSecond: 0.5", ":21: reconcile.pollSecond: unknown setting"),
@@ -138,7 +139,7 @@ def test_duplicate_peer_names(tmp_path: Path) -> None:
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, "name: gw1\nuplink: [eth0\n")
     found = problems(path)
-    assert len(found) == 1 and found[0].startswith(f"{path}:") and "not valid YAML" in found[0]
+    assert len(found) == 1 and found[0].startswith(f"{path}:") and "YAML syntax error" in found[0]
 
 
 def test_not_a_mapping_and_unreadable(tmp_path: Path) -> None:

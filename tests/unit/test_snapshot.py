@@ -619,7 +619,7 @@ def test_unreadable_file(unreadable_file: Path) -> None:
 def test_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "x.yaml"
     path.write_bytes(b"kind: \xff\n")
-    with pytest.raises(SnapshotError, match=r"x\.yaml: not UTF-8 text \(byte 6\)"):
+    with pytest.raises(SnapshotError, match=r"x\.yaml:1: not UTF-8 text \(byte 6\)"):
         load_snapshot([path])
 
 
@@ -653,12 +653,10 @@ def test_duplicate_yaml_key_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SnapshotError) as raised:
         load_snapshot([path])
     assert raised.value.line == 4
-    assert raised.value.message == (
-        "YAML syntax error: found duplicate key 'destinationCIDRs' (while constructing a mapping)"
-    )
+    assert raised.value.message == "duplicate key 'destinationCIDRs' (first on line 3)"
 
 
-def test_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+def test_yaml_merge_keys_and_aliases_are_refused(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         "x.yaml",
@@ -671,7 +669,8 @@ def test_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
           name: web
         """,
     )
-    assert [p.name for p in load_snapshot([path]).snapshot.pods] == ["web"]
+    with pytest.raises(SnapshotError, match=r"x\.yaml:1: anchors \(&base\) are not accepted"):
+        load_snapshot([path])
 
 
 def test_json_syntax_error_has_the_line(tmp_path: Path) -> None:

@@ -35,7 +35,10 @@ def key(path: str, map_key: str) -> str:
 
 
 def quote(value: object) -> str:
-    """Go's %q-like quoting for strings; other values as JSON would print them."""
+    """Go's %q-like quoting for strings; other scalars as JSON would print them. A mapping
+    or list is named by its type, never expanded into a message (it may be huge)."""
+    if isinstance(value, Mapping | list | tuple | set | frozenset):
+        return type_name(value)
     return json.dumps(value, ensure_ascii=False, default=str)
 
 

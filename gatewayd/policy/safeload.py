@@ -138,7 +138,8 @@ def parse_yaml(text: str, file: str, limits: Limits) -> list[tuple[int, Any]]:
         raise DocumentError(file, line, f"YAML syntax error: {exc.problem}{context}") from exc
     except yaml.reader.ReaderError as exc:
         line = text[: exc.position].count("\n") + 1
-        raise DocumentError(file, line, f"character {exc.character!r} is not allowed in "
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise DocumentError(file, line, f"the character U+{code:04X} is not allowed in "
                                         "YAML") from exc
     except yaml.YAMLError as exc:
         raise DocumentError(file, None, f"YAML error: {exc}") from exc

@@ -63,6 +63,9 @@ def target_from_object(obj: Mapping[str, Any]) -> GatewayTarget:
     metadata = obj.get("metadata") or {}
     name = str(metadata.get("name"))
     spec = obj.get("spec") or {}
+    if not isinstance(spec, Mapping):
+        raise InputError("plan-invalid", f"EgressGateway {name}: spec must be a mapping, keeping "
+                         "the last applied plan", object=f"EgressGateway/{name}")
     try:
         plan = gateway_plan_from_dict({
             "gateway": name,

@@ -160,6 +160,8 @@ def load_steer_config(path: Path = DEFAULT_PATH) -> SteerConfig:
                                      if g.public_key is not None])
     reconcile = read_reconcile(top.section("reconcile"))
     failover = _read_failover(top.section("failover"), kubernetes is not None)
+    proc_sys = Path(top.string("procSys", "/proc/sys"))
+    health_port = top.integer("healthPort", DEFAULT_HEALTH_PORT if kubernetes else 0, 0, 65535)
     top.finish()
     top.raise_if_problems()
     return SteerConfig(
@@ -173,9 +175,8 @@ def load_steer_config(path: Path = DEFAULT_PATH) -> SteerConfig:
         gateways=tuple(gateways),
         reconcile=reconcile,
         kubernetes=kubernetes,
-        proc_sys=Path(top.string("procSys", "/proc/sys")),
-        health_port=top.integer("healthPort", DEFAULT_HEALTH_PORT if kubernetes else 0, 0,
-                                65535),
+        proc_sys=proc_sys,
+        health_port=health_port,
         interface_prefix=prefix,
         listen_port=listen_port,
         advertise_address=advertise_address,

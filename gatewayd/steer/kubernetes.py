@@ -57,6 +57,9 @@ def target_from_object(obj: Mapping[str, Any]) -> NodeTarget:
     metadata = obj.get("metadata") or {}
     name = str(metadata.get("name"))
     spec = obj.get("spec") or {}
+    if not isinstance(spec, Mapping):
+        raise InputError("plan-invalid", f"EgressNode {name}: spec must be a mapping, keeping "
+                         "the last applied plan", object=f"EgressNode/{name}")
     try:
         return target_from_dict({
             **spec,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from gatewayd.policy.fields import dns_subdomain_problem
 from gatewayd.policy.model import IPAddress, IPNetwork
 from gatewayd.policy.safeload import (
     CONFIG_LIMITS,
@@ -204,6 +205,15 @@ def parse_ip(text: str) -> IPAddress:
 
 def parse_network(text: str) -> IPNetwork:
     return ipaddress.ip_network(text, strict=True)
+
+
+def parse_object_name(text: str) -> str:
+    """The name of a Kubernetes object (an EgressGateway, a Node): steer derives interface
+    names from it, the status and the journal carry it."""
+    problem = dns_subdomain_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
 
 
 def parse_interface_name(text: str) -> str:

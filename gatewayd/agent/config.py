@@ -17,6 +17,7 @@ from gatewayd.configfile import (
     parse_endpoint,
     parse_interface_address,
     parse_interface_name,
+    parse_object_name,
     parse_peer_network,
     parse_pool,
     parse_wireguard_key,
@@ -87,7 +88,7 @@ class AgentConfig:
 def load_agent_config(path: Path = DEFAULT_PATH) -> AgentConfig:
     """Read and validate the file; raises ConfigError listing every problem with its line."""
     top = read_config(path)
-    name = top.string("name")
+    name = top.parsed("name", parse_object_name, "the name of an EgressGateway")
     labels = top.string_map("labels")
     kubernetes = read_mode(top, in_cluster_allowed=False)
     snapshot = read_snapshot_paths(top) if kubernetes is None else ()

@@ -21,6 +21,7 @@ from gatewayd.configfile import (
     parse_endpoint,
     parse_interface_address,
     parse_interface_name,
+    parse_object_name,
     parse_wireguard_key,
     read_config,
     read_reconcile,
@@ -103,7 +104,7 @@ def load_steer_config(path: Path = DEFAULT_PATH) -> SteerConfig:
     if kubernetes is not None and "node" not in top.data and os.environ.get(NODE_NAME_ENV):
         node = os.environ[NODE_NAME_ENV]
     else:
-        node = top.string("node")
+        node = top.parsed("node", parse_object_name, "the name of a Node")
     snapshot = read_snapshot_paths(top) if kubernetes is None else ()
     state_directory = Path(top.string("stateDirectory", "/var/lib/gatewayd-steer"))
     tunnel = top.section("tunnel", required=kubernetes is None)
@@ -118,7 +119,7 @@ def load_steer_config(path: Path = DEFAULT_PATH) -> SteerConfig:
         tunnel.error("gateways", "not used in Kubernetes mode: the gateways come from the "
                                  "EgressNode's spec.gateways (remove it)")
     for index, gw in enumerate(tunnel.sections("gateways")):
-        name = gw.string("name")
+        name = gw.parsed("name", parse_object_name, "the name of an EgressGateway")
         mark = gw.integer("mark", (index + 1) * lowest_bit, 1, 2**32 - 1)
         if isinstance(mark, int) and isinstance(mark_mask, int) and (
             mark & ~mark_mask or not mark & mark_mask

@@ -88,7 +88,7 @@ def test_agent_config_loads_with_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        ("name: gw1", "name: [gw1]", ":1: name: must be a string"),
+        ("name: gw1", "name: [gw1]", ":1: name: must be the name of an EgressGateway"),
         ("uplink: eth0", "uplink: eth0/1", ":6: uplink: must be an interface name"),
         ("  - cidr: 198.51.100.64/27", "  - cidr: 198.51.100.65/27",
          ":8: egressIPPools[0].cidr: must be a CIDR without host bits"),

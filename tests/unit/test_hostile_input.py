@@ -209,6 +209,7 @@ AGENT_CASES = [
     ("uplink: eth0", "uplink: abcdefghijklmnop", ":3: uplink: must be an interface name"),
     ("uplink: eth0", "uplink: ethé1234567890", ":3: uplink: must be an interface name"),
     ("uplink: eth0", "uplink: '..'", ":3: uplink: must be an interface name"),
+    ("name: gw1", 'name: "gw1\n"', ":1: name: must be the name of an EgressGateway"),
     ("  interface: egress0", '  interface: "eg\\tress"', ":7: tunnel.interface: must be"),
     ("  pollSeconds: 0.5", "  pollSeconds: .nan",
      ":18: reconcile.pollSeconds: must be a number from 0.01 to 3600, got nan"),
@@ -266,6 +267,8 @@ def test_agent_config_that_cannot_run_is_refused(
         ("    - name: gw2", '    - name: gw2\n      interface: "egw\\0x"',
          ":9: tunnel.gateways[1].interface: must be an interface name"),
         ("  pollSeconds: 0.5", "  pollSeconds: .nan", ":12: reconcile.pollSeconds: must be"),
+        ("    - name: gw2", "    - name: gw/2", ":8: tunnel.gateways[1].name: must be the name"),
+        ("node: node1", "node: Node1", ":1: node: must be the name of a Node"),
         ("node: node1", "node: node1\nnode: node2", ":2: duplicate key 'node' (first on line 1)"),
     ],
 )

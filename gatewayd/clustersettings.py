@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gatewayd.configfile import Section, read_snapshot_paths
+from gatewayd.configfile import Section, parse_path, read_snapshot_paths
 
 DEFAULT_NAMESPACE = "gatewayd-system"
 
@@ -34,15 +34,15 @@ class KubernetesSettings:
 def read_kubernetes(section: Section, *, in_cluster_allowed: bool) -> KubernetesSettings:
     """The `kubernetes:` section: `kubeconfig`, or `server` + `tokenFile` + `caFile` (a join
     token); with neither, the pod's service account where `in_cluster_allowed`."""
-    kubeconfig = section.optional_string("kubeconfig")
+    kubeconfig = section.parsed("kubeconfig", parse_path, "a path", None)
     server = section.optional_string("server")
-    token_file = section.optional_string("tokenFile")
-    ca_file = section.optional_string("caFile")
+    token_file = section.parsed("tokenFile", parse_path, "a path", None)
+    ca_file = section.parsed("caFile", parse_path, "a path", None)
     settings = KubernetesSettings(
-        kubeconfig=Path(kubeconfig) if kubeconfig else None,
+        kubeconfig=kubeconfig,
         server=server,
-        token_file=Path(token_file) if token_file else None,
-        ca_file=Path(ca_file) if ca_file else None,
+        token_file=token_file,
+        ca_file=ca_file,
         namespace=section.string(
             "namespace", os.environ.get("GATEWAYD_NAMESPACE", DEFAULT_NAMESPACE)
         ),

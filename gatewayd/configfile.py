@@ -207,6 +207,12 @@ def parse_network(text: str) -> IPNetwork:
     return ipaddress.ip_network(text, strict=True)
 
 
+def parse_path(text: str) -> Path:
+    if not text or "\0" in text:
+        raise ValueError("a path is not empty and has no NUL character")
+    return Path(text)
+
+
 def parse_object_name(text: str) -> str:
     """The name of a Kubernetes object (an EgressGateway, a Node): steer derives interface
     names from it, the status and the journal carry it."""
@@ -294,5 +300,5 @@ def read_reconcile(section: Section) -> ReconcileSettings:
 def read_snapshot_paths(top: Section) -> tuple[Path, ...]:
     """`snapshot:` is one path or a list of paths (files or directories of YAML objects)."""
     if isinstance(top.data.get("snapshot"), list):
-        return tuple(Path(p) for p in top.parsed_list("snapshot", str, "a path"))
-    return (top.parsed("snapshot", Path, "a path to a file or directory"),)
+        return top.parsed_list("snapshot", parse_path, "a path")
+    return (top.parsed("snapshot", parse_path, "a path to a file or directory"),)

@@ -18,6 +18,7 @@ from gatewayd.configfile import (
     parse_interface_address,
     parse_interface_name,
     parse_object_name,
+    parse_path,
     parse_peer_network,
     parse_pool,
     parse_wireguard_key,
@@ -92,7 +93,8 @@ def load_agent_config(path: Path = DEFAULT_PATH) -> AgentConfig:
     labels = top.string_map("labels")
     kubernetes = read_mode(top, in_cluster_allowed=False)
     snapshot = read_snapshot_paths(top) if kubernetes is None else ()
-    state_directory = Path(top.string("stateDirectory", "/var/lib/gatewayd"))
+    state_directory = top.parsed("stateDirectory", parse_path, "a path",
+                                 Path("/var/lib/gatewayd"))
     uplink = top.parsed("uplink", parse_interface_name, "an interface name")
     pools = []
     for pool in top.sections("egressIPPools"):
@@ -122,8 +124,8 @@ def load_agent_config(path: Path = DEFAULT_PATH) -> AgentConfig:
             "interface", parse_interface_name, "an interface name", "egress0"
         ),
         listen_port=tunnel_section.integer("listenPort", 51820, 1, 65535),
-        private_key_file=Path(
-            tunnel_section.string("privateKeyFile", str(state_directory / "wireguard.key"))
+        private_key_file=tunnel_section.parsed(
+            "privateKeyFile", parse_path, "a path", state_directory / "wireguard.key"
         ),
         mtu=tunnel_section.integer("mtu", 1420, 1280, 9000),
         address=tunnel_section.parsed(

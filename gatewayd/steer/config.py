@@ -22,6 +22,7 @@ from gatewayd.configfile import (
     parse_interface_address,
     parse_interface_name,
     parse_object_name,
+    parse_path,
     parse_wireguard_key,
     read_config,
     read_reconcile,
@@ -106,11 +107,11 @@ def load_steer_config(path: Path = DEFAULT_PATH) -> SteerConfig:
     else:
         node = top.parsed("node", parse_object_name, "the name of a Node")
     snapshot = read_snapshot_paths(top) if kubernetes is None else ()
-    state_directory = Path(top.string("stateDirectory", "/var/lib/gatewayd-steer"))
+    state_directory = top.parsed("stateDirectory", parse_path, "a path",
+                                 Path("/var/lib/gatewayd-steer"))
     tunnel = top.section("tunnel", required=kubernetes is None)
-    private_key_file = Path(
-        tunnel.string("privateKeyFile", str(state_directory / "wireguard.key"))
-    )
+    private_key_file = tunnel.parsed("privateKeyFile", parse_path, "a path",
+                                     state_directory / "wireguard.key")
     mtu = tunnel.integer("mtu", 1420, 1280, 9000)
     mark_mask = tunnel.integer("markMask", MARK_MASK, 1, 2**32 - 1)
     lowest_bit = (mark_mask & -mark_mask) if mark_mask else 1
@@ -161,7 +162,7 @@ def load_steer_config(path: Path = DEFAULT_PATH) -> SteerConfig:
                                      if g.public_key is not None])
     reconcile = read_reconcile(top.section("reconcile"))
     failover = _read_failover(top.section("failover"), kubernetes is not None)
-    proc_sys = Path(top.string("procSys", "/proc/sys"))
+    proc_sys = top.parsed("procSys", parse_path, "a path", Path("/proc/sys"))
     health_port = top.integer("healthPort", DEFAULT_HEALTH_PORT if kubernetes else 0, 0, 65535)
     top.finish()
     top.raise_if_problems()

@@ -209,7 +209,7 @@ AGENT_CASES = [
     ("uplink: eth0", "uplink: abcdefghijklmnop", ":3: uplink: must be an interface name"),
     ("uplink: eth0", "uplink: ethé1234567890", ":3: uplink: must be an interface name"),
     ("uplink: eth0", "uplink: '..'", ":3: uplink: must be an interface name"),
-    ("name: gw1", 'name: "gw1\n"', ":1: name: must be the name of an EgressGateway"),
+    ("name: gw1", 'name: "gw1\\n"', ":1: name: must be the name of an EgressGateway"),
     ("snapshot: /etc/gatewayd/snapshot", 'snapshot: "/etc/\\0"', ":2: snapshot: must be a path"),
     ("  interface: egress0", '  interface: egress0\n  privateKeyFile: ""',
      ":8: tunnel.privateKeyFile: must be a path"),

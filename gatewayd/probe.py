@@ -23,6 +23,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from gatewayd.policy.model import IPAddress, Role, SnatRule, SteerAction, SteerRule
+from gatewayd.policy.safeload import Limits, parse_json
 
 PROBE_PORT = 51871
 # Every gateway's own address on its tunnel interface: each node reaches it through its own
@@ -30,6 +31,9 @@ PROBE_PORT = 51871
 GATEWAY_TUNNEL_ADDRESS = IPv4Address("100.127.0.1")
 PROTOCOL_VERSION = 1
 MAX_DATAGRAM = 65000
+# A probe is a flat object with a few lists of policy names; anything deeper is not one (and
+# a datagram of nested brackets must not cost a recursion error per packet).
+PROBE_LIMITS = Limits(max_bytes=MAX_DATAGRAM, max_depth=4, max_values=20_000)
 
 
 class ProbeFormatError(ValueError):
@@ -96,7 +100,7 @@ def _encode(message: Mapping[str, Any]) -> bytes:
 
 def _decode(data: bytes) -> dict[str, Any]:
     try:
-        message = json.loads(data)
+        message = parse_json(data.decode(), "probe", PROBE_LIMITS)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProbeFormatError(f"not a probe message: {exc}") from exc
     if not isinstance(message, dict) or message.get("v") != PROTOCOL_VERSION:

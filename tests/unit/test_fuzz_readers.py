@@ -1,8 +1,8 @@
 """Property tests of every reader a user or a peer can feed: snapshots (YAML and JSON), the
-agent's and steer's configs in both modes, saved plans, and the EgressGateway/EgressNode
-spec as the daemons receive it. Whatever the input, the reader returns a result or raises
-the project's clear error (SnapshotError, ConfigError, PlanFormatError, InputError);
-anything else is a bug.
+agent's and steer's configs in both modes, saved plans, the EgressGateway/EgressNode spec as
+the daemons receive it, and the probe datagrams of tunnel peers. Whatever the input, the
+reader returns a result or raises the project's clear error (SnapshotError, ConfigError,
+PlanFormatError, InputError, ProbeFormatError); anything else is a bug.
 
 The example counts keep `tests/unit` fast; a longer run:
 `GATEWAYD_FUZZ_EXAMPLES=20000 .venv/bin/pytest tests/unit/test_fuzz_readers.py`.
@@ -33,6 +33,7 @@ from gatewayd.follower import InputError
 from gatewayd.policy.planio import PlanFormatError
 from gatewayd.policy.safeload import DOCUMENT_LIMITS, DocumentError, load_json_file
 from gatewayd.policy.snapshot import SnapshotError, load_snapshot
+from gatewayd.probe import ProbeFormatError, decode_reply, decode_request
 from gatewayd.steer.config import load_steer_config
 from gatewayd.steer.kubernetes import target_from_object as node_target_from_object
 from gatewayd.steer.target import target_from_dict as node_target_from_dict
@@ -339,3 +340,21 @@ def test_any_saved_plan_is_a_plan_or_a_clear_error(scratch: Path, saved: Any,
     for read in (gateway_target_from_dict, node_target_from_dict):
         with contextlib.suppress(DocumentError, PlanFormatError):
             read(load_json_file(path, DOCUMENT_LIMITS))
+
+
+# --- probes: datagrams from tunnel peers ---------------------------------------------------
+
+
+def test_a_datagram_of_nested_brackets_is_not_a_probe() -> None:
+    for decode in (decode_request, decode_reply):
+        with pytest.raises(ProbeFormatError, match="nested deeper than 4 levels"):
+            decode(b"[" * 32_000 + b"]" * 32_000)
+
+
+@FUZZ
+@given(data=st.binary(max_size=200) | values.map(lambda v: json.dumps(
+    {"v": 1, "seq": 1, "here": v, "away": v, "serving": v}, default=str).encode()))
+def test_any_datagram_is_a_probe_or_a_probe_format_error(data: bytes) -> None:
+    for decode in (decode_request, decode_reply):
+        with contextlib.suppress(ProbeFormatError):
+            decode(data)

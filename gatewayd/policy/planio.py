@@ -14,6 +14,8 @@ from typing import Any
 from gatewayd.policy.model import (
     DropReason,
     GatewayPlan,
+    IPAddress,
+    IPNetwork,
     NodePlan,
     Role,
     SnatRule,
@@ -74,9 +76,9 @@ def gateway_plan_from_dict(data: Mapping[str, Any]) -> GatewayPlan:
                 SnatRule(
                     policy=_str(r, "policy"),
                     role=Role(r["role"]),
-                    egress_ip=ipaddress.ip_address(r["egressIP"]),
-                    sources=frozenset(ipaddress.ip_address(s) for s in r["sources"]),
-                    destinations=tuple(ipaddress.ip_network(d) for d in r["destinations"]),
+                    egress_ip=_address(r["egressIP"]),
+                    sources=frozenset(_address(s) for s in r["sources"]),
+                    destinations=tuple(_network(d) for d in r["destinations"]),
                 )
                 for r in data["rules"]
             ),
@@ -91,7 +93,7 @@ def node_plan_from_dict(data: Mapping[str, Any]) -> NodePlan:
         return NodePlan(
             node=_str(data, "node"),
             generation=_generation(data),
-            cluster_internal=tuple(ipaddress.ip_network(n) for n in data["clusterInternal"]),
+            cluster_internal=tuple(_network(n) for n in data["clusterInternal"]),
             rules=tuple(
                 SteerRule(
                     policy=_str(r, "policy"),
@@ -99,8 +101,8 @@ def node_plan_from_dict(data: Mapping[str, Any]) -> NodePlan:
                     gateway=r.get("gateway"),
                     standby=r.get("standby"),
                     reason=DropReason(r["reason"]) if r.get("reason") else None,
-                    sources=frozenset(ipaddress.ip_address(s) for s in r["sources"]),
-                    destinations=tuple(ipaddress.ip_network(d) for d in r["destinations"]),
+                    sources=frozenset(_address(s) for s in r["sources"]),
+                    destinations=tuple(_network(d) for d in r["destinations"]),
                 )
                 for r in data["rules"]
             ),
@@ -128,6 +130,19 @@ def _reason(exc: Exception) -> str:
         return f"missing field {describe(exc.args[0]) if exc.args else ''}"
     text = str(exc)
     return text if len(text) <= 200 else text[:200] + "…"
+
+
+def _address(value: object) -> IPAddress:
+    # ipaddress takes integers too (5 is 0.0.0.5): a plan spells addresses as strings.
+    if not isinstance(value, str):
+        raise TypeError(f"an address must be a string, got {describe(value)}")
+    return ipaddress.ip_address(value)
+
+
+def _network(value: object) -> IPNetwork:
+    if not isinstance(value, str):
+        raise TypeError(f"a CIDR must be a string, got {describe(value)}")
+    return ipaddress.ip_network(value)
 
 
 def _str(data: Mapping[str, Any], key: str) -> str:

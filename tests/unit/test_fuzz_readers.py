@@ -39,7 +39,8 @@ from gatewayd.steer.kubernetes import target_from_object as node_target_from_obj
 from gatewayd.steer.target import target_from_dict as node_target_from_dict
 from gatewayd.steer.target import target_to_dict as node_target_to_dict
 
-pytestmark = pytest.mark.unit
+# A deprecation warning once showed a bug (ipaddress taking True as 0.0.0.1): fail on one.
+pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("error::DeprecationWarning")]
 
 EXAMPLES = int(os.environ.get("GATEWAYD_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 100,

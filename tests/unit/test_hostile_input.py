@@ -403,3 +403,13 @@ def test_a_private_key_of_another_user_is_refused(tmp_path: Path) -> None:
     with pytest.raises(WireGuardError, match=f"belongs to uid 65534, not to this daemon's "
                                              f"uid {os.geteuid()}"):
         generate_private_key(path)
+
+
+def test_addresses_in_a_plan_are_strings() -> None:
+    """ipaddress takes integers too: 5 would be 0.0.0.5, and True 0.0.0.1."""
+    rule = {"policy": "p", "role": "active", "egressIP": 5, "sources": [], "destinations": []}
+    with pytest.raises(PlanFormatError, match="an address must be a string, got 5"):
+        gateway_plan_from_dict({"gateway": "gw1", "generation": 1, "rules": [rule]})
+    node = {"node": "n1", "generation": 1, "clusterInternal": [167772160], "rules": []}
+    with pytest.raises(PlanFormatError, match="a CIDR must be a string, got 167772160"):
+        node_plan_from_dict(node)

@@ -42,7 +42,7 @@ from gatewayd.steer.target import target_to_dict as node_target_to_dict
 # A deprecation warning once showed a bug (ipaddress taking True as 0.0.0.1): fail on one.
 pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("error::DeprecationWarning")]
 
-EXAMPLES = int(os.environ.get("GATEWAYD_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("GATEWAYD_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 100,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

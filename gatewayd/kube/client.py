@@ -18,6 +18,8 @@ from kubernetes.config.incluster_config import (
 )
 from kubernetes.config.kube_config import load_kube_config
 
+from gatewayd.policy.safeload import CONFIG_LIMITS, DocumentError, load_yaml_file
+
 
 class KubeConfigError(Exception):
     """Credentials that cannot be used; the message names the file or setting and the fix."""
@@ -27,6 +29,12 @@ def client_from_kubeconfig(path: Path, context: str | None = None) -> ApiClient:
     """A client for the cluster (and user) of `context`, or of the file's current context."""
     if not path.is_file():
         raise KubeConfigError(f"{path}: kubeconfig file not found")
+    try:  # the client's own YAML loader trusts its input: bound it first (see safeload)
+        load_yaml_file(path, CONFIG_LIMITS)
+    except DocumentError as error:
+        where = f"line {error.line}: " if error.line is not None else ""
+        raise KubeConfigError(f"{path}: not a usable kubeconfig: {where}{error.message}") \
+            from error
     configuration = Configuration()
     try:
         # The loader is untyped; it fills `configuration` in place.

@@ -413,3 +413,13 @@ def test_addresses_in_a_plan_are_strings() -> None:
     node = {"node": "n1", "generation": 1, "clusterInternal": [167772160], "rules": []}
     with pytest.raises(PlanFormatError, match="a CIDR must be a string, got 167772160"):
         node_plan_from_dict(node)
+
+
+def test_a_hostile_kubeconfig_is_a_kube_config_error(tmp_path: Path) -> None:
+    """The kubernetes client's own loader would recurse (and crash) on this."""
+    from gatewayd.kube.client import KubeConfigError, client_from_kubeconfig
+
+    path = write(tmp_path, "kubeconfig", "clusters: " + "[" * 25_000 + "]" * 25_000 + "\n")
+    with pytest.raises(KubeConfigError, match=r"kubeconfig: not a usable kubeconfig: line 1: "
+                                              r"nested deeper than 32 levels"):
+        client_from_kubeconfig(path)

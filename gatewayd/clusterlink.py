@@ -116,10 +116,11 @@ def api_client(settings: KubernetesSettings) -> ApiClient:
     if settings.server is not None and settings.token_file is not None \
             and settings.ca_file is not None:
         try:
-            token = settings.token_file.read_text()
-        except OSError as exc:
+            token = settings.token_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise KubeConfigError(f"{settings.token_file}: cannot read the join token: "
-                                  f"{exc.strerror or exc}") from exc
+                                  f"{reason or exc}") from exc
         return client_from_token(settings.server, token, settings.ca_file)
     return client_in_cluster()
 

@@ -141,8 +141,8 @@ def check_private_key_file(path: Path) -> None:
 
 def public_key(private_key_path: Path) -> str:
     try:
-        private = private_key_path.read_text().strip()
-    except OSError as exc:
+        private = private_key_path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
         raise WireGuardError(f"cannot read private key {private_key_path}: {exc}") from exc
     try:
         return _run(["wg", "pubkey"], stdin=private + "\n").strip()

@@ -423,3 +423,22 @@ def test_a_hostile_kubeconfig_is_a_kube_config_error(tmp_path: Path) -> None:
     with pytest.raises(KubeConfigError, match=r"kubeconfig: not a usable kubeconfig: line 1: "
                                               r"nested deeper than 32 levels"):
         client_from_kubeconfig(path)
+
+
+def test_a_join_token_that_is_not_text_is_a_kube_config_error(tmp_path: Path) -> None:
+    from gatewayd.clusterlink import api_client
+    from gatewayd.clustersettings import KubernetesSettings
+    from gatewayd.kube.client import KubeConfigError
+
+    token = write(tmp_path, "join-token", b"\xff\xfe token")
+    settings = KubernetesSettings(server="https://192.0.2.1:6443", token_file=token,
+                                  ca_file=write(tmp_path, "ca.crt", "x"))
+    with pytest.raises(KubeConfigError, match="join-token: cannot read the join token: not UTF-8"):
+        api_client(settings)
+
+
+def test_a_private_key_that_is_not_text_is_a_wireguard_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "wireguard.key", b"\xff" * 44 + b"\n")
+    path.chmod(0o600)
+    with pytest.raises(WireGuardError, match="cannot read private key"):
+        generate_private_key(path)

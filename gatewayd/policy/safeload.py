@@ -181,21 +181,24 @@ def parse_json(text: str, file: str, limits: Limits) -> Any:
 
 def _check_bounds(value: Any, file: str, limits: Limits) -> None:
     """Depth and count of a decoded JSON value, walked without recursion."""
-    pending: list[tuple[Any, int]] = [(value, 1)]
-    count = 0
+    pending: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
+    count = 1
     while pending:
-        item, depth = pending.pop()
-        count += 1
+        container, depth = pending.pop()
+        if depth > limits.max_depth:
+            raise DocumentError(file, None,
+                                f"nested deeper than {limits.max_depth} levels: refused")
+        children = container.values() if isinstance(container, dict) else container
+        count += len(children)
         if count > limits.max_values:
             raise DocumentError(file, None, f"more than {limits.max_values} values: refused")
-        if isinstance(item, dict | list):
-            if depth > limits.max_depth:
-                raise DocumentError(file, None,
-                                    f"nested deeper than {limits.max_depth} levels: refused")
-            children = item.values() if isinstance(item, dict) else item
-            pending.extend((child, depth + 1) for child in children)
-        elif isinstance(item, float) and not math.isfinite(item):
-            raise DocumentError(file, None, "JSON: a number out of range")
+        for child in children:
+            if isinstance(child, dict | list):
+                pending.append((child, depth + 1))
+            elif isinstance(child, float) and not math.isfinite(child):
+                raise DocumentError(file, None, "JSON: a number out of range")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DocumentError(file, None, "JSON: a number out of range")
 
 
 def _line(event: yaml.Event) -> int:

@@ -239,7 +239,7 @@ class _Builder:
                                    "value out")
         if isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
             closed = self.stack.pop()
-            self.add(event, closed.value, closed.value.line)
+            self.add(closed.value, closed.value.line)
             return
         if not isinstance(event, yaml.NodeEvent):
             return  # stream start and end, document end
@@ -250,7 +250,7 @@ class _Builder:
         if self.values > self.limits.max_values:
             raise self.fail(event, f"more than {self.limits.max_values} values: refused")
         if isinstance(event, yaml.ScalarEvent):
-            self.add(event, self.scalar(event), line)
+            self.add(self.scalar(event), line)
             return
         assert isinstance(event, yaml.CollectionStartEvent)
         if event.tag not in (None, "!"):
@@ -291,7 +291,7 @@ class _Builder:
                 raise self.fail(event, f"not a number: {describe(value)}") from exc
         return value  # a string; timestamps stay strings, as in Kubernetes
 
-    def add(self, event: yaml.Event, value: Any, line: int) -> None:
+    def add(self, value: Any, line: int) -> None:
         if not self.stack:
             self.documents.append((line, value))
             return

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -442,3 +445,30 @@ def test_a_private_key_that_is_not_text_is_a_wireguard_error(tmp_path: Path) -> 
     path.chmod(0o600)
     with pytest.raises(WireGuardError, match="cannot read private key"):
         generate_private_key(path)
+
+
+def test_state_files_and_a_new_key_are_fsynced_with_their_directory(tmp_path: Path) -> None:
+    """A rename is durable only once its directory is: strace shows the fsync of each."""
+    state, keys = tmp_path / "state", tmp_path / "keys"
+    script = (
+        "from pathlib import Path\n"
+        "from gatewayd.runtime import write_json_atomic\n"
+        "from gatewayd.dataplane.wireguard import generate_private_key\n"
+        f"write_json_atomic(Path({str(state / 'plan.json')!r}), {{'generation': 1}})\n"
+        f"generate_private_key(Path({str(keys / 'wireguard.key')!r}))\n"
+    )
+    trace = tmp_path / "trace"
+    subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat,fsync,close", "-o", str(trace),
+                    sys.executable, "-c", script], check=True, timeout=120)
+    opened: dict[str, str] = {}  # fd -> directory, as the trace shows them
+    synced = set()
+    for line in trace.read_text().splitlines():
+        found = re.search(r'openat\(AT_FDCWD, "([^"]+)", [^)]*O_DIRECTORY[^)]*\) = (\d+)', line)
+        if found:
+            opened[found[2]] = found[1]
+        found = re.search(r"(fsync|close)\((\d+)\) += 0", line)
+        if found and found[2] in opened:
+            directory = opened.pop(found[2])
+            if found[1] == "fsync":
+                synced.add(directory)
+    assert {str(state), str(keys)} <= synced, synced

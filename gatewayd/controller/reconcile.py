@@ -47,6 +47,7 @@ from gatewayd.controller.specs import (
 )
 from gatewayd.controller.status import Status, active_gateways_of, policy_status
 from gatewayd.controller.tunnels import allocate_tunnel_addresses
+from gatewayd.kube.leases import Freshness, LeaseObserver
 from gatewayd.policy.engine import EgressPlan, build_plan
 from gatewayd.policy.lastgood import PolicyMemory
 from gatewayd.policy.model import FieldError, Policy, Snapshot
@@ -102,9 +103,14 @@ def _generations(obj: Object) -> tuple[int, int | None]:
 class Reconciler:
     """The controller's memory between reconciles, and the reconcile function itself."""
 
-    def __init__(self, hold_down: float, tunnel_cidr: IPv4Network) -> None:
+    def __init__(
+        self, hold_down: float, tunnel_cidr: IPv4Network, leases: LeaseObserver | None = None
+    ) -> None:
+        """`leases`: when this process saw each gateway's Lease change; its monotonic clock
+        is the clock of every `now` given to this reconciler."""
         self.tunnel_cidr = tunnel_cidr
         self.health = HealthTracker(hold_down)
+        self.leases = leases if leases is not None else LeaseObserver()
         self._snapshots = SnapshotCache()
         self._policy_memory = PolicyMemory()
         self._policies_seen: LoadedSnapshot | None = None
@@ -131,12 +137,18 @@ class Reconciler:
         self._resolve_policies(self._snapshots.policies(cluster.policies))
         self.health.update(self._signals(cluster), now, trusted_since)
 
-    @staticmethod
-    def _signals(cluster: Cluster) -> dict[str, GatewaySignals]:
+    def _signals(self, cluster: Cluster) -> dict[str, GatewaySignals]:
+        self.leases.forget_all_but(lease_name(_name(g)) for g in cluster.gateways)
         return {
-            _name(g): read_signals(g, cluster.leases.get(lease_name(_name(g))))
+            _name(g): read_signals(g, self.observe_lease(cluster, _name(g)))
             for g in cluster.gateways
         }
+
+    def observe_lease(self, cluster: Cluster, gateway: str) -> Freshness | None:
+        """What the controller knows of a gateway's Lease (None: it has none)."""
+        name = lease_name(gateway)
+        lease = cluster.leases.get(name)
+        return self.leases.observe(name, lease) if lease is not None else None
 
     def forget_decisions(self) -> None:
         """On a change of leader: another replica may have decided meanwhile, so the current

@@ -31,6 +31,7 @@ from kubernetes.client import ApiClient
 from gatewayd.controller.leader import LEASE_DURATION, LeaderElector
 from gatewayd.controller.probes import ProbeServer
 from gatewayd.controller.reconcile import Decisions, Reconciler
+from gatewayd.controller.skew import SKEW_FIELD
 from gatewayd.controller.snapshots import Cluster
 from gatewayd.controller.tunnels import DEFAULT_TUNNEL_CIDR
 from gatewayd.controller.writer import Outcome, Writer
@@ -335,6 +336,11 @@ class Controller:
                 for o in cluster.policies
                 if o.get("kind") == EGRESS_GATEWAY_POLICIES.kind
             ),
+            *(
+                (EGRESS_GATEWAYS, o, "skew", {SKEW_FIELD: decisions.gateway_skews[_name(o)]})
+                for o in cluster.gateways
+                if _name(o) in decisions.gateway_skews
+            ),
         ]
         for resource, obj, part, content in writes:
             if content is None or not self._elector.is_leader:
@@ -343,17 +349,18 @@ class Controller:
                 outcome = self._writer.write_spec(resource, obj, content)
                 if outcome is Outcome.WRITTEN:
                     self._reconciler.record_written(self._writer.current(resource, obj))
+            elif part == "skew":
+                outcome = self._writer.merge_status(resource, obj, content)
             else:
                 outcome = self._writer.write_status(resource, obj, content)
             outcomes.append(outcome)
             if outcome is Outcome.UNREACHABLE:
                 return 1, 0
-        now = datetime.fromtimestamp(self._clock(), UTC)
         for event in decisions.events:
             if self._elector.is_leader:
-                self._writer.record_event(
-                    event.involved, event.type, event.reason, event.message, now
-                )
+                self._writer.record_event(event.involved, event.type, event.reason, event.message)
+        if self._elector.is_leader:
+            self._writer.events.flush()  # repeats counted since the last write of their series
         failed = sum(1 for o in outcomes if o is Outcome.FAILED)
         conflicts = sum(1 for o in outcomes if o is Outcome.CONFLICT)
         return failed, conflicts

@@ -32,6 +32,7 @@ from gatewayd.controller.health import (
     lease_name,
     read_signals,
 )
+from gatewayd.controller.skew import skew_reports
 from gatewayd.controller.snapshots import Cluster, SnapshotCache
 from gatewayd.controller.specs import (
     Rule,
@@ -62,12 +63,18 @@ POLICY_KIND = "EgressGatewayPolicy"
 
 @dataclass(frozen=True)
 class Event:
-    """A Kubernetes Event to record about a policy."""
+    """A Kubernetes Event to record about an object of ours (a policy, a gateway, a node)."""
 
-    involved: Object  # the policy object
+    involved: Object  # the object, as cached
     type: str  # Normal or Warning
     reason: str
     message: str
+
+
+@dataclass(frozen=True)
+class _Skews:
+    values: dict[str, int]
+    events: list[Event]
 
 
 @dataclass
@@ -79,6 +86,8 @@ class Decisions:
     policy_statuses: dict[str, Status] = field(default_factory=dict)  # by policy name
     events: list[Event] = field(default_factory=list)
     wake_at: float | None = None  # when to decide again even if nothing changes
+    # status.clockSkewSeconds to write, by EgressGateway name (see `skew.py`)
+    gateway_skews: dict[str, int] = field(default_factory=dict)
 
 
 def _name(obj: Object) -> str:
@@ -204,6 +213,7 @@ class Reconciler:
         programmed = {_name(g): self._programmed(g) for g in cluster.gateways}
         tunnel = self._tunnel_addresses(cluster.egress_nodes)
         node_specs = self._node_specs_of(cluster, plan, tunnel, programmed, usable)
+        skews = self._skews(cluster)
         return Decisions(
             gateway_specs=self._gateway_specs_of(cluster, plan, snapshot, tunnel, node_specs),
             node_specs=node_specs,
@@ -211,8 +221,30 @@ class Reconciler:
             events=[
                 *self._active_changes(cluster.policies, previous, plan, health),
                 *self._rejections(cluster.policies),
+                *skews.events,
             ],
             wake_at=self.health.next_change,
+            gateway_skews=skews.values,
+        )
+
+    def _skews(self, cluster: Cluster) -> _Skews:
+        """The gateways' clock skew to report (see `skew.py`)."""
+        measured = {}
+        for gateway in cluster.gateways:
+            freshness = self.observe_lease(cluster, _name(gateway))
+            measured[_name(gateway)] = freshness.skew if freshness is not None else None
+        reports = skew_reports(cluster.gateways, measured)
+        objects = {_name(g): g for g in cluster.gateways}
+        for report in reports:
+            if report.warning:
+                log.warning("%s", report.message)
+        return _Skews(
+            values={r.gateway: r.seconds for r in reports},
+            events=[
+                Event(objects[r.gateway], "Warning", "ClockSkew", r.message)
+                for r in reports
+                if r.warning
+            ],
         )
 
     def _engine(self, snapshot: Snapshot, preferred: Mapping[tuple[str, int], str]) -> EgressPlan:

@@ -100,7 +100,7 @@ def gateway_host(name: str) -> GatewayHost:
 
 
 def events(lab: KubeLab, reason: str) -> list[dict[str, Any]]:
-    return [e for e in lab.api.list("events") if e.get("reason") == reason]
+    return [e for e in lab.api.list("events.events.k8s.io") if e.get("reason") == reason]
 
 
 def test_a_policy_created_through_the_api_gives_selected_pods_the_egress_ip(

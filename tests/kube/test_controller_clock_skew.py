@@ -25,6 +25,7 @@ from test_controller_harness import (
     running,
 )
 
+from gatewayd.clusterlink import CustomObject
 from gatewayd.kube.leases import micro_time
 
 pytestmark = pytest.mark.kube
@@ -147,5 +148,7 @@ def test_the_skew_is_reported_in_status_and_as_a_warning(
             TIMEOUT,
             "a ClockSkew Warning about each",
         )
-        world.gateway(1)  # its agent writes its status: the controller's key stays
+        # Its agent writes its status as it does (a merge patch of its keys): ours stays.
+        agent = CustomObject(api, "egressgateways", "EgressGateway", "gw-1")
+        agent.patch_status({"observedGeneration": 1, "endpoint": "192.0.2.1:51820"})
         assert skews()["gw-1"] == measured["gw-1"]

@@ -201,7 +201,7 @@ class Controller:
     @property
     def writes(self) -> int:
         """How many specs, statuses and Events this replica has written."""
-        return self._writer.writes
+        return self._writer.writes + self._writer.events.writes
 
     # --- the loop ----------------------------------------------------------------------------
 

@@ -86,6 +86,7 @@ class EventRecorder:
         self._wall = wall
         self._lock = threading.Lock()  # one writer at a time: a series is never written twice
         self._series: dict[_Key, _Series] = {}
+        self.writes = 0  # Events created and series written, for logs and tests
 
     def record(
         self,
@@ -191,6 +192,7 @@ class EventRecorder:
             return False
         series.failures = 0
         series.written, series.written_at = series.count, now
+        self.writes += 1
         body = series.body
         times = f" (seen {series.count} times)" if series.count > 1 else ""
         log.log(logging.WARNING if body["type"] == "Warning" else logging.INFO,

@@ -55,7 +55,6 @@ from gatewayd.lab.topology import (
 )
 
 API_PORT = 6443
-FAKETIME_LIBRARY = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"  # Debian's faketime
 NAMESPACE = "gatewayd-system"
 GROUP, VERSION = "egress.gatewayd.io", "v1alpha1"
 CLUSTER_FILES = ("00-cluster.yaml", "10-pods.yaml")  # what kubelets and the scheduler write
@@ -94,22 +93,6 @@ class KubeLab(Lab):
         self.api = api
         self.timing = dict(timing)
         self._controller: subprocess.Popen[bytes] | None = None
-        # host -> seconds its daemon's wall clock runs ahead (negative: behind); see daemon_env
-        self.clock_offsets: dict[str, float] = {}
-
-    def daemon_env(self, host: str) -> dict[str, str]:
-        """A host with a clock offset runs its daemon under libfaketime: its wall clock (what
-        it writes into its Lease) is off, its monotonic clock is not, as on a real host whose
-        NTP is broken."""
-        env = super().daemon_env(host)
-        offset = self.clock_offsets.get(host)
-        if offset:
-            env.update({
-                "LD_PRELOAD": FAKETIME_LIBRARY,
-                "FAKETIME": f"{offset:+.0f}",
-                "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-            })
-        return env
 
     # --- the API server ---------------------------------------------------------------------
 

@@ -231,13 +231,9 @@ class Lab:
         if self.daemon_pid(host) is not None:
             raise LabError(f"the daemon of {host} is already running")
         proc = start_process(PREFIX + host, self.daemon_argv(host), self.log_path(host),
-                             self.daemon_env(host))
+                             {"PYTHONUNBUFFERED": "1"})
         self._children[host] = proc
         self.pid_path(host).write_text(f"{proc.pid}\n")
-
-    def daemon_env(self, host: str) -> dict[str, str]:
-        """Environment variables the host's daemon is started with (besides the lab's)."""
-        return {"PYTHONUNBUFFERED": "1"}
 
     def daemon_pid(self, host: str) -> int | None:
         """The pid of the host's running daemon, if one is running."""

@@ -255,7 +255,11 @@ class Controller:
             self._next_full = time.monotonic() + self.options.resync_interval
             self._next_check = self._next_full
             return
-        if not full and not self._reconciler.usability_changed(cluster, now, trusted_since):
+        if (
+            not full
+            and not self._reconciler.usability_changed(cluster, now, trusted_since)
+            and not self._reconciler.skew_changed(cluster)
+        ):
             self._check_at(self._reconciler.health.next_change, now)
             return
         started = time.monotonic()

@@ -227,13 +227,21 @@ class Reconciler:
             gateway_skews=skews.values,
         )
 
-    def _skews(self, cluster: Cluster) -> _Skews:
-        """The gateways' clock skew to report (see `skew.py`)."""
+    def skew_changed(self, cluster: Cluster) -> bool:
+        """After Lease changes alone: whether a gateway's clock skew is to be reported (only
+        then is a reconcile needed for it)."""
+        return bool(skew_reports(cluster.gateways, self._measured_skews(cluster)))
+
+    def _measured_skews(self, cluster: Cluster) -> dict[str, float | None]:
         measured = {}
         for gateway in cluster.gateways:
             freshness = self.observe_lease(cluster, _name(gateway))
             measured[_name(gateway)] = freshness.skew if freshness is not None else None
-        reports = skew_reports(cluster.gateways, measured)
+        return measured
+
+    def _skews(self, cluster: Cluster) -> _Skews:
+        """The gateways' clock skew to report (see `skew.py`)."""
+        reports = skew_reports(cluster.gateways, self._measured_skews(cluster))
         objects = {_name(g): g for g in cluster.gateways}
         for report in reports:
             if report.warning:

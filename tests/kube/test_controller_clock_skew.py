@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from fixtures.fakeapi import FakeApiServer, wait_until
@@ -63,8 +64,6 @@ def skewed_heartbeats(fake: FakeApiServer, alive: dict[str, threading.Event]) ->
                     {"status": {"observedGeneration": generation}},
                 )
 
-    for gateway, offset in OFFSETS.items():
-        fake.set_clock_offset(f"token-{gateway}", offset)
     threads = [threading.Thread(target=beat, args=(g,), daemon=True) for g in alive]
     for thread in threads:
         thread.start()
@@ -94,10 +93,18 @@ def renewals(fake: FakeApiServer, start: int) -> int:
     )
 
 
+def set_offsets(fake: FakeApiServer, offsets: dict[str, float]) -> None:
+    for gateway in OFFSETS:
+        fake.set_clock_offset(f"token-{gateway}", offsets.get(gateway, 0.0))
+
+
 @contextmanager
 def cluster_with_skewed_gateways(
-    fake_api: FakeApiServer, api: ApiClient
+    fake_api: FakeApiServer, api: ApiClient, **controller_options: Any
 ) -> Iterator[tuple[World, dict[str, threading.Event]]]:
+    """The basic cluster; its gateways' clocks are off by OFFSETS unless the caller sets
+    others (`set_offsets`)."""
+    set_offsets(fake_api, OFFSETS)
     world = World(fake_api)
     basic_cluster(world)
     alive = {g: threading.Event() for g in OFFSETS}
@@ -106,7 +113,7 @@ def cluster_with_skewed_gateways(
     with Agents(fake_api, api) as agents, skewed_heartbeats(fake_api, alive):
         for gateway in OFFSETS:
             agents.kill(gateway)  # the harness leaves these gateways to skewed_heartbeats
-        with running(api, options()):
+        with running(api, options(**controller_options)):
             yield world, alive
 
 
@@ -137,7 +144,15 @@ def test_the_skew_is_reported_in_status_and_as_a_warning(
             for g in OFFSETS
         }
 
-    with cluster_with_skewed_gateways(fake_api, api) as (world, _):
+    # No resync within the test: once all is quiet, Lease renewals alone must bring the report.
+    with cluster_with_skewed_gateways(fake_api, api, resync_interval=3600.0) as (world, _):
+        set_offsets(fake_api, {})
+        wait_until(lambda: world.roles("pay") == {("gw-1", "active"), ("gw-2", "standby")},
+                   TIMEOUT, "the steady state")
+        start = len(fake_api.requests)
+        wait_until(lambda: renewals(fake_api, start) >= 4, TIMEOUT, "quiet renewals")
+        assert skews() == {"gw-1": None, "gw-2": None}  # within a second: nothing to say
+        set_offsets(fake_api, OFFSETS)
         wait_until(lambda: all(isinstance(v, int) for v in skews().values()), TIMEOUT,
                    "the skew in status")
         measured = skews()

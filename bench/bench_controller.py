@@ -264,7 +264,7 @@ def selected_pods(cluster: Cluster) -> set[str]:
 
 def reconcile(reconciler: Reconciler, cluster: Cluster) -> tuple[Cluster, int, float]:
     """One reconcile, timed (plan + deciding what to write); the cluster after its writes."""
-    now = time.time()
+    now = time.monotonic()  # the clock the reconciler's LeaseObserver judges Leases on
     start = time.perf_counter()
     decisions = reconciler.plan(cluster, now, float("-inf"), "2026-11-01T00:00:00Z")
     after, writes = written(cluster, decisions)

@@ -21,15 +21,7 @@ from http import HTTPStatus
 from typing import Any
 
 import urllib3
-from kubernetes.client import (
-    ApiClient,
-    CoreV1Api,
-    CoreV1Event,
-    CustomObjectsApi,
-    V1EventSource,
-    V1ObjectMeta,
-    V1ObjectReference,
-)
+from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
 from gatewayd.clustersettings import KubernetesSettings
@@ -40,14 +32,13 @@ from gatewayd.kube.client import (
     client_from_token,
     client_in_cluster,
 )
+from gatewayd.kube.events import EventRecorder
 from gatewayd.kube.informer import Informer
 from gatewayd.kube.resources import EGRESS_GROUP, EGRESS_VERSION, Resource
 
 log = logging.getLogger("gatewayd")
 
 MERGE_PATCH = "application/merge-patch+json"
-EVENTS_NAMESPACE = "default"
-EVENT_MESSAGE_LIMIT = 1024
 # (connect, read) seconds for every request the reporter makes: an unreachable API server
 # must not hold a heartbeat back for long.
 REQUEST_TIMEOUT = (3.0, 5.0)
@@ -169,6 +160,7 @@ class CustomObject:
         self.kind = kind
         self.name = name
         self._objects = CustomObjectsApi(api)
+        self.recorder: EventRecorder | None = None  # made by the first Event
 
     def get(self) -> dict[str, Any] | None:
         try:
@@ -216,28 +208,17 @@ class CustomObject:
     def record_event(
         self, component: str, reason: str, message: str, warning: bool, uid: str | None = None
     ) -> None:
-        """A core/v1 Event about this object, in `default` (where Events about cluster-scoped
-        objects go, as the controller's do)."""
-        now = datetime.now(UTC)
-        event = CoreV1Event(
-            metadata=V1ObjectMeta(generate_name=f"{self.name}.", namespace=EVENTS_NAMESPACE),
-            involved_object=V1ObjectReference(
-                api_version=f"{EGRESS_GROUP}/{EGRESS_VERSION}", kind=self.kind, name=self.name,
-                uid=uid,
-            ),
-            type="Warning" if warning else "Normal",
-            reason=reason,
-            message=message[:EVENT_MESSAGE_LIMIT],
-            source=V1EventSource(component=component),
-            reporting_component=component,
-            reporting_instance=self.name,
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-        )
-        CoreV1Api(self.api).create_namespaced_event(
-            EVENTS_NAMESPACE, event, _request_timeout=REQUEST_TIMEOUT
-        )
+        """An Event about this object, in `default` (where Events about cluster-scoped objects
+        go, as the controller's do), through the daemon's one recorder (repeats become a
+        series); a write that fails stays pending in the recorder, which retries it."""
+        if self.recorder is None:
+            self.recorder = EventRecorder(self.api, component, self.name)
+        regarding = {
+            "apiVersion": f"{EGRESS_GROUP}/{EGRESS_VERSION}",
+            "kind": self.kind,
+            "metadata": {"name": self.name, "uid": uid},
+        }
+        self.recorder.record(regarding, "Warning" if warning else "Normal", reason, message)
 
 
 @dataclass(frozen=True)
@@ -267,8 +248,12 @@ class Reporter:
         heartbeat: Callable[[], None] | None = None,
         heartbeat_seconds: float = 2.0,
         retry_seconds: float = 1.0,
+        recorder: Callable[[], EventRecorder | None] = lambda: None,
     ) -> None:
+        """`recorder`: the Event recorder `record_event` uses, once it has one; the thread
+        flushes its pending series."""
         self.what = what
+        self._recorder = recorder
         self._join = join
         self._write_status = write_status
         self._record_event = record_event
@@ -342,7 +327,11 @@ class Reporter:
                     self._attempt("heartbeat", self._heartbeat)
                     next_heartbeat = time.monotonic() + self._heartbeat_seconds
                 failed = not self._flush() or failed
-            wait = self._retry_seconds if failed else 3600.0
+            recorder = self._recorder()
+            if recorder is not None:
+                recorder.flush()
+            events_pending = recorder is not None and recorder.pending
+            wait = self._retry_seconds if failed or events_pending else 3600.0
             if self._heartbeat is not None:
                 wait = min(wait, max(0.0, next_heartbeat - time.monotonic()))
             self._wake.wait(wait)

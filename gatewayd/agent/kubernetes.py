@@ -42,7 +42,7 @@ from gatewayd.clusterlink import (
 )
 from gatewayd.dataplane.probe import ProbeResponder
 from gatewayd.follower import InputError
-from gatewayd.kube.leases import renew_lease
+from gatewayd.kube.leases import LeaseObserver, renew_lease
 from gatewayd.kube.resources import EGRESS_GATEWAYS
 from gatewayd.policy.model import GatewayInterface
 from gatewayd.policy.planio import PlanFormatError, gateway_plan_from_dict
@@ -171,6 +171,7 @@ class AgentCluster:
         self.api = api_client(settings)
         self.object = CustomObject(self.api, "egressgateways", "EgressGateway", config.name)
         self.source = OwnObjectSource(self.api, EGRESS_GATEWAYS, config.name, target_from_object)
+        self._lease_observer = LeaseObserver()
         self.keeper = EgressIPKeeper(config.name, config.egress_ip_pools, config.failover,
                                      changed)
         # A gateway's credentials may not create Events (its journal has them): none here.
@@ -258,7 +259,7 @@ class AgentCluster:
         assert settings is not None
         name = LEASE_PREFIX + self.config.name
         if not renew_lease(self.api, settings.namespace, name, self.config.name,
-                           settings.lease_duration_seconds):
+                           settings.lease_duration_seconds, self._lease_observer):
             log.warning("Lease %s/%s is held by someone else or changed concurrently; "
                         "retrying at the next renewal", settings.namespace, name)
 

@@ -64,8 +64,9 @@ def _add_controller_parser(roles: argparse._SubParsersAction[argparse.ArgumentPa
     controller.add_argument(
         "--lease-duration",
         type=_positive_int,
-        default=6,
-        help="seconds of the leader Lease; a standby replica takes over after that (default 6)",
+        default=15,
+        help="seconds of the leader Lease; a standby replica takes over after that; the renew "
+        "deadline and retry period are 10/15 and 2/15 of it, as client-go's (default 15)",
     )
     controller.add_argument(
         "--hold-down",

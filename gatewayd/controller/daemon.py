@@ -28,14 +28,16 @@ from typing import Any
 
 from kubernetes.client import ApiClient
 
-from gatewayd.controller.leader import LeaderElector
+from gatewayd.controller.leader import LEASE_DURATION, LeaderElector
 from gatewayd.controller.probes import ProbeServer
 from gatewayd.controller.reconcile import Decisions, Reconciler
+from gatewayd.controller.skew import SKEW_FIELD
 from gatewayd.controller.snapshots import Cluster
 from gatewayd.controller.tunnels import DEFAULT_TUNNEL_CIDR
 from gatewayd.controller.writer import Outcome, Writer
 from gatewayd.kube.client import KubeConfigError, client_from_kubeconfig, client_in_cluster
 from gatewayd.kube.informer import Backoff, Informer
+from gatewayd.kube.leases import LeaseObserver
 from gatewayd.kube.resources import (
     CILIUM_EGRESS_GATEWAY_POLICIES,
     EGRESS_GATEWAY_POLICIES,
@@ -64,7 +66,9 @@ class ControllerOptions:
     namespace: str = DEFAULT_NAMESPACE  # of the Leases (the controller's and the gateways')
     identity: str = field(default_factory=socket.gethostname)  # the leader Lease's holder
     cilium_policies: bool = False  # follow cilium.io/v2 CiliumEgressGatewayPolicies too
-    lease_duration: int = 6  # of the leader Lease, seconds
+    lease_duration: int = LEASE_DURATION  # of the leader Lease, seconds (client-go's default)
+    renew_deadline: float | None = None  # None: client-go's proportion (10 s of 15 s)
+    retry_period: float | None = None  # None: client-go's proportion (2 s of 15 s)
     hold_down: float = 30.0  # a recovered gateway's healthy time before it is used again
     tunnel_cidr: IPv4Network = DEFAULT_TUNNEL_CIDR
     min_interval: float = 0.1  # between two reconciles
@@ -85,17 +89,29 @@ class Controller:
         options: ControllerOptions,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock`: the wall clock (for timestamps written); `monotonic`: the clock gateway
+        health and Lease freshness are judged on."""
         self.options = options
         self._clock = clock
+        self._monotonic = monotonic
         # Writes and leader election get their own connection pool: they never queue behind
         # the watches' long-lived connections.
         writes = ApiClient(api.configuration)
         self._writer = Writer(writes, COMPONENT, options.identity)
         self._elector = LeaderElector(
-            writes, options.namespace, options.identity, options.lease_duration, self.mark_dirty
+            writes,
+            options.namespace,
+            options.identity,
+            options.lease_duration,
+            self.mark_dirty,
+            renew_deadline=options.renew_deadline,
+            retry_period=options.retry_period,
         )
-        self._reconciler = Reconciler(options.hold_down, options.tunnel_cidr)
+        self._reconciler = Reconciler(
+            options.hold_down, options.tunnel_cidr, LeaseObserver(monotonic, clock)
+        )
 
         def informer(resource: Resource, **kwargs: Any) -> Informer:
             return Informer(api, resource, self.mark_dirty, backoff=options.backoff, **kwargs)
@@ -185,11 +201,16 @@ class Controller:
     @property
     def writes(self) -> int:
         """How many specs, statuses and Events this replica has written."""
-        return self._writer.writes
+        return self._writer.writes + self._writer.events.writes
 
     # --- the loop ----------------------------------------------------------------------------
 
     def _leases_changed(self) -> None:
+        # Seen here, in the watch's thread, so that when a renewal was seen (and the writer's
+        # clock skew measured) does not wait for a reconcile that may be busy.
+        cluster = Cluster(leases={o["metadata"]["name"]: o for o in self._leases.objects()})
+        for gateway in self._gateways.objects():
+            self._reconciler.observe_lease(cluster, _name(gateway))
         # Not `mark_dirty`: a renewal needs a full reconcile only if usability changes.
         self._wake.set()
 
@@ -221,7 +242,7 @@ class Controller:
                 self._retry(failed=True)
 
     def _step(self, full: bool) -> None:
-        now = self._clock()
+        now = self._monotonic()
         cluster = self._cluster()
         trusted_since = self._view_trusted_since(now)
         leader = self._elector.is_leader
@@ -234,11 +255,15 @@ class Controller:
             self._next_full = time.monotonic() + self.options.resync_interval
             self._next_check = self._next_full
             return
-        if not full and not self._reconciler.usability_changed(cluster, now, trusted_since):
+        if (
+            not full
+            and not self._reconciler.usability_changed(cluster, now, trusted_since)
+            and not self._reconciler.skew_changed(cluster)
+        ):
             self._check_at(self._reconciler.health.next_change, now)
             return
         started = time.monotonic()
-        decisions = self._reconciler.plan(cluster, now, trusted_since, rfc3339(now))
+        decisions = self._reconciler.plan(cluster, now, trusted_since, rfc3339(self._clock()))
         planned = time.monotonic()
         failed, conflicts = self._apply(cluster, decisions)
         self._reconciles += 1
@@ -257,7 +282,8 @@ class Controller:
             self._next_full = time.monotonic() + self.options.resync_interval
 
     def _check_at(self, wake_at: float | None, now: float) -> None:
-        """Look at gateway health again at `wake_at` (wall clock), if it comes before a resync."""
+        """Look at gateway health again at `wake_at` (monotonic, like `now`), if it comes
+        before a resync."""
         delay = self.options.resync_interval if wake_at is None else max(0.0, wake_at - now)
         self._next_check = time.monotonic() + delay
 
@@ -314,6 +340,11 @@ class Controller:
                 for o in cluster.policies
                 if o.get("kind") == EGRESS_GATEWAY_POLICIES.kind
             ),
+            *(
+                (EGRESS_GATEWAYS, o, "skew", {SKEW_FIELD: decisions.gateway_skews[_name(o)]})
+                for o in cluster.gateways
+                if _name(o) in decisions.gateway_skews
+            ),
         ]
         for resource, obj, part, content in writes:
             if content is None or not self._elector.is_leader:
@@ -322,17 +353,18 @@ class Controller:
                 outcome = self._writer.write_spec(resource, obj, content)
                 if outcome is Outcome.WRITTEN:
                     self._reconciler.record_written(self._writer.current(resource, obj))
+            elif part == "skew":
+                outcome = self._writer.merge_status(resource, obj, content)
             else:
                 outcome = self._writer.write_status(resource, obj, content)
             outcomes.append(outcome)
             if outcome is Outcome.UNREACHABLE:
                 return 1, 0
-        now = datetime.fromtimestamp(self._clock(), UTC)
         for event in decisions.events:
             if self._elector.is_leader:
-                self._writer.record_event(
-                    event.involved, event.type, event.reason, event.message, now
-                )
+                self._writer.record_event(event.involved, event.type, event.reason, event.message)
+        if self._elector.is_leader:
+            self._writer.events.flush()  # repeats counted since the last write of their series
         failed = sum(1 for o in outcomes if o is Outcome.FAILED)
         conflicts = sum(1 for o in outcomes if o is Outcome.CONFLICT)
         return failed, conflicts

@@ -1,7 +1,8 @@
 """Whether each gateway may carry traffic: the one place that decides gateway health.
 
 A gateway is usable iff its EgressGateway reports `Ready=True`, its Lease
-`<namespace>/egressgateway-<name>` is not expired (renewTime + leaseDurationSeconds > now), and,
+`<namespace>/egressgateway-<name>` is not expired (this controller saw it renewed less than
+leaseDurationSeconds ago, on its own monotonic clock: `kube.leases.LeaseObserver`), and,
 if it was usable once and failed, it has been healthy again without a break for the hold-down
 time, so a flapping gateway is not handed traffic back and forth. A gateway that has not been
 usable since the tracker first saw it (a new gateway still starting, or any gateway after a
@@ -13,15 +14,18 @@ Leases look expired because nobody can renew them, not because gateways died. So
 is broken, and for one lease duration after it is restored, an expired Lease does not take a
 gateway's usability away; Ready and a live Lease still count at once.
 
-Times are wall-clock seconds (Lease times are wall-clock timestamps).
+Times are seconds on the controller's monotonic clock. The gateway's `renewTime` is written with
+the gateway's own clock and is never compared with ours: a gateway whose clock runs behind
+would look dead forever, one whose clock runs ahead would look alive after it died.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
+
+from gatewayd.kube.leases import Freshness
 
 LEASE_PREFIX = "egressgateway-"
 
@@ -41,8 +45,9 @@ class GatewaySignals:
     lease_duration: float  # its leaseDurationSeconds (0 when unknown)
 
 
-def read_signals(gateway: Mapping[str, Any], lease: Mapping[str, Any] | None) -> GatewaySignals:
-    """Signals of an EgressGateway and its Lease, as the API serves them (JSON objects)."""
+def read_signals(gateway: Mapping[str, Any], lease: Freshness | None) -> GatewaySignals:
+    """Signals of an EgressGateway (a JSON object as the API serves it) and of what the
+    controller saw of its Lease (None: no Lease)."""
     ready, detail = False, "no Ready condition"
     status = gateway.get("status")
     conditions = status.get("conditions") if isinstance(status, Mapping) else None
@@ -52,18 +57,9 @@ def read_signals(gateway: Mapping[str, Any], lease: Mapping[str, Any] | None) ->
             detail = f"Ready={condition.get('status')}"
             if condition.get("reason"):
                 detail += f" ({condition['reason']}: {condition.get('message', '')})"
-    expires_at, duration = None, 0.0
-    spec = lease.get("spec") if lease is not None else None
-    if isinstance(spec, Mapping) and spec.get("holderIdentity"):
-        renew_time, seconds = spec.get("renewTime"), spec.get("leaseDurationSeconds")
-        if isinstance(renew_time, str) and isinstance(seconds, int):
-            try:
-                renewed = datetime.fromisoformat(renew_time)
-            except ValueError:
-                renewed = None
-            if renewed is not None and renewed.tzinfo is not None:
-                expires_at, duration = renewed.timestamp() + seconds, float(seconds)
-    return GatewaySignals(ready, detail, expires_at, duration)
+    if lease is None or lease.valid_until is None:
+        return GatewaySignals(ready, detail, None, 0.0)
+    return GatewaySignals(ready, detail, lease.valid_until, lease.duration)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
 """Leader election on a Lease: of all controller replicas, only the holder writes.
 
-The holder renews the Lease every third of its duration. It stops counting itself leader when it
-has not renewed for two thirds of the duration, well before another replica may take the Lease
-over (after the whole duration), so two replicas never both believe they lead, as long as their
-clocks advance at about the same rate. On a clean stop the holder hands the Lease back, so the
-other replica takes over at its next attempt instead of after a whole duration.
+Timings are client-go's defaults unless configured: a 15 s lease, a 10 s renew deadline and a
+2 s retry period. The holder renews every retry period. It stops counting itself leader when it
+has not renewed for the renew deadline, before another replica may take the Lease over: a
+replica takes over only when it has seen the Lease unchanged for a whole lease duration on its
+own monotonic clock (the holder's clock, written into `renewTime`, is never trusted). So two
+replicas never both believe they lead, as long as their clocks advance at about the same rate.
+On a clean stop the holder hands the Lease back, so the other replica takes over at its next
+attempt instead of after a whole duration.
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ import urllib3
 from kubernetes.client import ApiClient, CoordinationV1Api
 from kubernetes.client.exceptions import ApiException
 
-from gatewayd.kube.leases import renew_lease
+from gatewayd.kube.leases import LeaseObserver, renew_lease
 
 log = logging.getLogger(__name__)
 
 LEADER_LEASE = "gatewayd-controller"
+# client-go's defaults (k8s.io/client-go/tools/leaderelection), in seconds.
+LEASE_DURATION = 15
+RENEW_DEADLINE = 10.0
+RETRY_PERIOD = 2.0
 
 
 class LeaderElector:
@@ -35,18 +42,29 @@ class LeaderElector:
         lease_duration: int,
         on_change: Callable[[], None],
         *,
+        renew_deadline: float | None = None,
+        retry_period: float | None = None,
         lease_name: str = LEADER_LEASE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`renew_deadline` and `retry_period` default to client-go's proportions of the lease
+        duration (10/15 and 2/15: 10 s and 2 s for a 15 s lease)."""
         self._api = api
         self.namespace = namespace
         self.identity = identity
         self.lease_name = lease_name
         self.lease_duration = lease_duration
-        self.retry_period = lease_duration / 3
-        self.renew_deadline = lease_duration * 2 / 3
+        scale = lease_duration / LEASE_DURATION
+        self.renew_deadline = RENEW_DEADLINE * scale if renew_deadline is None else renew_deadline
+        self.retry_period = RETRY_PERIOD * scale if retry_period is None else retry_period
+        if not self.retry_period < self.renew_deadline < lease_duration:
+            raise ValueError(
+                f"leader election needs retry period ({self.retry_period}s) < renew deadline "
+                f"({self.renew_deadline}s) < lease duration ({lease_duration}s)"
+            )
         self._on_change = on_change
         self._clock = clock
+        self._observer = LeaseObserver(monotonic=clock)
         self._lock = threading.Lock()
         self._renewed_at: float | None = None  # when the last successful renewal started
         # When the API last answered an attempt (at first: when the elector was made).
@@ -89,6 +107,7 @@ class LeaderElector:
                     self.lease_name,
                     self.identity,
                     self.lease_duration,
+                    self._observer,
                 )
             except (ApiException, urllib3.exceptions.HTTPError, OSError) as error:
                 log.warning(

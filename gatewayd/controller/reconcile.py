@@ -32,6 +32,7 @@ from gatewayd.controller.health import (
     lease_name,
     read_signals,
 )
+from gatewayd.controller.skew import skew_reports
 from gatewayd.controller.snapshots import Cluster, SnapshotCache
 from gatewayd.controller.specs import (
     Rule,
@@ -47,6 +48,7 @@ from gatewayd.controller.specs import (
 )
 from gatewayd.controller.status import Status, active_gateways_of, policy_status
 from gatewayd.controller.tunnels import allocate_tunnel_addresses
+from gatewayd.kube.leases import Freshness, LeaseObserver
 from gatewayd.policy.engine import EgressPlan, build_plan
 from gatewayd.policy.lastgood import PolicyMemory
 from gatewayd.policy.model import FieldError, Policy, Snapshot
@@ -61,12 +63,18 @@ POLICY_KIND = "EgressGatewayPolicy"
 
 @dataclass(frozen=True)
 class Event:
-    """A Kubernetes Event to record about a policy."""
+    """A Kubernetes Event to record about an object of ours (a policy, a gateway, a node)."""
 
-    involved: Object  # the policy object
+    involved: Object  # the object, as cached
     type: str  # Normal or Warning
     reason: str
     message: str
+
+
+@dataclass(frozen=True)
+class _Skews:
+    values: dict[str, int]
+    events: list[Event]
 
 
 @dataclass
@@ -78,6 +86,8 @@ class Decisions:
     policy_statuses: dict[str, Status] = field(default_factory=dict)  # by policy name
     events: list[Event] = field(default_factory=list)
     wake_at: float | None = None  # when to decide again even if nothing changes
+    # status.clockSkewSeconds to write, by EgressGateway name (see `skew.py`)
+    gateway_skews: dict[str, int] = field(default_factory=dict)
 
 
 def _name(obj: Object) -> str:
@@ -102,9 +112,14 @@ def _generations(obj: Object) -> tuple[int, int | None]:
 class Reconciler:
     """The controller's memory between reconciles, and the reconcile function itself."""
 
-    def __init__(self, hold_down: float, tunnel_cidr: IPv4Network) -> None:
+    def __init__(
+        self, hold_down: float, tunnel_cidr: IPv4Network, leases: LeaseObserver | None = None
+    ) -> None:
+        """`leases`: when this process saw each gateway's Lease change; its monotonic clock
+        is the clock of every `now` given to this reconciler."""
         self.tunnel_cidr = tunnel_cidr
         self.health = HealthTracker(hold_down)
+        self.leases = leases if leases is not None else LeaseObserver()
         self._snapshots = SnapshotCache()
         self._policy_memory = PolicyMemory()
         self._policies_seen: LoadedSnapshot | None = None
@@ -131,12 +146,18 @@ class Reconciler:
         self._resolve_policies(self._snapshots.policies(cluster.policies))
         self.health.update(self._signals(cluster), now, trusted_since)
 
-    @staticmethod
-    def _signals(cluster: Cluster) -> dict[str, GatewaySignals]:
+    def _signals(self, cluster: Cluster) -> dict[str, GatewaySignals]:
+        self.leases.forget_all_but(lease_name(_name(g)) for g in cluster.gateways)
         return {
-            _name(g): read_signals(g, cluster.leases.get(lease_name(_name(g))))
+            _name(g): read_signals(g, self.observe_lease(cluster, _name(g)))
             for g in cluster.gateways
         }
+
+    def observe_lease(self, cluster: Cluster, gateway: str) -> Freshness | None:
+        """What the controller knows of a gateway's Lease (None: it has none)."""
+        name = lease_name(gateway)
+        lease = cluster.leases.get(name)
+        return self.leases.observe(name, lease) if lease is not None else None
 
     def forget_decisions(self) -> None:
         """On a change of leader: another replica may have decided meanwhile, so the current
@@ -192,6 +213,7 @@ class Reconciler:
         programmed = {_name(g): self._programmed(g) for g in cluster.gateways}
         tunnel = self._tunnel_addresses(cluster.egress_nodes)
         node_specs = self._node_specs_of(cluster, plan, tunnel, programmed, usable)
+        skews = self._skews(cluster)
         return Decisions(
             gateway_specs=self._gateway_specs_of(cluster, plan, snapshot, tunnel, node_specs),
             node_specs=node_specs,
@@ -199,8 +221,38 @@ class Reconciler:
             events=[
                 *self._active_changes(cluster.policies, previous, plan, health),
                 *self._rejections(cluster.policies),
+                *skews.events,
             ],
             wake_at=self.health.next_change,
+            gateway_skews=skews.values,
+        )
+
+    def skew_changed(self, cluster: Cluster) -> bool:
+        """After Lease changes alone: whether a gateway's clock skew is to be reported (only
+        then is a reconcile needed for it)."""
+        return bool(skew_reports(cluster.gateways, self._measured_skews(cluster)))
+
+    def _measured_skews(self, cluster: Cluster) -> dict[str, float | None]:
+        measured = {}
+        for gateway in cluster.gateways:
+            freshness = self.observe_lease(cluster, _name(gateway))
+            measured[_name(gateway)] = freshness.skew if freshness is not None else None
+        return measured
+
+    def _skews(self, cluster: Cluster) -> _Skews:
+        """The gateways' clock skew to report (see `skew.py`)."""
+        reports = skew_reports(cluster.gateways, self._measured_skews(cluster))
+        objects = {_name(g): g for g in cluster.gateways}
+        for report in reports:
+            if report.warning:
+                log.warning("%s", report.message)
+        return _Skews(
+            values={r.gateway: r.seconds for r in reports},
+            events=[
+                Event(objects[r.gateway], "Warning", "ClockSkew", r.message)
+                for r in reports
+                if r.warning
+            ],
         )
 
     def _engine(self, snapshot: Snapshot, preferred: Mapping[tuple[str, int], str]) -> EgressPlan:

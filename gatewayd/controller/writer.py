@@ -11,31 +11,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from datetime import datetime
 from enum import Enum
 from http import HTTPStatus
 from typing import Any
 
 import urllib3
-from kubernetes.client import (
-    ApiClient,
-    CoreV1Api,
-    CoreV1Event,
-    CustomObjectsApi,
-    V1EventSource,
-    V1ObjectMeta,
-    V1ObjectReference,
-)
+from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
+from gatewayd.kube.events import EventRecorder
 from gatewayd.kube.resources import Resource
 
 log = logging.getLogger(__name__)
 
 Object = Mapping[str, Any]
 REQUEST_TIMEOUT = (10.0, 30.0)  # connect, read (seconds)
-EVENTS_NAMESPACE = "default"  # Events about cluster-scoped objects live here
-EVENT_MESSAGE_LIMIT = 1024
+MERGE_PATCH = "application/merge-patch+json"
 
 
 class Outcome(Enum):
@@ -55,12 +46,10 @@ def _metadata(obj: Object) -> Mapping[str, Any]:
 class Writer:
     def __init__(self, api: ApiClient, component: str, instance: str) -> None:
         self._objects = CustomObjectsApi(api)
-        self._core = CoreV1Api(api)
-        self._component = component
-        self._instance = instance
+        self.events = EventRecorder(api, component, instance)
         # (plural, name) -> (resourceVersion written against, the API's answer)
         self._written: dict[tuple[str, str], tuple[str, Object]] = {}
-        self.writes = 0  # successful writes of specs, statuses and Events, for logs and tests
+        self.writes = 0  # successful writes of specs and statuses (Events: `events.writes`)
 
     def current(self, resource: Resource, obj: Object) -> Object:
         """`obj` as the cache holds it, or the controller's own newer write of it."""
@@ -81,6 +70,41 @@ class Writer:
 
     def write_status(self, resource: Resource, obj: Object, status: Mapping[str, Any]) -> Outcome:
         return self._replace(resource, obj, "status", status)
+
+    def merge_status(self, resource: Resource, obj: Object, fields: Mapping[str, Any]) -> Outcome:
+        """Set `fields` in the status of `obj` (as cached) with a JSON merge patch of just those
+        keys, unless it holds them already: the status's other keys, written by the object's
+        own daemon, stay as they are, so the patch needs no resourceVersion."""
+        current = self.current(resource, obj)
+        status = current.get("status")
+        status = status if isinstance(status, Mapping) else {}
+        if all(status.get(key) == value for key, value in fields.items()):
+            return Outcome.UNCHANGED
+        name = str(_metadata(current).get("name"))
+        what = f"{resource.kind} {name} status {', '.join(fields)}"
+        try:
+            answer = self._objects.patch_cluster_custom_object_status(
+                resource.group, resource.version, resource.plural, name,
+                {"status": dict(fields)},
+                _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT,
+            )
+        except ApiException as error:
+            if error.status == HTTPStatus.NOT_FOUND:
+                log.info("%s: deleted meanwhile", what)
+                return Outcome.GONE
+            log.warning("%s: the API refused the write: %s %s", what, error.status, error.reason)
+            return Outcome.FAILED
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            log.warning("%s: the API is unreachable: %s", what, error)
+            return Outcome.UNREACHABLE
+        if isinstance(answer, Mapping):
+            self._written[(resource.plural, name)] = (
+                str(_metadata(obj).get("resourceVersion")),
+                answer,
+            )
+        self.writes += 1
+        log.info("%s written", what)
+        return Outcome.WRITTEN
 
     def _replace(
         self, resource: Resource, cached: Object, part: str, content: Mapping[str, Any]
@@ -124,40 +148,7 @@ class Writer:
         log.info("%s written (generation %s)", what, _metadata(answer).get("generation"))
         return Outcome.WRITTEN
 
-    def record_event(
-        self, involved: Object, event_type: str, reason: str, message: str, now: datetime
-    ) -> bool:
-        """Create a core/v1 Event about `involved` (a cluster-scoped object); best effort."""
-        metadata = _metadata(involved)
-        name = str(metadata.get("name"))
-        event = CoreV1Event(
-            metadata=V1ObjectMeta(generate_name=f"{name}.", namespace=EVENTS_NAMESPACE),
-            involved_object=V1ObjectReference(
-                api_version=involved.get("apiVersion"),
-                kind=involved.get("kind"),
-                name=name,
-                uid=metadata.get("uid"),
-            ),
-            type=event_type,
-            reason=reason,
-            message=message[:EVENT_MESSAGE_LIMIT],
-            source=V1EventSource(component=self._component),
-            reporting_component=self._component,
-            reporting_instance=self._instance,
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-        )
-        try:
-            self._core.create_namespaced_event(
-                EVENTS_NAMESPACE, event, _request_timeout=REQUEST_TIMEOUT
-            )
-        except (ApiException, urllib3.exceptions.HTTPError, OSError) as error:
-            log.warning(
-                "Event %s about %s %s not recorded: %s", reason, involved.get("kind"), name, error
-            )
-            return False
-        self.writes += 1
-        level = logging.WARNING if event_type == "Warning" else logging.INFO
-        log.log(level, "%s %s: %s: %s", involved.get("kind"), name, reason, message)
-        return True
+    def record_event(self, involved: Object, event_type: str, reason: str, message: str) -> bool:
+        """An Event about `involved`, through the controller's one recorder (repeats become
+        its series); False when the write is left pending (the recorder retries it)."""
+        return self.events.record(involved, event_type, reason, message)

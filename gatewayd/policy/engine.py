@@ -242,6 +242,10 @@ def _pod_name(pod: Pod) -> str:
 
 def _not_a_candidate(pod: Pod) -> str | None:
     """Why egress policies never apply to this pod (Cilium: it has no CiliumEndpoint)."""
+    if pod.finished:
+        # Cilium drops a finished pod's IP from its ipcache and garbage-collects its
+        # CiliumEndpoint: the IP is free, and the CNI may already have handed it to a new pod.
+        return f"has finished (phase {pod.phase}): its IP is no longer its own"
     if pod.host_network:
         return "uses the host network"
     if not pod.uid:
@@ -249,6 +253,17 @@ def _not_a_candidate(pod: Pod) -> str | None:
     if not pod.ips:
         return "has no IP"
     return None
+
+
+def _claim_order(pod: Pod) -> tuple[bool, bool, bool, str, str]:
+    """The order in which pods claim their IPs; where two claim one IP, the first wins.
+
+    Two pods show one IP when the CNI gave a finished or departing pod's IP to a new one
+    before the old Pod object is gone: a running pod that is not being deleted wins over one
+    in its deletion grace period, which wins over one that is not running (yet); ties go by
+    namespace and name, so the answer never depends on the order objects arrived in.
+    """
+    return (pod.finished, pod.deleting, pod.phase != "Running", pod.namespace, pod.name)
 
 
 class EgressPlan:
@@ -270,16 +285,28 @@ class EgressPlan:
         # Source IP -> (pod, its class or None when no policy selects it).
         self._sources: dict[IPAddress, tuple[Pod, _SourceClass | None]] = {}
         self._other_pods: dict[IPAddress, str] = {}  # IPs of pods policies never apply to
+        # IP -> the pods that showed it too but lost it (finished, or later in claim order).
+        self._lost_claims: dict[IPAddress, list[str]] = defaultdict(list)
         counts = [[0] * len(p.gateways) for p in policies]
 
         matcher = _PolicyMatcher(policies, snapshot)
-        for pod in sorted(snapshot.pods, key=lambda p: (p.namespace, p.name)):
+        for pod in sorted(snapshot.pods, key=_claim_order):
             why_not = _not_a_candidate(pod)
             if why_not is not None:
                 for ip in pod.ips:
                     self._other_pods.setdefault(ip, f"pod {_pod_name(pod)} {why_not}")
+                    if pod.finished:
+                        self._lost_claims[ip].append(f"pod {_pod_name(pod)} {why_not}")
                 continue
             owned = tuple(ip for ip in pod.ips if ip not in self._sources)
+            for ip in pod.ips:
+                if ip in self._sources:
+                    self._lost_claims[ip].append(
+                        f"pod {_pod_name(pod)} shows it too, but pod "
+                        f"{_pod_name(self._sources[ip][0])} comes first: it is left out"
+                    )
+            if not owned:  # every IP it shows is another pod's: it has no traffic of its own
+                continue
             selected = matcher.policies_for(pod)
             cls = None
             if selected:
@@ -327,6 +354,8 @@ class EgressPlan:
                         continue
                     add(ip.version, int(ip), int(ip), f"{address.type} of node {node.name}")
         for pod in self._snapshot.pods:
+            if pod.finished:  # its IP is free (see `_not_a_candidate`)
+                continue
             for ip in pod.ips:
                 add(ip.version, int(ip), int(ip), f"IP of pod {_pod_name(pod)}")
         for node in self._snapshot.nodes:
@@ -441,6 +470,7 @@ class EgressPlan:
             )
         pod, cls = found
         details = [f"source {src} is pod {_pod_name(pod)} on node {pod.node_name or '(none)'}"]
+        details += self._lost_claims.get(src, ())
         name = _pod_name(pod)
         internal = self._cluster_internal[dst.version].lookup(dst)
         if internal is not None:

@@ -93,6 +93,10 @@ class FieldError:
 # --- other snapshot objects --------------------------------------------------------------------
 
 
+# Pod phases after which the pod never runs again (Cilium's `IsPodRunning` is false for them).
+TERMINAL_POD_PHASES = frozenset({"Succeeded", "Failed"})
+
+
 @dataclass(frozen=True)
 class Pod:
     name: str
@@ -103,6 +107,14 @@ class Pod:
     host_network: bool = False
     service_account: str | None = None
     ips: tuple[IPAddress, ...] = ()
+    phase: str | None = None  # status.phase: Pending, Running, Succeeded, Failed, Unknown
+    deleting: bool = False  # metadata.deletionTimestamp is set: in its grace period
+
+    @property
+    def finished(self) -> bool:
+        """Its containers have terminated for good (phase Succeeded or Failed): its IP is free
+        and the CNI hands it to the next pod, while the Pod object may stay for a long time."""
+        return self.phase in TERMINAL_POD_PHASES
 
 
 @dataclass(frozen=True)

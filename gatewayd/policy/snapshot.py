@@ -415,6 +415,25 @@ def _mapping_items(
             yield item_path, mapping
 
 
+# Every Pod field `_read_pod` reads. Whoever trims Pods before they reach the engine (the
+# controller's cache keeps only what it needs) must keep these, or the engine decides wrongly:
+# without `status.phase` a finished pod's IP would carry its policy over to the next pod.
+POD_FIELDS = (
+    "metadata.name",
+    "metadata.namespace",
+    "metadata.uid",
+    "metadata.labels",
+    "metadata.deletionTimestamp",
+    "spec.nodeName",
+    "spec.hostNetwork",
+    "spec.serviceAccountName",
+    "spec.serviceAccount",
+    "status.phase",
+    "status.podIP",
+    "status.podIPs",
+)
+
+
 def _read_pod(
     obj: Mapping[str, object], name: str, namespace: str, errors: list[FieldError]
 ) -> Pod:
@@ -451,6 +470,8 @@ def _read_pod(
         host_network=host_network,
         service_account=service_account,
         ips=tuple(ips),
+        phase=_optional_string(status, "phase", "status", errors),
+        deleting=metadata.get("deletionTimestamp") not in (None, ""),
     )
 
 

@@ -154,7 +154,8 @@ class SteerCluster:
         self.object = CustomObject(self.api, "egressnodes", "EgressNode", config.node)
         self.source = OwnObjectSource(self.api, EGRESS_NODES, config.node, target_from_object)
         self.reporter = Reporter(
-            f"EgressNode {config.node}", self._join, self._write_status, self._record_event
+            f"EgressNode {config.node}", self._join, self._write_status, self._record_event,
+            recorder=lambda: self.object.recorder,
         )
         self.source.joined = self.reporter.joined.is_set
 

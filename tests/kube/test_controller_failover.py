@@ -51,10 +51,10 @@ def test_lease_expiry_fails_over_and_the_returning_gateway_becomes_standby_after
         wait_until(lambda: world.events("GatewayFailover") != [], TIMEOUT, "the Event")
         (failover,) = world.events("GatewayFailover")
         assert failover["type"] == "Warning"
-        assert failover["message"].startswith(
+        assert failover["note"].startswith(
             "entry 0: gateway gw-1 is unusable (Lease egressgateway-gw-1 expired"
         )
-        assert failover["message"].endswith("; gw-2 takes over")
+        assert failover["note"].endswith("; gw-2 takes over")
         # Once node-1 has applied the plan without gw-1, gw-1's plan loses the policy.
         wait_until(lambda: world.gateway_roles("gw-1", "pay") == set(), TIMEOUT, "gw-1 retired")
 
@@ -114,7 +114,7 @@ def test_ready_false_fails_over_and_no_usable_gateway_drops(
             lambda: world.node_routes("node-1", "pay") == {("gw-2", None)}, TIMEOUT, "gw-2 active"
         )
         wait_until(lambda: world.events("GatewayFailover") != [], TIMEOUT, "the Event")
-        assert "(Ready=False)" in world.events("GatewayFailover")[0]["message"]
+        assert "(Ready=False)" in world.events("GatewayFailover")[0]["note"]
 
         world.gateway(2, ready=False)
         wait_until(

@@ -200,7 +200,11 @@ class World:
         return {}
 
     def events(self, reason: str | None = None) -> list[JsonObject]:
-        return [e for e in self.fake.list("events") if reason is None or e["reason"] == reason]
+        return [
+            e
+            for e in self.fake.list("events.events.k8s.io")
+            if reason is None or e["reason"] == reason
+        ]
 
 
 class Agents:

@@ -15,11 +15,12 @@ import yaml
 from fixtures.crdcheck import CustomResourceValidator
 
 from gatewayd.controller.generations import GenerationLog
-from gatewayd.controller.health import GatewaySignals, HealthTracker, read_signals
+from gatewayd.controller.health import GatewaySignals, Health, HealthTracker, read_signals
 from gatewayd.controller.reconcile import Reconciler
 from gatewayd.controller.snapshots import Cluster
 from gatewayd.controller.specs import active_egress_ips, hold_back_moves, retained_rules
 from gatewayd.controller.tunnels import allocate_tunnel_addresses
+from gatewayd.kube.leases import Freshness, LeaseObserver
 
 pytestmark = pytest.mark.unit
 
@@ -115,21 +116,58 @@ def test_signals_are_read_from_the_objects() -> None:
             ]
         }
     }
-    lease = {
-        "spec": {
-            "holderIdentity": "gw-1",
-            "leaseDurationSeconds": 10,
-            "renewTime": "2026-01-01T00:00:00.000000Z",
-        }
-    }
+    lease = Freshness("gw-1", True, T0 + 10, 10.0, skew=-3.0)
     signals = read_signals(gateway, lease)
-    renewed = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
     assert signals == GatewaySignals(
-        False, "Ready=False (TunnelsDown: no handshake)", renewed + 10, 10.0
+        False, "Ready=False (TunnelsDown: no handshake)", T0 + 10, 10.0
     )
     assert read_signals({}, None) == GatewaySignals(False, "no Ready condition", None, 0.0)
-    for broken in ({"spec": {}}, {"spec": {**lease["spec"], "renewTime": "yesterday"}}):
-        assert read_signals(gateway, broken).lease_expires_at is None
+    nobody = Freshness(None, False, None, 0.0, None)
+    assert read_signals(gateway, nobody).lease_expires_at is None
+
+
+class Clocks:
+    """The controller's clocks: monotonic and wall, moved together by the test."""
+
+    def __init__(self) -> None:
+        self.monotonic = 500.0
+        self.wall = T0
+
+    def tick(self, seconds: float) -> None:
+        self.monotonic += seconds
+        self.wall += seconds
+
+
+@pytest.mark.parametrize("gateway_clock_offset", [-30.0, -4.0, 4.0, 30.0])
+def test_a_gateway_with_a_skewed_clock_is_healthy_while_it_renews_and_dead_after(
+    gateway_clock_offset: float,
+) -> None:
+    """Its Lease's renewTime is written with its own clock, `gateway_clock_offset` s off ours;
+    the Lease lasts 4 s and is renewed every second."""
+    clocks = Clocks()
+    observer = LeaseObserver(lambda: clocks.monotonic, lambda: clocks.wall)
+    tracker = HealthTracker(hold_down=30)
+    ready = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+
+    def renewed_now() -> dict[str, Any]:
+        renew_time = datetime.fromtimestamp(clocks.wall + gateway_clock_offset, UTC)
+        return {"spec": {"holderIdentity": "gw-1", "leaseDurationSeconds": 4,
+                         "renewTime": renew_time.isoformat()}}
+
+    def verdict(lease: dict[str, Any]) -> Health:
+        signals = read_signals(ready, observer.observe("egressgateway-gw-1", lease))
+        return tracker.update({"gw-1": signals}, clocks.monotonic, float("-inf"))["gw-1"]
+
+    for _ in range(60):
+        clocks.tick(1)
+        last = renewed_now()
+        assert verdict(last).usable
+    assert observer.observe("egressgateway-gw-1", last).skew == pytest.approx(gateway_clock_offset)
+    clocks.tick(3.9)  # it stopped renewing
+    assert verdict(last).usable
+    clocks.tick(0.1)
+    dead = verdict(last)
+    assert not dead.usable and "expired" in dead.reason
 
 
 # --- tunnel addresses --------------------------------------------------------------------------
@@ -367,7 +405,7 @@ def cluster(**changes: Any) -> Cluster:
 
 
 def test_status_reports_no_egress_ip_when_no_gateway_may_hold_it() -> None:
-    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR)
+    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR, leases=LeaseObserver(lambda: NOW))
     decisions = reconciler.plan(cluster(), NOW, float("-inf"), NOW_TEXT)
     (accepted, ready) = decisions.policy_statuses["pay"]["conditions"]
     assert accepted["status"] == "True"
@@ -377,7 +415,7 @@ def test_status_reports_no_egress_ip_when_no_gateway_may_hold_it() -> None:
 
 
 def test_a_second_plan_keeps_transition_times_and_needs_no_engine_run() -> None:
-    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR)
+    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR, leases=LeaseObserver(lambda: NOW))
     first = reconciler.plan(cluster(), NOW, float("-inf"), NOW_TEXT)
     policy = copy.deepcopy(cluster().policies[0])
     policy["status"] = first.policy_statuses["pay"]
@@ -394,14 +432,14 @@ def test_the_active_gateway_recorded_in_the_status_is_kept() -> None:
     policy = copy.deepcopy(cluster().policies[0])
     del policy["spec"]["egressGateway"]["egressIP"]
     policy["status"] = {"gateways": [{"entry": 0, "name": "gw-2", "role": "active"}]}
-    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR)
+    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR, leases=LeaseObserver(lambda: NOW))
     decisions = reconciler.plan(cluster(policies=[policy]), NOW, float("-inf"), NOW_TEXT)
     assert [(g["name"], g["role"]) for g in decisions.policy_statuses["pay"]["gateways"]] == [
         ("gw-2", "active"),
         ("gw-1", "standby"),
     ]
     assert decisions.events == []
-    fresh = Reconciler(hold_down=30, tunnel_cidr=CIDR)
+    fresh = Reconciler(hold_down=30, tunnel_cidr=CIDR, leases=LeaseObserver(lambda: NOW))
     without = copy.deepcopy(policy)
     del without["status"]
     decisions = fresh.plan(cluster(policies=[without]), NOW, float("-inf"), NOW_TEXT)
@@ -413,7 +451,7 @@ def test_an_unreadable_object_is_left_out_and_the_rest_is_planned() -> None:
     bad = copy.deepcopy(cluster().pods[0])
     bad["metadata"] |= {"name": "broken", "uid": "u2"}
     bad["status"] = {"podIP": "10.244.1.999"}
-    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR)
+    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR, leases=LeaseObserver(lambda: NOW))
     policy = copy.deepcopy(cluster().policies[0])
     del policy["spec"]["egressGateway"]["egressIP"]
     decisions = reconciler.plan(
@@ -439,7 +477,8 @@ def test_what_the_controller_writes_fits_the_crds() -> None:
     invalid["metadata"]["name"] = "invalid"
     invalid["spec"]["destinationCIDRs"] = ["198.51.100.0/33"]
     state = cluster(egress_nodes=[node], policies=[*cluster().policies, invalid])
-    decisions = Reconciler(hold_down=30, tunnel_cidr=CIDR).plan(state, NOW, float("-inf"), NOW_TEXT)
+    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR, leases=LeaseObserver(lambda: NOW))
+    decisions = reconciler.plan(state, NOW, float("-inf"), NOW_TEXT)
     assert decisions.gateway_specs["gw-1"]["peers"][0]["allowedIPs"] == ["100.127.0.2/32"]
     checks = [
         ("egressgateways", g, {"spec": decisions.gateway_specs[g["metadata"]["name"]]}, False)

@@ -98,9 +98,9 @@ def test_a_policy_with_pods_and_two_gateways(fake_api: FakeApiServer, api: ApiCl
             ("Ready", "True", "Ready"),
         ]
         (promoted,) = world.events("GatewayPromoted")
-        assert promoted["involvedObject"]["name"] == "pay"
+        assert promoted["regarding"]["name"] == "pay"
         assert promoted["metadata"]["namespace"] == "default"
-        assert promoted["message"] == "entry 0: gw-1 is active"
+        assert promoted["note"] == "entry 0: gw-1 is active"
 
 
 def test_ready_waits_for_the_gateway_to_report_the_plan(

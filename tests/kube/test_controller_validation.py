@@ -58,12 +58,12 @@ def test_an_invalid_edit_keeps_the_last_valid_version(
         assert world.spec("egressnodes", "node-1") == node_plan
         assert [r.path for r in controller_writes(fake_api, start)] == [
             "/apis/egress.gatewayd.io/v1alpha1/egressgatewaypolicies/pay/status",
-            "/api/v1/namespaces/default/events",
+            "/apis/events.k8s.io/v1/namespaces/default/events",
         ]
         (rejected,) = world.events("PolicyRejected")
         assert rejected["type"] == "Warning"
-        assert rejected["involvedObject"]["name"] == "pay"
-        assert "spec.destinationCIDRs[1]" in rejected["message"]
+        assert rejected["regarding"]["name"] == "pay"
+        assert "spec.destinationCIDRs[1]" in rejected["note"]
 
         world.policy("pay", destinations=("198.51.100.0/24", "203.0.113.0/24"))
         wait_until(

@@ -20,8 +20,9 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -100,7 +101,12 @@ def gateway_host(name: str) -> GatewayHost:
 
 
 def events(lab: KubeLab, reason: str) -> list[dict[str, Any]]:
-    return [e for e in lab.api.list("events") if e.get("reason") == reason]
+    return [e for e in lab.api.list("events.events.k8s.io") if e.get("reason") == reason]
+
+
+def occurrences(lab: KubeLab, reason: str) -> int:
+    """How often Events of `reason` happened: repeats are counted in an Event's series."""
+    return sum(int((e.get("series") or {}).get("count", 1)) for e in events(lab, reason))
 
 
 def test_a_policy_created_through_the_api_gives_selected_pods_the_egress_ip(
@@ -195,10 +201,12 @@ def failures(attempts: list[Attempt], since: float) -> str:
 
 
 def test_power_loss_of_the_active_gateway(klab: KubeLab, tmp_path: Path) -> None:
-    started = len(events(klab, "FastFailover"))
+    started = occurrences(klab, "FastFailover")
     check_failover(klab, power_loss=True, directory=tmp_path)
-    # the nodes moved the traffic themselves, before the controller, and said so
-    assert len(events(klab, "FastFailover")) > started
+    # the nodes moved the traffic themselves, before the controller, and said so (a repeat
+    # of an Event is counted in its series, written at most every 30 s)
+    wait_for(lambda: occurrences(klab, "FastFailover") > started, 2 * TIMEOUT,
+             "a FastFailover Event")
 
 
 def test_network_partition_of_the_active_gateway(klab: KubeLab, tmp_path: Path) -> None:
@@ -383,8 +391,100 @@ def test_an_api_server_outage_changes_nothing(klab: KubeLab, tmp_path: Path) -> 
 
 
 def _renewed_since(lab: KubeLab, gateway: str, moment: float) -> bool:
-    from datetime import datetime
-
     lease = lab.api.get("leases", f"egressgateway-{gateway}", "gatewayd-system") or {}
     renewed = (lease.get("spec") or {}).get("renewTime")
     return renewed is not None and datetime.fromisoformat(renewed).timestamp() > moment
+
+
+# --- gateways whose clocks run off ---------------------------------------------------------------
+
+# gw1's clock runs 30 s behind, gw2's 30 s ahead: the fake API server shifts the Lease times
+# each writes, by the address it connects from (libfaketime breaks a Python daemon's sleeps).
+CLOCK_OFFSETS = {"gw1": -30.0, "gw2": 30.0}
+# A failover driven by the Lease takes a lease duration (4 s here) plus a reconcile: well
+# under the 30 s by which a Lease judged on the gateway's clock would be late.
+LEASE_FAILOVER_TIMEOUT = 20.0
+
+
+def set_clock_offsets(lab: KubeLab, offsets: dict[str, float]) -> None:
+    api = cast(FakeApiServer, lab.api)
+    for gateway in GATEWAYS:
+        api.set_clock_offset(gateway.address, offsets.get(gateway.name, 0.0))
+
+
+def settled(lab: KubeLab) -> None:
+    """One active and one standby gateway, each reached by every node."""
+    try:
+        wait_for(lambda: sorted(r for _, r in roles(lab, PAYMENT)) == ["active", "standby"]
+                 and all(reachable(lab, n.name) == {g.name: True for g in GATEWAYS}
+                         for n in NODES),
+                 TIMEOUT, "an active and a standby gateway, reached by every node")
+    except TimeoutError as error:
+        state = {n.name: reachable(lab, n.name) for n in NODES}
+        raise AssertionError(f"{error}: roles {roles(lab, PAYMENT)}, reachable {state}") \
+            from None
+
+
+def lease_record(lab: KubeLab, gateway: str) -> dict[str, Any]:
+    lease = lab.api.get("leases", f"egressgateway-{gateway}", "gatewayd-system") or {}
+    return dict(lease.get("spec") or {})
+
+
+def renewals(lab: KubeLab, count: int) -> Any:
+    """A condition: every gateway's Lease was seen renewed `count` times since it was made."""
+    seen: dict[str, list[str]] = {g.name: [] for g in GATEWAYS}
+
+    def renewed() -> bool:
+        for gateway, times in seen.items():
+            renew_time = lease_record(lab, gateway).get("renewTime")
+            if renew_time and (not times or times[-1] != renew_time):
+                times.append(renew_time)
+        return all(len(times) > count for times in seen.values())
+
+    return renewed
+
+
+def clock_skew(lab: KubeLab, gateway: str) -> Any:
+    return (lab.object("egressgateways", gateway).get("status") or {}).get("clockSkewSeconds")
+
+
+def test_gateways_whose_clocks_run_off_are_judged_on_the_controllers_clock(
+    klab: KubeLab,
+) -> None:
+    """Both are healthy while they renew their Leases, and each is failed over within a lease
+    duration or so after it stops (a power loss)."""
+    settled(klab)
+    steady = roles(klab, PAYMENT)
+    failovers = occurrences(klab, "GatewayFailover")
+    try:
+        set_clock_offsets(klab, CLOCK_OFFSETS)
+        for name, offset in CLOCK_OFFSETS.items():
+            wait_for(lambda n=name, o=offset: isinstance(clock_skew(klab, n), int)
+                     and abs(clock_skew(klab, n) - o) <= 2, TIMEOUT,
+                     f"{name}'s clock skew in its status")
+            renew_time = lease_record(klab, name)["renewTime"]
+            lag = datetime.fromisoformat(renew_time).timestamp() - time.time()
+            assert abs(lag - offset) < 5, f"{name}'s Lease was renewed at {renew_time}"
+        wait_for(lambda: {e["regarding"]["name"] for e in events(klab, "ClockSkew")}
+                 >= set(CLOCK_OFFSETS), TIMEOUT, "a ClockSkew Warning about each")
+
+        # Healthy while renewing: three lease durations and more, nothing moves.
+        wait_for(renewals(klab, 3 * int(klab.timing["lease_duration"])), TIMEOUT,
+                 "the Leases to be renewed for three durations")
+        assert roles(klab, PAYMENT) == steady
+        assert occurrences(klab, "GatewayFailover") == failovers
+
+        # Each stops (power loss): the other takes over within the usual time.
+        for _ in CLOCK_OFFSETS:
+            old = active(klab, PAYMENT)
+            assert old is not None
+            new = next(g.name for g in GATEWAYS if g.name != old)
+            cut = klab.cut(gateway_host(old), power_loss=True)
+            wait_for(lambda n=new: active(klab, PAYMENT) == n, LEASE_FAILOVER_TIMEOUT,
+                     f"the controller to fail {old} (clock {CLOCK_OFFSETS[old]:+.0f}s) over")
+            print(f"{old}, clock {CLOCK_OFFSETS[old]:+.0f}s: failed over by the controller "
+                  f"{time.time() - cut:.1f}s after its power loss")
+            klab.restore(gateway_host(old))
+            settled(klab)
+    finally:
+        set_clock_offsets(klab, {})

@@ -93,6 +93,8 @@ def pod(
     uid: str | None = None,
     host_network: bool = False,
     service_account: str | None = None,
+    phase: str | None = "Running",
+    deleting: bool = False,
 ) -> Pod:
     return Pod(
         name=name,
@@ -103,6 +105,8 @@ def pod(
         host_network=host_network,
         service_account=service_account,
         ips=tuple(ip(a) for a in ips),
+        phase=phase,
+        deleting=deleting,
     )
 
 

@@ -414,7 +414,8 @@ ENDPOINT_SLICES = ("discovery.k8s.io", "endpointslices")
 PODS = ("", "pods")
 NODES = ("", "nodes")
 SECRETS = ("", "secrets")
-EVENTS = ("", "events")
+EVENTS = ("events.k8s.io", "events")
+CORE_EVENTS = ("", "events")
 
 
 def test_no_rule_uses_wildcards() -> None:
@@ -460,7 +461,8 @@ CONTROLLER_ACCESS = [
     ("patch", EGP_STATUS, "pay", None, True),
     ("update", EGP, "pay", None, False),  # the user's spec is never rewritten
     ("patch", EGW, "gw-a", None, True),
-    ("patch", EGW_STATUS, "gw-a", None, False),
+    ("patch", EGW_STATUS, "gw-a", None, True),  # status.clockSkewSeconds, with a merge patch
+    ("update", EGW_STATUS, "gw-a", None, False),
     ("patch", EGN, "node-1", None, True),
     ("patch", EGN_STATUS, "node-1", None, False),
     ("delete", EGW, "gw-a", None, False),
@@ -476,6 +478,8 @@ CONTROLLER_ACCESS = [
     ("watch", ENDPOINT_SLICES, None, "default", True),
     ("watch", ENDPOINT_SLICES, None, "shop", False),
     ("create", EVENTS, None, "default", True),
+    ("patch", EVENTS, "pay.1", "default", True),  # a repeat updates the Event's series
+    ("create", CORE_EVENTS, None, "default", False),  # events.k8s.io/v1 only
 ]
 
 
@@ -498,6 +502,8 @@ STEER_ACCESS = [
     ("get", NODES, "node-1", None, True),
     ("list", NODES, None, None, False),
     ("create", EVENTS, None, "default", True),
+    ("patch", EVENTS, "node-1.1", "default", True),
+    ("create", CORE_EVENTS, None, "default", False),
     ("get", LEASES, "egressgateway-gw-a", NAMESPACE, False),
 ]
 

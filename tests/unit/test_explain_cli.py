@@ -210,3 +210,41 @@ def test_register_adds_the_explain_subcommand(snapshot_file: str) -> None:
         "198.51.100.9",
         "text",
     )
+
+
+FINISHED_POD_SHARING_AN_IP = """\
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: backup-1, namespace: default, uid: "2222", labels: {app: backup}}
+spec: {nodeName: node-1}
+status: {phase: Succeeded, podIPs: [{ip: 10.244.1.5}]}
+---
+apiVersion: egress.gatewayd.io/v1alpha1
+kind: EgressGatewayPolicy
+metadata: {name: backup-out}
+spec:
+  selectors: [{podSelector: {matchLabels: {app: backup}}}]
+  destinationCIDRs: [192.0.2.128/25]
+  egressGateway:
+    nodeSelector: {matchLabels: {role: gateway}}
+"""
+
+
+def test_a_finished_pod_sharing_an_ip_with_a_running_one_is_not_the_answer(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The CNI gave the finished backup-1's IP to web-1: explain answers for web-1 only."""
+    path = tmp_path / "snapshot.yaml"
+    path.write_text(SNAPSHOT + FINISHED_POD_SHARING_AN_IP)
+    code, out, _ = run(capsys, "-f", str(path), "--src", "10.244.1.5", "--dst", "192.0.2.200",
+                       "-o", "json")
+    answer = json.loads(out)
+    assert code == 0
+    assert (answer["verdict"], answer["pod"]) == ("no-policy", "default/web-1")
+    code, out, _ = run(capsys, "-f", str(path), "--src", "10.244.1.5", "--dst", "198.51.100.1",
+                       "-o", "json")
+    answer = json.loads(out)
+    assert (answer["verdict"], answer["policy"], answer["pod"]) == (
+        "snat", "web-out", "default/web-1"
+    )

@@ -117,6 +117,7 @@ def test_pod_fields() -> None:
             host_network=False,
             service_account="pay-sa",
             ips=(ip("10.0.0.5"), ip("fd00::5")),
+            phase="Running",
         ),
     )
     assert loaded.problems == ()

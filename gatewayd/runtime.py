@@ -81,8 +81,12 @@ class PidFile:
         other = self.running_pid()
         if other is not None and other != os.getpid():
             raise RuntimeError(f"another daemon (pid {other}) runs with {self.path}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(f"{os.getpid()}\n")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(f"{os.getpid()}\n")
+        except OSError as exc:  # a full disk must not keep the daemon from starting
+            log.warning("cannot write %s (%s): teardown will not see the daemon run",
+                        self.path, exc.strerror or exc)
 
     def release(self) -> None:
         if self.running_pid() == os.getpid():

@@ -47,6 +47,8 @@ ln -s "$PREFIX/bin/gatewayctl" "$stage/usr/bin/gatewayctl"
 install -m 0644 systemd/gatewayd.service "$stage/lib/systemd/system/gatewayd.service"
 install -d -m 0755 "$stage/usr/lib/sysusers.d"
 install -m 0644 systemd/gatewayd.sysusers "$stage/usr/lib/sysusers.d/gatewayd.conf"
+install -d -m 0755 "$stage/usr/lib/tmpfiles.d"
+install -m 0644 systemd/gatewayd.tmpfiles "$stage/usr/lib/tmpfiles.d/gatewayd.conf"
 # Config and policies: root's, readable by group gatewayd (postinst sets the group; the
 # setgid bit gives new files there the same group).
 install -d -m 2750 "$stage/etc/gatewayd" "$stage/etc/gatewayd/snapshot"

@@ -439,6 +439,8 @@ def test_upgrade_restarts_a_running_agent_and_keeps_snat(container: Container) -
 
 
 def test_remove_with_a_broken_config_tears_down_from_the_state(container: Container) -> None:
+    # The container's network namespace may inherit the host's values: this host does not forward.
+    container.sh("sysctl -qw net.ipv4.ip_forward=0 net.ipv6.conf.all.forwarding=0")
     forwarding = container.sh("sysctl -n net.ipv4.ip_forward net.ipv6.conf.all.forwarding")
     assert forwarding.split() == ["0", "0"]
     start_gateway(container)

@@ -275,12 +275,18 @@ def test_upgrade_from_the_root_run_package_keeps_the_tunnel_and_its_key(
                  " && chown -R root:root /etc/gatewayd /var/lib/gatewayd")
     assert container.sh("stat -c %U /var/lib/gatewayd/wireguard.key /run/wireguard/egress0.sock"
                         ).split() == ["root", "root"]
-    before, key = data_plane(container), container.run("wg", "show", "egress0", "public-key")
+    before, table = data_plane(container), ruleset(container)
+    key = container.run("wg", "show", "egress0", "public-key").stdout
 
     install(container)  # the upgrade: restarts the running agent
     assert is_running(container) and process_user(container, main_pid(container)) == "gatewayd"
-    assert data_plane(container) == before  # the same tunnel (wireguard-go pid), table, IPs
-    assert container.run("wg", "show", "egress0", "public-key").stdout == key.stdout
+    # SNAT and the egress IPs stayed. The tunnel is carried by a new wireguard-go, the agent's
+    # (root's socket cannot be handed over: its owner change ends root's wireguard-go), with
+    # the same key: the peers' next handshake finds it.
+    assert data_plane(container)[:2] == before[:2] and ruleset(container) == table
+    wait_for(lambda: container.run("wg", "show", "egress0", "public-key", check=False).stdout
+             == key, 15, "the tunnel with the same key")
+    assert process_user(container, tunnel_pid(container)) == "gatewayd"
     assert container.sh("stat -c %U /var/lib/gatewayd/wireguard.key /run/wireguard/egress0.sock"
                         ).split() == ["gatewayd", "gatewayd"]
     # It still reaches the old wireguard-go: a new peer from the config arrives there.

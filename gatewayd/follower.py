@@ -329,9 +329,8 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         """Save the applied plan if it is not saved yet. The kernel is programmed already:
         a failed write is reported and retried on later passes, never fatal."""
         if self._plan_unsaved and self.applied is not None:
-            applied = self.plan_to_dict(self.applied)
-            if self._write_state(self.plan_path, lambda: write_json_atomic(self.plan_path,
-                                                                           applied)):
+            path, applied = self.plan_path, self.plan_to_dict(self.applied)
+            if self._write_state(path, lambda: write_json_atomic(path, applied)):
                 self._plan_unsaved = False
 
     def _write_state(self, path: Path, write: Callable[[], None]) -> bool:
@@ -365,7 +364,8 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
     def repair(self) -> None:
         """Program the target plan again: repairs drift, and retries what failed last time."""
         if self.target is None:
-            self.write_status()  # retries a failed write
+            if self._write_errors:
+                self.write_status()  # retries the failed write
             return
         self.repairing = True
         try:

@@ -156,6 +156,9 @@ class FollowerStatus:
     input_problems: list[str] = field(default_factory=list)
     drift_repaired: int = 0
     last_drift_at: str | None = None
+    # Why the state directory cannot be written (disk full, read-only, I/O error); the data
+    # plane is programmed all the same, and the write is retried every pass.
+    state_error: str | None = None
 
 
 class PlanFollower(ABC, Generic[ConfigT, PlanT]):
@@ -173,6 +176,8 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         self._host_programmed_for: object = None  # host_inputs() of the last clean apply
         self._config_seen: object = fingerprint([config.path])
         self._config_error: str | None = None  # why the config on disk is not the running one
+        self._plan_unsaved = False  # `applied` differs from the saved plan.json
+        self._write_errors: dict[Path, str] = {}  # state files that could not be written
         self._wake: Callable[[], None] | None = None  # set by attach()
         self.source = self.make_source()
 
@@ -325,7 +330,7 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         if not errors:
             self._host_programmed_for = self.host_inputs(plan)
             if self.applied is None or not self.same_content(plan, self.applied):
-                write_json_atomic(self.plan_path, self.plan_to_dict(plan))
+                self._plan_unsaved = True
                 journal_event("plan-applied",
                               f"plan generation {plan.generation} applied: {len(plan.rules)} rules",
                               Priority.NOTICE, generation=str(plan.generation),
@@ -335,7 +340,33 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
             self.status.generation = plan.generation
         self.status.ready = not errors
         self.status.last_error = "; ".join(errors) or self._config_error
-        self.write_status()
+        self.write_status()  # saves the plan first
+
+    def save_plan(self) -> None:
+        """Save the applied plan if it is not saved yet. The kernel is programmed already:
+        a failed write is reported and retried on later passes, never fatal."""
+        if self._plan_unsaved and self.applied is not None:
+            path, applied = self.plan_path, self.plan_to_dict(self.applied)
+            if self._write_state(path, lambda: write_json_atomic(path, applied)):
+                self._plan_unsaved = False
+
+    def _write_state(self, path: Path, write: Callable[[], None]) -> bool:
+        """Run `write` of a state file; record (and report once) or clear its failure."""
+        try:
+            write()
+        except OSError as exc:
+            message = f"cannot write {path}: {exc.strerror or exc}"
+            if self._write_errors.get(path) != message:
+                journal_event("state-write-failed",
+                              f"{message}; the data plane is programmed, the write is retried",
+                              Priority.ERR, file=str(path))
+            self._write_errors[path] = message
+            self.status.state_error = "; ".join(self._write_errors.values())
+            return False
+        if self._write_errors.pop(path, None) is not None:
+            log.warning("%s written again", path)
+            self.status.state_error = "; ".join(self._write_errors.values()) or None
+        return True
 
     def host_inputs(self, plan: PlanT) -> object:
         """What the host's own setup (tunnels, sysctls, routing) is made from."""
@@ -350,6 +381,8 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
     def repair(self) -> None:
         """Program the target plan again: repairs drift, and retries what failed last time."""
         if self.target is None:
+            if self._write_errors:
+                self.write_status()  # retries the failed write
             return
         self.repairing = True
         try:
@@ -380,12 +413,15 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         return f"{len(policies)} policies"
 
     def service_status(self) -> str:
-        error = self.status.last_error
+        error = self.status.last_error or self.status.state_error
         summary = self.health_summary()
         return f"{summary}; error: {error.splitlines()[0]}" if error else summary
 
     def write_status(self) -> None:
-        write_json_atomic(self.status_path, {
+        """Write status.json (and retry a plan that could not be saved); a failed write is
+        reported, never raised: the daemon's other reports must go out all the same."""
+        self.save_plan()
+        status = {
             "role": self.role,
             "generation": self.status.generation,
             "appliedAt": self.status.applied_at,
@@ -395,7 +431,12 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
             "driftRepaired": self.status.drift_repaired,
             "lastDriftAt": self.status.last_drift_at,
             **self.status_details(),
-        })
+        }
+        # Other state files that cannot be written (status.json is read back only if written).
+        status["stateError"] = "; ".join(
+            message for path, message in self._write_errors.items() if path != self.status_path
+        ) or None
+        self._write_state(self.status_path, lambda: write_json_atomic(self.status_path, status))
 
 
 def pid_file(state_directory: Path, role: str) -> PidFile:

@@ -56,12 +56,16 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as out:
-        json.dump(data, out, indent=2, sort_keys=True)
-        out.write("\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(data, out, indent=2, sort_keys=True)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file must not hold the space of a full disk
+        raise
     fsync_directory(path.parent)
 
 
@@ -95,8 +99,12 @@ class PidFile:
         other = self.running_pid()
         if other is not None and other != os.getpid():
             raise RuntimeError(f"another daemon (pid {other}) runs with {self.path}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(f"{os.getpid()}\n")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(f"{os.getpid()}\n")
+        except OSError as exc:  # a full disk must not keep the daemon from starting
+            log.warning("cannot write %s (%s): teardown will not see the daemon run",
+                        self.path, exc.strerror or exc)
 
     def release(self) -> None:
         if self.running_pid() == os.getpid():

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gatewayd.agent.config import AgentConfig, TunnelPeer, load_agent_config
+from gatewayd.agent.footprint import record_tunnel, sysctl_originals_path
 from gatewayd.agent.kubernetes import AgentCluster, AgentState, gateway_status, observe_host
 from gatewayd.agent.target import GatewayTarget, target_from_dict, target_to_dict
 from gatewayd.clusterlink import rfc3339
@@ -215,6 +216,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             egress_ips=self.cluster.keeper.report(),
             interfaces=interfaces,
             stopping=stopping,
+            state_error=self.status.state_error,
         )
         return gateway_status(state, self.cluster.previous_status(), rfc3339())
 
@@ -223,6 +225,10 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
     def _ensure_tunnel(self, target: GatewayTarget) -> None:
         tunnel = self.config.tunnel
         self.public_key = ensure_private_key(tunnel.private_key_file)
+        try:
+            record_tunnel(self.config.state_directory, tunnel.interface)
+        except OSError as exc:  # only teardown needs it; retried with the next full pass
+            log.warning("cannot record tunnel %s for teardown: %s", tunnel.interface, exc)
         peers = self.peers(target)
         changes = self.wireguard.ensure(
             WireGuardConfig(
@@ -252,7 +258,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             "net.ipv6.conf.all.forwarding": "1",
             # Replies to pods come back in through the tunnel from addresses routed elsewhere.
             f"net.ipv4.conf.{self.config.tunnel.interface}.rp_filter": "2",
-        })
+        }, originals=sysctl_originals_path(self.config.state_directory))
         self.drift("sysctl", changes)
 
     def _ensure_egress_ips(self, plan: GatewayPlan) -> None:

@@ -95,6 +95,7 @@ class AgentState:
     egress_ips: EgressIPReport
     interfaces: tuple[GatewayInterface, ...]
     stopping: bool = False
+    state_error: str | None = None  # the state directory cannot be written (disk full, ...)
 
 
 def gateway_status(state: AgentState, previous: Mapping[str, Any], now: str) -> Status:
@@ -125,6 +126,10 @@ def gateway_status(state: AgentState, previous: Mapping[str, Any], now: str) -> 
                                                if e.startswith("nftables"))),
         Condition("EgressIPsPresent", state.egress_ips.present, state.egress_ips.reason,
                   state.egress_ips.message),
+        # The data plane is programmed either way; a plan not saved is lost at a reboot.
+        Condition("StateSaved", state.state_error is None,
+                  "Saved" if state.state_error is None else "WriteFailed",
+                  state.state_error or ""),
     ]
     status: Status = {
         "observedGeneration": state.generation,

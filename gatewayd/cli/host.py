@@ -17,6 +17,7 @@ from gatewayd.steer.config import SteerConfig, load_steer_config
 from gatewayd.steer.slots import slots_path, tunnel_interfaces
 
 DEFAULT_CONFIG = Path("/etc/gatewayd/gatewayd.yaml")
+DEFAULT_STATE_DIRECTORY = Path("/var/lib/gatewayd")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -32,6 +33,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "teardown", help="remove everything the daemon programmed (stop the daemon first)")
     teardown.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     teardown.add_argument("--force", action="store_true", help="even if the daemon runs")
+    teardown.add_argument(
+        "--state-directory", type=Path, default=DEFAULT_STATE_DIRECTORY,
+        help="a gateway's state directory, used when the config cannot be read")
     teardown.set_defaults(func=run_teardown)
 
     check = commands.add_parser("check-config", help="validate a gatewayd or steer config file")
@@ -170,36 +174,59 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def teardown(config: AgentConfig | SteerConfig) -> list[str]:
-    """Remove the table, owned addresses, tunnels and routing the daemon programmed, and the
-    saved plan (so a later start does not restore it). Returns what was removed."""
+    """Remove what the daemon of `config` programmed; returns what was removed."""
+    if isinstance(config, AgentConfig):
+        return teardown_gateway(config.state_directory, config.tunnel.interface)
+    return _teardown_steer(config)
+
+
+def teardown_gateway(state: Path, configured_tunnel: str | None = None) -> list[str]:
+    """Remove what the agent programmed, as its state directory records it (the config's
+    tunnel too, if there is a config): first the tunnel, so that no more traffic arrives,
+    then the table (filter and SNAT), the egress IPs, and the kernel parameters go back to
+    their values before the agent changed them. Then the saved plan and the records go, so a
+    later start does not restore the plan. Returns what was removed, in that order."""
+    from gatewayd.agent.footprint import programmed_path, recorded_tunnels, sysctl_originals_path
+    from gatewayd.dataplane.addresses import AddressDriver
     from gatewayd.dataplane.nftables import NftablesDriver
+    from gatewayd.dataplane.sysctl import restore_sysctls
     from gatewayd.dataplane.wireguard import WireGuardDriver
 
     removed = []
     wireguard = WireGuardDriver()
-    if isinstance(config, AgentConfig):
-        from gatewayd.dataplane.addresses import AddressDriver
-
-        if NftablesDriver("inet", "gatewayd").delete():
-            removed.append("nftables table inet gatewayd")
-        changes = AddressDriver().remove_all()
-        removed += [f"egress IP {ip}" for ip in sorted(map(str, changes.removed))]
-        interfaces = [config.tunnel.interface]
-    else:
-        from gatewayd.dataplane.routing import PolicyRoutingDriver
-
-        if NftablesDriver("inet", "gatewayd-steer").delete():
-            removed.append("nftables table inet gatewayd-steer")
-        if PolicyRoutingDriver(mark_mask=config.mark_mask).ensure({}):
-            removed.append("policy routing rules")
-        interfaces = tunnel_interfaces(config)
-    for interface in interfaces:
+    tunnels = {*recorded_tunnels(state), *([configured_tunnel] if configured_tunnel else [])}
+    for interface in sorted(tunnels):
         if wireguard.delete(interface):
             removed.append(f"wireguard interface {interface}")
-    saved = [config.state_directory / "plan.json"]
-    if isinstance(config, SteerConfig):
-        saved.append(slots_path(config))  # no tunnel is left to keep its slot for
-    for path in saved:
+    if NftablesDriver("inet", "gatewayd").delete():
+        removed.append("nftables table inet gatewayd")
+    changes = AddressDriver().remove_all()
+    removed += [f"egress IP {ip}" for ip in sorted(map(str, changes.removed))]
+    removed += [f"sysctl {key} (restored)"
+                for key in restore_sysctls(sysctl_originals_path(state))]
+    for path in (state / "plan.json", programmed_path(state)):
+        if path.exists():
+            path.unlink()
+            removed.append(str(path))
+    return removed
+
+
+def _teardown_steer(config: SteerConfig) -> list[str]:
+    from gatewayd.dataplane.nftables import NftablesDriver
+    from gatewayd.dataplane.routing import PolicyRoutingDriver
+    from gatewayd.dataplane.wireguard import WireGuardDriver
+
+    removed = []
+    if NftablesDriver("inet", "gatewayd-steer").delete():
+        removed.append("nftables table inet gatewayd-steer")
+    if PolicyRoutingDriver(mark_mask=config.mark_mask).ensure({}):
+        removed.append("policy routing rules")
+    wireguard = WireGuardDriver()
+    for interface in tunnel_interfaces(config):
+        if wireguard.delete(interface):
+            removed.append(f"wireguard interface {interface}")
+    # The slots go too: no tunnel is left to keep its slot for.
+    for path in (config.state_directory / "plan.json", slots_path(config)):
         if path.exists():
             path.unlink()
             removed.append(str(path))
@@ -207,15 +234,22 @@ def teardown(config: AgentConfig | SteerConfig) -> list[str]:
 
 
 def run_teardown(args: argparse.Namespace) -> int:
-    config = _config_or_exit(args.config)
-    if config is None:
-        return 2
+    """A config that cannot be read does not stop a teardown (package removal runs it): a
+    gateway's state directory records what was programmed."""
+    try:
+        config: AgentConfig | SteerConfig | None = load_host_config(args.config)
+    except ConfigError as exc:
+        print(f"{exc}\nthe config is unusable: removing what {args.state_directory} records",
+              file=sys.stderr)
+        config = None
     role = "steer" if isinstance(config, SteerConfig) else "agent"
-    pid = pid_file(config.state_directory, role).running_pid()
+    state = config.state_directory if config is not None else args.state_directory
+    pid = pid_file(state, role).running_pid()
     if pid is not None and not args.force:
         print(f"the {role} daemon runs (pid {pid}) and would program everything again; "
               "stop it first (systemctl stop gatewayd) or pass --force", file=sys.stderr)
         return 1
-    for item in teardown(config):
+    removed = teardown(config) if config is not None else teardown_gateway(state)
+    for item in removed:
         print(f"removed {item}")
     return 0

@@ -45,8 +45,13 @@ install -d -m 0755 "$stage/usr/bin" "$stage/lib/systemd/system" "$stage/usr/shar
 ln -s "$PREFIX/bin/gatewayd" "$stage/usr/bin/gatewayd"
 ln -s "$PREFIX/bin/gatewayctl" "$stage/usr/bin/gatewayctl"
 install -m 0644 systemd/gatewayd.service "$stage/lib/systemd/system/gatewayd.service"
-# Keys, plans and policies are root's alone.
-install -d -m 0750 "$stage/etc/gatewayd" "$stage/etc/gatewayd/snapshot"
+install -d -m 0755 "$stage/usr/lib/sysusers.d"
+install -m 0644 systemd/gatewayd.sysusers "$stage/usr/lib/sysusers.d/gatewayd.conf"
+install -d -m 0755 "$stage/usr/lib/tmpfiles.d"
+install -m 0644 systemd/gatewayd.tmpfiles "$stage/usr/lib/tmpfiles.d/gatewayd.conf"
+# Config and policies: root's, readable by group gatewayd (postinst sets the group; the
+# setgid bit gives new files there the same group).
+install -d -m 2750 "$stage/etc/gatewayd" "$stage/etc/gatewayd/snapshot"
 install -m 0640 packaging/deb/gatewayd.yaml "$stage/etc/gatewayd/gatewayd.yaml"
 if [ -f README.md ]; then
     install -m 0644 README.md "$stage/usr/share/doc/gatewayd/README.md"

@@ -135,7 +135,7 @@ def test_joins_creates_its_gateway_and_reports_its_host(sandbox: DaemonSandbox) 
     assert found["egressIPPools"] == [{"cidr": "198.51.100.64/27", "interface": "eth0"}]
     assert {c["type"]: c["status"] for c in found["conditions"]} == {
         "Ready": "True", "TunnelsUp": "True", "SNATProgrammed": "True",
-        "EgressIPsPresent": "True"}
+        "EgressIPsPresent": "True", "StateSaved": "True"}
 
 
 def test_adopts_its_gateway_keeps_other_labels_and_follows_the_spec(

@@ -565,7 +565,7 @@ def test_first_run_installs_starts_and_joins_both_gateways(rollout: Rollout) -> 
         config = yaml.safe_load(host.sh(f"cat {CONFIG}"))
         assert "snapshot" not in config and "peers" not in config["tunnel"], config
         # The key was made on the host; the fact carries only its public half.
-        assert file_state(host, PRIVATE_KEY).startswith("600 root\n")
+        assert file_state(host, PRIVATE_KEY).startswith("600 gatewayd\n")
         public = host.sh(f"wg pubkey < {PRIVATE_KEY}").strip()
         assert host.run("wg", "show", "egress0", "public-key").stdout.strip() == public
         assert f"gateway {gateway.name}: WireGuard public key {public}" in play.output
@@ -589,12 +589,13 @@ def test_first_run_installs_starts_and_joins_both_gateways(rollout: Rollout) -> 
             assert [p for p in status(gateway.container)["policies"]
                     if p.startswith("payment-gateway")], status(gateway.container)
             assert has_table(gateway.container)
-    # One way of joining each, as root's secrets; the other way's file is absent.
-    assert file_state(gw1.container, "/etc/gatewayd/join-token").startswith("600 root\n")
+    # One way of joining each, as root's secrets (readable by group gatewayd); the other
+    # way's file is absent.
+    assert file_state(gw1.container, "/etc/gatewayd/join-token").startswith("640 root\n")
     assert gw1.container.sh("cat /etc/gatewayd/join-token") == rollout.secrets[0]
     assert gw1.container.sh("cat /etc/gatewayd/cluster-ca.crt") == rollout.ca.decode()
     assert file_state(gw1.container, "/etc/gatewayd/kubeconfig") == ""
-    assert file_state(gw2.container, "/etc/gatewayd/kubeconfig").startswith("600 root\n")
+    assert file_state(gw2.container, "/etc/gatewayd/kubeconfig").startswith("640 root\n")
     assert rollout.secrets[1] in gw2.container.sh("cat /etc/gatewayd/kubeconfig")
     assert file_state(gw2.container, "/etc/gatewayd/join-token") == ""
     # gw1 from the shipped .deb, gw2 from the repository.

@@ -9,6 +9,7 @@ handshake test gives it a real node, in a network namespace inside the container
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -173,7 +174,11 @@ def test_package_installs_but_does_not_start_an_unconfigured_gateway(container: 
     install(container)
     assert container.systemctl("is-enabled", UNIT, check=False).stdout.strip() == "disabled"
     assert container.systemctl("is-active", UNIT, check=False).stdout.strip() == "inactive"
-    assert container.sh("stat -c %a /etc/gatewayd").strip() == "750"
+    # Root's config, readable by the agent's group; new files there get the group too.
+    assert container.sh("stat -c '%a %U %G' /etc/gatewayd").strip() == "2750 root gatewayd"
+    assert container.sh(f"stat -c '%a %U %G' {CONFIG}").strip() == "640 root gatewayd"
+    assert container.sh("getent passwd gatewayd | cut -d: -f6,7").strip() == \
+        "/var/lib/gatewayd:/usr/sbin/nologin"
     verify = container.run("systemd-analyze", "verify", UNIT, check=False)
     assert verify.returncode == 0 and verify.stderr == "", verify.stderr
     shipped = container.run("gatewayctl", "check-config", CONFIG, check=False)
@@ -201,6 +206,96 @@ def test_enable_now_is_running_only_after_the_plan_is_in_place(container: Contai
     # Runs with its two capabilities and nothing else.
     capabilities = container.sh(f"grep -E '^Cap(Eff|Bnd):' /proc/{main_pid(container)}/status")
     assert capabilities.split() == ["CapEff:", "0000000000003000", "CapBnd:", "0000000000003000"]
+
+
+def process_user(host: Container, pid: int) -> str:
+    return host.run("ps", "-o", "user=", "-p", str(pid)).stdout.strip()
+
+
+def capabilities(host: Container, pid: int) -> dict[str, str]:
+    """CapInh, CapPrm, CapEff, CapBnd, CapAmb of a process, as hex masks."""
+    lines = host.sh(f"grep ^Cap /proc/{pid}/status").splitlines()
+    return dict(line.split(":\t") for line in lines)
+
+
+NET_ADMIN_AND_RAW = "0000000000003000"  # bits 12 and 13
+
+
+def test_runs_as_its_own_user_with_two_capabilities_and_programs_everything(
+    container: Container,
+) -> None:
+    start_gateway(container)
+    pid = main_pid(container)
+    assert process_user(container, pid) == "gatewayd"
+    assert capabilities(container, pid) == {
+        "CapInh": NET_ADMIN_AND_RAW, "CapPrm": NET_ADMIN_AND_RAW, "CapEff": NET_ADMIN_AND_RAW,
+        "CapBnd": NET_ADMIN_AND_RAW, "CapAmb": NET_ADMIN_AND_RAW}
+    # wireguard-go, started by the agent, is no more than the agent.
+    tunnel = tunnel_pid(container)
+    assert process_user(container, tunnel) == "gatewayd"
+    assert capabilities(container, tunnel)["CapEff"] == NET_ADMIN_AND_RAW
+    # And everything is programmed: the table, the egress IPs (and their ARP announcements,
+    # packet sockets), the tunnel and the forwarding sysctls.
+    assert has_table(container) and egress_ips(container) == {PAYMENT_IP, BATCH_IP}
+    assert container.run("wg", "show", "egress0", "peers").stdout.split() == [FAKE_PEER_KEY]
+    assert container.sh("sysctl -n net.ipv4.ip_forward net.ipv4.conf.egress0.rp_filter"
+                        ).split() == ["1", "2"]
+    assert "error" not in container.show(UNIT, "StatusText")
+    # Its state and key are its own, and nobody else's.
+    assert container.sh("stat -c '%a %U' /var/lib/gatewayd /var/lib/gatewayd/wireguard.key"
+                        ).split() == ["750", "gatewayd", "600", "gatewayd"]
+    # The wireguard-go sockets' directory stays when the daemon stops (the tunnel does).
+    container.systemctl("stop", UNIT)
+    assert container.sh("ls /run/wireguard").split() == ["egress0.sock"]
+    assert container.run("wg", "show", "egress0", "public-key").returncode == 0
+
+
+def test_exposure_is_at_most_2_0(container: Container) -> None:
+    install(container)
+    out = container.run("systemd-analyze", "security", "--offline=true", "--no-pager",
+                        "/lib/systemd/system/gatewayd.service").stdout
+    match = re.search(r"Overall exposure level for gatewayd.service: (\d+\.\d)", out)
+    assert match, out[-2000:]
+    assert float(match.group(1)) <= 2.0, out
+
+
+def test_upgrade_from_the_root_run_package_keeps_the_tunnel_and_its_key(
+    container: Container,
+) -> None:
+    """Before 0.x the agent ran as root: its state, key and wireguard-go were root's."""
+    install(container)
+    configure(container)
+    container.write("/run/systemd/system/gatewayd.service.d/root.conf",
+                    "[Service]\nUser=\nGroup=\n")
+    container.systemctl("daemon-reload")
+    container.systemctl("enable", "--now", UNIT)
+    assert process_user(container, main_pid(container)) == "root"
+    # What the older package left: no user, root's files (systemd made them root's too).
+    container.sh("rm -r /run/systemd/system/gatewayd.service.d && userdel gatewayd"
+                 " && chown -R root:root /etc/gatewayd /var/lib/gatewayd")
+    assert container.sh("stat -c %U /var/lib/gatewayd/wireguard.key /run/wireguard/egress0.sock"
+                        ).split() == ["root", "root"]
+    before, table = data_plane(container), ruleset(container)
+    key = container.run("wg", "show", "egress0", "public-key").stdout
+
+    install(container)  # the upgrade: restarts the running agent
+    assert is_running(container) and process_user(container, main_pid(container)) == "gatewayd"
+    # SNAT and the egress IPs stayed. The tunnel is carried by a new wireguard-go, the agent's
+    # (root's socket cannot be handed over: its owner change ends root's wireguard-go), with
+    # the same key: the peers' next handshake finds it.
+    assert data_plane(container)[:2] == before[:2] and ruleset(container) == table
+    wait_for(lambda: container.run("wg", "show", "egress0", "public-key", check=False).stdout
+             == key, 15, "the tunnel with the same key")
+    assert process_user(container, tunnel_pid(container)) == "gatewayd"
+    assert container.sh("stat -c %U /var/lib/gatewayd/wireguard.key /run/wireguard/egress0.sock"
+                        ).split() == ["gatewayd", "gatewayd"]
+    # It still reaches the old wireguard-go: a new peer from the config arrives there.
+    container.write(CONFIG, GATEWAY_CONFIG.replace("persistentKeepalive: 0",
+                                                   "persistentKeepalive: 7"), "0640")
+    container.systemctl("reload", UNIT)
+    wait_for(lambda: "7" in container.run("wg", "show", "egress0", "persistent-keepalive"
+                                          ).stdout.split(), 15, "the reload to reach wireguard-go")
+    assert "error" not in container.show(UNIT, "StatusText")
 
 
 def test_journal_has_structured_events(container: Container) -> None:
@@ -347,6 +442,23 @@ def test_upgrade_restarts_a_running_agent_and_keeps_snat(container: Container) -
     assert is_running(container) and main_pid(container) != pid
     assert data_plane(container) == before
     assert container.systemctl("is-enabled", UNIT).stdout.strip() == "enabled"
+
+
+def test_remove_with_a_broken_config_tears_down_from_the_state(container: Container) -> None:
+    # The container's network namespace may inherit the host's values: this host does not forward.
+    container.sh("sysctl -qw net.ipv4.ip_forward=0 net.ipv6.conf.all.forwarding=0")
+    forwarding = container.sh("sysctl -n net.ipv4.ip_forward net.ipv6.conf.all.forwarding")
+    assert forwarding.split() == ["0", "0"]
+    start_gateway(container)
+    assert container.sh("sysctl -n net.ipv4.ip_forward").strip() == "1"
+    container.write(CONFIG, "name: [not, a, name\n", "0640")
+    removal = container.run("dpkg", "--remove", "gatewayd", timeout=120)
+    assert "the config is unusable" in removal.stderr
+    assert container.run("pidof", "wireguard-go", check=False).stdout == ""
+    assert container.run("ip", "link", "show", "egress0", check=False).returncode != 0
+    assert not has_table(container) and egress_ips(container) == set()
+    assert container.sh("sysctl -n net.ipv4.ip_forward net.ipv6.conf.all.forwarding"
+                        ) == forwarding
 
 
 def test_remove_stops_and_tears_down_purge_removes_state(container: Container) -> None:

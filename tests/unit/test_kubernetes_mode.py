@@ -276,7 +276,8 @@ def test_gateway_status(tmp_path: Path) -> None:
     assert status["egressIPPools"] == [{"cidr": "198.51.100.64/27", "interface": "eth0"}]
     assert status["egressIPs"] == ["198.51.100.70"]
     assert conditions(status) == {"Ready": "True", "TunnelsUp": "True",
-                                  "SNATProgrammed": "True", "EgressIPsPresent": "True"}
+                                  "SNATProgrammed": "True", "EgressIPsPresent": "True",
+                                  "StateSaved": "True"}
     assert status["peers"] == [{"name": "node1", "lastHandshakeTime": "2023-11-14T22:13:20Z"},
                                {"name": "node2"}]
 
@@ -294,7 +295,17 @@ def test_gateway_status_when_stopping_or_failing(tmp_path: Path) -> None:
         tmp_path, ready=False, errors=("nftables: refused",), last_error="nftables: refused"),
         before, "2026-01-01T00:02:00Z")
     assert conditions(failing) == {"Ready": "False", "TunnelsUp": "True",
-                                   "SNATProgrammed": "False", "EgressIPsPresent": "True"}
+                                   "SNATProgrammed": "False", "EgressIPsPresent": "True",
+                                   "StateSaved": "True"}
+
+
+def test_gateway_status_with_a_full_disk_is_ready_and_says_so(tmp_path: Path) -> None:
+    error = "cannot write /var/lib/gatewayd/plan.json: No space left on device"
+    status = gateway_status(agent_state(tmp_path, state_error=error), {}, "2026-01-01T00:00:00Z")
+    assert status["observedGeneration"] == 4
+    saved = next(c for c in status["conditions"] if c["type"] == "StateSaved")
+    assert (saved["status"], saved["reason"], saved["message"]) == ("False", "WriteFailed", error)
+    assert conditions(status)["Ready"] == "True"
 
 
 def test_node_status(tmp_path: Path) -> None:

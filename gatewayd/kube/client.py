@@ -51,34 +51,32 @@ class CredentialReload:
         self._what = what
         self._lock = threading.Lock()
         self._seen = self._stamps()
+        self._token: str | None = None  # None: the token read at start is still current
 
     def install(self, configuration: Configuration) -> None:
-        previous = configuration.refresh_api_key_hook
-
-        def refresh(config: Configuration) -> None:
-            if previous is not None:
-                previous(config)  # the loader's own (exec plugins' expiry)
-            self.refresh(config)
-
-        configuration.refresh_api_key_hook = refresh  # type: ignore[assignment]
+        """Replaces the hook the kubeconfig loader set (which re-sets the token read at start,
+        and itself, before every request)."""
+        configuration.refresh_api_key_hook = self.refresh  # type: ignore[assignment]
 
     def refresh(self, configuration: Configuration) -> None:
         stamps = self._stamps()
-        if stamps == self._seen:
-            return
         with self._lock:
-            if stamps == self._seen:
-                return
-            try:
-                token = self._read_token().strip()
-            except (KubeConfigError, OSError) as error:
-                log.warning("%s changed but cannot be used yet (%s); keeping the token in use",
-                            self._what, error)
-                return
-            if not token:
-                return  # caught half-written: the next change brings the rest
-            configuration.api_key["BearerToken"] = token
-            self._seen = stamps
+            if stamps != self._seen:
+                self._reread(stamps)
+            if self._token is not None:
+                configuration.api_key["BearerToken"] = self._token
+
+    def _reread(self, stamps: tuple[FileStamp, ...]) -> None:
+        try:
+            token = self._read_token().strip()
+        except (KubeConfigError, OSError) as error:
+            log.warning("%s changed but cannot be used yet (%s); keeping the token in use",
+                        self._what, error)
+            return
+        if not token:
+            return  # caught half-written: the next change brings the rest
+        self._token = token
+        self._seen = stamps
         log.info("%s changed: its new token is used from now on", self._what)
 
     def _stamps(self) -> tuple[FileStamp, ...]:
@@ -110,27 +108,34 @@ def _kubeconfig_configuration(path: Path, context: str | None) -> Configuration:
     return configuration
 
 
-def _kubeconfig_files(path: Path, context: str | None) -> list[Path]:
-    """The kubeconfig and the `tokenFile` its user names, if any."""
-    files = [path]
+def _kubeconfig_user(path: Path, context: str | None) -> dict[str, Any]:
+    """The `user` entry of the context's user, or {} when the file does not say."""
     try:
         config: Any = yaml.safe_load(path.read_text())
         name = context or config["current-context"]
         (user_name,) = [c["context"]["user"] for c in config["contexts"] if c["name"] == name]
         (user,) = [u["user"] for u in config["users"] if u["name"] == user_name]
-        token_file = user.get("tokenFile")
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError):
-        return files
+        return {}
+    return user if isinstance(user, dict) else {}
+
+
+def _kubeconfig_files(path: Path, context: str | None) -> list[Path]:
+    """The kubeconfig and the `tokenFile` its user names, if any."""
+    token_file = _kubeconfig_user(path, context).get("tokenFile")
     if isinstance(token_file, str) and token_file:
-        files.append(path.parent / token_file)
-    return files
+        return [path, path.parent / token_file]
+    return [path]
 
 
 def client_from_kubeconfig(path: Path, context: str | None = None) -> ApiClient:
     """A client for the cluster (and user) of `context`, or of the file's current context;
     its token is re-read when the kubeconfig or its tokenFile changes."""
     configuration = _kubeconfig_configuration(path, context)
-    if "BearerToken" in configuration.api_key:
+    user = _kubeconfig_user(path, context)
+    # Exec plugins and auth providers renew their tokens themselves (the loader's hook).
+    if ("token" in user or "tokenFile" in user) and "exec" not in user \
+            and "auth-provider" not in user:
         CredentialReload(
             lambda: _kubeconfig_files(path, context),
             lambda: str(_kubeconfig_configuration(path, context).api_key.get("BearerToken", "")),

@@ -173,5 +173,5 @@ def test_the_agent_keeps_renewing_and_reporting_across_a_token_rotation(
     generation = gateway(sandbox)["metadata"]["generation"]
     sandbox.wait(lambda: applied(sandbox) and gateway(sandbox)["status"][
         "observedGeneration"] == generation, TIMEOUT, "a status write with the new token")
-    assert sandbox.running()
+    assert sandbox.running
     assert auth_of(fake).refusals == []

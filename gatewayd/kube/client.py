@@ -46,10 +46,12 @@ class CredentialReload:
     def __init__(
         self, files: Callable[[], Sequence[Path]], read_token: Callable[[], str], what: str
     ) -> None:
-        self._files = files
+        self._files = files  # the first one names the others (a kubeconfig its tokenFile)
         self._read_token = read_token
         self._what = what
         self._lock = threading.Lock()
+        self._paths = list(files())
+        self._first = _stamp(self._paths[0])
         self._seen = self._stamps()
         self._token: str | None = None  # None: the token read at start is still current
 
@@ -59,8 +61,8 @@ class CredentialReload:
         configuration.refresh_api_key_hook = self.refresh  # type: ignore[assignment]
 
     def refresh(self, configuration: Configuration) -> None:
-        stamps = self._stamps()
         with self._lock:
+            stamps = self._stamps()
             if stamps != self._seen:
                 self._reread(stamps)
             if self._token is not None:
@@ -80,7 +82,10 @@ class CredentialReload:
         log.info("%s changed: its new token is used from now on", self._what)
 
     def _stamps(self) -> tuple[FileStamp, ...]:
-        return tuple(_stamp(path) for path in self._files())
+        first = _stamp(self._paths[0])
+        if first != self._first:  # it may name other files now
+            self._paths, self._first = list(self._files()), first
+        return tuple(_stamp(path) for path in self._paths)
 
 
 def _stamp(path: Path) -> FileStamp:

@@ -27,9 +27,8 @@ from kubernetes.client.exceptions import ApiException
 from gatewayd.clustersettings import KubernetesSettings
 from gatewayd.follower import InputError, PlanSource, PlanT
 from gatewayd.kube.client import (
-    KubeConfigError,
     client_from_kubeconfig,
-    client_from_token,
+    client_from_token_file,
     client_in_cluster,
 )
 from gatewayd.kube.events import EventRecorder
@@ -106,13 +105,7 @@ def api_client(settings: KubernetesSettings) -> ApiClient:
         return client_from_kubeconfig(settings.kubeconfig)
     if settings.server is not None and settings.token_file is not None \
             and settings.ca_file is not None:
-        try:
-            token = settings.token_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise KubeConfigError(f"{settings.token_file}: cannot read the join token: "
-                                  f"{reason or exc}") from exc
-        return client_from_token(settings.server, token, settings.ca_file)
+        return client_from_token_file(settings.server, settings.token_file, settings.ca_file)
     return client_in_cluster()
 
 

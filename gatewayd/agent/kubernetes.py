@@ -22,8 +22,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from ipaddress import IPv4Address, ip_interface
 from typing import Any
+
+from kubernetes.client.exceptions import ApiException
 
 from gatewayd.agent.config import AgentConfig
 from gatewayd.agent.egress import EgressIPKeeper, EgressIPReport
@@ -186,6 +189,7 @@ class AgentCluster:
         )
         self.source.joined = self.reporter.joined.is_set
         self._responder: ProbeResponder | None = None
+        self._labels_refused: dict[str, str] | None = None
 
     def start(self) -> None:
         address = ip_interface(self.config.tunnel.address).ip
@@ -253,11 +257,26 @@ class AgentCluster:
 
     def _keep_labels(self, obj: Mapping[str, Any]) -> None:
         """The config's labels on the EgressGateway: a reload may have changed them, and
-        someone may have removed one of ours (other labels are left alone)."""
+        someone may have removed one of ours (other labels are left alone). Where the cluster
+        pins labels to the administrator (RBAC or the ValidatingAdmissionPolicy of
+        packaging/kubernetes), the refusal is logged once per label set, not retried."""
         labels = object_labels(self.config)
         current = (obj.get("metadata") or {}).get("labels") or {}
-        if any(current.get(k) != v for k, v in labels.items()):
+        if not any(current.get(k) != v for k, v in labels.items()):
+            return
+        if self._labels_refused == labels:
+            return
+        try:
             self.object.patch_labels(labels)
+        except ApiException as exc:
+            if exc.status not in (HTTPStatus.FORBIDDEN, HTTPStatus.UNPROCESSABLE_ENTITY):
+                raise
+            self._labels_refused = labels
+            missing = ", ".join(f"{k}={v}" for k, v in labels.items() if current.get(k) != v)
+            log.warning("EgressGateway %s: the cluster refuses this gateway's label writes "
+                        "(HTTP %s); labels are the administrator's: kubectl label "
+                        "egressgateway %s %s", self.config.name, exc.status, self.config.name,
+                        missing)
 
     def _renew_lease(self) -> None:
         settings = self.config.kubernetes

@@ -55,7 +55,9 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "gatewayd-controller"
 DEFAULT_NAMESPACE = "gatewayd-system"
-API_SERVER_SLICES = "kubernetes.io/service-name=kubernetes"
+# The API server's EndpointSlice, by name: RBAC grants the controller that one object only
+# (resourceNames), which a list or watch matches through its metadata.name field selector.
+API_SERVER_SLICE = "metadata.name=kubernetes"
 # /healthz fails when the loop has not come round for this long (it does every resync).
 STALL_SECONDS = 120.0
 API_BACKOFF = Backoff(initial=0.2, maximum=10.0)
@@ -126,7 +128,7 @@ class Controller:
         self._gateways = informer(EGRESS_GATEWAYS)
         self._egress_nodes = informer(EGRESS_NODES)
         self._endpoint_slices = informer(
-            ENDPOINT_SLICES, namespace="default", label_selector=API_SERVER_SLICES
+            ENDPOINT_SLICES, namespace="default", field_selector=API_SERVER_SLICE
         )
         self._leases = Informer(
             api, LEASES, self._leases_changed, namespace=options.namespace, backoff=options.backoff

@@ -85,13 +85,28 @@ class ApiServer(Protocol):
     def list(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]: ...
 
 
+class Identities(Protocol):
+    """Who each daemon is, on an API server that authenticates and authorizes (the tests'
+    fake with tests/fixtures/fakeauth.py): the cluster's RBAC and admission objects, and a
+    token per daemon, as a real cluster hands them out."""
+
+    def install(self, gateways: Iterable[str]) -> None:
+        """Apply packaging/kubernetes and each gateway's credentials (the admin's job)."""
+
+    def token(self, role: str, name: str) -> str:
+        """A token for `role` ("controller", "agent" or "steer") on host `name`: the gateway's
+        service account token, the steer pod's projected token with its node's claim."""
+
+
 class KubeLab(Lab):
     """A lab whose daemons run in Kubernetes mode against `api`."""
 
-    def __init__(self, directory: Path, api: ApiServer, timing: Mapping[str, float]) -> None:
+    def __init__(self, directory: Path, api: ApiServer, timing: Mapping[str, float],
+                 identities: Identities | None = None) -> None:
         super().__init__(directory)
         self.api = api
         self.timing = dict(timing)
+        self.identities = identities
         self._controller: subprocess.Popen[bytes] | None = None
 
     # --- the API server ---------------------------------------------------------------------
@@ -107,6 +122,13 @@ class KubeLab(Lab):
         """The kubeconfig for the lab's hosts (198.51.100.6:6443), or for processes inside
         the `api` host (its loopback, where the server listens)."""
         return self.directory / ("kubeconfig-local" if inside else "kubeconfig")
+
+    def daemon_kubeconfig(self, host: str) -> Path:
+        """The kubeconfig a daemon uses: its own identity's, or the shared admin one when the
+        lab has no identities."""
+        if self.identities is None:
+            return self.kubeconfig_path(inside=host == "controller")
+        return self.directory / f"kubeconfig-{host}"
 
     def api_down(self) -> None:
         self.api.go_down()
@@ -149,7 +171,7 @@ class KubeLab(Lab):
         if self._controller is not None and self._controller.poll() is None:
             raise LabError("the controller is already running")
         argv = [sys.executable, "-m", "gatewayd.cli.gatewayd", "controller",
-                "--kubeconfig", str(self.kubeconfig_path(inside=True)),
+                "--kubeconfig", str(self.daemon_kubeconfig("controller")),
                 "--namespace", NAMESPACE,
                 "--hold-down", str(self.timing["hold_down"]),
                 "--health-port", "18081"]
@@ -296,16 +318,20 @@ def kube_lab_up(
     controller: bool = True,
     timing: Mapping[str, float] | None = None,
     ready_timeout: float = 60,
+    identities: Identities | None = None,
 ) -> KubeLab:
     """Build the lab in `directory`, serve `api` from the `api` host, put the cluster's
     objects, start the controller and the daemons in Kubernetes mode; wait until the daemons
-    are ready and every node has a tunnel address and its gateways. A failure removes it."""
+    are ready and every node has a tunnel address and its gateways. With `identities`, every
+    daemon has its own (see `Identities`). A failure removes it."""
     lab = lab_up(directory, start_daemons=False)  # network, echo servers, keys
-    kube = KubeLab(lab.directory, api, {**DEFAULT_TIMING, **(timing or {})})
+    kube = KubeLab(lab.directory, api, {**DEFAULT_TIMING, **(timing or {})}, identities)
     kube._echo_servers = lab._echo_servers
     try:
         _serve_api(kube)
         _put_cluster(api)
+        if identities is not None:
+            _give_identities(kube, identities)
         _write_configs(kube)
         if controller:
             kube.start_controller()
@@ -356,12 +382,33 @@ def _put_cluster(api: ApiServer) -> None:
                 api.put(obj)
 
 
+GATEWAY_LABELS = {"egress.gatewayd.io/role": "gateway"}
+
+
+def _give_identities(lab: KubeLab, identities: Identities) -> None:
+    """As the administrator: the manifests and each gateway's credentials applied, the
+    gateways labelled (what policies select; the gateways cannot), and a kubeconfig per
+    daemon with its own token."""
+    identities.install(g.name for g in GATEWAYS)
+    for gateway in GATEWAYS:
+        obj = lab.api.get("egressgateways", gateway.name)
+        obj["metadata"].setdefault("labels", {}).update(GATEWAY_LABELS)
+        lab.api.put(obj)
+    daemons = [("agent", g.name) for g in GATEWAYS] + [("steer", n.name) for n in NODES]
+    for role, host in [*daemons, ("controller", "controller")]:
+        config = yaml.safe_load(lab.kubeconfig_path(inside=host == "controller").read_text())
+        config["users"][0]["user"] = {"token": identities.token(role, host)}
+        path = lab.daemon_kubeconfig(host)
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+
+
 def agent_config(lab: KubeLab, gateway: GatewayHost) -> dict[str, Any]:
     return {
         "name": gateway.name,
-        "labels": {"egress.gatewayd.io/role": "gateway"},
+        "labels": GATEWAY_LABELS,
         "kubernetes": {
-            "kubeconfig": str(lab.kubeconfig_path(inside=False)),
+            "kubeconfig": str(lab.daemon_kubeconfig(gateway.name)),
             "namespace": NAMESPACE,
             "leaseDurationSeconds": int(lab.timing["lease_duration"]),
             "leaseRenewSeconds": lab.timing["lease_renew"],
@@ -383,7 +430,7 @@ def steer_config(lab: KubeLab, node_name: str, number: int) -> dict[str, Any]:
     return {
         "node": node_name,
         "kubernetes": {
-            "kubeconfig": str(lab.kubeconfig_path(inside=False)),
+            "kubeconfig": str(lab.daemon_kubeconfig(node_name)),
             "namespace": NAMESPACE,
         },
         "stateDirectory": str(lab.state_dir(node_name)),

@@ -27,7 +27,11 @@ from typing import Any, cast
 import pytest
 import yaml
 from fixtures.fakeapi import FakeApiServer
+from fixtures.fakeauth import ClusterAuth, LabIdentities
+from kubernetes.client.exceptions import ApiException
 
+from gatewayd.clusterlink import CustomObject
+from gatewayd.kube.client import client_from_kubeconfig
 from gatewayd.lab.kubelab import (
     EgressIPWatch,
     KubeLab,
@@ -36,7 +40,7 @@ from gatewayd.lab.kubelab import (
     pinging,
     policy_status,
 )
-from gatewayd.lab.netns import run, wait_for
+from gatewayd.lab.netns import entered, run, wait_for
 from gatewayd.lab.observe import has_address
 from gatewayd.lab.pinger import Attempt, outage, read_attempts
 from gatewayd.lab.topology import (
@@ -66,8 +70,11 @@ API_OUTAGE_SECONDS = float(os.environ.get("GATEWAYD_LAB_API_OUTAGE_SECONDS", "10
 def klab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeLab]:
     if os.geteuid() != 0:
         pytest.skip("the lab needs root (network namespaces)")
-    with kube_lab_session(tmp_path_factory.mktemp("k8slab"), FakeApiServer(),
-                          timing={"hold_down": HOLD_DOWN}) as lab:
+    # Every daemon with its own identity, RBAC and admission from packaging/kubernetes.
+    fake = FakeApiServer(auth=ClusterAuth())
+    with kube_lab_session(tmp_path_factory.mktemp("k8slab"), fake,
+                          timing={"hold_down": HOLD_DOWN},
+                          identities=LabIdentities(fake)) as lab:
         for name in ("30-policy-payment-gateway.yaml", "31-policy-batch-all.yaml"):
             lab.create(yaml.safe_load((EXAMPLE_SNAPSHOT / name).read_text()))
         for pod, expected in ((CHECKOUT_1, PAYMENT_IP), (CHECKOUT_2, PAYMENT_IP),
@@ -488,3 +495,28 @@ def test_gateways_whose_clocks_run_off_are_judged_on_the_controllers_clock(
             settled(klab)
     finally:
         set_clock_offsets(klab, {})
+
+
+def test_a_steer_daemon_with_its_nodes_credentials_cannot_write_another_node(
+    klab: KubeLab,
+) -> None:
+    """node1's steer credentials (its kubeconfig, with the token projected into its pod)
+    write node1's EgressNode and are refused for node2's, from node1's own host."""
+    node1, node2 = NODES[0].name, NODES[1].name
+    before = klab.object("egressnodes", node2).get("status")
+    with entered(NODES[0].netns):
+        api = client_from_kubeconfig(klab.daemon_kubeconfig(node1))
+        try:
+            own = CustomObject(api, "egressnodes", "EgressNode", node1)
+            other = CustomObject(api, "egressnodes", "EgressNode", node2)
+            assert own.get() is not None
+            with pytest.raises(ApiException) as raised:
+                other.patch_status({"publicKey": "A" * 43 + "=", "endpoint": "192.0.2.21:1"})
+        finally:
+            api.close()
+    assert raised.value.status == 403
+    assert f"may write only the EgressNode {node1}, not {node2}" in str(raised.value.body)
+    assert klab.object("egressnodes", node2).get("status") == before
+    assert klab.api.auth is not None
+    assert all(node2 in refusal for refusal in klab.api.auth.refusals), \
+        "the daemons' own requests were refused"

@@ -152,15 +152,14 @@ def test_kustomize_builds_the_whole_install() -> None:
 
 
 def test_namespaced_objects_live_in_gatewayd_system() -> None:
-    cluster_scoped = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
-    # The one exception: read access to the API server's EndpointSlice, which lives in default.
-    elsewhere = {"gatewayd-controller-apiserver-endpoints"}
+    """No exception, not even for the API server's EndpointSlice in `default` (a ClusterRole
+    limited by name): an overlay's `namespace:` moves every namespaced object."""
+    cluster_scoped = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
+                      "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     for doc in installed():
         namespace = doc["metadata"].get("namespace")
         if doc["kind"] in cluster_scoped:
             assert namespace is None, doc["metadata"]["name"]
-        elif doc["metadata"]["name"] in elsewhere:
-            assert namespace == "default"
         else:
             assert namespace == NAMESPACE, doc["metadata"]["name"]
 
@@ -429,7 +428,7 @@ def test_no_rule_uses_wildcards() -> None:
 GATEWAY_ACCESS = [
     ("get", EGW, "gw-a", None, True),
     ("watch", EGW, "gw-a", None, True),
-    ("patch", EGW, "gw-a", None, True),
+    ("patch", EGW, "gw-a", None, False),  # its labels are the administrator's
     ("update", EGW_STATUS, "gw-a", None, True),
     ("get", EGW, "gw-b", None, False),
     ("patch", EGW, "gw-b", None, False),
@@ -475,8 +474,9 @@ CONTROLLER_ACCESS = [
     ("create", LEASES, None, NAMESPACE, True),
     ("patch", LEASES, "gatewayd-controller", NAMESPACE, True),
     ("patch", LEASES, "egressgateway-gw-a", NAMESPACE, False),
-    ("watch", ENDPOINT_SLICES, None, "default", True),
-    ("watch", ENDPOINT_SLICES, None, "shop", False),
+    ("watch", ENDPOINT_SLICES, "kubernetes", "default", True),
+    ("watch", ENDPOINT_SLICES, None, "default", False),
+    ("get", ENDPOINT_SLICES, "shop", "shop", False),
     ("create", EVENTS, None, "default", True),
     ("patch", EVENTS, "pay.1", "default", True),  # a repeat updates the Event's series
     ("create", CORE_EVENTS, None, "default", False),  # events.k8s.io/v1 only

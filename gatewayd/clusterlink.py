@@ -41,11 +41,11 @@ from gatewayd.kube.client import (
     client_in_cluster,
 )
 from gatewayd.kube.informer import Informer
+from gatewayd.kube.mergepatch import MERGE_PATCH, merge_patch_to
 from gatewayd.kube.resources import EGRESS_GROUP, EGRESS_VERSION, Resource
 
 log = logging.getLogger("gatewayd")
 
-MERGE_PATCH = "application/merge-patch+json"
 EVENTS_NAMESPACE = "default"
 EVENT_MESSAGE_LIMIT = 1024
 # (connect, read) seconds for every request the reporter makes: an unreachable API server
@@ -157,6 +157,26 @@ def conditions(
             "lastTransitionTime": since or now,
         })
     return result
+
+
+def status_patch(status: Status, *before: Mapping[str, Any] | None) -> Status:
+    """The merge patch that writes `status`, also over each of `before` (what this daemon
+    wrote last, what the object held when last seen): a field the new status no longer has
+    (unknown now) is sent as null and removed, not left stale. Conditions of types the daemon
+    does not write (the controller's `PeerAccepted` on an EgressNode) are kept as `before[-1]`
+    holds them."""
+    live = before[-1] if before else None
+    ours = {c.get("type") for c in status.get("conditions") or () if isinstance(c, Mapping)}
+    theirs = [
+        c for c in (live or {}).get("conditions") or ()
+        if isinstance(c, Mapping) and c.get("type") not in ours
+    ]
+    patch: Status = dict(status)
+    if theirs and "conditions" in patch:
+        patch["conditions"] = [*patch["conditions"], *theirs]
+    for previous in before:
+        patch = merge_patch_to(patch, previous)
+    return patch
 
 
 class CustomObject:

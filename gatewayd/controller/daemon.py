@@ -30,7 +30,7 @@ from kubernetes.client import ApiClient
 
 from gatewayd.controller.leader import LeaderElector
 from gatewayd.controller.probes import ProbeServer
-from gatewayd.controller.reconcile import Decisions, Reconciler
+from gatewayd.controller.reconcile import PEER_CONDITION, Decisions, Reconciler
 from gatewayd.controller.snapshots import Cluster
 from gatewayd.controller.tunnels import DEFAULT_TUNNEL_CIDR
 from gatewayd.controller.writer import Outcome, Writer
@@ -310,15 +310,22 @@ class Controller:
                 for o in cluster.egress_nodes
             ),
             *(
+                (EGRESS_NODES, o, PEER_CONDITION, decisions.node_conditions.get(_name(o)))
+                for o in cluster.egress_nodes
+                if _name(o) in decisions.node_conditions
+            ),
+            *(
                 (EGRESS_GATEWAY_POLICIES, o, "status", decisions.policy_statuses.get(_name(o)))
                 for o in cluster.policies
                 if o.get("kind") == EGRESS_GATEWAY_POLICIES.kind
             ),
         ]
         for resource, obj, part, content in writes:
-            if content is None or not self._elector.is_leader:
+            if not self._elector.is_leader or (content is None and part != PEER_CONDITION):
                 continue
-            if part == "spec":
+            if part == PEER_CONDITION:
+                outcome = self._writer.write_condition(resource, obj, part, content)
+            elif part == "spec":
                 outcome = self._writer.write_spec(resource, obj, content)
                 if outcome is Outcome.WRITTEN:
                     self._reconciler.record_written(self._writer.current(resource, obj))

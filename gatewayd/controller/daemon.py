@@ -28,6 +28,7 @@ from typing import Any
 
 from kubernetes.client import ApiClient
 
+from gatewayd.controller.cached import pod_fields, without_managed_fields
 from gatewayd.controller.leader import LeaderElector
 from gatewayd.controller.probes import ProbeServer
 from gatewayd.controller.reconcile import PEER_CONDITION, Decisions, Reconciler
@@ -98,13 +99,14 @@ class Controller:
         self._reconciler = Reconciler(options.hold_down, options.tunnel_cidr)
 
         def informer(resource: Resource, **kwargs: Any) -> Informer:
+            kwargs.setdefault("transform", without_managed_fields)
             return Informer(api, resource, self.mark_dirty, backoff=options.backoff, **kwargs)
 
         policies = [EGRESS_GATEWAY_POLICIES]
         if options.cilium_policies:
             policies.append(CILIUM_EGRESS_GATEWAY_POLICIES)
         self._policies = [informer(resource) for resource in policies]
-        self._pods = informer(PODS)
+        self._pods = informer(PODS, transform=pod_fields)
         self._namespaces = informer(NAMESPACES)
         self._nodes = informer(NODES)
         self._gateways = informer(EGRESS_GATEWAYS)
@@ -113,7 +115,12 @@ class Controller:
             ENDPOINT_SLICES, namespace="default", label_selector=API_SERVER_SLICES
         )
         self._leases = Informer(
-            api, LEASES, self._leases_changed, namespace=options.namespace, backoff=options.backoff
+            api,
+            LEASES,
+            self._leases_changed,
+            namespace=options.namespace,
+            backoff=options.backoff,
+            transform=without_managed_fields,
         )
         self._informers = [
             *self._policies,

@@ -17,6 +17,7 @@ from gatewayd.agent.egress import EgressIPReport
 from gatewayd.agent.kubernetes import AgentState, gateway_status, target_from_object
 from gatewayd.agent.target import target_from_dict as gateway_target_from_dict
 from gatewayd.agent.target import target_to_dict as gateway_target_to_dict
+from gatewayd.clusterlink import status_patch
 from gatewayd.configfile import ConfigError
 from gatewayd.controller.specs import node_endpoint
 from gatewayd.follower import InputError
@@ -353,3 +354,18 @@ def test_a_gateway_dials_the_port_the_node_listens_on_for_it(
     status: dict[str, object], expected: str | None
 ) -> None:
     assert node_endpoint(status, "gw1") == expected
+
+
+def test_the_status_patch_removes_what_became_unknown_and_keeps_others_conditions() -> None:
+    ready = {"type": "Ready", "status": "True"}
+    peer = {"type": "PeerAccepted", "status": "False", "reason": "InvalidEndpoint"}
+    written = {"endpoint": "192.0.2.21:51821", "gatewayPorts": {"gw1": 51821},
+               "conditions": [ready]}
+    live = {**written, "publicKey": key("node1"), "conditions": [ready, peer]}
+    new = {"gatewayPorts": {"gw2": 51822}, "conditions": [ready]}
+    assert status_patch(new, written, live) == {
+        "endpoint": None,  # unknown now: removed, not left stale
+        "publicKey": None,  # written by an older version, unknown now
+        "gatewayPorts": {"gw1": None, "gw2": 51822},
+        "conditions": [ready, peer],  # the controller's condition stays
+    }

@@ -548,9 +548,9 @@ def _controller_peak_rss(kubeconfig: str, connection: Connection) -> None:
             time.sleep(0.1)
         first = time.monotonic() - started
         writes = -1
-        while controller.writes != writes:  # settled: no write for 5 s
+        while controller.writes != writes:  # settled: no write for 15 s (retries included)
             writes = controller.writes
-            time.sleep(5)
+            time.sleep(15)
     finally:
         controller.stop()
     connection.send((peak_rss_kib(), first, controller.writes))

@@ -18,6 +18,7 @@ compares what it wants with what it reads back.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from gatewayd.policy.planio import gateway_plan_to_dict, node_plan_to_dict
 
 Rule = dict[str, Any]
 Object = Mapping[str, Any]
+log = logging.getLogger(__name__)
 
 
 def without_nulls(rule: Mapping[str, Any]) -> Rule:
@@ -280,6 +282,16 @@ def _published_key(obj: Object) -> str | None:
     return key if isinstance(key, str) and key else None
 
 
+def _gateway_problem(key: str, endpoint: object) -> str | None:
+    try:
+        parse_wireguard_key(key)
+    except ValueError as error:
+        return f"status.publicKey: {error}"
+    if endpoint is not None and not valid_endpoint(endpoint):
+        return f"status.endpoint: {str(endpoint)[:100]!r} is not HOST:PORT or [IPv6]:PORT"
+    return None
+
+
 def peer_problems(egress_nodes: Iterable[Object]) -> dict[str, PeerProblem]:
     """The cloud nodes (by name) whose published tunnel end no gateway may be given: a public
     key that is not a WireGuard key, an endpoint or per-gateway port that is not HOST:PORT, or
@@ -365,13 +377,19 @@ def peers(
 def node_gateways(gateways: Iterable[Object]) -> list[Rule]:
     """The gateways a node keeps a tunnel to: every one that published its public key, so a
     gateway's health changes never rewrite the node plans, and a standby's tunnel is up
-    before it is needed."""
+    before it is needed. A gateway whose key or endpoint is malformed is left out (and
+    logged): it would make every node refuse its whole spec."""
     found = []
     for gateway in sorted(gateways, key=lambda g: _name(g).encode()):
         status = _status(gateway)
         key = status.get("publicKey")
         if isinstance(key, str) and key:
             endpoint = status.get("endpoint") or None
+            problem = _gateway_problem(key, endpoint)
+            if problem is not None:
+                log.warning("EgressGateway %s left out of the nodes' plans: %s", _name(gateway),
+                            problem)
+                continue
             found.append(
                 without_nulls({"name": _name(gateway), "publicKey": key, "endpoint": endpoint})
             )

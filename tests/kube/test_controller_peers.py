@@ -106,3 +106,17 @@ def test_the_controller_keeps_steers_conditions_beside_its_own(
     conditions = (fake_api.get("egressnodes", "node-1") or {})["status"]["conditions"]
     assert [c["type"] for c in conditions] == ["Ready", "PeerAccepted"]
     assert conditions[0] == steer_ready
+
+
+def test_a_gateway_with_a_bad_endpoint_is_left_out_of_the_nodes_plans(
+    fake_api: FakeApiServer, api: ApiClient
+) -> None:
+    world = World(fake_api)
+    basic_cluster(world)
+    gateway = fake_api.get("egressgateways", "gw-2") or {}
+    fake_api.put({**gateway, "status": {**gateway["status"], "endpoint": "192.0.2.2:0"}})
+    with Agents(fake_api, api), running(api, options()) as controller:
+        wait_until(lambda: world.roles("pay") != set(), TIMEOUT, "pay planned")
+        settled(fake_api, controller)
+        names = [g["name"] for g in world.spec("egressnodes", "node-1")["gateways"]]
+    assert names == ["gw-1"]

@@ -1,6 +1,6 @@
 """Benchmark of the controller's reconcile (gatewayd/controller/) on a generated cluster.
 
-Usage: .venv/bin/python bench/bench_controller.py [--seed N] [--end-to-end]
+Usage: .venv/bin/python bench/bench_controller.py [--seed N] [--end-to-end | --memory [--pods N]]
 
 10,000 pods, 500 policies, 50 nodes (each with its EgressNode), 4 gateways: the cluster of
 bench_engine.py's generator, written as the API serves it (JSON objects). Timed, over in-memory
@@ -14,15 +14,25 @@ caches (`Reconciler.plan`, the one reconcile function, plus deciding what to wri
 
 With --end-to-end, also against the fake API server over HTTP: the time from a pod's creation
 to the node spec that steers it, through the watch, the reconcile and the write.
+
+With --memory, only this: the peak RSS of a controller process (a fresh interpreter, nothing
+else in it) that lists and watches the cluster from the fake API server (in another process)
+with real-sized pods (containers, volumes, tolerations, conditions and the managedFields a real
+server keeps: about 5 KB of JSON each) until its first reconcile is written and the writes
+have settled. Run it with PYTHONPATH pointing at another checkout's code to measure that one.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import gc
+import hashlib
+import json
 import multiprocessing
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -44,6 +54,12 @@ GROUP = "egress.gatewayd.io/v1alpha1"
 CIDR = IPv4Network("100.127.0.0/16")
 KEY = "A" * 43 + "="
 NS_PREFIX = "io.cilium.k8s.namespace.labels."
+
+
+def node_key(name: str) -> str:
+    """A well-formed WireGuard public key of its own per node (the controller leaves out nodes
+    that share one)."""
+    return base64.b64encode(hashlib.sha256(name.encode()).digest()).decode()
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float]:
@@ -182,7 +198,7 @@ def cluster_objects(snapshot: Snapshot, gateways: int) -> Cluster:
                 "resourceVersion": "1",
             },
             "spec": {},
-            "status": {"observedGeneration": 1, "publicKey": KEY},
+            "status": {"observedGeneration": 1, "publicKey": node_key(n.name)},
         }
         for n in snapshot.nodes
     ]
@@ -376,18 +392,11 @@ def _serve(fake: Any, connection: Connection) -> None:
     fake.stop()
 
 
-def bench_end_to_end(cluster: Cluster, planned: Cluster) -> None:
-    """The controller in this process, the fake API server in another (so that the two do not
-    share one interpreter lock), talking HTTP; `cluster` as generated (a fresh install),
-    `planned` as the in-memory run left it (to pick a pod that policies select)."""
+def filled_fake_api(cluster: Cluster) -> Any:
+    """A fake API server (not started) holding `cluster`, its Leases renewed now."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from fixtures.fakeapi import FakeApiServer, wait_until
-    from kubernetes.client import CoreV1Api, CustomObjectsApi
-    from kubernetes.config import new_client_from_config_dict
+    from fixtures.fakeapi import FakeApiServer
 
-    from gatewayd.controller.daemon import Controller, ControllerOptions
-
-    print("end to end: the controller against the fake API server in another process (HTTP)")
     fake = FakeApiServer()
     for obj in [
         *cluster.namespaces,
@@ -408,6 +417,204 @@ def bench_end_to_end(cluster: Cluster, planned: Cluster) -> None:
                 "spec": renewed,
             }
         )
+    return fake
+
+
+def real_sized(pod: Obj, index: int) -> Obj:
+    """`pod` with what a Deployment's pod carries besides the fields the controller reads
+    (the fake API server adds the managedFields)."""
+    name, namespace = pod["metadata"]["name"], pod["metadata"]["namespace"]
+    app = next(iter(pod["metadata"]["labels"].values()), "app")
+    container = {
+        "name": "app",
+        "image": f"registry.example.com/{namespace}/{app}:1.{index % 40}.3",
+        "imagePullPolicy": "IfNotPresent",
+        "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "LOG_LEVEL", "value": "info"},
+        ],
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"memory": "256Mi"},
+        },
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 10},
+        "volumeMounts": [
+            {
+                "name": "kube-api-access",
+                "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                "readOnly": True,
+            }
+        ],
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+    }
+    started = "2026-11-01T10:00:00Z"
+    return {
+        **pod,
+        "metadata": {
+            **pod["metadata"],
+            "generateName": f"{app}-7d9c5b6f8-",
+            "annotations": {"kubectl.kubernetes.io/restartedAt": started},
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": f"{app}-7d9c5b6f8",
+                    "uid": f"uid-rs-{namespace}-{app}",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            **pod["spec"],
+            "containers": [container],
+            "volumes": [
+                {
+                    "name": "kube-api-access",
+                    "projected": {
+                        "sources": [
+                            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                            {"configMap": {"name": "kube-root-ca.crt"}},
+                        ]
+                    },
+                }
+            ],
+            "tolerations": [
+                {
+                    "key": f"node.kubernetes.io/{taint}",
+                    "operator": "Exists",
+                    "effect": "NoExecute",
+                    "tolerationSeconds": 300,
+                }
+                for taint in ("not-ready", "unreachable")
+            ],
+            "restartPolicy": "Always",
+            "dnsPolicy": "ClusterFirst",
+            "schedulerName": "default-scheduler",
+            "terminationGracePeriodSeconds": 30,
+            "enableServiceLinks": True,
+            "preemptionPolicy": "PreemptLowerPriority",
+            "priority": 0,
+        },
+        "status": {
+            **pod["status"],
+            "phase": "Running",
+            "hostIP": "10.0.0.10",
+            "hostIPs": [{"ip": "10.0.0.10"}],
+            "qosClass": "Burstable",
+            "startTime": started,
+            "conditions": [
+                {"type": kind, "status": "True", "lastTransitionTime": started}
+                for kind in (
+                    "PodReadyToStartContainers",
+                    "Initialized",
+                    "Ready",
+                    "ContainersReady",
+                    "PodScheduled",
+                )
+            ],
+            "containerStatuses": [
+                {
+                    "name": "app",
+                    "ready": True,
+                    "started": True,
+                    "restartCount": 0,
+                    "image": container["image"],
+                    "imageID": f"{container['image']}@sha256:{'0' * 64}",
+                    "containerID": f"containerd://{hashlib.sha256(name.encode()).hexdigest()}",
+                    "state": {"running": {"startedAt": started}},
+                }
+            ],
+        },
+    }
+
+
+def _controller_peak_rss(kubeconfig: str, connection: Connection) -> None:
+    """In a fresh process: run the controller until its first reconcile is written and the
+    writes settled; send back (peak RSS in KiB, seconds to the first reconcile, writes)."""
+    from gatewayd.controller.daemon import Controller, ControllerOptions
+    from gatewayd.kube.client import client_from_kubeconfig
+
+    controller = Controller(
+        client_from_kubeconfig(Path(kubeconfig)),
+        ControllerOptions(identity="bench", resync_interval=300, min_interval=0.5),
+    )
+    started = time.monotonic()
+    controller.start()
+    try:
+        while controller.reconciles < 1:
+            time.sleep(0.1)
+        first = time.monotonic() - started
+        writes = -1
+        while controller.writes != writes:  # settled: no write for 15 s (retries included)
+            writes = controller.writes
+            time.sleep(15)
+    finally:
+        controller.stop()
+    connection.send((peak_rss_kib(), first, controller.writes))
+
+
+def peak_rss_kib() -> int:
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that over an
+    exec, so a spawned child would report the forking parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def bench_memory(seed: int, pods_wanted: int) -> None:
+    snapshot = make_snapshot(
+        pods=pods_wanted, policies=500, deployments=500, namespaces=50, nodes=50, seed=seed
+    )
+    cluster = cluster_objects(snapshot, gateways=4)
+    pods = [real_sized(pod, index) for index, pod in enumerate(cluster.pods)]
+    fake = filled_fake_api(with_pods(cluster, pods))
+    served = fake.list("pods")
+    size = sum(len(json.dumps(p)) for p in served) / len(served)
+    managed = sum(len(json.dumps(p["metadata"]["managedFields"])) for p in served) / len(served)
+    print(
+        f"peak RSS of the controller: {len(served):,} pods of {size / 1024:.1f} KB JSON each "
+        f"({managed / 1024:.1f} KB of it managedFields), 500 policies, 50 nodes, 4 gateways"
+    )
+    parent, child = multiprocessing.get_context("fork").Pipe()
+    server = multiprocessing.get_context("fork").Process(target=_serve, args=(fake, child))
+    server.start()
+    try:
+        url = parent.recv()
+        config = fake.kubeconfig_dict()
+        config["clusters"][0]["cluster"]["server"] = url
+        with tempfile.NamedTemporaryFile("w", suffix=".kubeconfig") as kubeconfig:
+            json.dump(config, kubeconfig)
+            kubeconfig.flush()
+            results, sent = multiprocessing.get_context("spawn").Pipe()
+            controller = multiprocessing.get_context("spawn").Process(
+                target=_controller_peak_rss, args=(kubeconfig.name, sent)
+            )
+            controller.start()
+            peak, first, writes = results.recv()
+            controller.join(30)
+    finally:
+        parent.send("stop")
+        server.join(10)
+    print(f"  first reconcile written after   {first:7.1f} s   ({writes} writes)")
+    print(f"  peak RSS                        {peak / 1024:7.0f} MiB")
+
+
+def bench_end_to_end(cluster: Cluster, planned: Cluster) -> None:
+    """The controller in this process, the fake API server in another (so that the two do not
+    share one interpreter lock), talking HTTP; `cluster` as generated (a fresh install),
+    `planned` as the in-memory run left it (to pick a pod that policies select)."""
+    print("end to end: the controller against the fake API server in another process (HTTP)")
+    fake = filled_fake_api(cluster)
+    from fixtures.fakeapi import wait_until
+    from kubernetes.client import CoreV1Api, CustomObjectsApi
+    from kubernetes.config import new_client_from_config_dict
+
+    from gatewayd.controller.daemon import Controller, ControllerOptions
+
     parent, child = multiprocessing.get_context("fork").Pipe()
     server = multiprocessing.get_context("fork").Process(target=_serve, args=(fake, child))
     server.start()
@@ -476,7 +683,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--end-to-end", action="store_true", help="also against the fake API")
+    parser.add_argument(
+        "--memory", action="store_true", help="only the controller's peak RSS (real-sized pods)"
+    )
+    parser.add_argument("--pods", type=int, default=10_000, help="pods of the --memory run")
     args = parser.parse_args()
+    if args.memory:
+        bench_memory(args.seed, args.pods)
+        return
     generated, planned = bench_in_memory(args.seed)
     if args.end_to_end:
         bench_end_to_end(generated, planned)

@@ -33,11 +33,11 @@ from gatewayd.kube.client import (
 )
 from gatewayd.kube.events import EventRecorder
 from gatewayd.kube.informer import Informer
+from gatewayd.kube.mergepatch import MERGE_PATCH, merge_patch_to
 from gatewayd.kube.resources import EGRESS_GROUP, EGRESS_VERSION, Resource
 
 log = logging.getLogger("gatewayd")
 
-MERGE_PATCH = "application/merge-patch+json"
 # (connect, read) seconds for every request the reporter makes: an unreachable API server
 # must not hold a heartbeat back for long.
 REQUEST_TIMEOUT = (3.0, 5.0)
@@ -142,6 +142,26 @@ def conditions(
             "lastTransitionTime": since or now,
         })
     return result
+
+
+def status_patch(status: Status, *before: Mapping[str, Any] | None) -> Status:
+    """The merge patch that writes `status`, also over each of `before` (what this daemon
+    wrote last, what the object held when last seen): a field the new status no longer has
+    (unknown now) is sent as null and removed, not left stale. Conditions of types the daemon
+    does not write (the controller's `PeerAccepted` on an EgressNode) are kept as `before[-1]`
+    holds them."""
+    live = before[-1] if before else None
+    ours = {c.get("type") for c in status.get("conditions") or () if isinstance(c, Mapping)}
+    theirs = [
+        c for c in (live or {}).get("conditions") or ()
+        if isinstance(c, Mapping) and c.get("type") not in ours
+    ]
+    patch: Status = dict(status)
+    if theirs and "conditions" in patch:
+        patch["conditions"] = [*patch["conditions"], *theirs]
+    for previous in before:
+        patch = merge_patch_to(patch, previous)
+    return patch
 
 
 class CustomObject:

@@ -211,7 +211,6 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             errors=self.errors,
             last_error=self.status.last_error,
             peers_up=frozenset(self.peers_up),
-            peer_handshakes=self.handshakes,
             peers=tuple(p.name for p in self.peers(self.target)),
             egress_ips=self.cluster.keeper.report(),
             interfaces=interfaces,

@@ -9,7 +9,9 @@
   with it the configured labels are put back on the EgressGateway if they differ (a reload).
 - Status: observedGeneration (once the data plane matches that generation), public key,
   endpoint, addresses, interfaces, egress IP pools, the egress IPs held now, conditions and
-  peers' handshakes; written when it changes.
+  whether each peer is up; written when it changes, as a merge patch in which a field that
+  became unknown is null (removed). No handshake times: they change at every WireGuard rekey
+  (every two minutes per peer) and would make every gateway write its status all the time.
 - Fast failover: answers the cloud nodes' probes, and moves provisioned egress IPs with the
   nodes' traffic (`egress.py`).
 
@@ -31,7 +33,7 @@ from kubernetes.client.exceptions import ApiException
 from gatewayd.agent.config import AgentConfig
 from gatewayd.agent.egress import EgressIPKeeper, EgressIPReport
 from gatewayd.agent.host import first_ipv4, observe_interfaces
-from gatewayd.agent.target import GatewayTarget, peers_from_list
+from gatewayd.agent.target import GatewayTarget, usable_peers
 from gatewayd.clusterlink import (
     Condition,
     CustomObject,
@@ -41,7 +43,7 @@ from gatewayd.clusterlink import (
     Timeout,
     api_client,
     conditions,
-    rfc3339,
+    status_patch,
 )
 from gatewayd.dataplane.probe import ProbeResponder
 from gatewayd.follower import InputError
@@ -75,10 +77,12 @@ def target_from_object(obj: Mapping[str, Any]) -> GatewayTarget:
             "generation": int(metadata.get("generation") or 0),
             "rules": spec.get("rules") or [],
         })
-        peers = peers_from_list(spec.get("peers") or [], "spec.peers")
+        peers, problems = usable_peers(spec.get("peers") or [], "spec.peers")
     except PlanFormatError as exc:
         raise InputError("plan-invalid", f"EgressGateway {name}: spec unusable, keeping the "
                          f"last applied plan: {exc}", object=f"EgressGateway/{name}") from exc
+    for problem in problems:
+        log.warning("EgressGateway %s: peer left out, the others are applied: %s", name, problem)
     return GatewayTarget(plan, peers)
 
 
@@ -93,7 +97,6 @@ class AgentState:
     errors: tuple[str, ...]  # of the last programming pass
     last_error: str | None
     peers_up: frozenset[str]
-    peer_handshakes: Mapping[str, int]  # peer name -> unix time of its latest handshake
     peers: tuple[str, ...]
     egress_ips: EgressIPReport
     interfaces: tuple[GatewayInterface, ...]
@@ -145,11 +148,7 @@ def gateway_status(state: AgentState, previous: Mapping[str, Any], now: str) -> 
         ],
         "egressIPs": [str(ip) for ip in state.egress_ips.held],
         "conditions": conditions(new, previous.get("conditions") or [], state.generation, now),
-        "peers": [
-            {"name": name, **({"lastHandshakeTime": rfc3339(state.peer_handshakes[name])}
-                              if state.peer_handshakes.get(name) else {})}
-            for name in state.peers
-        ],
+        "peers": [{"name": name, "up": name in state.peers_up} for name in state.peers],
     }
     return {key: value for key, value in status.items() if value is not None}
 
@@ -288,7 +287,8 @@ class AgentCluster:
                         "retrying at the next renewal", settings.namespace, name)
 
     def _write_status(self, status: Status, timeout: Timeout) -> None:
-        self.object.patch_status(status, timeout)
+        patch = status_patch(status, self.reporter.written, self.source.status())
+        self.object.patch_status(patch, timeout)
 
 
 def observe_host(config: AgentConfig) -> tuple[GatewayInterface, ...]:

@@ -7,6 +7,7 @@ plan change (saved on disk like the rules, and restored before the API server is
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,14 +65,28 @@ def peer_to_dict(peer: TunnelPeer) -> dict[str, Any]:
 
 
 def peers_from_list(items: object, path: str) -> tuple[TunnelPeer, ...]:
-    """Peers as `spec.peers` holds them; PlanFormatError names the field that is wrong."""
+    """Peers as a saved plan holds them; PlanFormatError names the field that is wrong."""
+    peers, problems = usable_peers(items, path)
+    if problems:
+        raise PlanFormatError(problems[0])
+    return peers
+
+
+def usable_peers(items: object, path: str) -> tuple[tuple[TunnelPeer, ...], tuple[str, ...]]:
+    """The well-formed peers of `spec.peers`, and why each other one is left out (naming its
+    field). One bad peer must not stop the others: a controller older than peer validation may
+    copy a bad key or endpoint from one node's status. Peers sharing a public key are all left
+    out, since the gateway cannot tell which one owns it. Raises PlanFormatError only when
+    `items` is not a list."""
     if not isinstance(items, list):
         raise PlanFormatError(f"{path}: must be a list of peers")
     peers = []
+    problems = []
     for index, item in enumerate(items):
         where = f"{path}[{index}]"
         if not isinstance(item, Mapping):
-            raise PlanFormatError(f"{where}: must be a mapping")
+            problems.append(f"{where}: must be a mapping")
+            continue
         try:
             name = item["name"]
             if not isinstance(name, str) or not name:
@@ -85,14 +100,23 @@ def peers_from_list(items: object, path: str) -> tuple[TunnelPeer, ...]:
                 persistent_keepalive=PEER_KEEPALIVE_SECONDS,
             ))
         except (KeyError, TypeError, ValueError) as exc:
-            raise PlanFormatError(f"{where}: {exc}") from exc
-    keys = [p.public_key for p in peers]
-    if len(set(keys)) != len(keys):
-        raise PlanFormatError(f"{path}: a public key is listed twice")
-    conflicts = peer_network_conflicts([(p.name, p.allowed_ips) for p in peers])
-    if conflicts:
-        raise PlanFormatError(f"{path}: allowedIPs: {conflicts[0]}")
-    return tuple(peers)
+            problems.append(f"{where}: {exc}")
+    keys = Counter(p.public_key for p in peers)
+    unique = []
+    for peer in peers:
+        if keys[peer.public_key] > 1:
+            problems.append(f"{path}: peer {peer.name}: its public key is listed twice")
+        else:
+            unique.append(peer)
+    accepted: list[TunnelPeer] = []
+    for peer in unique:  # WireGuard would route a shared network to one of them only, silently
+        conflicts = peer_network_conflicts(
+            [(p.name, p.allowed_ips) for p in accepted] + [(peer.name, peer.allowed_ips)])
+        if conflicts:
+            problems.append(f"{path}: peer {peer.name}: allowedIPs: {conflicts[0]}")
+        else:
+            accepted.append(peer)
+    return tuple(accepted), tuple(problems)
 
 
 def _list(item: Mapping[str, Any], key: str) -> Iterable[object]:

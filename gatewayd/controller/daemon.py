@@ -28,9 +28,10 @@ from typing import Any
 
 from kubernetes.client import ApiClient
 
+from gatewayd.controller.cached import pod_fields, without_managed_fields
 from gatewayd.controller.leader import LEASE_DURATION, LeaderElector
 from gatewayd.controller.probes import ProbeServer
-from gatewayd.controller.reconcile import Decisions, Reconciler
+from gatewayd.controller.reconcile import PEER_CONDITION, Decisions, Reconciler
 from gatewayd.controller.skew import SKEW_FIELD
 from gatewayd.controller.snapshots import Cluster
 from gatewayd.controller.tunnels import DEFAULT_TUNNEL_CIDR
@@ -116,13 +117,14 @@ class Controller:
         )
 
         def informer(resource: Resource, **kwargs: Any) -> Informer:
+            kwargs.setdefault("transform", without_managed_fields)
             return Informer(api, resource, self.mark_dirty, backoff=options.backoff, **kwargs)
 
         policies = [EGRESS_GATEWAY_POLICIES]
         if options.cilium_policies:
             policies.append(CILIUM_EGRESS_GATEWAY_POLICIES)
         self._policies = [informer(resource) for resource in policies]
-        self._pods = informer(PODS)
+        self._pods = informer(PODS, transform=pod_fields)
         self._namespaces = informer(NAMESPACES)
         self._nodes = informer(NODES)
         self._gateways = informer(EGRESS_GATEWAYS)
@@ -131,7 +133,12 @@ class Controller:
             ENDPOINT_SLICES, namespace="default", field_selector=API_SERVER_SLICE
         )
         self._leases = Informer(
-            api, LEASES, self._leases_changed, namespace=options.namespace, backoff=options.backoff
+            api,
+            LEASES,
+            self._leases_changed,
+            namespace=options.namespace,
+            backoff=options.backoff,
+            transform=without_managed_fields,
         )
         self._informers = [
             *self._policies,
@@ -338,6 +345,11 @@ class Controller:
                 for o in cluster.egress_nodes
             ),
             *(
+                (EGRESS_NODES, o, PEER_CONDITION, decisions.node_conditions.get(_name(o)))
+                for o in cluster.egress_nodes
+                if _name(o) in decisions.node_conditions
+            ),
+            *(
                 (EGRESS_GATEWAY_POLICIES, o, "status", decisions.policy_statuses.get(_name(o)))
                 for o in cluster.policies
                 if o.get("kind") == EGRESS_GATEWAY_POLICIES.kind
@@ -349,9 +361,11 @@ class Controller:
             ),
         ]
         for resource, obj, part, content in writes:
-            if content is None or not self._elector.is_leader:
+            if not self._elector.is_leader or (content is None and part != PEER_CONDITION):
                 continue
-            if part == "spec":
+            if part == PEER_CONDITION:
+                outcome = self._writer.write_condition(resource, obj, part, content)
+            elif part == "spec":
                 outcome = self._writer.write_spec(resource, obj, content)
                 if outcome is Outcome.WRITTEN:
                     self._reconciler.record_written(self._writer.current(resource, obj))

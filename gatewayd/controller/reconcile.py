@@ -35,12 +35,14 @@ from gatewayd.controller.health import (
 from gatewayd.controller.skew import skew_reports
 from gatewayd.controller.snapshots import Cluster, SnapshotCache
 from gatewayd.controller.specs import (
+    PeerProblem,
     Rule,
     SpecForms,
     active_egress_ips,
     gateway_policies,
     hold_back_moves,
     node_gateways,
+    peer_problems,
     peers,
     retained_rules,
     spec_rules,
@@ -59,6 +61,10 @@ log = logging.getLogger(__name__)
 Object = Mapping[str, Any]
 Spec = dict[str, Any]
 POLICY_KIND = "EgressGatewayPolicy"
+
+
+PEER_CONDITION = "PeerAccepted"
+Condition = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,8 @@ class Decisions:
 
     gateway_specs: dict[str, Spec] = field(default_factory=dict)  # by EgressGateway name
     node_specs: dict[str, Spec] = field(default_factory=dict)  # by EgressNode name
+    # The controller's PeerAccepted condition per EgressNode (None: it has none).
+    node_conditions: dict[str, Condition | None] = field(default_factory=dict)
     policy_statuses: dict[str, Status] = field(default_factory=dict)  # by policy name
     events: list[Event] = field(default_factory=list)
     wake_at: float | None = None  # when to decide again even if nothing changes
@@ -130,6 +138,7 @@ class Reconciler:
         self._gateway_specs: GenerationLog[str] = GenerationLog()  # policies with rules
         self._node_specs: GenerationLog[tuple[str, str]] = GenerationLog()  # (policy, gateway)
         self._rejected: set[tuple[str, str, int]] = set()  # (kind, name, generation) reported
+        self._bad_peers: dict[str, PeerProblem] = {}  # EgressNode -> the problem reported
         self._planned_usable: dict[str, bool] = {}  # gateway usability the last plan used
         # The last plan, and its rules in spec form, while neither snapshot nor preferences
         # change (an agent's status update, a conflict retry): no engine run then.
@@ -214,14 +223,22 @@ class Reconciler:
         tunnel = self._tunnel_addresses(cluster.egress_nodes)
         node_specs = self._node_specs_of(cluster, plan, tunnel, programmed, usable)
         skews = self._skews(cluster)
+        bad_peers = peer_problems(cluster.egress_nodes)
         return Decisions(
-            gateway_specs=self._gateway_specs_of(cluster, plan, snapshot, tunnel, node_specs),
+            gateway_specs=self._gateway_specs_of(
+                cluster, plan, snapshot, tunnel, node_specs, bad_peers
+            ),
             node_specs=node_specs,
+            node_conditions={
+                _name(n): peer_condition(n, bad_peers.get(_name(n)), now_text)
+                for n in cluster.egress_nodes
+            },
             policy_statuses=self._statuses(cluster, plan, programmed, now_text),
             events=[
                 *self._active_changes(cluster.policies, previous, plan, health),
                 *self._rejections(cluster.policies),
                 *skews.events,
+                *self._peer_rejections(cluster.egress_nodes, bad_peers),
             ],
             wake_at=self.health.next_change,
             gateway_skews=skews.values,
@@ -366,6 +383,27 @@ class Reconciler:
         self._rejected = rejected
         return events
 
+    def _peer_rejections(
+        self, egress_nodes: Sequence[Object], bad_peers: Mapping[str, PeerProblem]
+    ) -> list[Event]:
+        """One Warning per problem newly found with a node's tunnel end; none for one its
+        PeerAccepted condition already reports (after a controller restart)."""
+        events = []
+        for node in egress_nodes:
+            name = _name(node)
+            problem = bad_peers.get(name)
+            if problem is None or self._bad_peers.get(name) == problem:
+                continue
+            reported = _condition_of(node, PEER_CONDITION)
+            if (reported.get("reason"), reported.get("message")) != (
+                problem.reason,
+                problem.message,
+            ):
+                message = f"{problem.message}; this node is left out of every gateway's peers"
+                events.append(Event(node, "Warning", "PeerRejected", message))
+        self._bad_peers = dict(bad_peers)
+        return events
+
     # --- make-before-break bookkeeping -------------------------------------------------------
 
     def _log_generations(self, cluster: Cluster) -> None:
@@ -432,6 +470,7 @@ class Reconciler:
         snapshot: Snapshot,
         tunnel: Mapping[str, IPv4Address],
         node_specs: Mapping[str, Spec],
+        bad_peers: Mapping[str, PeerProblem],
     ) -> dict[str, Spec]:
         # (policy, gateway) pairs nodes may send traffic along, now or once their new plans
         # are written; None when some node's is unknown, so anything may be in use.
@@ -461,7 +500,7 @@ class Reconciler:
             rules = retained_rules(
                 name, planned[name], spec_rules(gateway), may_send, elsewhere[name]
             )
-            gateway_peers = peers(cluster.egress_nodes, pod_cidrs, tunnel, name)
+            gateway_peers = peers(cluster.egress_nodes, pod_cidrs, tunnel, name, bad_peers.keys())
             specs[name] = {"peers": gateway_peers, "rules": rules}
         return specs
 
@@ -500,6 +539,38 @@ class Reconciler:
                 now_text,
             )
         return statuses
+
+
+def _condition_of(obj: Object, kind: str) -> Mapping[str, Any]:
+    status = obj.get("status")
+    listed = status.get("conditions") if isinstance(status, Mapping) else None
+    for condition in listed if isinstance(listed, list) else ():
+        if isinstance(condition, Mapping) and condition.get("type") == kind:
+            return condition
+    return {}
+
+
+def peer_condition(node: Object, problem: PeerProblem | None, now_text: str) -> Condition | None:
+    """The EgressNode's PeerAccepted condition: False with the reason when its tunnel end is
+    left out of the gateways' peers, True when it is in them, none before it published a key;
+    the transition time stays while the status does."""
+    status = node.get("status")
+    key = status.get("publicKey") if isinstance(status, Mapping) else None
+    if not key:
+        return None
+    if problem is None:
+        verdict = ("True", "Accepted", "the gateways have this node as a WireGuard peer")
+    else:
+        verdict = ("False", problem.reason, problem.message)
+    before = _condition_of(node, PEER_CONDITION)
+    since = before.get("lastTransitionTime") if before.get("status") == verdict[0] else None
+    return {
+        "type": PEER_CONDITION,
+        "status": verdict[0],
+        "reason": verdict[1],
+        "message": verdict[2],
+        "lastTransitionTime": since or now_text,
+    }
 
 
 def _change_event(

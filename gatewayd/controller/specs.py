@@ -18,16 +18,21 @@ compares what it wants with what it reads back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import logging
+import re
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
+from gatewayd.configfile import parse_wireguard_key
 from gatewayd.policy.model import GatewayPlan, IPNetwork, NodePlan, SnatRule, SteerRule
 from gatewayd.policy.planio import gateway_plan_to_dict, node_plan_to_dict
 
 Rule = dict[str, Any]
 Object = Mapping[str, Any]
+log = logging.getLogger(__name__)
 
 
 def without_nulls(rule: Mapping[str, Any]) -> Rule:
@@ -239,20 +244,123 @@ def node_endpoint(status: Mapping[str, Any], gateway: str) -> str | None:
     return f"{host}:{port}"
 
 
+@dataclass(frozen=True)
+class PeerProblem:
+    """Why a cloud node's published tunnel end is left out of every gateway's peers."""
+
+    reason: str  # InvalidPublicKey, InvalidEndpoint or DuplicatePublicKey
+    message: str  # names the status field
+
+
+_DNS_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+def valid_port(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
+
+
+def valid_endpoint(text: object) -> bool:
+    """`HOST:PORT` (an IPv4 address or a DNS name) or `[IPv6]:PORT`, with a port 1-65535."""
+    if not isinstance(text, str):
+        return False
+    host, sep, port = text.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not valid_port(int(port)):
+        return False
+    try:
+        if host.startswith("[") and host.endswith("]"):
+            return isinstance(ip_address(host[1:-1]), IPv6Address)
+        return isinstance(ip_address(host), IPv4Address)
+    except ValueError:
+        return _DNS_NAME.fullmatch(host) is not None
+
+
+def _published_key(obj: Object) -> str | None:
+    key = _status(obj).get("publicKey")
+    return key if isinstance(key, str) and key else None
+
+
+def _gateway_problem(key: str, endpoint: object) -> str | None:
+    try:
+        parse_wireguard_key(key)
+    except ValueError as error:
+        return f"status.publicKey: {error}"
+    if endpoint is not None and not valid_endpoint(endpoint):
+        return f"status.endpoint: {str(endpoint)[:100]!r} is not HOST:PORT or [IPv6]:PORT"
+    return None
+
+
+def peer_problems(egress_nodes: Iterable[Object]) -> dict[str, PeerProblem]:
+    """The cloud nodes (by name) whose published tunnel end no gateway may be given: a public
+    key that is not a WireGuard key, an endpoint or per-gateway port that is not HOST:PORT, or
+    a public key another node published first. One such node would otherwise make every
+    gateway refuse its whole spec. Of two nodes with one key, the older EgressNode (then the
+    first by name) keeps it: a key is public, so a newcomer copying it must not cut the node
+    that holds it off (without the private key, the copy cannot carry traffic anyway)."""
+    problems: dict[str, PeerProblem] = {}
+    owners: dict[str, str] = {}
+    ordered = sorted(
+        egress_nodes,
+        key=lambda n: (str(n["metadata"].get("creationTimestamp", "")), _name(n).encode()),
+    )
+    for node in ordered:
+        key = _published_key(node)
+        if key is None:
+            continue
+        name, status = _name(node), _status(node)
+        try:
+            parse_wireguard_key(key)
+        except ValueError as error:
+            problems[name] = PeerProblem("InvalidPublicKey", f"status.publicKey: {error}")
+            continue
+        endpoint = status.get("endpoint")
+        ports = status.get("gatewayPorts")
+        bad_ports = sorted(
+            str(gateway)
+            for gateway, port in (ports.items() if isinstance(ports, Mapping) else ())
+            if port is not None and not valid_port(port)
+        )
+        if endpoint is not None and not valid_endpoint(endpoint):
+            problems[name] = PeerProblem(
+                "InvalidEndpoint",
+                f"status.endpoint: {str(endpoint)[:100]!r} is not HOST:PORT or [IPv6]:PORT "
+                "with a port from 1 to 65535",
+            )
+        elif bad_ports or (ports is not None and not isinstance(ports, Mapping)):
+            where = f"status.gatewayPorts.{bad_ports[0]}" if bad_ports else "status.gatewayPorts"
+            problems[name] = PeerProblem(
+                "InvalidEndpoint", f"{where}: must be a port from 1 to 65535"
+            )
+        elif key in owners:
+            problems[name] = PeerProblem(
+                "DuplicatePublicKey",
+                f"status.publicKey: EgressNode {owners[key]} published this key first and keeps "
+                "it; generate a new key pair on this node",
+            )
+        else:
+            owners[key] = name
+    return problems
+
+
 def peers(
     egress_nodes: Iterable[Object],
     pod_cidrs: Mapping[str, Sequence[str]],
     tunnel_addresses: Mapping[str, IPv4Address],
     gateway: str,
+    left_out: Collection[str] = (),
 ) -> list[Rule]:
-    """`gateway`'s WireGuard peers: every cloud node that published its public key."""
+    """`gateway`'s WireGuard peers: every cloud node that published its public key, but those
+    `left_out` (see `peer_problems`). The allowed IPs are the pod CIDRs of the node's Node
+    object and its tunnel address, never anything the node wrote itself."""
     found = []
     for node in sorted(egress_nodes, key=lambda n: _name(n).encode()):
         status = _status(node)
-        key = status.get("publicKey")
-        if not isinstance(key, str) or not key:
-            continue
+        key = _published_key(node)
         name = _name(node)
+        if key is None or name in left_out:
+            continue
         allowed = list(pod_cidrs.get(name, ()))
         if name in tunnel_addresses:
             allowed.append(f"{tunnel_addresses[name]}/32")
@@ -269,13 +377,19 @@ def peers(
 def node_gateways(gateways: Iterable[Object]) -> list[Rule]:
     """The gateways a node keeps a tunnel to: every one that published its public key, so a
     gateway's health changes never rewrite the node plans, and a standby's tunnel is up
-    before it is needed."""
+    before it is needed. A gateway whose key or endpoint is malformed is left out (and
+    logged): it would make every node refuse its whole spec."""
     found = []
     for gateway in sorted(gateways, key=lambda g: _name(g).encode()):
         status = _status(gateway)
         key = status.get("publicKey")
         if isinstance(key, str) and key:
             endpoint = status.get("endpoint") or None
+            problem = _gateway_problem(key, endpoint)
+            if problem is not None:
+                log.warning("EgressGateway %s left out of the nodes' plans: %s", _name(gateway),
+                            problem)
+                continue
             found.append(
                 without_nulls({"name": _name(gateway), "publicKey": key, "endpoint": endpoint})
             )

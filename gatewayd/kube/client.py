@@ -28,8 +28,13 @@ from kubernetes.config.incluster_config import (
     InClusterConfigLoader,
 )
 from kubernetes.config.kube_config import load_kube_config
+from kubernetes.utils.keepalive import tcp_keepalive_socket_options
 
 from gatewayd.policy.safeload import CONFIG_LIMITS, DocumentError, load_yaml_file
+
+# TCP keepalive on every connection to the API server: probes after 30 s idle, every 10 s,
+# 3 unanswered ones close it, so a connection a NAT dropped silently is found within a minute.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES = 30, 10, 3
 
 log = logging.getLogger("gatewayd")
 
@@ -154,7 +159,7 @@ def client_from_kubeconfig(path: Path, context: str | None = None) -> ApiClient:
             lambda: str(_kubeconfig_configuration(path, context).api_key.get("BearerToken", "")),
             f"kubeconfig {path}",
         ).install(configuration)
-    return ApiClient(configuration)
+    return _api_client(configuration)
 
 
 def client_from_token(server: str, token: str, ca_file: Path) -> ApiClient:
@@ -175,7 +180,7 @@ def client_from_token(server: str, token: str, ca_file: Path) -> ApiClient:
         api_key_prefix={"BearerToken": "Bearer"},
         ssl_ca_cert=str(ca_file),
     )
-    return ApiClient(configuration)
+    return _api_client(configuration)
 
 
 def client_from_token_file(server: str, token_file: Path, ca_file: Path) -> ApiClient:
@@ -213,4 +218,12 @@ def client_in_cluster(
             f"in-cluster service account ({token_file}, {ca_file}, KUBERNETES_SERVICE_HOST/PORT): "
             f"{error}"
         ) from error
+    return _api_client(configuration)
+
+
+def _api_client(configuration: Configuration) -> ApiClient:
+    """A client whose sockets use TCP keepalive (watches otherwise wait on a dead connection)."""
+    configuration.socket_options = tcp_keepalive_socket_options(
+        KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES
+    )
     return ApiClient(configuration)

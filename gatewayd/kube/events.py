@@ -29,6 +29,7 @@ from kubernetes.client import ApiClient, EventsV1Api, EventsV1Event
 from kubernetes.client.exceptions import ApiException
 
 from gatewayd.kube.leases import micro_time
+from gatewayd.kube.mergepatch import MERGE_PATCH
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ NOTE_LIMIT = 1024  # bytes, the API server's limit on `note`
 SERIES_INTERVAL = 30.0  # seconds between two writes of one Event's series
 FINISH_AFTER = 360.0  # client-go's: a group quiet this long ends its series
 REQUEST_TIMEOUT = (3.0, 5.0)
-MERGE_PATCH = "application/merge-patch+json"
 API_ERRORS = (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError)
 
 # (regarding apiVersion, kind, namespace, name, uid), type, reason, action

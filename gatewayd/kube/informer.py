@@ -7,10 +7,25 @@ A 410 Gone (that version is no longer in the server's history) makes it list aga
 error (server unreachable, 5xx, a cut stream) is retried with exponential back-off and jitter,
 and the cache keeps serving what it last saw in the meantime.
 
+A connection can also die without a word (a NAT or firewall between an on-prem gateway and the
+API server forgets it): no reset ever arrives. The API server sends a bookmark about once a
+minute on every watch that allows them, so a watch that has been silent for `read_timeout`
+seconds (90 by default) is dead: the informer drops it and watches again from the last
+resourceVersion it saw (no list). TCP keepalive on the client's sockets (`kube/client.py`)
+finds a dead connection on its own too, including one that is not watching.
+
+The list is read in pages of `page_size` objects (`limit` and `continue`), from storage
+(resourceVersion unset), so that neither the API server nor this process holds the whole list
+as one response: a real server that serves a list from its watch cache (resourceVersion=0)
+ignores `limit` and returns everything at once, tens of megabytes of JSON for 10,000 pods. A
+continue token that expired (410 while paging) starts the list again.
+
 Callers read the cache with `objects()`/`get()` and learn about changes from `on_change()`,
 which carries no event: it should only mark the owner's state dirty (the controller reconciles
 from the whole cache, rate-limited), never do the work itself. Objects are kept as the API
-serves them, JSON objects with `kind` and `apiVersion` filled in, and must not be mutated.
+serves them, JSON objects with `kind` and `apiVersion` filled in, passed through the owner's
+`transform` (if any) when they arrive, which keeps only what the owner reads; they must not be
+mutated.
 """
 
 from __future__ import annotations
@@ -21,7 +36,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -52,10 +67,15 @@ log = logging.getLogger(__name__)
 # A typed client's list method (watch=True turns it into a watch), its path arguments bound.
 ListFunction = Callable[..., object]
 ObjectKey = tuple[str, str]  # (namespace, or "" for cluster-scoped objects; name)
+# What the owner keeps of an object, given the object as the API serves it.
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
 CONNECT_TIMEOUT_SECONDS = 10.0
-# How long past the watch's own timeout a silent stream is trusted before it counts as dead.
-WATCH_GRACE_SECONDS = 30.0
+# Objects per page of a list (client-go's pager uses 500 too).
+PAGE_SIZE = 500
+# How long a watch may stay silent before it counts as dead: a real API server sends a bookmark
+# about every minute (allowWatchBookmarks=true), so 90 s of silence is not a quiet resource.
+WATCH_READ_TIMEOUT_SECONDS = 90.0
 
 
 @dataclass(frozen=True)
@@ -133,7 +153,10 @@ class Informer:
         label_selector: str | None = None,
         field_selector: str | None = None,
         watch_timeout_seconds: int = 300,
+        read_timeout: float = WATCH_READ_TIMEOUT_SECONDS,
         backoff: Backoff = Backoff(),
+        transform: Transform | None = None,
+        page_size: int = PAGE_SIZE,
     ) -> None:
         self.resource = resource
         self._list = list_function(api, resource, namespace)
@@ -147,6 +170,9 @@ class Informer:
             if value is not None
         }
         self._watch_timeout_seconds = watch_timeout_seconds
+        self._read_timeout = read_timeout
+        self._transform = transform
+        self._page_size = page_size
         self._backoff = backoff
         self._lock = threading.Lock()
         self._cache: dict[ObjectKey, dict[str, Any]] = {}
@@ -240,23 +266,23 @@ class Informer:
         self._stopping.wait(delay)
 
     def _relist(self) -> None:
-        response = self._list(
-            _preload_content=False,
-            _request_timeout=(CONNECT_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS * 6),
-            **self._selectors,
-        )
-        if not isinstance(response, urllib3.BaseHTTPResponse):
-            raise TypeError(f"list returned {type(response).__name__}, not an HTTP response")
-        try:
-            listed = json.loads(response.data)
-        finally:
-            response.release_conn()
         cache: dict[ObjectKey, dict[str, Any]] = {}
-        for item in listed.get("items") or []:
-            # Built-in types' lists leave kind and apiVersion out of their items.
-            item.setdefault("kind", self.resource.kind)
-            item.setdefault("apiVersion", self.resource.api_version)
-            cache[_key(item)] = item
+        token: str | None = None
+        while True:
+            try:
+                listed = self._list_page(token)
+            except ApiException as error:
+                if error.status != HTTPStatus.GONE or token is None:
+                    raise
+                log.info("%s: the list's continue token expired; listing again", self.resource.name)
+                cache, token = {}, None
+                continue
+            for item in listed.get("items") or []:
+                obj = self._arrived(item)
+                cache[_key(obj)] = obj
+            token = listed["metadata"].get("continue") or None
+            if token is None:
+                break
         with self._lock:
             changed = cache != self._cache or not self._synced.is_set()
             self._cache = cache
@@ -266,6 +292,32 @@ class Informer:
         if changed:
             self._on_change()
 
+    def _list_page(self, token: str | None) -> dict[str, Any]:
+        """One page of the list: the first (token None) or the one `token` continues with."""
+        paging: dict[str, Any] = {"limit": self._page_size}
+        if token is not None:
+            paging["_continue"] = token
+        response = self._list(
+            _preload_content=False,
+            _request_timeout=(CONNECT_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS * 6),
+            **paging,
+            **self._selectors,
+        )
+        if not isinstance(response, urllib3.BaseHTTPResponse):
+            raise TypeError(f"list returned {type(response).__name__}, not an HTTP response")
+        try:
+            listed: dict[str, Any] = json.loads(response.data)
+        finally:
+            response.release_conn()
+        return listed
+
+    def _arrived(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """`obj` as the cache keeps it."""
+        # Built-in types' lists leave kind and apiVersion out of their items.
+        obj.setdefault("kind", self.resource.kind)
+        obj.setdefault("apiVersion", self.resource.api_version)
+        return obj if self._transform is None else self._transform(obj)
+
     def _watch_once(self) -> None:
         """Follow one watch stream until it ends; raises what ends it otherwise."""
         stream = self._watch.stream(  # type: ignore[no-untyped-call]
@@ -273,16 +325,27 @@ class Informer:
             resource_version=self.resource_version,
             allow_watch_bookmarks=True,
             timeout_seconds=self._watch_timeout_seconds,
-            _request_timeout=(
-                CONNECT_TIMEOUT_SECONDS,
-                self._watch_timeout_seconds + WATCH_GRACE_SECONDS,
-            ),
+            _request_timeout=(CONNECT_TIMEOUT_SECONDS, self._read_timeout),
             **self._selectors,
         )
+        try:
+            self._follow(stream)
+        except urllib3.exceptions.ReadTimeoutError:
+            log.warning(
+                "%s: the watch was silent for %.0fs (no event, no bookmark): the connection is "
+                "dead; watching again from resourceVersion %s",
+                self.resource.name,
+                self._read_timeout,
+                self.resource_version,
+            )
+
+    def _follow(self, stream: Iterable[Mapping[str, Any]]) -> None:
         for event in stream:
             if self._stopping.is_set():
                 return
             obj: dict[str, Any] = event["raw_object"]
+            if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                obj = self._arrived(obj)
             changed = False
             with self._lock:
                 self._last_error = None

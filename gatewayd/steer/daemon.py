@@ -89,7 +89,6 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
         self._dataplane = threading.Lock()
         self.errors: tuple[str, ...] = ()
         self.public_key: str | None = None
-        self._handshakes: dict[str, int] = {}
         self.ends: tuple[GatewayTunnelEnd, ...] = ()  # the tunnels of the last programming
         self._last_pass = time.monotonic()
         self._health: ProbeServer | None = None
@@ -188,7 +187,6 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
 
     def repair(self) -> None:
         super().repair()
-        self._check_handshakes()
         self._rehandshake_unreachable()
         self.publish_status()
 
@@ -350,7 +348,6 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
             errors=self.errors,
             last_error=self.status.last_error,
             reachable=self.failover.reachable(),
-            handshakes=self._handshakes,
             failovers=tuple(self.failover.failovers.values()),
             probing=target is not None and target.tunnel_address is not None,
         )
@@ -369,18 +366,6 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
             if interface.default_route_v4:
                 return first_ipv4(interfaces, interface.name)
         return None
-
-    def _check_handshakes(self) -> None:
-        handshakes = {}
-        for end in self.ends:
-            try:
-                state = self.wireguard.observe(end.interface)
-            except Exception:
-                continue
-            peer = state.peers[0] if state and state.peers else None
-            if peer is not None and peer.latest_handshake:
-                handshakes[end.name] = peer.latest_handshake
-        self._handshakes = handshakes
 
     # --- the data plane ---------------------------------------------------------------------
 

@@ -7,7 +7,9 @@
   object (`fieldSelector=metadata.name=<node>`: RBAC cannot pin steer to it).
 - Status: observedGeneration (once the data plane matches that generation), public key,
   endpoint, the WireGuard port per gateway, conditions, what the probes see of each gateway,
-  and the fast-path failovers in force; the failovers also as Events.
+  and the fast-path failovers in force; the failovers also as Events. Written on changes only
+  (no handshake times: they change at every rekey), as a merge patch in which a field that
+  became unknown is null; the controller's `PeerAccepted` condition is kept.
 
 Endpoints: the node listens on one port per gateway (`tunnel.listenPort` + the gateway's
 slot). `status.endpoint` is `<address>:<tunnel.listenPort>`; `status.gatewayPorts` maps each
@@ -39,7 +41,7 @@ from gatewayd.clusterlink import (
     Timeout,
     api_client,
     conditions,
-    rfc3339,
+    status_patch,
 )
 from gatewayd.follower import InputError
 from gatewayd.kube.resources import EGRESS_NODES
@@ -85,7 +87,6 @@ class NodeState:
     errors: tuple[str, ...]
     last_error: str | None
     reachable: Mapping[str, bool | None]  # gateway -> what the probes see
-    handshakes: Mapping[str, int]  # gateway -> unix time of the latest handshake
     failovers: Sequence[Failover]
     probing: bool  # the node has a tunnel address, so it can probe
 
@@ -115,8 +116,6 @@ def node_status(state: NodeState, previous: Mapping[str, Any], now: str) -> Stat
             {
                 "name": t.name,
                 "reachable": state.reachable.get(t.name) is True,
-                **({"lastHandshakeTime": rfc3339(state.handshakes[t.name])}
-                   if state.handshakes.get(t.name) else {}),
             }
             for t in state.tunnels
         ],
@@ -198,7 +197,8 @@ class SteerCluster:
         return {"apiVersion": "v1", "kind": "Node", "name": self.config.node, "uid": uid}
 
     def _write_status(self, status: Status, timeout: Timeout) -> None:
-        self.object.patch_status(status, timeout)
+        patch = status_patch(status, self.reporter.written, self.source.status())
+        self.object.patch_status(patch, timeout)
 
     def _record_event(self, event: PendingEvent) -> None:
         obj = self.source.informer.get(self.config.node) or {}

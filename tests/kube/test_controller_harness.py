@@ -331,14 +331,20 @@ def running(api: ApiClient, opts: ControllerOptions, lead: bool = True) -> Itera
 
 
 def controller_writes(fake: FakeApiServer, start: int = 0) -> list[RecordedRequest]:
-    """The controller's writes since request `start`: PUTs of specs and statuses (agents patch
-    their status), and Events."""
+    """The controller's writes since request `start`: merge patches of specs and statuses (the
+    agents' patches carry observedGeneration alone), and Events."""
     return [
         r
         for r in fake.requests[start:]
-        if (r.method == "PUT" and f"/apis/{GROUP}/" in r.path)
+        if (r.method == "PATCH" and f"/apis/{GROUP}/" in r.path and not agent_report(r))
         or (r.method == "POST" and r.path.endswith("/events"))
     ]
+
+
+def agent_report(request: RecordedRequest) -> bool:
+    """Whether `request` is one of `Agents`' status reports."""
+    body = request.body if isinstance(request.body, dict) else {}
+    return set(body) == {"status"} and set(body["status"]) == {"observedGeneration"}
 
 
 def settled(fake: FakeApiServer, controller: Controller, runs: int = 2) -> None:

@@ -94,10 +94,10 @@ def test_a_planned_move_programs_the_new_gateway_before_the_nodes_flip(
         )
 
     log = fake_api.requests[start:]
-    programmed = first(log, "PUT", GATEWAYS + "gw-2", has_rules_of("pay"))
+    programmed = first(log, "PATCH", GATEWAYS + "gw-2", has_rules_of("pay"))
     reported = first(log[programmed:], "PATCH", GATEWAYS + "gw-2/status") + programmed
-    flipped = first(log, "PUT", NODES + "node-1", steers_to("gw-2"))
-    retired = first(log, "PUT", GATEWAYS + "gw-1", lambda b: not has_rules_of("pay")(b))
+    flipped = first(log, "PATCH", NODES + "node-1", steers_to("gw-2"))
+    retired = first(log, "PATCH", GATEWAYS + "gw-1", lambda b: not has_rules_of("pay")(b))
     assert programmed < reported < flipped < retired
     assert not any(steers_to("gw-2")(r.body) for r in log[:reported] if r.path == NODES + "node-1")
 

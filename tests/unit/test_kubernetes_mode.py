@@ -17,6 +17,7 @@ from gatewayd.agent.egress import EgressIPReport
 from gatewayd.agent.kubernetes import AgentState, gateway_status, target_from_object
 from gatewayd.agent.target import target_from_dict as gateway_target_from_dict
 from gatewayd.agent.target import target_to_dict as gateway_target_to_dict
+from gatewayd.clusterlink import status_patch
 from gatewayd.configfile import ConfigError
 from gatewayd.controller.specs import node_endpoint
 from gatewayd.follower import InputError
@@ -206,9 +207,22 @@ def test_gateway_plan_from_the_spec_and_back_from_disk() -> None:
     assert empty.rules == () and empty.peers == ()
 
 
+@pytest.mark.parametrize(("peers", "kept"), [
+    ([{**PEER, "name": "node0", "publicKey": "x"}, PEER], ["node1"]),
+    ([{**PEER, "name": "node0", "endpoint": "192.0.2.21:0"}, PEER], ["node1"]),
+    ([PEER, {**PEER, "name": "node2"}, {**PEER, "name": "node3", "publicKey": key("node3")}],
+     ["node3"]),
+])
+def test_a_bad_peer_is_left_out_and_the_others_applied(
+    peers: list[dict[str, object]], kept: list[str]
+) -> None:
+    """A controller older than peer validation may copy one node's bad key or endpoint."""
+    target = target_from_object(gateway_object({"rules": [RULE], "peers": peers}))
+    assert target.peers is not None and [p.name for p in target.peers] == kept
+    assert target.rules[0].policy == "pay"
+
+
 @pytest.mark.parametrize(("spec", "expected"), [
-    ({"peers": [{**PEER, "publicKey": "x"}]}, "spec.peers[0]"),
-    ({"peers": [PEER, {**PEER, "name": "node2"}]}, "a public key is listed twice"),
     ({"rules": [{**RULE, "role": "boss"}]}, "not a valid gateway plan"),
     ({"peers": {"name": "node1"}}, "spec.peers: must be a list"),
 ])
@@ -252,7 +266,6 @@ def agent_state(tmp_path: Path, **changes: object) -> AgentState:
         "errors": (),
         "last_error": None,
         "peers_up": frozenset({"node1"}),
-        "peer_handshakes": {"node1": 1_700_000_000},
         "peers": ("node1", "node2"),
         "egress_ips": EgressIPReport((ip_address("198.51.100.70"),), True, "Held", "1 held"),
         "interfaces": (GatewayInterface("eth0", (), (
@@ -278,8 +291,8 @@ def test_gateway_status(tmp_path: Path) -> None:
     assert conditions(status) == {"Ready": "True", "TunnelsUp": "True",
                                   "SNATProgrammed": "True", "EgressIPsPresent": "True",
                                   "StateSaved": "True"}
-    assert status["peers"] == [{"name": "node1", "lastHandshakeTime": "2023-11-14T22:13:20Z"},
-                               {"name": "node2"}]
+    # Up or down, never the handshake time: that changes at every rekey (every 2 minutes).
+    assert status["peers"] == [{"name": "node1", "up": True}, {"name": "node2", "up": False}]
 
 
 def test_gateway_status_when_stopping_or_failing(tmp_path: Path) -> None:
@@ -315,7 +328,7 @@ def test_node_status(tmp_path: Path) -> None:
     state = NodeState(
         public_key=key("node1"), address="192.0.2.21", listen_port=51821, tunnels=ends,
         generation=3, ready=True, errors=(), last_error=None,
-        reachable={"gw1": False, "gw2": True}, handshakes={},
+        reachable={"gw1": False, "gw2": True},
         failovers=(Failover("pay", "gw1", "gw2", 1.0, "2026-01-01T00:00:00Z"),), probing=True,
     )
     status = node_status(state, {}, "2026-01-01T00:00:00Z")
@@ -352,3 +365,18 @@ def test_a_gateway_dials_the_port_the_node_listens_on_for_it(
     status: dict[str, object], expected: str | None
 ) -> None:
     assert node_endpoint(status, "gw1") == expected
+
+
+def test_the_status_patch_removes_what_became_unknown_and_keeps_others_conditions() -> None:
+    ready = {"type": "Ready", "status": "True"}
+    peer = {"type": "PeerAccepted", "status": "False", "reason": "InvalidEndpoint"}
+    written = {"endpoint": "192.0.2.21:51821", "gatewayPorts": {"gw1": 51821},
+               "conditions": [ready]}
+    live = {**written, "publicKey": key("node1"), "conditions": [ready, peer]}
+    new = {"gatewayPorts": {"gw2": 51822}, "conditions": [ready]}
+    assert status_patch(new, written, live) == {
+        "endpoint": None,  # unknown now: removed, not left stale
+        "publicKey": None,  # written by an older version, unknown now
+        "gatewayPorts": {"gw1": None, "gw2": 51822},
+        "conditions": [ready, peer],  # the controller's condition stays
+    }

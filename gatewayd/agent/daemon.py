@@ -1,8 +1,13 @@
 """`gatewayd agent`: the gateway host daemon, in standalone or Kubernetes mode.
 
 It follows this gateway's plan (SNAT rules, egress IPs) and keeps the WireGuard tunnel to the
-cloud nodes up. Order within a pass: tunnel, sysctls, egress IPs, then the nftables table, so
-an SNAT rule never points at an address that is not there yet.
+cloud nodes up. Order within a pass: tunnel and routing guard, egress IPs, the nftables table,
+and only then forwarding. The table SNATs to the egress IPs the host holds at that moment
+(a rule whose address is missing drops instead). Forwarding is switched on only once the table
+is in place, and off whenever the table is gone and cannot be installed (a render error, the
+kernel refusing it). Another process changing or removing the table (`nft flush ruleset`,
+`systemctl restart nftables`) is noticed from nftables events and repaired at once; until
+then the routing guard (`dataplane/forward_guard.py`) drops the tunnel's traffic.
 
 Standalone mode: the plan comes from snapshot files, the tunnel's peers from the config, and
 the plan's active rules decide which provisioned egress IPs the host holds.
@@ -25,16 +30,18 @@ from gatewayd.agent.kubernetes import AgentCluster, AgentState, gateway_status, 
 from gatewayd.agent.target import GatewayTarget, target_from_dict, target_to_dict
 from gatewayd.clusterlink import rfc3339
 from gatewayd.configfile import ConfigError
-from gatewayd.dataplane.addresses import AddressConflict, AddressDriver
+from gatewayd.dataplane.addresses import AddressConflict, AddressDriver, held_addresses
+from gatewayd.dataplane.forward_guard import ensure_forward_guard
 from gatewayd.dataplane.nft_render import GatewayTableSettings, render_gateway_table
-from gatewayd.dataplane.nftables import NftablesDriver
-from gatewayd.dataplane.sysctl import ensure_sysctls
+from gatewayd.dataplane.nftables import NftablesDriver, TableWatcher
+from gatewayd.dataplane.sysctl import ensure_sysctls, observe_sysctls
 from gatewayd.dataplane.wireguard import Peer, WireGuardConfig, WireGuardDriver
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
 from gatewayd.follower import PlanFollower, PlanSource, SnapshotSource, run_follower
 from gatewayd.kube.client import KubeConfigError
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import GatewayPlan, IPAddress
+from gatewayd.probe import PROBE_PORT
 from gatewayd.systemd import Priority, journal_event
 
 log = logging.getLogger("gatewayd.agent")
@@ -59,6 +66,10 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
                 raise ConfigError([f"{config.path}: kubernetes: {exc}"]) from exc
         super().__init__(config)
         self.nftables = NftablesDriver(TABLE_FAMILY, TABLE_NAME)
+        self._table_changed = threading.Event()  # another process touched the table
+        self.table_watcher = TableWatcher(TABLE_FAMILY, TABLE_NAME, self._on_table_changed)
+        self._forwarding: bool | None = None  # as this agent last set it
+        self._held_in_table: frozenset[IPAddress] | None = None  # egress IPs SNATed to
         self.addresses = AddressDriver()
         self.wireguard = WireGuardDriver()
         self.peers_up: set[str] = set()  # names of tunnel peers with a recent handshake
@@ -92,10 +103,12 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
 
     def attach(self, wake: Callable[[], None]) -> None:
         super().attach(wake)
+        self.table_watcher.start()
         if self.cluster is not None:
             self.cluster.start()
 
     def shutdown(self) -> None:
+        self.table_watcher.stop()
         if self.cluster is not None:
             self.cluster.stop(self._status(stopping=True))
         super().shutdown()
@@ -104,15 +117,37 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         return self.config, self.peers(target)
 
     def program(self, target: GatewayTarget, errors: list[str]) -> None:
-        if not self.host_settled(target):
+        settled = self.host_settled(target)
+        if not settled:
             self.step(errors, "wireguard", lambda: self._ensure_tunnel(target))
-            self.step(errors, "sysctl", self._ensure_sysctls)
+            self.step(errors, "forward guard", self._ensure_guard)
         if self.cluster is None:
             self.step(errors, "egress IPs", lambda: self._ensure_egress_ips(target.plan))
         else:
             self.cluster.keeper.set_rules(target.rules)
-        self.step(errors, "nftables", lambda: self._ensure_table(target.plan))
+        self._filter_then_forward(target.plan, errors, settled)
         self.errors = tuple(errors)
+
+    def _filter_then_forward(self, plan: GatewayPlan, errors: list[str], settled: bool) -> None:
+        """The table first; forwarding on only once it is in place, off while it is gone."""
+        if self.step(errors, "nftables", lambda: self._ensure_table(plan)):
+            if not settled or self._forwarding is not True:
+                self.step(errors, "sysctl", lambda: self._ensure_sysctls(forwarding=True))
+            return
+        try:
+            present = self.nftables.present()
+        except Exception as exc:
+            log.warning("cannot tell whether the table is there: %s", exc)
+            present = False
+        if present:
+            return  # the table last installed still filters: the last good plan stays
+        self.step(errors, "sysctl", lambda: self._ensure_sysctls(forwarding=False))
+        errors.append(f"forwarding: off until table {TABLE_FAMILY} {TABLE_NAME} is in place")
+
+    def _on_table_changed(self) -> None:
+        self._table_changed.set()
+        if self._wake is not None:
+            self._wake()
 
     def repair(self) -> None:
         super().repair()
@@ -120,11 +155,42 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         self.publish_status()
 
     def after_pass(self) -> None:
+        if self._table_changed.is_set():
+            self._table_changed.clear()
+            self._refilter(verify=True)
+        elif self._held_changed():
+            self._refilter(verify=False)
         if self._status_dirty.is_set():
             self._status_dirty.clear()
             self.publish_status()
         # Losing or regaining the API server changes no plan: say so in status.json anyway.
         if self.cluster is not None and self.cluster.connection() != self._connection:
+            self.write_status()
+
+    def _held_changed(self) -> bool:
+        """Kubernetes mode: the egress IPs the keeper holds are not those the table SNATs to."""
+        if self.cluster is None or self.target is None or self._held_in_table is None:
+            return False
+        keeper = self.cluster.keeper
+        rule_ips = {r.egress_ip for r in self.target.rules if keeper.provisioned(r.egress_ip)}
+        in_table = {ip for ip in self._held_in_table if keeper.provisioned(ip)}
+        return set(keeper.report().held) & rule_ips != in_table
+
+    def _refilter(self, verify: bool) -> None:
+        """Put the table back (`verify`: it was changed by someone else) or follow the egress
+        IPs held, at once, not on the repair timer; a full repair pass when that fails, so
+        the failure is reported."""
+        if self.target is None:
+            return
+        errors: list[str] = []
+        self.repairing = verify  # re-read the kernel; what differs is drift, and reported
+        try:
+            self._filter_then_forward(self.target.plan, errors, settled=True)
+        finally:
+            self.repairing = False
+        if errors:
+            self.repair()
+        elif self.status.drift_repaired:
             self.write_status()
 
     def _egress_ips_changed(self) -> None:
@@ -246,14 +312,32 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         )
         self.drift(f"wireguard {tunnel.interface}", changes)
 
-    def _ensure_sysctls(self) -> None:
-        changes = ensure_sysctls({
-            "net.ipv4.ip_forward": "1",
-            "net.ipv6.conf.all.forwarding": "1",
+    def _ensure_sysctls(self, forwarding: bool) -> None:
+        if not forwarding:
+            changes = ensure_sysctls({"net.ipv4.ip_forward": "0",
+                                      "net.ipv6.conf.all.forwarding": "0"})
+            if changes:
+                journal_event("forwarding-off", f"forwarding switched off: table {TABLE_FAMILY} "
+                              f"{TABLE_NAME} is not in place", Priority.ERR)
+            self._forwarding = False
+            return
+        values = {
             # Replies to pods come back in through the tunnel from addresses routed elsewhere.
             f"net.ipv4.conf.{self.config.tunnel.interface}.rp_filter": "2",
-        })
+        }
+        # A forwarding host ignores router advertisements unless accept_ra is 2: keep an
+        # uplink that learns its IPv6 default route by SLAAC learning it (0 stays 0).
+        accept_ra = f"net.ipv6.conf.{self.config.uplink}.accept_ra"
+        if observe_sysctls([accept_ra])[accept_ra] == "1":
+            values[accept_ra] = "2"
+        changes = ensure_sysctls(values)
+        changes += ensure_sysctls({"net.ipv4.ip_forward": "1",
+                                   "net.ipv6.conf.all.forwarding": "1"})
+        self._forwarding = True
         self.drift("sysctl", changes)
+
+    def _ensure_guard(self) -> None:
+        self.drift("forward guard", ensure_forward_guard(self.config.tunnel.interface))
 
     def _ensure_egress_ips(self, plan: GatewayPlan) -> None:
         """Provision the plan's egress IPs that lie in our pools, on each pool's interface."""
@@ -286,9 +370,12 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
                 {self.config.uplink, *(p.interface for p in self.config.egress_ip_pools)}
             )),
             tunnel_mtu=self.config.tunnel.mtu,
+            probe_port=PROBE_PORT,
         )
-        result = self.nftables.ensure(render_gateway_table(plan, settings),
+        held = held_addresses() & {rule.egress_ip for rule in plan.rules}
+        result = self.nftables.ensure(render_gateway_table(plan, settings, held=held),
                                        verify=self.repairing)
+        self._held_in_table = held
         if result.drift:
             self.drift(f"nftables table {TABLE_FAMILY} {TABLE_NAME}", result)
 

@@ -135,11 +135,11 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
                 self.step(errors, "sysctl", lambda: self._ensure_sysctls(forwarding=True))
             return
         try:
-            present = self.nftables.present()
+            intact = self.nftables.intact()
         except Exception as exc:
-            log.warning("cannot tell whether the table is there: %s", exc)
-            present = False
-        if present:
+            log.warning("cannot read table %s %s back: %s", TABLE_FAMILY, TABLE_NAME, exc)
+            intact = False
+        if intact:
             return  # the table last installed still filters: the last good plan stays
         self.step(errors, "sysctl", lambda: self._ensure_sysctls(forwarding=False))
         errors.append(f"forwarding: off until table {TABLE_FAMILY} {TABLE_NAME} is in place")
@@ -324,6 +324,9 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         values = {
             # Replies to pods come back in through the tunnel from addresses routed elsewhere.
             f"net.ipv4.conf.{self.config.tunnel.interface}.rp_filter": "2",
+            # The reverse-path check of traffic into the tunnel uses the table's GUARD_MARK,
+            # so that the routing guard lets it pass (see forward_guard.py).
+            "net.ipv4.conf.all.src_valid_mark": "1",
         }
         # A forwarding host ignores router advertisements unless accept_ra is 2: keep an
         # uplink that learns its IPv6 default route by SLAAC learning it (0 stays 0).

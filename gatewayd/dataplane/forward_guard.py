@@ -8,6 +8,11 @@ nftables`), no pod packet is forwarded unfiltered or un-NATed even before the ag
 table back. Packets to the host itself are not affected (the `local` table comes first), so
 the cloud nodes' probes keep their answers. The rules carry OWNER_PROTOCOL; only those are
 ever changed or removed.
+
+IPv4's reverse-path filter looks up the way back of a packet routed into the tunnel as if it
+came from the tunnel: that lookup meets the guard too. The table therefore marks traffic into
+the tunnel as well, and the agent sets `net.ipv4.conf.all.src_valid_mark`, so the lookup
+carries the mark: replies to pods pass while the table is there, and stop when it is gone.
 """
 
 from __future__ import annotations

@@ -40,15 +40,16 @@ DROP_TUNNEL_NOT_UPLINK = "drop_tunnel_not_uplink"
 DROP_EGRESS_IP_NOT_HELD = "drop_egress_ip_not_held"
 DROP_TUNNEL_INPUT = "drop_tunnel_input"
 
-# Set on every packet from the tunnel while the table is in place. The agent's routing guard
-# (`dataplane/forward_guard.py`) blackholes tunnel traffic without it, so a flushed ruleset
-# can never forward a pod's packet unfiltered and un-NATed, however fast the repair is.
+# Set on every packet from or into the tunnel while the table is in place. The agent's routing
+# guard (`dataplane/forward_guard.py`) blackholes tunnel traffic without it, so a flushed
+# ruleset can never forward a pod's packet unfiltered and un-NATed, however fast the repair is.
 GUARD_MARK = 0x20000000
 
 COMMENT_MAX = 128  # nft refuses longer comments
 FULL_MARK_MASK = 0xFFFFFFFF
 PRIORITY_FILTER = 0
 PRIORITY_MANGLE = -150
+PRIORITY_DSTNAT = -100
 PRIORITY_SRCNAT = 100
 # Before the CNIs' own nat postrouting chains (srcnat): see render_steer_table.
 PRIORITY_STEER_SRCNAT = PRIORITY_SRCNAT - 10
@@ -116,7 +117,10 @@ def render_gateway_table(
 
     Input chain: from the tunnel, the host itself accepts replies and the probe port only;
     the rest is dropped and counted as `drop_tunnel_input` (tunnel peers never reach sshd).
-    Prerouting chain: every packet from the tunnel gets GUARD_MARK.
+    Prerouting chain (after destination NAT, so replies to SNATed connections have their pod
+    address again): every packet from the tunnel or routed into it gets GUARD_MARK. Marking
+    the way in matters too: with `src_valid_mark`, the reverse-path check of a reply to a pod
+    looks up the route back into the tunnel with the mark, and the guard lets it pass.
     """
     _check_interface_name(settings.tunnel_interface, "GatewayTableSettings.tunnel_interface")
     if not 1280 <= settings.tunnel_mtu <= 65535:
@@ -132,7 +136,7 @@ def render_gateway_table(
     table.counter(DROP_TUNNEL_NOT_UPLINK, "from the tunnel to an interface that is no uplink")
     table.counter(DROP_EGRESS_IP_NOT_HELD, "the rule's egress IP is not held by this host")
     table.counter(DROP_TUNNEL_INPUT, "from the tunnel to the host, not the probe port")
-    table.chain("prerouting", "filter", "prerouting", PRIORITY_MANGLE, "accept")
+    table.chain("prerouting", "filter", "prerouting", PRIORITY_DSTNAT + 10, "accept")
     table.chain("input", "filter", "input", PRIORITY_FILTER, "accept")
     table.chain("forward", "filter", "forward", PRIORITY_FILTER, "drop")
     table.chain("postrouting", "nat", "postrouting", PRIORITY_SRCNAT, "accept")
@@ -154,8 +158,12 @@ def render_gateway_table(
         table.rule("forward", expr)
 
     meta_mark: JsonObject = {"meta": {"key": "mark"}}
-    table.rule("prerouting", [tunnel, {"mangle": {
-        "key": meta_mark, "value": {"|": [meta_mark, GUARD_MARK]}}}])
+    guard_mark = {"mangle": {"key": meta_mark, "value": {"|": [meta_mark, GUARD_MARK]}}}
+    into_tunnel = {"match": {"op": "==", "left": {"fib": {"result": "oifname",
+                                                          "flags": ["daddr"]}},
+                             "right": settings.tunnel_interface}}
+    table.rule("prerouting", [tunnel, guard_mark])
+    table.rule("prerouting", [into_tunnel, guard_mark])
     table.rule("input", [tunnel, _ct_state("established", "related"), {"accept": None}])
     if settings.probe_port is not None:
         probe = {"payload": {"protocol": "udp", "field": "dport"}}

@@ -80,6 +80,8 @@ class NftablesDriver:
         self.name = name
         self._applied: RenderedTable | None = None
         self._applied_body: tuple[JsonObject, ...] | None = None  # as listed after our replace
+        # The same, kept when a later replace fails: the kernel then still has that table.
+        self._installed_body: tuple[JsonObject, ...] | None = None
 
     def ensure(self, desired: RenderedTable, verify: bool = False) -> ApplyResult:
         """Make the kernel's table equal `desired`. `verify` re-reads the kernel first (the
@@ -126,13 +128,16 @@ class NftablesDriver:
             if "counter" in obj
         }
 
-    def present(self) -> bool:
-        """Whether the kernel has the table now (in whatever state)."""
-        return self._list(f"list table {self.family} {self.name}", terse=True) is not None
+    def intact(self) -> bool:
+        """Whether the kernel's table is still the one this driver installed last (set
+        elements aside): after a failed apply, whether the last good table still filters."""
+        objects = self._list(f"list table {self.family} {self.name}", terse=True)
+        return objects is not None and self._installed_body is not None and (
+            _parse_table(self.family, self.name, objects).body == self._installed_body)
 
     def delete(self) -> bool:
         """Remove the table (teardown). False when it was not there."""
-        self._applied = self._applied_body = None
+        self._applied = self._applied_body = self._installed_body = None
         try:
             self._run([{"delete": {"table": {"family": self.family, "name": self.name}}}],
                       "deletion")
@@ -177,7 +182,8 @@ class NftablesDriver:
         if listed is None:
             raise NftablesError(f"table {self.family} {self.name} is missing right after apply")
         self._applied = desired
-        self._applied_body = _parse_table(self.family, self.name, listed).body
+        self._applied_body = self._installed_body = _parse_table(self.family, self.name,
+                                                                 listed).body
 
     def _run(self, commands: list[JsonObject], what: str) -> None:
         nft = nftables.Nftables()

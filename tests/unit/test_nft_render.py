@@ -219,10 +219,16 @@ def test_tunnel_peers_reach_only_the_probe_port_on_the_host() -> None:
 
 
 def test_tunnel_traffic_is_marked_for_the_routing_guard() -> None:
-    (rule,) = rules(gateway_table(GatewayPlan("gw"), SETTINGS), "prerouting")
+    table = gateway_table(GatewayPlan("gw"), SETTINGS)
+    (chain,) = [o["chain"] for o in table.body if o.get("chain", {}).get("name") == "prerouting"]
+    assert chain["prio"] == -90  # after destination NAT: replies carry the pod's address
     mark = {"meta": {"key": "mark"}}
-    assert rule["expr"] == [TUNNEL, {"mangle": {"key": mark,
-                                                "value": {"|": [mark, GUARD_MARK]}}}]
+    set_mark = {"mangle": {"key": mark, "value": {"|": [mark, GUARD_MARK]}}}
+    into_tunnel = {"match": {"op": "==", "left": {"fib": {"result": "oifname",
+                                                          "flags": ["daddr"]}},
+                             "right": "egress0"}}
+    assert [r["expr"] for r in rules(table, "prerouting")] == [
+        [TUNNEL, set_mark], [into_tunnel, set_mark]]
 
 
 @pytest.mark.parametrize("mtu", [1420, 1280, 9000])

@@ -115,8 +115,9 @@ def render_gateway_table(
     its traffic is dropped and counted as `drop_egress_ip_not_held` instead of leaving with an
     address whose replies cannot come back, or with the pod's own.
 
-    Input chain: from the tunnel, the host itself accepts replies and the probe port only;
-    the rest is dropped and counted as `drop_tunnel_input` (tunnel peers never reach sshd).
+    Input chain: from the tunnel, the host itself accepts replies, neighbour discovery and
+    the probe port only; the rest is dropped and counted as `drop_tunnel_input` (tunnel
+    peers never reach sshd).
     Prerouting chain (after destination NAT, so replies to SNATed connections have their pod
     address again): every packet from the tunnel or routed into it gets GUARD_MARK. Marking
     the way in matters too: with `src_valid_mark`, the reverse-path check of a reply to a pod
@@ -165,6 +166,11 @@ def render_gateway_table(
     table.rule("prerouting", [tunnel, guard_mark])
     table.rule("prerouting", [into_tunnel, guard_mark])
     table.rule("input", [tunnel, _ct_state("established", "related"), {"accept": None}])
+    # Neighbour discovery, for a tunnel that needs it (WireGuard does not).
+    icmpv6_type = {"payload": {"protocol": "icmpv6", "field": "type"}}
+    table.rule("input", [tunnel, {"match": {
+        "op": "==", "left": icmpv6_type,
+        "right": {"set": ["nd-neighbor-solicit", "nd-neighbor-advert"]}}}, {"accept": None}])
     if settings.probe_port is not None:
         probe = {"payload": {"protocol": "udp", "field": "dport"}}
         table.rule("input", [

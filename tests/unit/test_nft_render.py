@@ -211,11 +211,15 @@ def test_tunnel_peers_reach_only_the_probe_port_on_the_host() -> None:
     assert [r["expr"] for r in rules(table, "input")] == [
         [TUNNEL, {"match": {"op": "in", "left": {"ct": {"key": "state"}},
                             "right": ["established", "related"]}}, {"accept": None}],
+        [TUNNEL, {"match": {"op": "==", "left": {"payload": {"protocol": "icmpv6",
+                                                             "field": "type"}},
+                            "right": {"set": ["nd-neighbor-solicit", "nd-neighbor-advert"]}}},
+         {"accept": None}],
         [TUNNEL, probe_port, {"accept": None}],
         [TUNNEL, {"counter": DROP_TUNNEL_INPUT}, {"drop": None}],
     ]
     closed = gateway_table(GATEWAY_PLAN, GatewayTableSettings("egress0", ("eth0",)))
-    assert [verdict(r) for r in rules(closed, "input")] == ["accept", "drop"]
+    assert [verdict(r) for r in rules(closed, "input")] == ["accept", "accept", "drop"]
 
 
 def test_tunnel_traffic_is_marked_for_the_routing_guard() -> None:

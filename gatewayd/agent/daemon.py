@@ -2,12 +2,13 @@
 
 It follows this gateway's plan (SNAT rules, egress IPs) and keeps the WireGuard tunnel to the
 cloud nodes up. Order within a pass: tunnel and routing guard, egress IPs, the nftables table,
-and only then forwarding. The table SNATs to the egress IPs the host holds at that moment
-(a rule whose address is missing drops instead). Forwarding is switched on only once the table
-is in place, and off whenever the table is gone and cannot be installed (a render error, the
-kernel refusing it). Another process changing or removing the table (`nft flush ruleset`,
-`systemctl restart nftables`) is noticed from nftables events and repaired at once; until
-then the routing guard (`dataplane/forward_guard.py`) drops the tunnel's traffic.
+and only then forwarding. The table SNATs only to egress IPs the host holds (Kubernetes mode:
+to provisioned ones no other host holds); a rule whose address is missing drops instead.
+Forwarding is switched on only once the table is in place, and off whenever the table is
+gone and cannot be installed (a render error, the kernel refusing it). Another process
+changing or removing the table (`nft flush ruleset`, `systemctl restart nftables`) is noticed
+from nftables events and repaired at once; until then the routing guard
+(`dataplane/forward_guard.py`) drops the tunnel's traffic.
 
 Standalone mode: the plan comes from snapshot files, the tunnel's peers from the config, and
 the plan's active rules decide which provisioned egress IPs the host holds.
@@ -168,13 +169,26 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             self.write_status()
 
     def _held_changed(self) -> bool:
-        """Kubernetes mode: the egress IPs the keeper holds are not those the table SNATs to."""
+        """Kubernetes mode: the egress IPs the keeper refuses are not those the table drops."""
         if self.cluster is None or self.target is None or self._held_in_table is None:
             return False
         keeper = self.cluster.keeper
         rule_ips = {r.egress_ip for r in self.target.rules if keeper.provisioned(r.egress_ip)}
         in_table = {ip for ip in self._held_in_table if keeper.provisioned(ip)}
-        return set(keeper.report().held) & rule_ips != in_table
+        return rule_ips - keeper.refused() != in_table
+
+    def _held_egress_ips(self, plan: GatewayPlan) -> frozenset[IPAddress]:
+        """The plan's egress IPs the table may SNAT to. Standalone mode: those the host holds.
+        Kubernetes mode: a provisioned one unless another host holds it (the keeper claims
+        and releases them as the traffic moves, and a failover must not wait for a table
+        replace); any other one while the host holds it."""
+        rule_ips = {rule.egress_ip for rule in plan.rules}
+        present = held_addresses() & rule_ips
+        if self.cluster is None:
+            return present
+        keeper = self.cluster.keeper
+        claimable = {ip for ip in rule_ips if keeper.provisioned(ip)} - keeper.refused()
+        return frozenset(claimable | {ip for ip in present if not keeper.provisioned(ip)})
 
     def _refilter(self, verify: bool) -> None:
         """Put the table back (`verify`: it was changed by someone else) or follow the egress
@@ -375,7 +389,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             tunnel_mtu=self.config.tunnel.mtu,
             probe_port=PROBE_PORT,
         )
-        held = held_addresses() & {rule.egress_ip for rule in plan.rules}
+        held = self._held_egress_ips(plan)
         result = self.nftables.ensure(render_gateway_table(plan, settings, held=held),
                                        verify=self.repairing)
         self._held_in_table = held

@@ -56,18 +56,8 @@ DEFAULT_NAMESPACE = "default"
 API_SERVER_SERVICE = ("default", "kubernetes")
 
 
-class SnapshotError(Exception):
+class SnapshotError(DocumentError):
     """Input the snapshot cannot be built from; `str()` is `FILE[:LINE]: message`."""
-
-    def __init__(self, file: str, line: int | None, message: str) -> None:
-        super().__init__(file, line, message)
-        self.file = file
-        self.line = line
-        self.message = message
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{where}: {self.message}"
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,7 @@ directory, filled up).
 
 from __future__ import annotations
 
-import base64
 import errno
-import hashlib
 import json
 import os
 import signal
@@ -23,6 +21,7 @@ from typing import Any
 
 import pytest
 from fixtures.fakeapi import FakeApiServer
+from test_agent_kubernetes import PEER
 
 from gatewayd.dataplane.addresses import AddressDriver
 from gatewayd.lab.netns import entered
@@ -39,15 +38,6 @@ EGRESS_IP = "198.51.100.70"
 def rule(destination: str) -> dict[str, Any]:
     return {"policy": "pay", "role": "active", "egressIP": EGRESS_IP,
             "sources": ["10.244.1.10"], "destinations": [destination]}
-
-
-def public_key(name: str) -> str:
-    return base64.b64encode(hashlib.sha256(name.encode()).digest()).decode()
-
-
-PEER: dict[str, Any] = {"name": "node1", "publicKey": public_key("node1"),
-                        "endpoint": "192.0.2.21:51821",
-                        "allowedIPs": ["10.244.1.0/24", "100.127.0.2/32"]}
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ the lab tests (tests/lab/test_k8s_*.py) do that.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import signal
@@ -23,6 +21,7 @@ from typing import Any
 
 import pytest
 from fixtures.fakeapi import FakeApiServer
+from test_controller_harness import public_key
 
 from gatewayd.lab.netns import entered
 from gatewayd.lab.sandboxed import HOST_ADDRESS, DaemonSandbox
@@ -43,10 +42,6 @@ TUNNEL = "ktgw0"  # unique on the machine: wireguard-go's sockets are shared by 
 TIMEOUT = 20.0
 RULE = {"policy": "pay", "role": "active", "egressIP": "198.51.100.70",
         "sources": ["10.244.1.10"], "destinations": ["198.51.100.10/32"]}
-
-
-def public_key(name: str) -> str:
-    return base64.b64encode(hashlib.sha256(name.encode()).digest()).decode()
 
 
 PEER: dict[str, Any] = {"name": "node1", "publicKey": public_key("node1"),

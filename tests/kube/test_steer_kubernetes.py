@@ -9,8 +9,6 @@ tests/lab/test_k8s_*.py, have real gateways and traffic).
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import signal
@@ -21,6 +19,7 @@ from typing import Any
 
 import pytest
 from fixtures.fakeapi import FakeApiServer
+from test_controller_harness import public_key
 
 from gatewayd.lab.sandboxed import HOST_ADDRESS, DaemonSandbox
 
@@ -29,10 +28,6 @@ pytestmark = pytest.mark.kube
 NODE = "node-kube"
 PREFIX = "kt1-"
 TIMEOUT = 20.0
-
-
-def public_key(name: str) -> str:
-    return base64.b64encode(hashlib.sha256(name.encode()).digest()).decode()
 
 
 GATEWAYS = [

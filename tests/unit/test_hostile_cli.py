@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_hostile_input import write
 
 pytestmark = pytest.mark.unit
 
@@ -77,15 +78,6 @@ CONFIGS: dict[str, str | bytes] = {
                      "reconcile: {pollSeconds: .nan}\n",
     "steer-timestamp.yaml": "node: !!timestamp 2024-01-01\nsnapshot: /s\ntunnel: {}\n",
 }
-
-
-def write(directory: Path, name: str, content: str | bytes) -> Path:
-    path = directory / name
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content)
-    return path
 
 
 def assert_clear_error(result: subprocess.CompletedProcess[str], path: Path,

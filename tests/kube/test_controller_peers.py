@@ -67,11 +67,11 @@ def test_a_bad_endpoint_and_a_copied_key_leave_only_those_nodes_out(
         copied = peer_condition(fake_api, "node-3")
         assert (copied["status"], copied["reason"]) == ("False", "DuplicatePublicKey")
         assert "EgressNode node-1 published this key first" in copied["message"]
-        rejected = {e["involvedObject"]["name"]: e for e in world.events("PeerRejected")}
+        rejected = {e["regarding"]["name"]: e for e in world.events("PeerRejected")}
         assert sorted(rejected) == ["node-2", "node-3"]
-        assert rejected["node-2"]["involvedObject"]["kind"] == "EgressNode"
+        assert rejected["node-2"]["regarding"]["kind"] == "EgressNode"
         assert rejected["node-2"]["type"] == "Warning"
-        assert "left out of every gateway's peers" in rejected["node-2"]["message"]
+        assert "left out of every gateway's peers" in rejected["node-2"]["note"]
 
         # Fixed: the node is a peer again, its condition says so, and no Event repeats.
         publish(fake_api, "node-2", endpoint="10.0.0.2:51820")

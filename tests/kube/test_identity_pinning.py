@@ -40,7 +40,7 @@ from test_controller_harness import (
 from gatewayd.agent.config import load_agent_config
 from gatewayd.agent.kubernetes import AgentCluster
 from gatewayd.clusterlink import CustomObject, OwnObjectSource
-from gatewayd.kube.leases import renew_lease
+from gatewayd.kube.leases import LeaseObserver, renew_lease
 from gatewayd.kube.resources import EGRESS_GATEWAYS
 
 pytestmark = pytest.mark.kube
@@ -162,7 +162,7 @@ def test_a_gateway_follows_its_spec_writes_its_status_and_renews_its_lease(
         finally:
             source.stop()
         CustomObject(api, "egressgateways", "EgressGateway", "gw-1").patch_status(STATUS)
-        assert renew_lease(api, NS, "egressgateway-gw-1", "gw-1", 6)
+        assert renew_lease(api, NS, "egressgateway-gw-1", "gw-1", 6, LeaseObserver())
     assert (cluster.get("egressgateways", "gw-1") or {})["status"]["observedGeneration"] == 1
     assert (cluster.get("leases", "egressgateway-gw-1", NS) or {})["spec"]["holderIdentity"] \
         == "gw-1"

@@ -127,11 +127,13 @@ def test_a_policy_created_through_the_api_gives_selected_pods_the_egress_ip(
     assert probe(WEB_1.netns, EXTERNAL.addresses[0]) == NODE_IPS[NODES[0].name]
     assert probe(BATCH_1.netns, EXTERNAL.addresses[1]) == NODE_IPS[NODES[0].name]
     assert probe(BATCH_2.netns, "198.51.100.6") == NODE_IPS[NODES[1].name]
-    # the active gateway holds both egress IPs, the standby none, and reports them
-    assert has_address("gwdlab-gw1", "eth0", PAYMENT_IP)
-    assert not has_address("gwdlab-gw2", "eth0", PAYMENT_IP)
-    status = klab.object("egressgateways", "gw1")["status"]
-    assert sorted(status["egressIPs"]) == [PAYMENT_IP, BATCH_IP]
+    # the active gateway holds both egress IPs, the standby none, and reports them (the
+    # status is written after the addresses change)
+    wait_for(lambda: has_address("gwdlab-gw1", "eth0", PAYMENT_IP)
+             and not has_address("gwdlab-gw2", "eth0", PAYMENT_IP), TIMEOUT,
+             "gw1 alone to hold the payment egress IP")
+    wait_for(lambda: sorted(klab.object("egressgateways", "gw1")["status"]["egressIPs"])
+             == [PAYMENT_IP, BATCH_IP], TIMEOUT, "gw1 to report both egress IPs")
 
 
 def check_failover(lab: KubeLab, power_loss: bool, directory: Path) -> None:

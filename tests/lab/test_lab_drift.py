@@ -26,8 +26,8 @@ def node_public_key(lab: Lab) -> str:
 
 
 def delete_table(lab: Lab) -> Callable[[], bool]:
-    # No check that it is gone: the agent follows nftables events and may be back already.
     run(["nft", "delete", "table", *GATEWAY_TABLE], ACTIVE.netns)
+    assert nft_table(ACTIVE.netns, *GATEWAY_TABLE) is None
     return lambda: nft_table(ACTIVE.netns, *GATEWAY_TABLE) is not None
 
 

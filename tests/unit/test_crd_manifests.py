@@ -463,7 +463,8 @@ CONTROLLER_ACCESS = [
     ("patch", EGW_STATUS, "gw-a", None, True),  # status.clockSkewSeconds, with a merge patch
     ("update", EGW_STATUS, "gw-a", None, False),
     ("patch", EGN, "node-1", None, True),
-    ("patch", EGN_STATUS, "node-1", None, False),
+    ("patch", EGN_STATUS, "node-1", None, True),  # its PeerAccepted condition
+    ("update", EGN_STATUS, "node-1", None, False),
     ("delete", EGW, "gw-a", None, False),
     ("list", CEGP, None, None, True),
     ("patch", CEGP, "pay", None, False),

@@ -125,6 +125,14 @@ def _names(message: Mapping[str, Any], key: str) -> frozenset[str]:
 # --- steer: gateway health from probe outcomes ---------------------------------------------------
 
 
+def answers_probe(reply: ProbeReply, gateway: str, sequence: int, window: int) -> bool:
+    """Whether `reply` counts as `gateway`'s answer to probe `sequence`: an answer to it or to
+    one of the `window - 1` probes before it. An answer that comes late still shows that the
+    gateway and its tunnel work (a busy host delayed it): only silence is a miss."""
+    return reply.gateway == gateway and sequence - window < reply.sequence <= sequence
+
+
+
 @dataclass
 class ProbeHistory:
     """One gateway's probe outcomes as seen by one node, with hysteresis: `down` after

@@ -1,12 +1,13 @@
 """Kubernetes mode: steer's fast failover, without an API round trip.
 
 A thread probes every gateway through its tunnel every `probeIntervalSeconds` (see
-`gatewayd.probe` for the message and the rules). A probe not answered before the next one is
-sent is a miss. When a gateway's health or what it serves changes, the failovers are decided
-again (`decide_failovers`) and, if they changed, the daemon re-renders its nftables table with
-each failed-over rule sent to its standby: one transaction; new connections only, since
-established ones keep their conntrack mark. The daemon reports each change in its EgressNode
-status and as an Event.
+`gatewayd.probe` for the message and the rules). A probe is a miss when no answer, to it or to
+one of the `misses - 1` probes before it, arrives before the next one is sent; each probe gets
+a full interval, even when the thread itself was late. When a gateway's health or what it
+serves changes, the failovers are decided again (`decide_failovers`) and, if they changed,
+the daemon re-renders its nftables table with each failed-over rule sent to its standby: one
+transaction; new connections only, since established ones keep their conntrack mark. The
+daemon reports each change in its EgressNode status and as an Event.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gatewayd.probe import (
     ProbeFormatError,
     ProbeHistory,
     ProbeReply,
+    answers_probe,
     decide_failovers,
     decode_reply,
     encode_request,
@@ -131,7 +133,7 @@ class FastFailover:
                     log.warning("probe sockets: %s; retrying", exc)
                     self._stopping.wait(1.0)
                     continue
-                next_send = max(next_send + interval, time.monotonic())
+                next_send = max(next_send + interval, time.monotonic() + interval)
                 replies = self._probe_once(sockets, next_send)
                 if self._record(replies, {t.gateway for t in targets}):
                     self._on_change()
@@ -156,7 +158,7 @@ class FastFailover:
                     reply = decode_reply(data)
                 except ProbeFormatError:
                     continue
-                if reply.sequence == sequence and reply.gateway == gateway:
+                if answers_probe(reply, gateway, sequence, self.settings.misses):
                     replies[gateway] = reply
         # The rest of the interval passes before the next probe goes out.
         self._stopping.wait(max(0.0, until - time.monotonic()))

@@ -103,13 +103,14 @@ def renew_time(box: DaemonSandbox) -> str | None:
     return (lease.get("spec") or {}).get("renewTime")
 
 
-def start_with_spec(box: DaemonSandbox) -> None:
-    """The EgressGateway exists with a spec (peers and RULE) before the agent starts."""
+def start_with_spec(box: DaemonSandbox, **settings: Any) -> None:
+    """The EgressGateway exists with a spec (peers and RULE) before the agent starts (with
+    config(box) plus `settings`)."""
     box.api.put({
         "apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGateway",
         "metadata": {"name": NAME}, "spec": {"peers": [PEER], "rules": [RULE]},
     })
-    box.start("agent", config(box))
+    box.start("agent", {**config(box), **settings})
 
 
 def test_joins_creates_its_gateway_and_reports_its_host(sandbox: DaemonSandbox) -> None:
@@ -310,7 +311,9 @@ def test_sigterm_hands_over_the_egress_ips_the_nodes_move(
 ) -> None:
     """A stopping agent gives up the egress IP of a policy the nodes moved to a standby (so
     the standby can claim it), and keeps that of a policy that has nowhere else to go."""
-    start_with_spec(sandbox)
+    # Time enough for the node to notice and move on a busy machine; with a standby the
+    # agent stops as soon as it holds nothing.
+    start_with_spec(sandbox, failover={"handoverSeconds": 10 if has_standby else 1})
     sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to apply the spec")
     with ProbingNode(sandbox, has_standby) as node:
         sandbox.wait(lambda: egress_ip_present(sandbox) and node.answered > 0, TIMEOUT,

@@ -84,6 +84,12 @@ def klab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeLab]:
         yield lab
 
 
+@pytest.fixture(autouse=True)
+def _from_a_settled_cluster(klab: KubeLab) -> None:
+    """Each test starts from the steady state, whatever the one before left behind."""
+    settled(klab)
+
+
 def active(lab: KubeLab, policy: str) -> str | None:
     return next((g["name"] for g in policy_status(lab, policy).get("gateways", [])
                  if g["role"] == "active"), None)
@@ -297,6 +303,8 @@ def test_a_policy_moved_by_the_controller_takes_unanswered_handshakes_along(
         wait_for(lambda: node_routes(klab, NODES[0].name, PAYMENT) == {(new, None)}
                  and node_applied(klab, NODES[0].name), TIMEOUT,
                  f"{NODES[0].name} to send {PAYMENT} to {new} only")
+        wait_for(lambda: has_address(gateway_host(new).netns, "eth0", PAYMENT_IP), TIMEOUT,
+                 f"{new} to claim {PAYMENT_IP}")
         assert probe(CHECKOUT_1.netns, EXTERNAL.addresses[0], local_port=port) == PAYMENT_IP
     finally:
         run(["nft", "delete", "table", "inet", "gwdlab-hold"], gateway_host(old).netns)
@@ -422,16 +430,24 @@ def set_clock_offsets(lab: KubeLab, offsets: dict[str, float]) -> None:
 
 
 def settled(lab: KubeLab) -> None:
-    """One active and one standby gateway, each reached by every node."""
+    """Each policy has one active and one standby gateway, and only the active holds its
+    egress IP; every node reaches every gateway and has no failover in force."""
+    def steady() -> bool:
+        for policy, egress_ip in ((PAYMENT, PAYMENT_IP), (BATCH, BATCH_IP)):
+            if sorted(r for _, r in roles(lab, policy)) != ["active", "standby"]:
+                return False
+            holders = {g.name for g in GATEWAYS if has_address(g.netns, "eth0", egress_ip)}
+            if holders != {active(lab, policy)}:
+                return False
+        return all(reachable(lab, n.name) == {g.name: True for g in GATEWAYS}
+                   and node_failovers(lab, n.name) == set() for n in NODES)
+
     try:
-        wait_for(lambda: sorted(r for _, r in roles(lab, PAYMENT)) == ["active", "standby"]
-                 and all(reachable(lab, n.name) == {g.name: True for g in GATEWAYS}
-                         for n in NODES),
-                 TIMEOUT, "an active and a standby gateway, reached by every node")
+        wait_for(steady, TIMEOUT, "the cluster to settle")
     except TimeoutError as error:
-        state = {n.name: reachable(lab, n.name) for n in NODES}
-        raise AssertionError(f"{error}: roles {roles(lab, PAYMENT)}, reachable {state}") \
-            from None
+        state = {n.name: (reachable(lab, n.name), node_failovers(lab, n.name)) for n in NODES}
+        raise AssertionError(f"{error}: roles {roles(lab, PAYMENT)} {roles(lab, BATCH)}, "
+                             f"nodes {state}") from None
 
 
 def lease_record(lab: KubeLab, gateway: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from gatewayd.probe import (
     ProbeHistory,
     ProbeReply,
     ProbeRequest,
+    answers_probe,
     decide_failovers,
     decode_reply,
     decode_request,
@@ -271,3 +272,16 @@ def test_a_contested_address_is_kept_only_when_active_and_in_use() -> None:
     assert keep_when_contested({"pay"}, rules, {"pay"})
     assert not keep_when_contested({"pay"}, rules, set())
     assert not keep_when_contested({"all"}, rules, {"all"})
+
+
+@pytest.mark.parametrize(("reply_to", "gateway", "counts"), [
+    (10, "gw1", True),  # the probe's own answer
+    (8, "gw1", True),  # a late answer to one of the probes just before
+    (7, "gw1", False),  # older than the window: that gateway went quiet since
+    (11, "gw1", False),  # a probe not sent yet: not an answer
+    (10, "gw2", False),  # another gateway's
+])
+def test_a_late_answer_counts_within_the_window(reply_to: int, gateway: str,
+                                                counts: bool) -> None:
+    reply = ProbeReply(gateway, reply_to)
+    assert answers_probe(reply, "gw1", sequence=10, window=3) is counts

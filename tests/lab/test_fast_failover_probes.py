@@ -1,0 +1,102 @@
+"""steer's probe thread (FastFailover) against a real UDP responder in a network namespace:
+what counts as an answer when the gateway's answers come late."""
+
+from __future__ import annotations
+
+import heapq
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+
+import pytest
+
+from gatewayd.dataplane.probe import ProbeTarget
+from gatewayd.lab.netns import Sandbox, entered, run, wait_for
+from gatewayd.probe import (
+    GATEWAY_TUNNEL_ADDRESS,
+    PROBE_PORT,
+    ProbeReply,
+    decode_request,
+    encode_reply,
+)
+from gatewayd.steer.config import FailoverSettings
+from gatewayd.steer.failover import FastFailover
+
+pytestmark = pytest.mark.lab
+
+NODE_ADDRESS = IPv4Address("100.64.0.2")
+SETTINGS = FailoverSettings(probe_interval_seconds=0.1, misses=5, recoveries=3)
+
+
+class LateResponder:
+    """Answers every probe `delay` seconds after it arrived, as a gateway on a busy host."""
+
+    def __init__(self, netns: str, delay: float) -> None:
+        with entered(netns):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((str(GATEWAY_TUNNEL_ADDRESS), PROBE_PORT))
+        self.sock.settimeout(0.01)
+        self.delay = delay
+        self.received = 0
+        self._due: list[tuple[float, int, bytes, tuple[str, int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LateResponder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, sender = self.sock.recvfrom(2048)
+                request = decode_request(data)
+                self.received += 1
+                reply = encode_reply(ProbeReply("gw1", request.sequence))
+                heapq.heappush(self._due, (time.monotonic() + self.delay, request.sequence,
+                                           reply, sender))
+            except TimeoutError:
+                pass
+            while self._due and self._due[0][0] <= time.monotonic():
+                _, _, reply, sender = heapq.heappop(self._due)
+                self.sock.sendto(reply, sender)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    if os.geteuid() != 0:
+        pytest.skip("lab tests need root (network namespaces)")
+    with Sandbox(f"probes{secrets.token_hex(2)}-") as box:
+        name = box.netns("node")
+        run(["ip", "link", "set", "lo", "up"], name)
+        for address in (GATEWAY_TUNNEL_ADDRESS, NODE_ADDRESS):
+            run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], name)
+        yield name
+
+
+def test_answers_that_come_late_keep_a_gateway_up(netns: str) -> None:
+    """Every answer arrives one and a half probe intervals late: after the next probe went
+    out. The gateway answers all the same, so it is up and stays up."""
+    with LateResponder(netns, delay=1.5 * SETTINGS.probe_interval_seconds) as responder:
+        with entered(netns):  # the probe thread and its sockets live in the namespace
+            failover = FastFailover("node1", SETTINGS, on_change=lambda: None)
+            failover.set_plan((), [ProbeTarget("gw1", 0, GATEWAY_TUNNEL_ADDRESS, PROBE_PORT)],
+                              NODE_ADDRESS)
+            failover.start()
+        try:
+            wait_for(lambda: failover.reachable() == {"gw1": True}, 10,
+                     "the gateway that answers late to count as up")
+            seen = responder.received
+            wait_for(lambda: responder.received >= seen + 20, 10, "20 more probes")
+            assert failover.reachable() == {"gw1": True}
+        finally:
+            failover.stop()

@@ -391,13 +391,16 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
             self.repairing = False
 
     @staticmethod
-    def step(errors: list[str], what: str, action: Callable[[], object]) -> None:
-        """Run one part of programming; log and record a failure, then go on with the rest."""
+    def step(errors: list[str], what: str, action: Callable[[], object]) -> bool:
+        """Run one part of programming; log and record a failure, then go on with the rest
+        (parts that depend on this one ask the result: True when it worked)."""
         try:
             action()
         except Exception as exc:
             log.exception("%s failed", what)
             errors.append(f"{what}: {exc}")
+            return False
+        return True
 
     def drift(self, what: str, changes: object) -> None:
         """Report a change a driver had to make; during a repair pass that is drift."""

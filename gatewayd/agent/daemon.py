@@ -1,8 +1,14 @@
 """`gatewayd agent`: the gateway host daemon, in standalone or Kubernetes mode.
 
 It follows this gateway's plan (SNAT rules, egress IPs) and keeps the WireGuard tunnel to the
-cloud nodes up. Order within a pass: tunnel, sysctls, egress IPs, then the nftables table, so
-an SNAT rule never points at an address that is not there yet.
+cloud nodes up. Order within a pass: tunnel and routing guard, egress IPs, the nftables table,
+and only then forwarding. The table SNATs only to egress IPs the host holds (Kubernetes mode:
+to provisioned ones no other host holds); a rule whose address is missing drops instead.
+Forwarding is switched on only once the table is in place, and off whenever the table is
+gone and cannot be installed (a render error, the kernel refusing it). Another process
+changing or removing the table (`nft flush ruleset`, `systemctl restart nftables`) is noticed
+from nftables events and repaired at once; until then the routing guard
+(`dataplane/forward_guard.py`) drops the tunnel's traffic.
 
 Standalone mode: the plan comes from snapshot files, the tunnel's peers from the config, and
 the plan's active rules decide which provisioned egress IPs the host holds.
@@ -26,16 +32,18 @@ from gatewayd.agent.kubernetes import AgentCluster, AgentState, gateway_status, 
 from gatewayd.agent.target import GatewayTarget, target_from_dict, target_to_dict
 from gatewayd.clusterlink import rfc3339
 from gatewayd.configfile import ConfigError
-from gatewayd.dataplane.addresses import AddressConflict, AddressDriver
+from gatewayd.dataplane.addresses import AddressConflict, AddressDriver, held_addresses
+from gatewayd.dataplane.forward_guard import ensure_forward_guard
 from gatewayd.dataplane.nft_render import GatewayTableSettings, render_gateway_table
-from gatewayd.dataplane.nftables import NftablesDriver
-from gatewayd.dataplane.sysctl import ensure_sysctls
+from gatewayd.dataplane.nftables import NftablesDriver, TableWatcher
+from gatewayd.dataplane.sysctl import ensure_sysctls, observe_sysctls
 from gatewayd.dataplane.wireguard import Peer, WireGuardConfig, WireGuardDriver
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
 from gatewayd.follower import PlanFollower, PlanSource, SnapshotSource, run_follower
 from gatewayd.kube.client import KubeConfigError
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import GatewayPlan, IPAddress
+from gatewayd.probe import PROBE_PORT
 from gatewayd.systemd import Priority, journal_event
 
 log = logging.getLogger("gatewayd.agent")
@@ -60,6 +68,10 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
                 raise ConfigError([f"{config.path}: kubernetes: {exc}"]) from exc
         super().__init__(config)
         self.nftables = NftablesDriver(TABLE_FAMILY, TABLE_NAME)
+        self._table_changed = threading.Event()  # another process touched the table
+        self.table_watcher = TableWatcher(TABLE_FAMILY, TABLE_NAME, self._on_table_changed)
+        self._forwarding: bool | None = None  # as this agent last set it
+        self._held_in_table: frozenset[IPAddress] | None = None  # egress IPs SNATed to
         self.addresses = AddressDriver()
         self.wireguard = WireGuardDriver()
         self.peers_up: set[str] = set()  # names of tunnel peers with a recent handshake
@@ -93,10 +105,12 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
 
     def attach(self, wake: Callable[[], None]) -> None:
         super().attach(wake)
+        self.table_watcher.start()
         if self.cluster is not None:
             self.cluster.start()
 
     def shutdown(self) -> None:
+        self.table_watcher.stop()
         if self.cluster is not None:
             self.cluster.stop(self._status(stopping=True))
         super().shutdown()
@@ -105,15 +119,37 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         return self.config, self.peers(target)
 
     def program(self, target: GatewayTarget, errors: list[str]) -> None:
-        if not self.host_settled(target):
+        settled = self.host_settled(target)
+        if not settled:
             self.step(errors, "wireguard", lambda: self._ensure_tunnel(target))
-            self.step(errors, "sysctl", self._ensure_sysctls)
+            self.step(errors, "forward guard", self._ensure_guard)
         if self.cluster is None:
             self.step(errors, "egress IPs", lambda: self._ensure_egress_ips(target.plan))
         else:
             self.cluster.keeper.set_rules(target.rules)
-        self.step(errors, "nftables", lambda: self._ensure_table(target.plan))
+        self._filter_then_forward(target.plan, errors, settled)
         self.errors = tuple(errors)
+
+    def _filter_then_forward(self, plan: GatewayPlan, errors: list[str], settled: bool) -> None:
+        """The table first; forwarding on only once it is in place, off while it is gone."""
+        if self.step(errors, "nftables", lambda: self._ensure_table(plan)):
+            if not settled or self._forwarding is not True:
+                self.step(errors, "sysctl", lambda: self._ensure_sysctls(forwarding=True))
+            return
+        try:
+            intact = self.nftables.intact()
+        except Exception as exc:
+            log.warning("cannot read table %s %s back: %s", TABLE_FAMILY, TABLE_NAME, exc)
+            intact = False
+        if intact:
+            return  # the table last installed still filters: the last good plan stays
+        self.step(errors, "sysctl", lambda: self._ensure_sysctls(forwarding=False))
+        errors.append(f"forwarding: off until table {TABLE_FAMILY} {TABLE_NAME} is in place")
+
+    def _on_table_changed(self) -> None:
+        self._table_changed.set()
+        if self._wake is not None:
+            self._wake()
 
     def repair(self) -> None:
         super().repair()
@@ -121,11 +157,55 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         self.publish_status()
 
     def after_pass(self) -> None:
+        if self._table_changed.is_set():
+            self._table_changed.clear()
+            self._refilter(verify=True)
+        elif self._held_changed():
+            self._refilter(verify=False)
         if self._status_dirty.is_set():
             self._status_dirty.clear()
             self.publish_status()
         # Losing or regaining the API server changes no plan: say so in status.json anyway.
         if self.cluster is not None and self.cluster.connection() != self._connection:
+            self.write_status()
+
+    def _held_changed(self) -> bool:
+        """Kubernetes mode: the egress IPs the keeper refuses are not those the table drops."""
+        if self.cluster is None or self.target is None or self._held_in_table is None:
+            return False
+        keeper = self.cluster.keeper
+        rule_ips = {r.egress_ip for r in self.target.rules if keeper.provisioned(r.egress_ip)}
+        in_table = {ip for ip in self._held_in_table if keeper.provisioned(ip)}
+        return rule_ips - keeper.refused() != in_table
+
+    def _held_egress_ips(self, plan: GatewayPlan) -> frozenset[IPAddress]:
+        """The plan's egress IPs the table may SNAT to. Standalone mode: those the host holds.
+        Kubernetes mode: a provisioned one unless another host holds it (the keeper claims
+        and releases them as the traffic moves, and a failover must not wait for a table
+        replace); any other one while the host holds it."""
+        rule_ips = {rule.egress_ip for rule in plan.rules}
+        present = held_addresses() & rule_ips
+        if self.cluster is None:
+            return present
+        keeper = self.cluster.keeper
+        claimable = {ip for ip in rule_ips if keeper.provisioned(ip)} - keeper.refused()
+        return frozenset(claimable | {ip for ip in present if not keeper.provisioned(ip)})
+
+    def _refilter(self, verify: bool) -> None:
+        """Put the table back (`verify`: it was changed by someone else) or follow the egress
+        IPs held, at once, not on the repair timer; a full repair pass when that fails, so
+        the failure is reported."""
+        if self.target is None:
+            return
+        errors: list[str] = []
+        self.repairing = verify  # re-read the kernel; what differs is drift, and reported
+        try:
+            self._filter_then_forward(self.target.plan, errors, settled=True)
+        finally:
+            self.repairing = False
+        if errors:
+            self.repair()
+        elif self.status.drift_repaired:
             self.write_status()
 
     def _egress_ips_changed(self) -> None:
@@ -251,14 +331,36 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         )
         self.drift(f"wireguard {tunnel.interface}", changes)
 
-    def _ensure_sysctls(self) -> None:
-        changes = ensure_sysctls({
-            "net.ipv4.ip_forward": "1",
-            "net.ipv6.conf.all.forwarding": "1",
+    def _ensure_sysctls(self, forwarding: bool) -> None:
+        originals = sysctl_originals_path(self.config.state_directory)
+        if not forwarding:
+            changes = ensure_sysctls({"net.ipv4.ip_forward": "0",
+                                      "net.ipv6.conf.all.forwarding": "0"}, originals=originals)
+            if changes:
+                journal_event("forwarding-off", f"forwarding switched off: table {TABLE_FAMILY} "
+                              f"{TABLE_NAME} is not in place", Priority.ERR)
+            self._forwarding = False
+            return
+        values = {
             # Replies to pods come back in through the tunnel from addresses routed elsewhere.
             f"net.ipv4.conf.{self.config.tunnel.interface}.rp_filter": "2",
-        }, originals=sysctl_originals_path(self.config.state_directory))
+            # The reverse-path check of traffic into the tunnel uses the table's GUARD_MARK,
+            # so that the routing guard lets it pass (see forward_guard.py).
+            "net.ipv4.conf.all.src_valid_mark": "1",
+        }
+        # A forwarding host ignores router advertisements unless accept_ra is 2: keep an
+        # uplink that learns its IPv6 default route by SLAAC learning it (0 stays 0).
+        accept_ra = f"net.ipv6.conf.{self.config.uplink}.accept_ra"
+        if observe_sysctls([accept_ra])[accept_ra] == "1":
+            values[accept_ra] = "2"
+        changes = ensure_sysctls(values, originals=originals)
+        changes += ensure_sysctls({"net.ipv4.ip_forward": "1",
+                                   "net.ipv6.conf.all.forwarding": "1"}, originals=originals)
+        self._forwarding = True
         self.drift("sysctl", changes)
+
+    def _ensure_guard(self) -> None:
+        self.drift("forward guard", ensure_forward_guard(self.config.tunnel.interface))
 
     def _ensure_egress_ips(self, plan: GatewayPlan) -> None:
         """Provision the plan's egress IPs that lie in our pools, on each pool's interface."""
@@ -291,9 +393,12 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
                 {self.config.uplink, *(p.interface for p in self.config.egress_ip_pools)}
             )),
             tunnel_mtu=self.config.tunnel.mtu,
+            probe_port=PROBE_PORT,
         )
-        result = self.nftables.ensure(render_gateway_table(plan, settings),
+        held = self._held_egress_ips(plan)
+        result = self.nftables.ensure(render_gateway_table(plan, settings, held=held),
                                        verify=self.repairing)
+        self._held_in_table = held
         if result.drift:
             self.drift(f"nftables table {TABLE_FAMILY} {TABLE_NAME}", result)
 

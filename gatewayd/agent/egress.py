@@ -183,6 +183,11 @@ class EgressIPKeeper:
         return EgressIPReport(ordered, True, "Held",
                               f"{len(held)} egress IPs held" if held else "none needed here")
 
+    def refused(self) -> frozenset[IPAddress]:
+        """Addresses the last pass could not claim: another host answers for them."""
+        with self._lock:
+            return frozenset(c.address for c in self._conflicts)
+
     def provisioned(self, address: IPAddress) -> bool:
         return any(address.version == p.cidr.version and address in p.cidr for p in self.pools)
 

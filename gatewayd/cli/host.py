@@ -183,11 +183,13 @@ def teardown(config: AgentConfig | SteerConfig) -> list[str]:
 def teardown_gateway(state: Path, configured_tunnel: str | None = None) -> list[str]:
     """Remove what the agent programmed, as its state directory records it (the config's
     tunnel too, if there is a config): first the tunnel, so that no more traffic arrives,
-    then the table (filter and SNAT), the egress IPs, and the kernel parameters go back to
-    their values before the agent changed them. Then the saved plan and the records go, so a
-    later start does not restore the plan. Returns what was removed, in that order."""
+    then the table (filter and SNAT) and its routing guard, the egress IPs, and the kernel
+    parameters go back to their values before the agent changed them. Then the saved plan and
+    the records go, so a later start does not restore the plan. Returns what was removed, in
+    that order."""
     from gatewayd.agent.footprint import programmed_path, recorded_tunnels, sysctl_originals_path
     from gatewayd.dataplane.addresses import AddressDriver
+    from gatewayd.dataplane.forward_guard import remove_forward_guard
     from gatewayd.dataplane.nftables import NftablesDriver
     from gatewayd.dataplane.sysctl import restore_sysctls
     from gatewayd.dataplane.wireguard import WireGuardDriver
@@ -200,6 +202,7 @@ def teardown_gateway(state: Path, configured_tunnel: str | None = None) -> list[
             removed.append(f"wireguard interface {interface}")
     if NftablesDriver("inet", "gatewayd").delete():
         removed.append("nftables table inet gatewayd")
+    removed += [f"routing guard {rule}" for rule in remove_forward_guard()]
     changes = AddressDriver().remove_all()
     removed += [f"egress IP {ip}" for ip in sorted(map(str, changes.removed))]
     removed += [f"sysctl {key} (restored)"

@@ -261,6 +261,17 @@ class AddressDriver:
         return entry[1]
 
 
+def held_addresses() -> frozenset[IPAddress]:
+    """Every address this host holds now, on any interface, whoever added it. IPv6 addresses
+    still in duplicate address detection, or refused by it, are not held."""
+    with IPRoute() as ipr:
+        return frozenset(
+            ipaddress.ip_address(msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS"))
+            for msg in ipr.get_addr()
+            if not (msg.get("IFA_FLAGS") or msg["flags"]) & (IFA_F_TENTATIVE | IFA_F_DADFAILED)
+        )
+
+
 def _mac(link: Any) -> tuple[bytes, bool]:
     """The link's MAC, and whether it speaks ARP/NDP at all (tunnels do not)."""
     text = link.get("IFLA_ADDRESS") or ""

@@ -12,7 +12,7 @@ ranges as `first-last`) so that what we render and what the kernel lists compare
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,11 +36,20 @@ STEER_TABLE = "gatewayd-steer"
 DROP_INVALID = "drop_invalid"
 DROP_TUNNEL_UNKNOWN = "drop_tunnel_unknown"
 DROP_UPLINK_FORWARD = "drop_uplink_forward"
+DROP_TUNNEL_NOT_UPLINK = "drop_tunnel_not_uplink"
+DROP_EGRESS_IP_NOT_HELD = "drop_egress_ip_not_held"
+DROP_TUNNEL_INPUT = "drop_tunnel_input"
+
+# Set on every packet from or into the tunnel while the table is in place. The agent's routing
+# guard (`dataplane/forward_guard.py`) blackholes tunnel traffic without it, so a flushed
+# ruleset can never forward a pod's packet unfiltered and un-NATed, however fast the repair is.
+GUARD_MARK = 0x20000000
 
 COMMENT_MAX = 128  # nft refuses longer comments
 FULL_MARK_MASK = 0xFFFFFFFF
 PRIORITY_FILTER = 0
 PRIORITY_MANGLE = -150
+PRIORITY_DSTNAT = -100
 PRIORITY_SRCNAT = 100
 # Before the CNIs' own nat postrouting chains (srcnat): see render_steer_table.
 PRIORITY_STEER_SRCNAT = PRIORITY_SRCNAT - 10
@@ -83,18 +92,36 @@ class GatewayTableSettings:
     # Where SNATed traffic leaves; empty = any interface but the tunnel.
     uplink_interfaces: tuple[str, ...]
     tunnel_mtu: int = 1420  # TCP MSS is clamped to fit it
+    # The only port on the host itself that tunnel peers may reach (UDP, the cloud nodes'
+    # probes); None: none.
+    probe_port: int | None = None
 
 
-def render_gateway_table(plan: GatewayPlan, settings: GatewayTableSettings) -> RenderedTable:
+def render_gateway_table(
+    plan: GatewayPlan, settings: GatewayTableSettings, *, held: Collection[IPAddress]
+) -> RenderedTable:
     """Table `inet gatewayd`: SNAT per rule and a forward filter that is never an open relay.
 
     Forward chain (policy drop), in order: invalid packets are dropped (they would skip NAT and
     leak a pod address); TCP SYNs into and out of the tunnel get their MSS clamped; tunnel
-    traffic from a rule's sources to that rule's destinations is accepted and counted per rule
-    (before the conntrack shortcut, so a rule's counter is its whole egress volume); replies
-    pass as established/related; everything else is dropped and counted as
-    `drop_tunnel_unknown` (from the tunnel) or `drop_uplink_forward` (from anywhere else).
+    traffic from a rule's sources to that rule's destinations, leaving through an uplink, is
+    accepted and counted per rule (before the conntrack shortcut, so a rule's counter is its
+    whole egress volume); replies pass as established/related; everything else is dropped and
+    counted as `drop_tunnel_not_uplink` (from the tunnel to any other interface: a management
+    LAN, docker0, back into the tunnel), `drop_tunnel_unknown` (from the tunnel) or
+    `drop_uplink_forward` (from anywhere else).
     Standby rules are rendered like active ones: their SNAT is ready when sources arrive.
+    A rule whose egress IP is not in `held` (the addresses the host holds now) gets no SNAT;
+    its traffic is dropped and counted as `drop_egress_ip_not_held` instead of leaving with an
+    address whose replies cannot come back, or with the pod's own.
+
+    Input chain: from the tunnel, the host itself accepts replies, neighbour discovery and
+    the probe port only; the rest is dropped and counted as `drop_tunnel_input` (tunnel
+    peers never reach sshd).
+    Prerouting chain (after destination NAT, so replies to SNATed connections have their pod
+    address again): every packet from the tunnel or routed into it gets GUARD_MARK. Marking
+    the way in matters too: with `src_valid_mark`, the reverse-path check of a reply to a pod
+    looks up the route back into the tunnel with the mark, and the guard lets it pass.
     """
     _check_interface_name(settings.tunnel_interface, "GatewayTableSettings.tunnel_interface")
     if not 1280 <= settings.tunnel_mtu <= 65535:
@@ -107,6 +134,11 @@ def render_gateway_table(plan: GatewayPlan, settings: GatewayTableSettings) -> R
     table.counter(DROP_INVALID, "invalid conntrack state")
     table.counter(DROP_TUNNEL_UNKNOWN, "from the tunnel, no rule allows source and destination")
     table.counter(DROP_UPLINK_FORWARD, "forwarding not from the tunnel")
+    table.counter(DROP_TUNNEL_NOT_UPLINK, "from the tunnel to an interface that is no uplink")
+    table.counter(DROP_EGRESS_IP_NOT_HELD, "the rule's egress IP is not held by this host")
+    table.counter(DROP_TUNNEL_INPUT, "from the tunnel to the host, not the probe port")
+    table.chain("prerouting", "filter", "prerouting", PRIORITY_DSTNAT + 10, "accept")
+    table.chain("input", "filter", "input", PRIORITY_FILTER, "accept")
     table.chain("forward", "filter", "forward", PRIORITY_FILTER, "drop")
     table.chain("postrouting", "nat", "postrouting", PRIORITY_SRCNAT, "accept")
 
@@ -126,6 +158,27 @@ def render_gateway_table(plan: GatewayPlan, settings: GatewayTableSettings) -> R
     for expr in forward_head:
         table.rule("forward", expr)
 
+    meta_mark: JsonObject = {"meta": {"key": "mark"}}
+    guard_mark = {"mangle": {"key": meta_mark, "value": {"|": [meta_mark, GUARD_MARK]}}}
+    into_tunnel = {"match": {"op": "==", "left": {"fib": {"result": "oifname",
+                                                          "flags": ["daddr"]}},
+                             "right": settings.tunnel_interface}}
+    table.rule("prerouting", [tunnel, guard_mark])
+    table.rule("prerouting", [into_tunnel, guard_mark])
+    table.rule("input", [tunnel, _ct_state("established", "related"), {"accept": None}])
+    # Neighbour discovery, for a tunnel that needs it (WireGuard does not).
+    icmpv6_type = {"payload": {"protocol": "icmpv6", "field": "type"}}
+    table.rule("input", [tunnel, {"match": {
+        "op": "==", "left": icmpv6_type,
+        "right": {"set": ["nd-neighbor-solicit", "nd-neighbor-advert"]}}}, {"accept": None}])
+    if settings.probe_port is not None:
+        probe = {"payload": {"protocol": "udp", "field": "dport"}}
+        table.rule("input", [
+            tunnel, {"match": {"op": "==", "left": probe, "right": settings.probe_port}},
+            {"accept": None},
+        ])
+    table.rule("input", [tunnel, {"counter": DROP_TUNNEL_INPUT}, {"drop": None}])
+
     uplinks = _uplink_match(settings)
     for index, rule in enumerate(sorted(plan.rules, key=_snat_rule_key)):
         version = _snat_rule_version(rule)
@@ -133,7 +186,13 @@ def render_gateway_table(plan: GatewayPlan, settings: GatewayTableSettings) -> R
         comment = f"{rule.policy} ({rule.role.value}) via {rule.egress_ip}"
         src, dst = table.rule_sets(name, version, rule.sources, rule.destinations)
         table.counter(name, comment)
-        table.rule("forward", [tunnel, src, dst, {"counter": name}, {"accept": None}], comment)
+        if rule.egress_ip not in held:
+            table.rule("forward", [
+                tunnel, uplinks, src, dst, {"counter": DROP_EGRESS_IP_NOT_HELD}, {"drop": None},
+            ], f"{comment}: egress IP not held")
+            continue
+        table.rule("forward", [tunnel, uplinks, src, dst, {"counter": name}, {"accept": None}],
+                   comment)
         ip = _ip(version)
         table.rule(
             "postrouting",
@@ -142,6 +201,8 @@ def render_gateway_table(plan: GatewayPlan, settings: GatewayTableSettings) -> R
         )
 
     table.rule("forward", [_ct_state("established", "related"), {"accept": None}])
+    table.rule("forward", [tunnel, _negated(uplinks), {"counter": DROP_TUNNEL_NOT_UPLINK},
+                           {"drop": None}])
     table.rule("forward", [tunnel, {"counter": DROP_TUNNEL_UNKNOWN}, {"drop": None}])
     table.rule("forward", [{"counter": DROP_UPLINK_FORWARD}, {"drop": None}])
     return table.build()
@@ -179,6 +240,11 @@ def _uplink_match(settings: GatewayTableSettings) -> JsonObject:
     if len(uplinks) == 1:
         return _match_meta("oifname", uplinks[0])
     return _match_meta("oifname", {"set": uplinks})
+
+
+def _negated(match: JsonObject) -> JsonObject:
+    inner = match["match"]
+    return {"match": {**inner, "op": "==" if inner["op"] == "!=" else "!="}}
 
 
 # --- cloud node -------------------------------------------------------------------------------

@@ -12,13 +12,21 @@ nothing yet (daemon start) therefore always replaces the table once.
 
 The libnftables context is created per call: it binds to the network namespace of the calling
 thread when created, and the driver acts on the caller's namespace. Not thread-safe.
+
+`TableWatcher` follows the kernel's nftables events (`nft monitor` as a child process) and
+says when another process changed or removed the table, so the daemon repairs it at once
+instead of on its repair timer.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import subprocess
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,6 +42,9 @@ from gatewayd.dataplane.nft_render import (
 )
 
 _MISSING = "No such file or directory"  # what nft says about a table that is not there
+_GENERATION = "# new generation "  # `nft monitor` ends each transaction's events with it
+
+log = logging.getLogger("gatewayd.nftables")
 
 
 class NftablesError(Exception):
@@ -69,6 +80,8 @@ class NftablesDriver:
         self.name = name
         self._applied: RenderedTable | None = None
         self._applied_body: tuple[JsonObject, ...] | None = None  # as listed after our replace
+        # The same, kept when a later replace fails: the kernel then still has that table.
+        self._installed_body: tuple[JsonObject, ...] | None = None
 
     def ensure(self, desired: RenderedTable, verify: bool = False) -> ApplyResult:
         """Make the kernel's table equal `desired`. `verify` re-reads the kernel first (the
@@ -115,9 +128,16 @@ class NftablesDriver:
             if "counter" in obj
         }
 
+    def intact(self) -> bool:
+        """Whether the kernel's table is still the one this driver installed last (set
+        elements aside): after a failed apply, whether the last good table still filters."""
+        objects = self._list(f"list table {self.family} {self.name}", terse=True)
+        return objects is not None and self._installed_body is not None and (
+            _parse_table(self.family, self.name, objects).body == self._installed_body)
+
     def delete(self) -> bool:
         """Remove the table (teardown). False when it was not there."""
-        self._applied = self._applied_body = None
+        self._applied = self._applied_body = self._installed_body = None
         try:
             self._run([{"delete": {"table": {"family": self.family, "name": self.name}}}],
                       "deletion")
@@ -162,7 +182,8 @@ class NftablesDriver:
         if listed is None:
             raise NftablesError(f"table {self.family} {self.name} is missing right after apply")
         self._applied = desired
-        self._applied_body = _parse_table(self.family, self.name, listed).body
+        self._applied_body = self._installed_body = _parse_table(self.family, self.name,
+                                                                 listed).body
 
     def _run(self, commands: list[JsonObject], what: str) -> None:
         nft = nftables.Nftables()
@@ -233,3 +254,85 @@ def _element_delta(
 
 def _count(changes: Mapping[str, frozenset[str]]) -> int:
     return sum(len(e) for e in changes.values())
+
+
+# --- events -------------------------------------------------------------------------------------
+
+
+def foreign_changes(
+    lines: Iterable[str], family: str, name: str, own_pid: int
+) -> Iterable[int]:
+    """For `nft monitor` output: yield the pid of every process whose transaction touched
+    table `family name`, except `own_pid`. A transaction's events come first, then
+    `# new generation N by process PID (COMM)`."""
+    touched = False
+    for line in lines:
+        if line.startswith(_GENERATION):
+            words = line.split()
+            pid = int(words[6]) if len(words) > 6 and words[6].isdigit() else -1
+            if touched and pid != own_pid:
+                yield pid
+            touched = False
+            continue
+        words = line.split(maxsplit=4)
+        # "<add|delete> <object> <family> <table> ...": `delete table inet gatewayd`
+        if len(words) >= 4 and (words[2], words[3]) == (family, name):
+            touched = True
+
+
+class TableWatcher:
+    """Calls `changed` (in its own thread) as soon as another process changes or removes the
+    table: `nft flush ruleset`, `systemctl restart nftables`, an edited rule. When `nft
+    monitor` stops (its netlink buffer overflowed, it was killed), `changed` is called too,
+    since events may be lost, and the monitor is started again."""
+
+    RESTART_SECONDS = 1.0
+
+    def __init__(self, family: str, name: str, changed: Callable[[], None]) -> None:
+        self.family = family
+        self.name = name
+        self._changed = changed
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # `_process` is started and stopped under it
+        self._process: subprocess.Popen[str] | None = None
+        self._thread = threading.Thread(target=self._run, name="nft-monitor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+            if self._process is not None and self._process.poll() is None:
+                self._process.terminate()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                try:
+                    self._process = subprocess.Popen(
+                        ["nft", "monitor"], stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+                        bufsize=1,
+                    )
+                except OSError as exc:
+                    log.error("cannot follow nftables events (nft monitor): %s", exc)
+                    self._process = None
+            process = self._process
+            if process is not None:
+                assert process.stdout is not None
+                with process:
+                    for pid in foreign_changes(process.stdout, self.family, self.name,
+                                               os.getpid()):
+                        log.warning("process %d changed table %s %s", pid, self.family,
+                                    self.name)
+                        self._changed()
+                if self._stopping.is_set():
+                    return
+                log.warning("nft monitor ended (exit status %s); starting it again",
+                            process.returncode)
+                self._changed()
+            self._stopping.wait(self.RESTART_SECONDS)

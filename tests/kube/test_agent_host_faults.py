@@ -202,6 +202,7 @@ def test_teardown_removes_the_tunnel_first_and_restores_the_sysctls(
     with entered(sandbox.netns):
         assert AddressDriver().ensure("eth0", {ip_address(EGRESS_IP)}).added
     assert EGRESS_IP in sandbox.cmd("ip", "-br", "addr")
+    assert all("blackhole" in sandbox.cmd("ip", f"-{v}", "rule") for v in (4, 6))  # the guard
     if broken:
         path = sandbox.write_config({**config(sandbox), "uplink": 7, "tunnel": "broken"})
         extra: tuple[str, ...] = ("--state-directory", str(state_directory(sandbox)))
@@ -213,8 +214,11 @@ def test_teardown_removes_the_tunnel_first_and_restores_the_sysctls(
     assert ("the config is unusable" in result.stderr) == broken
     removed = [line.removeprefix("removed ") for line in result.stdout.splitlines()]
     # Tunnel first: no traffic arrives any more when the filter goes.
-    assert removed[:3] == [f"wireguard interface {TUNNEL}", "nftables table inet gatewayd",
-                           f"egress IP {EGRESS_IP}"]
+    assert removed[:2] == [f"wireguard interface {TUNNEL}", "nftables table inet gatewayd"]
+    assert [line.split(" rule ")[0] for line in removed[2:4]] == \
+        ["routing guard ipv4", "routing guard ipv6"]
+    assert removed[4] == f"egress IP {EGRESS_IP}"
+    assert not any("blackhole" in sandbox.cmd("ip", f"-{v}", "rule") for v in (4, 6))
     assert {key: sysctl(sandbox, key) for key in FORWARDING} == before
     assert {f"sysctl {key} (restored)" for key in FORWARDING} <= set(removed)
     assert TUNNEL not in sandbox.cmd("ip", "-br", "link")

@@ -183,6 +183,11 @@ def gateway_lab(box: Sandbox) -> GatewayLab:
     return GatewayLab(pod, router, server)
 
 
+def held_table(plan: GatewayPlan, settings: GatewayTableSettings) -> RenderedTable:
+    """The table of a host that holds every egress IP of `plan`."""
+    return render_gateway_table(plan, settings, held={r.egress_ip for r in plan.rules})
+
+
 SETTINGS = GatewayTableSettings(tunnel_interface="gwtun", uplink_interfaces=("gwup",))
 
 
@@ -198,7 +203,7 @@ def gateway_plan(*sources: str) -> GatewayPlan:
 def test_gateway_table_snats_filters_and_counts(sandbox: Sandbox) -> None:
     lab = gateway_lab(sandbox)
     driver = NftablesDriver("inet", "gatewayd")
-    table = render_gateway_table(gateway_plan("10.99.0.5", "fd00:99::5"), SETTINGS)
+    table = held_table(gateway_plan("10.99.0.5", "fd00:99::5"), SETTINGS)
     with entered(lab.router):
         assert driver.observe() is None
         assert driver.ensure(table).action == "replace"
@@ -231,7 +236,7 @@ def test_gateway_table_snats_filters_and_counts(sandbox: Sandbox) -> None:
         counter_rises(driver, lab.router, DROP_UPLINK_FORWARD, before)
 
         # A new pod is one element: the fast path, and it works at once.
-        grown = render_gateway_table(gateway_plan("10.99.0.5", "10.99.0.6", "fd00:99::5"), SETTINGS)
+        grown = held_table(gateway_plan("10.99.0.5", "10.99.0.6", "fd00:99::5"), SETTINGS)
         with entered(lab.router):
             result = driver.ensure(grown)
             observed = driver.observe()
@@ -249,14 +254,14 @@ def test_established_snat_connection_survives_a_full_replace(sandbox: Sandbox) -
     driver = NftablesDriver("inet", "gatewayd")
     plan = gateway_plan("10.99.0.5", "fd00:99::5")
     with entered(lab.router):
-        driver.ensure(render_gateway_table(plan, SETTINGS))
+        driver.ensure(held_table(plan, SETTINGS))
     with source_server(lab.server):
         client = Client(lab.pod, "192.0.2.2")
         assert client.seen == "192.0.2.10"
         assert client.echo("before") == "before"
         changed = GatewayTableSettings("gwtun", ("gwup",), tunnel_mtu=1400)  # new rules
         with entered(lab.router):
-            assert driver.ensure(render_gateway_table(plan, changed)).action == "replace"
+            assert driver.ensure(held_table(plan, changed)).action == "replace"
         assert client.echo("after") == "after"
         client.close()
         assert Client(lab.pod, "192.0.2.2").seen == "192.0.2.10"
@@ -265,7 +270,7 @@ def test_established_snat_connection_survives_a_full_replace(sandbox: Sandbox) -
 def test_drift_is_detected_and_repaired(sandbox: Sandbox) -> None:
     lab = gateway_lab(sandbox)
     driver = NftablesDriver("inet", "gatewayd")
-    table = render_gateway_table(gateway_plan("10.99.0.5", "fd00:99::5"), SETTINGS)
+    table = held_table(gateway_plan("10.99.0.5", "fd00:99::5"), SETTINGS)
     with entered(lab.router):
         driver.ensure(table)
 
@@ -285,7 +290,7 @@ def test_drift_is_detected_and_repaired(sandbox: Sandbox) -> None:
 
         # Stale memory on the fast path: the element to delete is already gone by hand.
         run(["nft", "delete element inet gatewayd rule0_src { 10.99.0.5 }"], lab.router)
-        emptier = render_gateway_table(gateway_plan("fd00:99::5"), SETTINGS)
+        emptier = held_table(gateway_plan("fd00:99::5"), SETTINGS)
         result = driver.ensure(emptier)
         assert (result.action, result.drift) == ("none", True)
         observed = driver.observe()
@@ -371,7 +376,7 @@ def steer_lab(box: Sandbox, gateway_snat: bool) -> SteerLab:
                 (net(f"{SERVICE}/32"),), ip(uplink.split("/")[0])),))
             with entered(gw):
                 NftablesDriver("inet", "gatewayd").ensure(
-                    render_gateway_table(plan, GatewayTableSettings("tun", ("uplink",))))
+                    held_table(plan, GatewayTableSettings("tun", ("uplink",))))
     # Answers to pods (and to a masqueraded node) go back through gw-a.
     sh(server, "ip route add 10.244.0.0/16 via 198.51.100.1",
        "ip route add 10.98.0.0/16 via 198.51.100.1")

@@ -17,9 +17,13 @@ import pytest
 
 from gatewayd.dataplane.nft_render import (
     COMMENT_MAX,
+    DROP_EGRESS_IP_NOT_HELD,
     DROP_INVALID,
+    DROP_TUNNEL_INPUT,
+    DROP_TUNNEL_NOT_UPLINK,
     DROP_TUNNEL_UNKNOWN,
     DROP_UPLINK_FORWARD,
+    GUARD_MARK,
     GatewayTableSettings,
     RenderedTable,
     SetSpec,
@@ -48,7 +52,7 @@ GOLDEN = Path(__file__).parent / "golden"
 ip = ipaddress.ip_address
 net = ipaddress.ip_network
 
-SETTINGS = GatewayTableSettings("egress0", ("eth0",))
+SETTINGS = GatewayTableSettings("egress0", ("eth0",), probe_port=51871)
 STEER = SteerTableSettings(
     gateway_marks={"gw-a": 0x100, "gw-b": 0x200},
     tunnel_interfaces={"gw-a": "egw-gw-a", "gw-b": "egw-gw-b"},
@@ -80,6 +84,11 @@ NODE_PLAN = NodePlan("node-1", cluster_internal=(
 ))
 
 
+def gateway_table(plan: GatewayPlan, settings: GatewayTableSettings) -> RenderedTable:
+    """The table of a host that holds every egress IP of the plan, the standby's too."""
+    return render_gateway_table(plan, settings, held={r.egress_ip for r in plan.rules})
+
+
 def as_json(table: RenderedTable) -> dict[str, Any]:
     return {
         "family": table.family,
@@ -93,7 +102,9 @@ def as_json(table: RenderedTable) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name, table", [
-    ("gateway_table.json", render_gateway_table(GATEWAY_PLAN, SETTINGS)),
+    # The standby's egress IP is not held (in Kubernetes mode it follows the traffic).
+    ("gateway_table.json", render_gateway_table(
+        GATEWAY_PLAN, SETTINGS, held={ip("198.51.100.10"), ip("2001:db8:1::10")})),
     ("steer_table.json", render_steer_table(NODE_PLAN, STEER)),
 ])
 def test_golden(name: str, table: RenderedTable) -> None:
@@ -122,7 +133,7 @@ def verdict(rule: dict[str, Any]) -> str:
 
 
 def test_gateway_rules_get_indexed_sets_counters_and_snat() -> None:
-    table = render_gateway_table(GATEWAY_PLAN, SETTINGS)
+    table = gateway_table(GATEWAY_PLAN, SETTINGS)
     assert table.sets["rule0_src"] == SetSpec("ipv4_addr", (), frozenset({"10.244.1.5",
                                                                            "10.244.2.7"}))
     assert table.sets["rule0_dst"] == SetSpec("ipv4_addr", ("interval",),
@@ -132,6 +143,9 @@ def test_gateway_rules_get_indexed_sets_counters_and_snat() -> None:
         DROP_INVALID: "invalid conntrack state",
         DROP_TUNNEL_UNKNOWN: "from the tunnel, no rule allows source and destination",
         DROP_UPLINK_FORWARD: "forwarding not from the tunnel",
+        DROP_TUNNEL_NOT_UPLINK: "from the tunnel to an interface that is no uplink",
+        DROP_EGRESS_IP_NOT_HELD: "the rule's egress IP is not held by this host",
+        DROP_TUNNEL_INPUT: "from the tunnel to the host, not the probe port",
         "rule0": "payments (active) via 198.51.100.10",
         "rule1": "payments (active) via 2001:db8:1::10",
         "rule2": "reports.nightly (standby) via 198.51.100.11",
@@ -147,27 +161,83 @@ def test_gateway_rules_get_indexed_sets_counters_and_snat() -> None:
                                                               "field": "saddr"}}
 
 
+TUNNEL = {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "egress0"}}
+TO_UPLINK = {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "eth0"}}
+
+
 def test_forward_chain_is_no_open_relay() -> None:
-    table = render_gateway_table(GATEWAY_PLAN, SETTINGS)
+    table = gateway_table(GATEWAY_PLAN, SETTINGS)
     (chain,) = [o["chain"] for o in table.body if o.get("chain", {}).get("name") == "forward"]
     assert (chain["hook"], chain["policy"]) == ("forward", "drop")
     forward = rules(table, "forward")
     verdicts = [verdict(r) for r in forward]
-    assert verdicts == ["drop"] + ["mangle"] * 4 + ["accept"] * 3 + ["accept", "drop", "drop"]
+    assert verdicts == (["drop"] + ["mangle"] * 4 + ["accept"] * 3
+                        + ["accept", "drop", "drop", "drop"])
     accepts = forward[5:8]
-    assert all(r["expr"][0]["match"] == {"op": "==", "left": {"meta": {"key": "iifname"}},
-                                         "right": "egress0"} for r in accepts)
-    assert [r["expr"][3] for r in accepts] == [{"counter": f"rule{i}"} for i in range(3)]
-    assert forward[-2]["expr"][:2] == [
-        {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "egress0"}},
-        {"counter": DROP_TUNNEL_UNKNOWN},
+    # Every accept names the uplink: pod traffic routed out another interface is dropped.
+    assert all(r["expr"][:2] == [TUNNEL, TO_UPLINK] for r in accepts)
+    assert [r["expr"][4] for r in accepts] == [{"counter": f"rule{i}"} for i in range(3)]
+    assert forward[-3]["expr"] == [
+        TUNNEL,
+        {"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": "eth0"}},
+        {"counter": DROP_TUNNEL_NOT_UPLINK}, {"drop": None},
     ]
+    assert forward[-2]["expr"] == [TUNNEL, {"counter": DROP_TUNNEL_UNKNOWN}, {"drop": None}]
     assert forward[-1]["expr"] == [{"counter": DROP_UPLINK_FORWARD}, {"drop": None}]
+
+
+def test_a_rule_whose_egress_ip_is_not_held_drops_instead_of_snat() -> None:
+    held = {ip("198.51.100.10")}  # not 2001:db8:1::10, not the standby's 198.51.100.11
+    table = render_gateway_table(GATEWAY_PLAN, SETTINGS, held=held)
+    assert [r["expr"][-1]["snat"]["addr"] for r in rules(table, "postrouting")] == [
+        "198.51.100.10"]
+    forward = rules(table, "forward")[5:8]
+    assert [(r["expr"][-2], verdict(r)) for r in forward] == [
+        ({"counter": "rule0"}, "accept"),
+        ({"counter": DROP_EGRESS_IP_NOT_HELD}, "drop"),
+        ({"counter": DROP_EGRESS_IP_NOT_HELD}, "drop"),
+    ]
+    assert forward[1]["comment"] == "payments (active) via 2001:db8:1::10: egress IP not held"
+    assert "rule1" in counters(table)  # the rule's own counter stays declared
+
+
+def test_tunnel_peers_reach_only_the_probe_port_on_the_host() -> None:
+    table = gateway_table(GATEWAY_PLAN, SETTINGS)
+    (chain,) = [o["chain"] for o in table.body if o.get("chain", {}).get("name") == "input"]
+    assert (chain["hook"], chain["policy"]) == ("input", "accept")  # only the tunnel is ours
+    probe_port = {"match": {"op": "==", "left": {"payload": {"protocol": "udp",
+                                                             "field": "dport"}},
+                            "right": 51871}}
+    assert [r["expr"] for r in rules(table, "input")] == [
+        [TUNNEL, {"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                            "right": ["established", "related"]}}, {"accept": None}],
+        [TUNNEL, {"match": {"op": "==", "left": {"payload": {"protocol": "icmpv6",
+                                                             "field": "type"}},
+                            "right": {"set": ["nd-neighbor-solicit", "nd-neighbor-advert"]}}},
+         {"accept": None}],
+        [TUNNEL, probe_port, {"accept": None}],
+        [TUNNEL, {"counter": DROP_TUNNEL_INPUT}, {"drop": None}],
+    ]
+    closed = gateway_table(GATEWAY_PLAN, GatewayTableSettings("egress0", ("eth0",)))
+    assert [verdict(r) for r in rules(closed, "input")] == ["accept", "accept", "drop"]
+
+
+def test_tunnel_traffic_is_marked_for_the_routing_guard() -> None:
+    table = gateway_table(GatewayPlan("gw"), SETTINGS)
+    (chain,) = [o["chain"] for o in table.body if o.get("chain", {}).get("name") == "prerouting"]
+    assert chain["prio"] == -90  # after destination NAT: replies carry the pod's address
+    mark = {"meta": {"key": "mark"}}
+    set_mark = {"mangle": {"key": mark, "value": {"|": [mark, GUARD_MARK]}}}
+    into_tunnel = {"match": {"op": "==", "left": {"fib": {"result": "oifname",
+                                                          "flags": ["daddr"]}},
+                             "right": "egress0"}}
+    assert [r["expr"] for r in rules(table, "prerouting")] == [
+        [TUNNEL, set_mark], [into_tunnel, set_mark]]
 
 
 @pytest.mark.parametrize("mtu", [1420, 1280, 9000])
 def test_mss_is_clamped_to_the_tunnel_mtu_both_ways(mtu: int) -> None:
-    table = render_gateway_table(GatewayPlan("gw"), GatewayTableSettings("wg0", (), mtu))
+    table = gateway_table(GatewayPlan("gw"), GatewayTableSettings("wg0", (), mtu))
     clamps = {
         (r["expr"][0]["match"]["left"]["meta"]["key"], r["expr"][1]["match"]["right"]):
         r["expr"][3]["mangle"]["value"]
@@ -183,17 +253,17 @@ def test_mss_is_clamped_to_the_tunnel_mtu_both_ways(mtu: int) -> None:
                                  "right": {"set": ["bond0", "eth1"]}}),
 ])
 def test_snat_leaves_through_the_uplinks(uplinks: tuple[str, ...], expected: Any) -> None:
-    table = render_gateway_table(GATEWAY_PLAN, GatewayTableSettings("egress0", uplinks))
+    table = gateway_table(GATEWAY_PLAN, GatewayTableSettings("egress0", uplinks))
     assert {json.dumps(r["expr"][0]["match"]) for r in rules(table, "postrouting")} == {
         json.dumps(expected)}
 
 
 def test_empty_gateway_plan_still_filters() -> None:
-    table = render_gateway_table(GatewayPlan("gw"), SETTINGS)
+    table = gateway_table(GatewayPlan("gw"), SETTINGS)
     assert table.sets == {}
     assert rules(table, "postrouting") == []
     assert [verdict(r) for r in rules(table, "forward")] == (
-        ["drop"] + ["mangle"] * 4 + ["accept", "drop", "drop"])
+        ["drop"] + ["mangle"] * 4 + ["accept", "drop", "drop", "drop"])
 
 
 def test_rendering_is_deterministic() -> None:
@@ -202,14 +272,14 @@ def test_rendering_is_deterministic() -> None:
     rebuilt = GatewayPlan("gw-a", rules=tuple(
         SnatRule(r.policy, r.role, frozenset(sorted(r.sources, key=str, reverse=True)),
                  r.destinations, r.egress_ip) for r in shuffled))
-    first = replace_commands(render_gateway_table(GATEWAY_PLAN, SETTINGS))
-    assert json.dumps(first) == json.dumps(replace_commands(render_gateway_table(rebuilt,
+    first = replace_commands(gateway_table(GATEWAY_PLAN, SETTINGS))
+    assert json.dumps(first) == json.dumps(replace_commands(gateway_table(rebuilt,
                                                                                  SETTINGS)))
 
 
 def test_long_policy_names_fit_in_comments() -> None:
     long_name = "team." + "x" * 240
-    table = render_gateway_table(GatewayPlan("gw", rules=(
+    table = gateway_table(GatewayPlan("gw", rules=(
         snat(long_name, "198.51.100.1", ["10.0.0.1"], ["192.0.2.0/24"]),)), SETTINGS)
     comment = counters(table)["rule0"]
     assert len(comment.encode()) <= COMMENT_MAX and comment.startswith("team.xxx")
@@ -229,7 +299,7 @@ def test_bad_gateway_input_is_named(settings: GatewayTableSettings, rule: SnatRu
                                     message: str) -> None:
     plan = GatewayPlan("gw", rules=(rule,) if rule else ())
     with pytest.raises(ValueError, match=message):
-        render_gateway_table(plan, settings)
+        gateway_table(plan, settings)
 
 
 # --- steer table ---------------------------------------------------------------------------
@@ -346,7 +416,7 @@ def test_network_elements() -> None:
 
 
 def test_replace_is_one_batch_that_swaps_the_table() -> None:
-    table = render_gateway_table(GATEWAY_PLAN, SETTINGS)
+    table = gateway_table(GATEWAY_PLAN, SETTINGS)
     commands = replace_commands(table)["nftables"]
     ref = {"family": "inet", "name": "gatewayd"}
     assert commands[:3] == [{"add": {"table": ref}}, {"delete": {"table": ref}},
@@ -359,7 +429,7 @@ def test_replace_is_one_batch_that_swaps_the_table() -> None:
 
 
 def test_element_updates_delete_before_they_add() -> None:
-    table = render_gateway_table(GATEWAY_PLAN, SETTINGS)
+    table = gateway_table(GATEWAY_PLAN, SETTINGS)
     commands = element_commands(
         table, removed={"rule0_src": frozenset({"10.244.1.5"}), "rule1_src": frozenset()},
         added={"rule0_src": frozenset({"10.244.9.9", "10.244.8.8"})},

@@ -97,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     args = argparse.ArgumentParser(prog="python -m gatewayd.cli.manpage")
     args.add_argument("program", choices=sorted(parsers))
     program = args.parse_args(argv).program
-    epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0")) or int(datetime.datetime.now().timestamp())
-    date = datetime.datetime.fromtimestamp(epoch, datetime.UTC).date()
-    sys.stdout.write(render(parsers[program](), date))
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    now = datetime.datetime.now(datetime.UTC)
+    date = datetime.datetime.fromtimestamp(int(epoch), datetime.UTC) if epoch else now
+    sys.stdout.write(render(parsers[program](), date.date()))
     return 0
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds dist/gatewayd_<version>_<arch>.deb and prints its path. Usage: packaging/deb/build.sh
+# Builds gatewayd_<version>_<arch>.deb in dist/ (or OUTPUT_DIRECTORY) and prints its path.
+# Usage: packaging/deb/build.sh [OUTPUT_DIRECTORY]
 #
 # The package carries its own virtualenv in /opt/gatewayd, made with Debian's python3.11:
 # our pinned libraries (pyroute2 0.9.7; Debian 12 has 0.7) are inside the .deb, a gateway
@@ -36,8 +37,9 @@ fi
 arch=$(dpkg --print-architecture)
 name="gatewayd_${deb_version}_${arch}"
 stage="$PWD/build/deb/$name"
+output=$(realpath -m "${1:-dist}")
 rm -rf "$stage"
-mkdir -p "$stage" dist
+mkdir -p "$stage" "$output"
 
 # systemd-python is compiled with Debian's hardening flags and no debug information: its
 # build directory is a random one, and the debug paths would change the build ID.
@@ -132,6 +134,6 @@ sed -e "s/@VERSION@/$deb_version/" -e "s/@ARCH@/$arch/" -e "s/@MAINTAINER@/$main
 chmod 0644 "$stage/DEBIAN/md5sums" "$stage/DEBIAN/control" "$stage/DEBIAN/conffiles"
 find "$stage" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 
-dpkg-deb --build --root-owner-group -Zxz -z3 "$stage" "dist/$name.deb" >/dev/null
+dpkg-deb --build --root-owner-group -Zxz -z3 "$stage" "$output/$name.deb" >/dev/null
 rm -rf "$stage"
-echo "$PWD/dist/$name.deb"
+echo "$output/$name.deb"

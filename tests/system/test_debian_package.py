@@ -70,9 +70,9 @@ def test_the_package_holds_what_is_used_and_says_what_it_is(unpacked: Path) -> N
     for path in shared:
         assert ".symtab" not in run("readelf", "--section-headers", "--wide", str(path)), path
     # md5sums covers every file shipped, and matches.
-    listed = dict(reversed(line.split("  ", 1))
-                  for line in (unpacked / "DEBIAN/md5sums").read_text().splitlines())
-    assert set(listed) == {f for f in files if not f.startswith("DEBIAN/")
+    md5sums = (unpacked / "DEBIAN/md5sums").read_text().splitlines()
+    listed = {line.split("  ", 1)[1] for line in md5sums}
+    assert listed == {f for f in files if not f.startswith("DEBIAN/")
                            and not (unpacked / f).is_symlink()}
     run("md5sum", "--check", "--quiet", str(unpacked / "DEBIAN/md5sums"), cwd=unpacked)
     # Manual pages from the parsers; the copyright file and the Debian changelog.

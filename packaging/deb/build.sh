@@ -36,10 +36,12 @@ if [ "${deb_version%-*}" != "$version" ]; then
 fi
 arch=$(dpkg --print-architecture)
 name="gatewayd_${deb_version}_${arch}"
-stage="$PWD/build/deb/$name"
 output=$(realpath -m "${1:-dist}")
-rm -rf "$stage"
-mkdir -p "$stage" "$output"
+mkdir -p build/deb "$output"
+# A directory of its own: two builds at once (scripts/build-image, the tests) do not meet.
+stage=$(mktemp -d "$PWD/build/deb/$name.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+chmod 0755 "$stage"
 
 # systemd-python is compiled with Debian's hardening flags and no debug information: its
 # build directory is a random one, and the debug paths would change the build ID.

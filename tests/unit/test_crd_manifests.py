@@ -347,6 +347,20 @@ def test_example_gateway_status_fits_the_crd() -> None:
         assert check.errors(gateway, status_update=True) == [], gateway["metadata"]["name"]
 
 
+@pytest.mark.parametrize("kind", ["EgressGateway", "EgressNode"])
+def test_the_daemon_version_is_a_status_field(kind: str) -> None:
+    """The agent and steer write status.version; the controller checks it (versions.py)."""
+    plural = {"EgressGateway": "egressgateways", "EgressNode": "egressnodes"}[kind]
+    obj = {"apiVersion": "egress.gatewayd.io/v1alpha1", "kind": kind,
+           "metadata": {"name": "x"}, "spec": {}, "status": {"version": "0.1.0"}}
+    check = validator(f"{plural}.egress.gatewayd.io")
+    assert check.errors(obj, status_update=True) == []
+    assert check.errors({**obj, "status": {"version": "v" * 65}}, status_update=True) != []
+    columns = crd(f"{plural}.egress.gatewayd.io")["spec"]["versions"][0]["additionalPrinterColumns"]
+    assert {"name": "Version", "type": "string", "jsonPath": ".status.version",
+            "priority": 1} in columns
+
+
 def test_condition_types_are_unique() -> None:
     gateway = copy.deepcopy(example_objects("EgressGateway")[0])
     ready = {"type": "Ready", "status": "True"}

@@ -79,6 +79,32 @@ for script in "$stage$PREFIX"/bin/*; do
         sed -i "1s|^#!.*|#!$PREFIX/bin/python3.11|" "$script"
     fi
 done
+# Each distribution's RECORD lists what is installed as it is now: the pruned files gone, the
+# scripts with their new #! line (pip wrote the staging path into them, and their hashes).
+"$PYTHON" - "$stage$SITE" <<'PY'
+import base64, csv, hashlib, io, os, sys
+
+site = sys.argv[1]
+for info in os.listdir(site):
+    record = os.path.join(site, info, "RECORD")
+    if not info.endswith(".dist-info") or not os.path.exists(record):
+        continue
+    rows = []
+    with open(record, newline="") as f:
+        for name, digest, size in csv.reader(f):
+            path = os.path.normpath(os.path.join(site, name))
+            if not os.path.lexists(path):
+                continue
+            if digest and os.path.isfile(path):
+                data = open(path, "rb").read()
+                sha = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+                digest, size = f"sha256={sha.decode()}", str(len(data))
+            rows.append((name, digest, size))
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    with open(record, "w") as f:
+        f.write(out.getvalue())
+PY
 if grep -rlI -- "$stage" "$stage$PREFIX"; then
     echo "$DEB/build.sh: the files above still name the staging directory" >&2
     exit 1

@@ -31,10 +31,14 @@ def run(*argv: str, timeout: float = 120) -> str:
 
 
 @pytest.fixture(scope="module")
-def image() -> Path:
+def image(deb: Path) -> Path:
     if os.geteuid() != 0:
         pytest.fail("scripts/build-image runs debootstrap and buildah: run the tests as root")
-    built = run(str(REPO / "scripts/build-image"), timeout=1800).strip().splitlines()[-1]
+    # The session's .deb (conftest.py) is built from this tree already: no second build.
+    proc = subprocess.run([str(REPO / "scripts/build-image")], capture_output=True, text=True,
+                          timeout=1800, env={**os.environ, "GATEWAYD_DEB": str(deb)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built = proc.stdout.strip().splitlines()[-1]
     path = Path(built)
     assert path == REPO / f"dist/gatewayd-{VERSION}.oci.tar"
     return path

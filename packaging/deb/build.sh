@@ -40,7 +40,7 @@ output=$(realpath -m "${1:-dist}")
 mkdir -p build/deb "$output"
 # A directory of its own: two builds at once (scripts/build-image, the tests) do not meet.
 stage=$(mktemp -d "$PWD/build/deb/$name.XXXXXX")
-trap 'rm -rf "$stage"' EXIT
+trap 'rm -rf "$stage" "$stage.src"' EXIT
 chmod 0755 "$stage"
 
 # systemd-python is compiled with Debian's hardening flags and no debug information: its
@@ -58,7 +58,10 @@ pip=("$stage$PREFIX/bin/pip" --quiet --disable-pip-version-check --no-cache-dir)
 "${pip[@]}" install --require-hashes --no-deps -r "$DEB/build-requirements.lock"
 "${pip[@]}" install --require-hashes --no-deps --no-compile --no-build-isolation \
     -r "$DEB/requirements.lock"
-"${pip[@]}" install --no-deps --no-compile --no-build-isolation .
+# From a copy: setuptools builds in the source tree, and two builds at once would share it.
+mkdir "$stage.src"
+tar -c --exclude=__pycache__ pyproject.toml README.md gatewayd | tar -x -C "$stage.src"
+"${pip[@]}" install --no-deps --no-compile --no-build-isolation "$stage.src"
 "${pip[@]}" uninstall --yes "${UNUSED_DISTRIBUTIONS[@]}" pip setuptools wheel packaging
 rm -rf "$stage$PREFIX"/bin/[Aa]ctivate* "$stage$PREFIX/include"
 # Console scripts of the libraries (normalizer, wsdump, ...): only ours are commands here.
@@ -163,5 +166,5 @@ chmod 0644 "$stage/DEBIAN/md5sums" "$stage/DEBIAN/control" "$stage/DEBIAN/conffi
 find "$stage" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 
 dpkg-deb --build --root-owner-group -Zxz -z3 "$stage" "$output/$name.deb" >/dev/null
-rm -rf "$stage"
+rm -rf "$stage" "$stage.src"
 echo "$output/$name.deb"

@@ -79,6 +79,10 @@ find "$stage$PREFIX" -name '*.so' -type f -exec \
 sed -i "s|$stage||g" "$stage$PREFIX/pyvenv.cfg"
 for script in "$stage$PREFIX"/bin/*; do
     if [ -f "$script" ] && [ ! -L "$script" ] && head -c2 "$script" | grep -q '^#!'; then
+        # A staging path too long for a #! line gets pip's /bin/sh trampoline (lines 2-3).
+        if sed -n 2p "$script" | grep -q "^'''exec' "; then
+            sed -i 2,3d "$script"
+        fi
         sed -i "1s|^#!.*|#!$PREFIX/bin/python3.11|" "$script"
     fi
 done

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,15 +111,15 @@ def previous_deb() -> Path:
     built = sorted(cache.glob("gatewayd_*.deb"))
     if built:
         return built[-1]
-    source = cache / "source"
-    subprocess.run(["rm", "-rf", str(source)], check=True)
-    source.mkdir(parents=True)
+    cache.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "archive", PREVIOUS_RELEASE], cwd=REPO, check=True,
                              capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
-    path = Path(run(str(source / "packaging/deb/build.sh"), cwd=source, timeout=900
-                    ).strip().splitlines()[-1])
-    return Path(path.rename(cache / path.name))
+    # A short path: that build.sh cannot cope with #! lines too long for the kernel.
+    with tempfile.TemporaryDirectory(prefix="gwd-prev-") as source:
+        subprocess.run(["tar", "-x", "-C", source], input=archive, check=True)
+        built = Path(run(f"{source}/packaging/deb/build.sh", cwd=Path(source), timeout=900
+                         ).strip().splitlines()[-1])
+        return Path(shutil.move(built, cache / built.name))
 
 
 @pytest.fixture

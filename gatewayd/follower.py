@@ -36,6 +36,7 @@ from gatewayd.runtime import (
     write_json_atomic,
 )
 from gatewayd.systemd import Priority, ServiceNotifier, journal_event, watchdog_interval
+from gatewayd.version import VERSION
 
 log = logging.getLogger("gatewayd")
 
@@ -426,6 +427,7 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
         self.save_plan()
         status = {
             "role": self.role,
+            "version": VERSION,
             "generation": self.status.generation,
             "appliedAt": self.status.applied_at,
             "ready": self.status.ready,

@@ -52,6 +52,7 @@ from gatewayd.kube.resources import EGRESS_GATEWAYS
 from gatewayd.policy.model import GatewayInterface
 from gatewayd.policy.planio import PlanFormatError, gateway_plan_from_dict
 from gatewayd.probe import PROBE_PORT
+from gatewayd.version import VERSION
 
 log = logging.getLogger("gatewayd.agent")
 
@@ -139,6 +140,7 @@ def gateway_status(state: AgentState, previous: Mapping[str, Any], now: str) -> 
     ]
     status: Status = {
         "observedGeneration": state.generation,
+        "version": VERSION,
         "publicKey": state.public_key,
         "endpoint": endpoint,
         "addresses": [{"type": "InternalIP", "address": uplink_ip}] if uplink_ip else [],

@@ -7,10 +7,12 @@ import os
 import sys
 
 from gatewayd.cli import explain, host, lab, validate
+from gatewayd.version import VERSION
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatewayctl", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (validate, explain, host, lab):
         module.register(commands)

@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 from gatewayd.runtime import setup_logging
+from gatewayd.version import VERSION
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatewayd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     roles = parser.add_subparsers(dest="role", required=True)
     agent = roles.add_parser(
@@ -26,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         "says; in a pod without the config file: Kubernetes mode with its service account)")
     steer.add_argument("--config", type=Path, default=Path("/etc/gatewayd/steer.yaml"))
     _add_controller_parser(roles)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     # Imported here so `gatewayd --help` works without the data plane libraries.
     if args.role == "agent":

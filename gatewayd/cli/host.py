@@ -120,7 +120,8 @@ def format_status(report: dict[str, Any]) -> str:
     who = report.get("name") or report.get("node") or "?"
     lines = [
         f"{report.get('role', '?')} {who}: {'ready' if report.get('ready') else 'NOT READY'}, "
-        f"daemon {'running' if report.get('running') else 'not running'}, "
+        f"daemon {report.get('version', '(version unknown)')} "
+        f"{'running' if report.get('running') else 'not running'}, "
         f"plan generation {report.get('generation', 0)} applied {report.get('appliedAt') or '-'}",
         "policies: " + (", ".join(report.get("policies", [])) or "none"),
     ]

@@ -50,11 +50,13 @@ from gatewayd.controller.specs import (
 )
 from gatewayd.controller.status import Status, active_gateways_of, policy_status
 from gatewayd.controller.tunnels import allocate_tunnel_addresses
+from gatewayd.controller.versions import skew_problem
 from gatewayd.kube.leases import Freshness, LeaseObserver
 from gatewayd.policy.engine import EgressPlan, build_plan
 from gatewayd.policy.lastgood import PolicyMemory
 from gatewayd.policy.model import FieldError, Policy, Snapshot
 from gatewayd.policy.snapshot import LoadedSnapshot
+from gatewayd.version import VERSION
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +123,14 @@ class Reconciler:
     """The controller's memory between reconciles, and the reconcile function itself."""
 
     def __init__(
-        self, hold_down: float, tunnel_cidr: IPv4Network, leases: LeaseObserver | None = None
+        self, hold_down: float, tunnel_cidr: IPv4Network, leases: LeaseObserver | None = None,
+        version: str = VERSION,
     ) -> None:
         """`leases`: when this process saw each gateway's Lease change; its monotonic clock
-        is the clock of every `now` given to this reconciler."""
+        is the clock of every `now` given to this reconciler. `version`: the controller's,
+        which the daemons' are checked against."""
         self.tunnel_cidr = tunnel_cidr
+        self.version = version
         self.health = HealthTracker(hold_down)
         self.leases = leases if leases is not None else LeaseObserver()
         self._snapshots = SnapshotCache()
@@ -139,6 +144,8 @@ class Reconciler:
         self._node_specs: GenerationLog[tuple[str, str]] = GenerationLog()  # (policy, gateway)
         self._rejected: set[tuple[str, str, int]] = set()  # (kind, name, generation) reported
         self._bad_peers: dict[str, PeerProblem] = {}  # EgressNode -> the problem reported
+        # (kind, name) -> the daemon version last seen outside the skew rule (versions.py)
+        self._skewed_versions: dict[tuple[str, str], str] = {}
         self._planned_usable: dict[str, bool] = {}  # gateway usability the last plan used
         # The last plan, and its rules in spec form, while neither snapshot nor preferences
         # change (an agent's status update, a conflict retry): no engine run then.
@@ -239,6 +246,7 @@ class Reconciler:
                 *self._rejections(cluster.policies),
                 *skews.events,
                 *self._peer_rejections(cluster.egress_nodes, bad_peers),
+                *self._version_skews([*cluster.gateways, *cluster.egress_nodes]),
             ],
             wake_at=self.health.next_change,
             gateway_skews=skews.values,
@@ -402,6 +410,28 @@ class Reconciler:
                 message = f"{problem.message}; this node is left out of every gateway's peers"
                 events.append(Event(node, "Warning", "PeerRejected", message))
         self._bad_peers = dict(bad_peers)
+        return events
+
+    def _version_skews(self, daemons: Sequence[Object]) -> list[Event]:
+        """One Warning per EgressGateway or EgressNode whose daemon's `status.version` is newly
+        outside the version-skew rule (`versions.py`); none while it stays the same."""
+        events = []
+        skewed = {}
+        for obj in daemons:
+            status = obj.get("status")
+            version = status.get("version") if isinstance(status, Mapping) else None
+            if not isinstance(version, str):
+                continue  # a daemon from before versions were reported, or not started yet
+            problem = skew_problem(self.version, version)
+            if problem is None:
+                continue
+            key = (str(obj.get("kind")), _name(obj))
+            skewed[key] = version
+            if self._skewed_versions.get(key) != version:
+                message = f"{key[0]} {key[1]}: {problem}"
+                log.warning("%s", message)
+                events.append(Event(obj, "Warning", "VersionSkew", message))
+        self._skewed_versions = skewed
         return events
 
     # --- make-before-break bookkeeping -------------------------------------------------------

@@ -49,6 +49,7 @@ from gatewayd.policy.planio import PlanFormatError
 from gatewayd.probe import Failover
 from gatewayd.steer.config import GatewayTunnelEnd, SteerConfig
 from gatewayd.steer.target import NodeTarget, target_from_dict
+from gatewayd.version import VERSION
 
 log = logging.getLogger("gatewayd.steer")
 
@@ -108,6 +109,7 @@ def node_status(state: NodeState, previous: Mapping[str, Any], now: str) -> Stat
     ]
     status: Status = {
         "observedGeneration": state.generation,
+        "version": VERSION,
         "publicKey": state.public_key,
         "endpoint": _endpoint(state.address, state.listen_port) if state.address else None,
         "gatewayPorts": _ports(state.tunnels, previous.get("gatewayPorts")),

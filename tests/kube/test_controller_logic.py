@@ -497,3 +497,30 @@ def test_what_the_controller_writes_fits_the_crds() -> None:
         if status_update:  # the API server would never have taken the invalid spec
             body["spec"] = valid_spec
         assert validator(plural).errors(body, status_update=status_update) == []
+
+
+def test_a_daemon_outside_the_version_skew_rule_gets_one_warning_event() -> None:
+    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR, leases=LeaseObserver(lambda: NOW),
+                            version="1.4.0")
+
+    def with_versions(gateway: str, node: str) -> Cluster:
+        base = cluster()
+        gateways = copy.deepcopy(base.gateways)
+        gateways[0]["status"]["version"] = gateway
+        nodes = copy.deepcopy(base.egress_nodes)
+        nodes[0]["status"] = {"version": node}
+        return cluster(gateways=gateways, egress_nodes=nodes)
+
+    def skew_events(state: Cluster) -> list[tuple[str, str, str]]:
+        decisions = reconciler.plan(state, NOW, float("-inf"), NOW_TEXT)
+        return [(e.involved["metadata"]["name"], e.type, e.message) for e in decisions.events
+                if e.reason == "VersionSkew"]
+
+    assert skew_events(with_versions("1.3.2", "1.4.1")) == []
+    [(name, kind, message)] = skew_events(with_versions("1.5.0", "1.4.1"))
+    assert (name, kind) == ("gw-1", "Warning")
+    assert message.startswith("EgressGateway gw-1: version 1.5.0 is not supported by "
+                              "controller 1.4.0: upgrade the controller first")
+    assert skew_events(with_versions("1.5.0", "1.4.1")) == []  # said once, not every reconcile
+    [(name, _, message)] = skew_events(with_versions("1.5.0", "1.2.0"))
+    assert name == "node-1" and "more than 1 minor version behind" in message

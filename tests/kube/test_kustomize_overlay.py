@@ -41,7 +41,8 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         "kind": "Kustomization",
         "namespace": NAMESPACE,
         "resources": [os.path.relpath(MANIFESTS, overlay)],
-        "images": [{"name": "ghcr.io/example/gatewayd",
+        # The name the base kustomization gave it (packaging/kubernetes/kustomization.yaml).
+        "images": [{"name": "ghcr.io/gatewayd/gatewayd",
                     "newName": IMAGE.rsplit(":", 1)[0], "newTag": IMAGE.rsplit(":", 1)[1]}],
     }))
     built = subprocess.run([kubectl, "kustomize", str(overlay)], check=True,
@@ -80,6 +81,8 @@ def test_the_overlay_is_valid_for_every_version(rendered: list[dict[str, Any]]) 
     images = {c["image"] for d in rendered if d["kind"] in ("Deployment", "DaemonSet")
               for c in d["spec"]["template"]["spec"]["containers"]}
     assert images == {IMAGE}
+    (steer,) = [d for d in rendered if d["kind"] == "DaemonSet"]
+    assert steer["spec"]["template"]["spec"]["priorityClassName"] == "system-node-critical"
 
 
 def test_the_controller_reads_the_api_server_endpoints_from_the_new_namespace(

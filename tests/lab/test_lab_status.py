@@ -14,6 +14,7 @@ from gatewayd.lab.netns import run
 from gatewayd.lab.observe import GATEWAY_TABLE, has_address, nft_table
 from gatewayd.lab.topology import GATEWAYS, NODES, Lab
 from gatewayd.lab.verify import probe
+from gatewayd.version import VERSION
 
 pytestmark = pytest.mark.lab
 
@@ -38,6 +39,7 @@ def test_active_gateway_status_shows_policies_ips_peers_and_counters(lab: Lab) -
     assert probe(CHECKOUT.netns, "198.51.100.10") == "198.51.100.70"  # traffic and handshakes
     report = status(lab, ACTIVE.name)
     assert report["ready"] is True and report["running"] is True
+    assert report["version"] == VERSION  # the daemon's own, from status.json
     assert report["policies"] == ["batch-all (active)", "payment-gateway (active)"]
     assert report["egressIPs"] == ["198.51.100.70", "198.51.100.71"]
     assert set(report["egressIPs"]) <= set(report["egressIPsPresent"])
@@ -47,7 +49,7 @@ def test_active_gateway_status_shows_policies_ips_peers_and_counters(lab: Lab) -
     assert payment and sum(v["packets"] for v in payment) > 0
 
     text = gatewayctl(lab, ACTIVE.name, "status").stdout
-    assert "agent gw1: ready, daemon running" in text
+    assert f"agent gw1: ready, daemon {VERSION} running" in text
     assert "198.51.100.70 (present)" in text
 
 

@@ -6,10 +6,12 @@ with the promised replicas, probes and security settings."""
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
 from functools import cache
+from importlib import metadata
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,8 @@ pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
 KUBE = REPO / "packaging/kubernetes"
 NAMESPACE = "gatewayd-system"
-IMAGE = "ghcr.io/example/gatewayd:0.1.0"
+# The manifests name the image `gatewayd`; the kustomization gives it its registry and tag.
+IMAGE = "gatewayd"
 FLOOR = Version("1.30")
 VERSIONS = [v for v in dict.fromkeys(all_versions()) if Version(v) >= FLOOR]
 TEMPLATE = KUBE / "templates/gateway-credentials.yaml"
@@ -344,6 +347,20 @@ def test_example_gateway_status_fits_the_crd() -> None:
         assert check.errors(gateway, status_update=True) == [], gateway["metadata"]["name"]
 
 
+@pytest.mark.parametrize("kind", ["EgressGateway", "EgressNode"])
+def test_the_daemon_version_is_a_status_field(kind: str) -> None:
+    """The agent and steer write status.version; the controller checks it (versions.py)."""
+    plural = {"EgressGateway": "egressgateways", "EgressNode": "egressnodes"}[kind]
+    obj = {"apiVersion": "egress.gatewayd.io/v1alpha1", "kind": kind,
+           "metadata": {"name": "x"}, "spec": {}, "status": {"version": "0.1.0"}}
+    check = validator(f"{plural}.egress.gatewayd.io")
+    assert check.errors(obj, status_update=True) == []
+    assert check.errors({**obj, "status": {"version": "v" * 65}}, status_update=True) != []
+    columns = crd(f"{plural}.egress.gatewayd.io")["spec"]["versions"][0]["additionalPrinterColumns"]
+    assert {"name": "Version", "type": "string", "jsonPath": ".status.version",
+            "priority": 1} in columns
+
+
 def test_condition_types_are_unique() -> None:
     gateway = copy.deepcopy(example_objects("EgressGateway")[0])
     ready = {"type": "Ready", "status": "True"}
@@ -554,6 +571,8 @@ def test_steer_daemonset() -> None:
     assert security.get("privileged") is not True
     assert_probes_and_resources(container)
     find(installed(), "ServiceAccount", pod["serviceAccountName"])
+    # The fast failover path: last to be evicted or preempted on its node.
+    assert pod["priorityClassName"] == "system-node-critical"
 
 
 def assert_probes_and_resources(container: dict[str, Any]) -> None:
@@ -565,7 +584,25 @@ def assert_probes_and_resources(container: dict[str, Any]) -> None:
     assert "memory" in container["resources"]["limits"]
 
 
-def test_readme_names_the_placeholder_image_and_the_floor() -> None:
+def built_image_name() -> str:
+    """The name scripts/build-image gives the image, with the version of the package."""
+    script = (REPO / "scripts/build-image").read_text()
+    (name,) = re.findall(r"^IMAGE=\$\{GATEWAYD_IMAGE:-([^}]+)\}$", script, re.M)
+    return f"{name}:{metadata.version('gatewayd')}"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_renders_the_image_scripts_build_image_builds() -> None:
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(KUBE)], check=True, capture_output=True, text=True
+    ).stdout
+    images = {c["image"] for d in yaml.safe_load_all(built)
+              if d["kind"] in ("Deployment", "DaemonSet")
+              for c in d["spec"]["template"]["spec"]["containers"]}
+    assert images == {built_image_name()}
+
+
+def test_readme_names_the_image_and_the_floor() -> None:
     readme = (KUBE / "README.md").read_text()
-    assert IMAGE in readme
+    assert built_image_name() in readme and "scripts/build-image" in readme
     assert "1.30" in readme

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import textwrap
+from importlib import metadata
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -282,6 +283,7 @@ def conditions(status: dict[str, object]) -> dict[str, str]:
 def test_gateway_status(tmp_path: Path) -> None:
     status = gateway_status(agent_state(tmp_path), {}, "2026-01-01T00:00:00Z")
     assert status["observedGeneration"] == 4
+    assert status["version"] == metadata.version("gatewayd")  # for the controller's skew check
     assert status["endpoint"] == "198.51.100.2:51820"
     assert status["addresses"] == [{"type": "InternalIP", "address": "198.51.100.2"}]
     assert status["interfaces"] == [{"name": "eth0", "addresses": ["198.51.100.2/24"],
@@ -332,6 +334,7 @@ def test_node_status(tmp_path: Path) -> None:
         failovers=(Failover("pay", "gw1", "gw2", 1.0, "2026-01-01T00:00:00Z"),), probing=True,
     )
     status = node_status(state, {}, "2026-01-01T00:00:00Z")
+    assert status["version"] == metadata.version("gatewayd")
     assert status["endpoint"] == "192.0.2.21:51821"
     assert status["gatewayPorts"] == {"gw1": 51821, "gw2": 51822}
     assert status["gateways"] == [{"name": "gw1", "reachable": False},

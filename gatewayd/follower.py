@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from gatewayd import metrics
 from gatewayd.configfile import ConfigError, ReconcileSettings
 from gatewayd.policy.engine import EgressPlan, build_plan
 from gatewayd.policy.lastgood import PolicyMemory
@@ -326,7 +328,10 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
     def apply(self, plan: PlanT) -> None:
         self.target = plan
         errors: list[str] = []
+        started = time.monotonic()
         self.program(plan, errors)
+        metrics.PLAN_APPLY_SECONDS.labels("repair" if self.repairing else "change").observe(
+            time.monotonic() - started)
         if not errors:
             self._host_programmed_for = self.host_inputs(plan)
             if self.applied is None or not self.same_content(plan, self.applied):
@@ -410,6 +415,24 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
             self.status.drift_repaired += 1
             self.status.last_drift_at = now_iso()
 
+    def metric_samples(self) -> list[metrics.Sample]:
+        """The state for `/metrics`, read in the loop's thread after a pass; each daemon adds
+        its own (peers, egress IPs, counters) to these."""
+        role = {"role": self.role}
+        return [
+            metrics.Sample("gatewayd_plan_generation_desired", "Generation of the plan the "
+                           "input asks for (0: none yet).",
+                           self.target.generation if self.target else 0, role),
+            metrics.Sample("gatewayd_plan_generation_applied", "Generation of the plan last "
+                           "programmed without error (0: none yet).",
+                           self.applied.generation if self.applied else 0, role),
+            metrics.Sample("gatewayd_ready", "1 when the last pass programmed everything.",
+                           float(self.status.ready), role),
+            metrics.Sample("gatewayd_policies", "Policies this host serves in the applied plan.",
+                           len({r.policy for r in self.applied.rules}) if self.applied else 0,
+                           role),
+        ]
+
     def health_summary(self) -> str:
         """One line for `systemctl status`, refreshed after every loop pass."""
         policies = {rule.policy for rule in self.applied.rules} if self.applied else set()
@@ -446,7 +469,14 @@ def pid_file(state_directory: Path, role: str) -> PidFile:
     return PidFile(state_directory / f"{role}.pid")
 
 
-def run_follower(follower_class: type[PlanFollower[Any, Any]], config_path: Path) -> int:
+# The state behind `/metrics` is read at most this often (SNAT counters list the nft table).
+METRICS_REFRESH_SECONDS = 5.0
+
+
+def run_follower(
+    follower_class: type[PlanFollower[Any, Any]], config_path: Path,
+    metrics_options: metrics.MetricsOptions | None = None,
+) -> int:
     """Load the config, then follow inputs until SIGTERM; the data plane stays in place after."""
     try:
         config = follower_class.load_config(config_path)
@@ -471,6 +501,21 @@ def run_follower(follower_class: type[PlanFollower[Any, Any]], config_path: Path
     loop.install_signal_handlers()
     loop.watch([config.path, *follower.watched_paths()])
     service = ServiceNotifier()
+    options = metrics_options or metrics.MetricsOptions(None)
+    server = metrics.MetricsServer(options.address) if options.address else None
+    published = [-METRICS_REFRESH_SECONDS]
+
+    def publish_metrics() -> None:
+        if (server is None and options.textfile is None) or \
+                time.monotonic() - published[0] < METRICS_REFRESH_SECONDS:
+            return
+        published[0] = time.monotonic()
+        try:
+            metrics.STATE.update(follower.metric_samples())
+        except Exception:  # metrics must never stop the loop
+            log.exception("metrics: reading the state failed")
+        if options.textfile is not None:
+            metrics.write_textfile(options.textfile)
 
     def check_inputs(forced: bool) -> None:
         if forced:  # SIGHUP: `systemctl reload`
@@ -481,7 +526,10 @@ def run_follower(follower_class: type[PlanFollower[Any, Any]], config_path: Path
         follower.after_pass()
         # READY=1 only once a plan is in place (restored or applied); WATCHDOG=1 every pass.
         service.pass_done(follower.applied is not None, follower.service_status())
+        publish_metrics()
 
+    if server is not None:
+        server.start()
     try:
         follower.restore_saved_plan()
         follower.attach(loop.notify)
@@ -490,5 +538,7 @@ def run_follower(follower_class: type[PlanFollower[Any, Any]], config_path: Path
         follower.shutdown()
     finally:
         pids.release()
+        if server is not None:
+            server.stop()
     log.info("stopping; the data plane stays in place")
     return 0

@@ -18,6 +18,8 @@ import time
 from enum import IntEnum
 from types import ModuleType
 
+from gatewayd import metrics
+
 log = logging.getLogger("gatewayd")
 
 
@@ -187,6 +189,7 @@ def journal_event(event: str, message: str, priority: int, **fields: str) -> Non
     if event in EVENT_MESSAGE_IDS:
         journal["MESSAGE_ID"] = EVENT_MESSAGE_IDS[event]
     journal.update({f"GATEWAYD_{key.upper()}": str(value) for key, value in fields.items()})
+    metrics.count_event(event, fields)
     log.log(_LOG_LEVELS.get(priority, logging.INFO), "%s", message,
             extra={JOURNAL_FIELDS: journal}, stacklevel=2)
 

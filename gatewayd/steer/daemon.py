@@ -24,7 +24,9 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from gatewayd.agent.daemon import PEER_UP_SECONDS
 from gatewayd.agent.host import first_ipv4, observe_interfaces
+from gatewayd.agent.metrics import peer_samples
 from gatewayd.clusterlink import rfc3339
 from gatewayd.configfile import DEFAULT_TUNNEL_ADDRESS, ConfigError
 from gatewayd.controller.probes import ProbeServer
@@ -37,6 +39,7 @@ from gatewayd.dataplane.wireguard import Peer, WireGuardConfig, WireGuardDriver
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
 from gatewayd.follower import PlanFollower, PlanSource, SnapshotSource, run_follower
 from gatewayd.kube.client import KubeConfigError
+from gatewayd.metrics import MetricsOptions, Sample
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import NodePlan, SteerAction, SteerRule
 from gatewayd.probe import GATEWAY_TUNNEL_ADDRESS, PROBE_PORT, Failover, effective_rules
@@ -44,6 +47,7 @@ from gatewayd.steer.config import GatewayTunnelEnd, SteerConfig, load_steer_conf
 from gatewayd.steer.conntrack import forget_unanswered
 from gatewayd.steer.failover import FastFailover
 from gatewayd.steer.kubernetes import NodeState, SteerCluster, node_status
+from gatewayd.steer.metrics import gateway_samples
 from gatewayd.steer.slots import (
     SlotsFullError,
     SlotTable,
@@ -230,6 +234,21 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
                 for f in failovers.values()
             ],
         }
+
+    def metric_samples(self) -> list[Sample]:
+        samples = super().metric_samples()
+        now = time.time()
+        for end in self.ends:
+            with self._dataplane:
+                state = self.wireguard.observe(end.interface)
+            at = {p.public_key: p.latest_handshake or 0 for p in state.peers} if state else {}
+            handshake = at.get(end.public_key, 0)
+            up = [end.name] if handshake > now - PEER_UP_SECONDS else []
+            samples += peer_samples({end.name: handshake}, up, now, end.interface)
+        if self.failover is not None:
+            samples += gateway_samples(self.failover.reachable(),
+                                       self.failover.failovers.values())
+        return samples
 
     # --- fast failover ----------------------------------------------------------------------
 
@@ -451,5 +470,5 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
         self._steering_changed(steered.rules, ends)
 
 
-def run_steer(config_path: Path) -> int:
-    return run_follower(SteerAgent, config_path)
+def run_steer(config_path: Path, metrics: MetricsOptions | None = None) -> int:
+    return run_follower(SteerAgent, config_path, metrics)

@@ -238,16 +238,21 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
     def metric_samples(self) -> list[Sample]:
         samples = super().metric_samples()
         now = time.time()
+        reachable = self.failover.reachable() if self.failover is not None else {}
         for end in self.ends:
             with self._dataplane:
                 state = self.wireguard.observe(end.interface)
             at = {p.public_key: p.latest_handshake or 0 for p in state.peers} if state else {}
             handshake = at.get(end.public_key, 0)
-            up = [end.name] if handshake > now - PEER_UP_SECONDS else []
-            samples += peer_samples({end.name: handshake}, up, now, end.interface)
+            # The probes through the tunnel know within a second; a handshake stays recent
+            # for minutes after the gateway is gone.
+            up = reachable.get(end.name)
+            if up is None:
+                up = handshake > now - PEER_UP_SECONDS
+            samples += peer_samples({end.name: handshake}, [end.name] if up else [], now,
+                                    end.interface)
         if self.failover is not None:
-            samples += gateway_samples(self.failover.reachable(),
-                                       self.failover.failovers.values())
+            samples += gateway_samples(reachable, self.failover.failovers.values())
         return samples
 
     # --- fast failover ----------------------------------------------------------------------

@@ -418,20 +418,13 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
     def metric_samples(self) -> list[metrics.Sample]:
         """The state for `/metrics`, read in the loop's thread after a pass; each daemon adds
         its own (peers, egress IPs, counters) to these."""
-        role = {"role": self.role}
-        return [
-            metrics.Sample("gatewayd_plan_generation_desired", "Generation of the plan the "
-                           "input asks for (0: none yet).",
-                           self.target.generation if self.target else 0, role),
-            metrics.Sample("gatewayd_plan_generation_applied", "Generation of the plan last "
-                           "programmed without error (0: none yet).",
-                           self.applied.generation if self.applied else 0, role),
-            metrics.Sample("gatewayd_ready", "1 when the last pass programmed everything.",
-                           float(self.status.ready), role),
-            metrics.Sample("gatewayd_policies", "Policies this host serves in the applied plan.",
-                           len({r.policy for r in self.applied.rules}) if self.applied else 0,
-                           role),
-        ]
+        return metrics.plan_samples(
+            self.role,
+            desired=self.target.generation if self.target else 0,
+            applied=self.applied.generation if self.applied else 0,
+            ready=self.status.ready,
+            policies=len({r.policy for r in self.applied.rules}) if self.applied else 0,
+        )
 
     def health_summary(self) -> str:
         """One line for `systemctl status`, refreshed after every loop pass."""

@@ -98,6 +98,22 @@ class Sample:
     counter: bool = False  # `name` without `_total`; the exposition adds it
 
 
+def plan_samples(role: str, desired: int, applied: int, ready: bool,
+                 policies: int) -> list[Sample]:
+    """What every daemon that follows a plan (agent, steer) reports about it."""
+    labels = {"role": role}
+    return [
+        Sample("gatewayd_plan_generation_desired", "Generation of the plan the input asks for "
+               "(0: none yet).", desired, labels),
+        Sample("gatewayd_plan_generation_applied", "Generation of the plan last programmed "
+               "without error (0: none yet).", applied, labels),
+        Sample("gatewayd_ready", "1 when the last pass programmed everything.", float(ready),
+               labels),
+        Sample("gatewayd_policies", "Policies this host serves in the applied plan.", policies,
+               labels),
+    ]
+
+
 class StateMetrics(Collector):
     """The daemon's current state, as its loop last read it; served as it is at scrape time."""
 

@@ -183,14 +183,15 @@ def journal_event(event: str, message: str, priority: int, **fields: str) -> Non
     """Record one event: MESSAGE, PRIORITY, MESSAGE_ID of the kind, GATEWAYD_EVENT=`event` and
     GATEWAYD_<KEY> for each keyword (`policy="x"` becomes GATEWAYD_POLICY=x), so
     `journalctl GATEWAYD_EVENT=peer-down` finds it. It is a log record like any other: the
-    handler `setup_logging` chose sends it to the journal, or to stderr as
-    `message [event=peer-down peer=node1]`."""
-    journal = {"PRIORITY": str(int(priority)), "GATEWAYD_EVENT": event}
+    handler `setup_logging` chose sends it to the journal (MESSAGE is `message`, the fields
+    are fields), or to stderr as `message [event=peer-down peer=node1]`."""
+    journal = {"MESSAGE": message, "PRIORITY": str(int(priority)), "GATEWAYD_EVENT": event}
     if event in EVENT_MESSAGE_IDS:
         journal["MESSAGE_ID"] = EVENT_MESSAGE_IDS[event]
     journal.update({f"GATEWAYD_{key.upper()}": str(value) for key, value in fields.items()})
     metrics.count_event(event, fields)
-    log.log(_LOG_LEVELS.get(priority, logging.INFO), "%s", message,
+    details = "".join(f" {key}={value}" for key, value in sorted(fields.items()))
+    log.log(_LOG_LEVELS.get(priority, logging.INFO), "%s [event=%s%s]", message, event, details,
             extra={JOURNAL_FIELDS: journal}, stacklevel=2)
 
 
@@ -211,10 +212,10 @@ def syslog_priority(record: logging.LogRecord) -> int:
 
 
 class StderrFormatter(logging.Formatter):
-    """Log lines on stderr, an event's fields appended as `[event=... key=value]`. With
-    `priority_prefix` (stderr is the journal but systemd-python is missing) every line starts
-    with `<N>`, which journald reads as the line's priority (`SyslogLevelPrefix=`, on by
-    default), and there is no time stamp: the journal has its own."""
+    """Log lines on stderr. With `priority_prefix` (stderr is the journal but systemd-python
+    is missing) every line starts with `<N>`, which journald reads as the line's priority
+    (`SyslogLevelPrefix=`, on by default), and there is no time stamp: the journal has its
+    own."""
 
     def __init__(self, priority_prefix: bool) -> None:
         fmt = "%(levelname)s %(name)s: %(message)s"
@@ -222,23 +223,11 @@ class StderrFormatter(logging.Formatter):
         self.priority_prefix = priority_prefix
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record) + event_suffix(record)
+        text = super().format(record)
         if not self.priority_prefix:
             return text
         prefix = f"<{syslog_priority(record)}>"
         return "\n".join(prefix + line for line in text.splitlines())
-
-
-def event_suffix(record: logging.LogRecord) -> str:
-    journal: dict[str, str] = getattr(record, JOURNAL_FIELDS, {})
-    if "GATEWAYD_EVENT" not in journal:
-        return ""
-    details = "".join(
-        f" {key.removeprefix('GATEWAYD_').lower()}={value}"
-        for key, value in sorted(journal.items())
-        if key.startswith("GATEWAYD_") and key != "GATEWAYD_EVENT"
-    )
-    return f" [event={journal['GATEWAYD_EVENT']}{details}]"
 
 
 class JournalHandler(logging.Handler):
@@ -253,10 +242,11 @@ class JournalHandler(logging.Handler):
         self.setFormatter(logging.Formatter("%(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        journal: dict[str, str] = getattr(record, JOURNAL_FIELDS, {})
+        journal = dict(getattr(record, JOURNAL_FIELDS, {}))
+        message = journal.pop("MESSAGE", None) or self.format(record)
         try:
             self.journal.send(
-                self.format(record),
+                message,
                 **{
                     "PRIORITY": str(syslog_priority(record)),
                     "SYSLOG_IDENTIFIER": "gatewayd",

@@ -194,7 +194,10 @@ def test_event_goes_to_the_log_when_stderr_is_not_the_journal(
     drift_event()
     [record] = caplog.records
     assert record.levelno == logging.WARNING
-    assert record.getMessage() == "drift repaired: nftables"
+    assert record.getMessage() == (
+        "drift repaired: nftables [event=drift-repaired generation=4 "
+        "target=nftables table inet gatewayd]"
+    )
     text = formatted(systemd.log_handler(), drift_event)
     assert text.endswith(" WARNING gatewayd: drift repaired: nftables [event=drift-repaired "
                          "generation=4 target=nftables table inet gatewayd]\n")

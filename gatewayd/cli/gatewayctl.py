@@ -6,13 +6,13 @@ import argparse
 import os
 import sys
 
-from gatewayd.cli import explain, host, lab, validate
+from gatewayd.cli import explain, host, lab, rules, validate
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatewayctl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (validate, explain, host, lab):
+    for module in (validate, explain, host, rules, lab):
         module.register(commands)
     return parser
 

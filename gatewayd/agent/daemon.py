@@ -79,6 +79,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         self.peers_up: set[str] = set()  # names of tunnel peers with a recent handshake
         self.handshakes: dict[str, int] = {}  # peer name -> unix time of its latest handshake
         self.egress_ip_conflicts: frozenset[IPAddress] = frozenset()  # another host has them
+        self.nat_use = gateway_metrics.NatUse()  # connections per egress IP, for metrics
         self.errors: tuple[str, ...] = ()  # of the last programming pass
         self.public_key: str | None = None
         self._status_dirty = threading.Event()  # set by the egress IP keeper's thread
@@ -263,6 +264,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
                                           self.config.tunnel.interface),
             *gateway_metrics.egress_ip_samples(expected, held, conflicts),
             *gateway_metrics.counter_samples(plan, self.nftables.counters()),
+            *self.nat_use.samples(map(str, held), time.monotonic()),
         ]
 
     def status_details(self) -> dict[str, Any]:

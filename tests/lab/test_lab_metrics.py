@@ -7,7 +7,7 @@ import pytest
 
 from gatewayd.lab.netns import wait_for
 from gatewayd.lab.scrape import metrics_text, parse_samples, promtool_check, value
-from gatewayd.lab.topology import GATEWAYS, NODES, Lab
+from gatewayd.lab.topology import GATEWAYS, HTTP_PORT, NODES, Lab
 from gatewayd.lab.verify import probe
 
 pytestmark = pytest.mark.lab
@@ -71,3 +71,16 @@ def test_a_node_reports_its_tunnels_and_probes(lab: Lab) -> None:
     samples = parse_samples(metrics_text(node.netns))
     for gateway in GATEWAYS:
         assert (value(samples, "gatewayd_probes_total", gateway=gateway.name) or 0) > 0
+
+
+def test_nat_use_per_egress_ip_and_destination(lab: Lab) -> None:
+    def connections() -> float:
+        samples = parse_samples(metrics_text(ACTIVE.netns))
+        return value(samples, "gatewayd_nat_destination_connections", egress_ip=PAYMENT_IP,
+                     destination="198.51.100.10", port=str(HTTP_PORT), protocol="tcp") or 0.0
+
+    assert probe(CHECKOUT.netns, "198.51.100.10") == PAYMENT_IP
+    # conntrack keeps the closed connection (TIME_WAIT) for minutes; it is read every 30 s.
+    wait_for(lambda: connections() >= 1, 90, "the connection counted for its egress IP")
+    samples = parse_samples(metrics_text(ACTIVE.netns))
+    assert (value(samples, "gatewayd_nat_connections", egress_ip=PAYMENT_IP) or 0) >= 1

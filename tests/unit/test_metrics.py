@@ -17,9 +17,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_nft_render import GATEWAY_PLAN, SETTINGS, counters, gateway_table
 
 from gatewayd import metrics, systemd
-from gatewayd.agent.metrics import counter_samples, egress_ip_samples, peer_samples
+from gatewayd.agent.metrics import (
+    NAT_TOP_DESTINATIONS,
+    counter_samples,
+    egress_ip_samples,
+    nat_samples,
+    peer_samples,
+)
 from gatewayd.controller.metrics import controller_samples
 from gatewayd.controller.probes import ProbeServer
+from gatewayd.dataplane.natstats import NatFlow
 from gatewayd.dataplane.nft_render import snat_counter_rules
 from gatewayd.probe import Failover
 from gatewayd.steer.metrics import gateway_samples
@@ -210,3 +217,19 @@ def test_textfile_for_node_exporter(daemon_state: None, tmp_path: Path) -> None:
     text = path.read_text()
     assert "gatewayd_snat_bytes_total" in text
     promtool_check(text)
+
+
+def test_nat_use_per_egress_ip_and_its_busiest_destinations() -> None:
+    flows = [NatFlow("198.51.100.70", "203.0.113.5", 443, "tcp")] * 7 + [
+        NatFlow("198.51.100.70", f"203.0.113.{n}", 80, "tcp") for n in range(10, 16)
+    ] + [NatFlow("198.51.100.70", "203.0.113.9", None, "icmp")] * 2
+    got = values(exposition(nat_samples(flows, ["198.51.100.70", "198.51.100.71"])))
+    assert got[("gatewayd_nat_connections", (("egress_ip", "198.51.100.70"),))] == 15
+    assert got[("gatewayd_nat_connections", (("egress_ip", "198.51.100.71"),))] == 0
+    named = {labels: v for (name, labels), v in got.items()
+             if name == "gatewayd_nat_destination_connections"}
+    assert len(named) == NAT_TOP_DESTINATIONS
+    assert named[(("destination", "203.0.113.5"), ("egress_ip", "198.51.100.70"),
+                  ("port", "443"), ("protocol", "tcp"))] == 7
+    assert named[(("destination", "203.0.113.9"), ("egress_ip", "198.51.100.70"),
+                  ("port", ""), ("protocol", "icmp"))] == 2

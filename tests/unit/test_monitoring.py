@@ -13,7 +13,9 @@ import pytest
 import yaml
 from test_metrics import exposition, gateway_state
 
+from gatewayd.agent.metrics import nat_samples
 from gatewayd.controller.metrics import controller_samples
+from gatewayd.dataplane.natstats import NatFlow
 from gatewayd.metrics import REGISTRY, generate_latest, plan_samples
 from gatewayd.probe import Failover
 from gatewayd.steer.metrics import gateway_samples
@@ -51,6 +53,7 @@ def exported_names() -> set[str]:
     failover = Failover("p", "gw-a", "gw-b", "2026-12-03T00:00:00Z")
     state = exposition([
         *gateway_state(),
+        *nat_samples([NatFlow("198.51.100.70", "203.0.113.5", 443, "tcp")], ["198.51.100.70"]),
         *plan_samples("agent", desired=2, applied=1, ready=False, policies=1),
         *gateway_samples({"gw-a": False}, [failover]),
         *controller_samples(True, {"p": {"gateways": [], "conditions": []}}),

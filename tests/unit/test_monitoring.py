@@ -4,6 +4,7 @@ export."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -68,3 +69,17 @@ def test_every_metric_an_alert_names_is_exported() -> None:
     rules = yaml.safe_load(RULES.read_text())["groups"][0]["rules"]
     used = {name for rule in rules for name in re.findall(r"\bgatewayd_\w+", rule["expr"])}
     assert used and used - names == set()
+
+
+def test_dashboard_queries_parse_and_name_exported_metrics(tmp_path: Path) -> None:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert exprs
+    # promtool parses each query as a recording rule's expression.
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:panel{i}", "expr": expr} for i, expr in enumerate(exprs)]}]}
+    (tmp_path / "dashboard.yml").write_text(yaml.safe_dump(rules))
+    promtool("check", "rules", "dashboard.yml", cwd=tmp_path)
+    used = {name for expr in exprs for name in re.findall(r"\bgatewayd_\w+", expr)}
+    exported = exported_names()
+    assert {n.removesuffix("_bucket") for n in used} - exported == set()

@@ -39,7 +39,7 @@ from gatewayd.dataplane.wireguard import Peer, WireGuardConfig, WireGuardDriver
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
 from gatewayd.follower import PlanFollower, PlanSource, SnapshotSource, run_follower
 from gatewayd.kube.client import KubeConfigError
-from gatewayd.metrics import MetricsOptions, Sample
+from gatewayd.metrics import MetricsOptions, Sample, exposition
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import NodePlan, SteerAction, SteerRule
 from gatewayd.probe import GATEWAY_TUNNEL_ADDRESS, PROBE_PORT, Failover, effective_rules
@@ -138,11 +138,13 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
             self.cluster.start()
             self.failover.start()
         if self.config.health_port:
-            # The kubelet's probes: alive while the loop comes round, ready with a plan in force.
+            # The kubelet's probes: alive while the loop comes round, ready with a plan in force;
+            # and /metrics, for a Prometheus in the cluster (the port is opened on the node).
             self._health = ProbeServer(
                 "", self.config.health_port,
                 healthy=lambda: time.monotonic() - self._last_pass < STALL_SECONDS,
                 ready=lambda: self.applied is not None,
+                metrics=exposition,
             )
             self._health.start()
 

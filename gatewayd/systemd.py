@@ -244,21 +244,19 @@ class JournalHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         journal = dict(getattr(record, JOURNAL_FIELDS, {}))
         message = journal.pop("MESSAGE", None) or self.format(record)
+        fields = {
+            "PRIORITY": str(syslog_priority(record)),
+            "SYSLOG_IDENTIFIER": "gatewayd",
+            "LOGGER": record.name,
+            "CODE_FILE": record.pathname,
+            "CODE_FUNC": record.funcName,
+            **journal,
+        }
         try:
-            self.journal.send(
-                message,
-                **{
-                    "PRIORITY": str(syslog_priority(record)),
-                    "SYSLOG_IDENTIFIER": "gatewayd",
-                    "LOGGER": record.name,
-                    "CODE_FILE": record.pathname,
-                    "CODE_LINE": str(record.lineno),
-                    "CODE_FUNC": record.funcName,
-                    **journal,
-                },
-            )
-        except OSError:
-            # The journal socket is gone (shutdown): stderr still reaches journald's stream.
+            self.journal.send(message, CODE_LINE=record.lineno, **fields)
+        except Exception:
+            # The journal socket is gone (shutdown), or a field it refused: logging must never
+            # take the daemon down, and stderr still reaches journald's stream.
             fallback = StderrFormatter(priority_prefix=True)
             sys.stderr.write(fallback.format(record) + "\n")
 

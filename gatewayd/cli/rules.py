@@ -1,9 +1,11 @@
-"""`gatewayctl rules`: what the kernel holds now on a gateway, per policy.
+"""`gatewayctl rules`: what the kernel holds now, per policy.
 
-Read from the live nftables table (not from a snapshot or the saved plan): for each SNAT rule
-its sources, destinations, egress IP, whether it SNATs (its egress IP is held) or drops, and
-its packet and byte counters. Each rule is compared with the plan the daemon saved, so a
-kernel that disagrees with the plan is named.
+Read from the live nftables table (not from a snapshot or the saved plan). On a gateway: for
+each SNAT rule its sources, destinations, egress IP, whether it SNATs (its egress IP is held)
+or drops, and its packet and byte counters; each rule is compared with the plan the daemon
+saved, so a kernel that disagrees with the plan is named. On a cloud node: the destinations
+never steered, and for each rule its sources, destinations, and the gateway its new
+connections go to (or that they are dropped).
 """
 
 from __future__ import annotations
@@ -85,6 +87,63 @@ def kernel_rules(sets: Mapping[str, Any], counters: Mapping[str, tuple[int, int]
     return rules
 
 
+@dataclass(frozen=True)
+class KernelSteerRule:
+    """A cloud node's rule: new connections of `sources` to `destinations` go through the
+    tunnel to `gateway`, or are dropped (`gateway` None)."""
+
+    counter: str
+    policy: str
+    gateway: str | None
+    drop_reason: str | None
+    sources: tuple[str, ...]
+    destinations: tuple[str, ...]
+    packets: int
+    bytes: int
+
+    def covers(self, source: str, destination: str) -> bool:
+        return _in(source, self.sources) and _in(destination, self.destinations)
+
+
+@dataclass(frozen=True)
+class KernelSteerTable:
+    cluster_internal: tuple[str, ...]  # never steered
+    rules: tuple[KernelSteerRule, ...]  # in rule order
+
+    def decide(self, source: str, destination: str) -> KernelSteerRule | None:
+        """The rule a new connection meets first; None: it is not steered."""
+        if _in(destination, self.cluster_internal):
+            return None
+        return next((r for r in self.rules if r.covers(source, destination)), None)
+
+
+_STEER_COMMENT = re.compile(r"^(?P<policy>.+?) (-> (?P<gateway>\S+)|drop \((?P<reason>.*)\))$")
+
+
+def kernel_steer_table(sets: Mapping[str, Any], counters: Mapping[str, tuple[int, int]],
+                       body: Iterable[Mapping[str, Any]]) -> KernelSteerTable:
+    """The steer rules of a node's table as `NftablesDriver.observe` lists it."""
+    rules = []
+    for obj in body:
+        counter = obj.get("counter", {})
+        name = counter.get("name", "")
+        match = _STEER_COMMENT.match(counter.get("comment", ""))
+        if not _RULE_COUNTER.match(name) or match is None:
+            continue
+        packets, size = counters.get(name, (0, 0))
+        rules.append(KernelSteerRule(
+            counter=name, policy=match["policy"], gateway=match["gateway"],
+            drop_reason=match["reason"],
+            sources=tuple(sorted(sets[f"{name}_src"].elements)),
+            destinations=tuple(sorted(sets[f"{name}_dst"].elements)),
+            packets=packets, bytes=size,
+        ))
+    rules.sort(key=lambda r: int(r.counter.removeprefix("rule")))
+    internal = sorted(e for name in ("cluster4", "cluster6") if name in sets
+                      for e in sets[name].elements)
+    return KernelSteerTable(tuple(internal), tuple(rules))
+
+
 def _rule_set_name(expr: Iterable[Mapping[str, Any]]) -> str | None:
     """`rule<N>` when the rule matches on the set `@rule<N>_src`."""
     for statement in expr:
@@ -123,7 +182,8 @@ def compared_with_plan(rules: list[KernelRule], planned: Mapping[str, SnatRule] 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rules = commands.add_parser(
-        "rules", help="the SNAT rules the kernel holds now on this gateway, per policy")
+        "rules", help="the rules the kernel holds now, per policy: SNAT on a gateway, steering "
+        "on a cloud node")
     rules.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     rules.add_argument("-o", "--output", choices=("text", "json"), default="text")
     rules.set_defaults(func=run_rules)
@@ -139,9 +199,7 @@ def run_rules(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     if isinstance(config, SteerConfig):
-        print("gatewayctl rules: runs on a gateway (this is a cloud node's config)",
-              file=sys.stderr)
-        return 1
+        return _run_node_rules(config.node, args.output)
     observed = NftablesDriver(FAMILY, GATEWAY_TABLE).observe()
     if observed is None:
         print(f"gatewayctl rules: no table {FAMILY} {GATEWAY_TABLE} in the kernel",
@@ -161,6 +219,30 @@ def run_rules(args: argparse.Namespace) -> int:
                           "rules": [_camel(asdict(r)) for r in rules]}, indent=2))
         return 0
     print(render_text(rules), end="")
+    return 0
+
+
+def _run_node_rules(node: str, output: str) -> int:
+    from gatewayd.dataplane.nft_render import FAMILY, STEER_TABLE
+    from gatewayd.dataplane.nftables import NftablesDriver
+
+    observed = NftablesDriver(FAMILY, STEER_TABLE).observe()
+    if observed is None:
+        print(f"gatewayctl rules: no table {FAMILY} {STEER_TABLE} in the kernel", file=sys.stderr)
+        return 1
+    table = kernel_steer_table(observed.sets, observed.counters, observed.body)
+    if output == "json":
+        print(json.dumps({"node": node, "table": f"{FAMILY} {STEER_TABLE}",
+                          "clusterInternal": list(table.cluster_internal),
+                          "rules": [_camel(asdict(r)) for r in table.rules]}, indent=2))
+        return 0
+    lines = [f"never steered (cluster-internal): {', '.join(table.cluster_internal) or '-'}"]
+    for r in table.rules:
+        action = f"to gateway {r.gateway}" if r.gateway else f"DROP ({r.drop_reason})"
+        lines.append(f"{r.policy}: {action}, {r.packets} packets, {r.bytes} bytes")
+        lines.append(f"  sources:      {', '.join(r.sources) or '(none)'}")
+        lines.append(f"  destinations: {', '.join(r.destinations) or '(none)'}")
+    print("\n".join(lines))
     return 0
 
 

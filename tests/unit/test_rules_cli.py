@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import replace
+from typing import Any
 
 import pytest
-from test_nft_render import GATEWAY_PLAN, SETTINGS
+from test_nft_render import GATEWAY_PLAN, NODE_PLAN, SETTINGS, STEER
 
-from gatewayd.cli.rules import compared_with_plan, kernel_rules, render_text
-from gatewayd.dataplane.nft_render import render_gateway_table, snat_counter_rules
+from gatewayd.cli.rules import compared_with_plan, kernel_rules, kernel_steer_table, render_text
+from gatewayd.dataplane.nft_render import (
+    RenderedTable,
+    render_gateway_table,
+    render_steer_table,
+    snat_counter_rules,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -42,3 +48,25 @@ def test_each_rule_with_its_policy_sets_egress_ip_and_counters() -> None:
     assert "KERNEL DIFFERS FROM THE PLAN" in render_text(compared_with_plan(drifted, planned))
     assert "reports.nightly (standby): DROP (egress IP 198.51.100.11 not held)" in render_text(
         checked)
+
+
+def test_a_nodes_steer_rules_and_what_is_never_steered() -> None:
+    table = render_steer_table(NODE_PLAN, STEER)
+    kernel = kernel_steer_table(table.sets, {}, table.body)
+    assert "10.96.0.0/12" in kernel.cluster_internal
+    by_policy = {(r.policy, r.gateway, r.drop_reason) for r in kernel.rules}
+    assert ("payments", "gw-a", None) in by_policy
+    assert ("reports.nightly", None, "no-egress-gateway") in by_policy
+    assert kernel.decide("10.244.1.5", "192.0.2.9").gateway == "gw-a"  # type: ignore[union-attr]
+    assert kernel.decide("10.244.1.5", "10.96.0.1") is None  # cluster-internal
+    assert kernel.decide("10.244.1.5", "198.51.100.1") is None  # no rule
+    dropped = kernel.decide("10.244.1.9", "203.0.113.1")
+    assert dropped is not None and dropped.gateway is None
+    # Fast failover: the rule's gateway is the one the kernel steers to now.
+    moved = kernel_steer_table(*_parts(render_steer_table(NODE_PLAN, STEER,
+                                                          active={"payments": "gw-b"})))
+    assert moved.decide("10.244.1.5", "192.0.2.9").gateway == "gw-b"  # type: ignore[union-attr]
+
+
+def _parts(table: RenderedTable) -> tuple[Any, dict[str, tuple[int, int]], Any]:
+    return table.sets, {}, table.body

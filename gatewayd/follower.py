@@ -462,10 +462,6 @@ def pid_file(state_directory: Path, role: str) -> PidFile:
     return PidFile(state_directory / f"{role}.pid")
 
 
-# The state behind `/metrics` is read at most this often (SNAT counters list the nft table).
-METRICS_REFRESH_SECONDS = 5.0
-
-
 def run_follower(
     follower_class: type[PlanFollower[Any, Any]], config_path: Path,
     metrics_options: metrics.MetricsOptions | None = None,
@@ -494,21 +490,8 @@ def run_follower(
     loop.install_signal_handlers()
     loop.watch([config.path, *follower.watched_paths()])
     service = ServiceNotifier()
-    options = metrics_options or metrics.MetricsOptions(None)
-    server = metrics.MetricsServer(options.address) if options.address else None
-    published = [-METRICS_REFRESH_SECONDS]
-
-    def publish_metrics() -> None:
-        if (server is None and options.textfile is None) or \
-                time.monotonic() - published[0] < METRICS_REFRESH_SECONDS:
-            return
-        published[0] = time.monotonic()
-        try:
-            metrics.STATE.update(follower.metric_samples())
-        except Exception:  # metrics must never stop the loop
-            log.exception("metrics: reading the state failed")
-        if options.textfile is not None:
-            metrics.write_textfile(options.textfile)
+    # The state behind /metrics is read every 5 s at most (the SNAT counters list the table).
+    publisher = metrics.MetricsPublisher(metrics_options or metrics.MetricsOptions(None))
 
     def check_inputs(forced: bool) -> None:
         if forced:  # SIGHUP: `systemctl reload`
@@ -519,10 +502,9 @@ def run_follower(
         follower.after_pass()
         # READY=1 only once a plan is in place (restored or applied); WATCHDOG=1 every pass.
         service.pass_done(follower.applied is not None, follower.service_status())
-        publish_metrics()
+        publisher.publish(follower.metric_samples)
 
-    if server is not None:
-        server.start()
+    publisher.start()
     try:
         follower.restore_saved_plan()
         follower.attach(loop.notify)
@@ -531,7 +513,6 @@ def run_follower(
         follower.shutdown()
     finally:
         pids.release()
-        if server is not None:
-            server.stop()
+        publisher.stop()
     log.info("stopping; the data plane stays in place")
     return 0

@@ -13,8 +13,10 @@ Names follow Prometheus' conventions: the `gatewayd_` prefix, base units (second
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -199,6 +201,38 @@ class MetricsOptions:
 
     address: tuple[str, int] | None
     textfile: Path | None = None
+
+
+class MetricsPublisher:
+    """A daemon's metrics: the listener and the textfile its options ask for, with the state
+    read from the daemon's loop (`publish`) at most every `interval` seconds."""
+
+    def __init__(self, options: MetricsOptions, interval: float = 5.0) -> None:
+        self.options = options
+        self.interval = interval
+        self.server = MetricsServer(options.address) if options.address else None
+        self._published_at = -math.inf
+
+    def start(self) -> None:
+        if self.server is not None:
+            self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    def publish(self, read: Callable[[], Iterable[Sample]]) -> None:
+        if self.server is None and self.options.textfile is None:
+            return
+        if time.monotonic() - self._published_at < self.interval:
+            return
+        self._published_at = time.monotonic()
+        try:
+            STATE.update(read())
+        except Exception:  # metrics must never stop the daemon's loop
+            log.exception("metrics: reading the state failed")
+        if self.options.textfile is not None:
+            write_textfile(self.options.textfile)
 
 
 def metrics_options(address: str, textfile: Path | None) -> MetricsOptions:

@@ -233,3 +233,25 @@ def test_nat_use_per_egress_ip_and_its_busiest_destinations() -> None:
                   ("port", "443"), ("protocol", "tcp"))] == 7
     assert named[(("destination", "203.0.113.9"), ("egress_ip", "198.51.100.70"),
                   ("port", ""), ("protocol", "icmp"))] == 2
+
+
+def test_publisher_reads_the_state_at_most_every_interval_and_survives_a_failed_read(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "gatewayd.prom"
+    publisher = metrics.MetricsPublisher(metrics.MetricsOptions(None, path), interval=3600)
+    reads: list[int] = []
+
+    def read() -> list[metrics.Sample]:
+        reads.append(1)
+        return gateway_state()
+
+    publisher.publish(read)
+    publisher.publish(read)  # within the interval: not read again
+    assert len(reads) == 1 and "gatewayd_egress_ip_held" in path.read_text()
+
+    def broken() -> list[metrics.Sample]:
+        raise RuntimeError("netlink went away")
+
+    metrics.MetricsPublisher(metrics.MetricsOptions(None, path)).publish(broken)  # logged
+    metrics.STATE.update([])

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from gatewayd import metrics
 from gatewayd.configfile import ConfigError, ReconcileSettings
 from gatewayd.policy.engine import EgressPlan, build_plan
 from gatewayd.policy.lastgood import PolicyMemory
@@ -327,7 +329,10 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
     def apply(self, plan: PlanT) -> None:
         self.target = plan
         errors: list[str] = []
+        started = time.monotonic()
         self.program(plan, errors)
+        metrics.PLAN_APPLY_SECONDS.labels("repair" if self.repairing else "change").observe(
+            time.monotonic() - started)
         if not errors:
             self._host_programmed_for = self.host_inputs(plan)
             if self.applied is None or not self.same_content(plan, self.applied):
@@ -411,6 +416,17 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
             self.status.drift_repaired += 1
             self.status.last_drift_at = now_iso()
 
+    def metric_samples(self) -> list[metrics.Sample]:
+        """The state for `/metrics`, read in the loop's thread after a pass; each daemon adds
+        its own (peers, egress IPs, counters) to these."""
+        return metrics.plan_samples(
+            self.role,
+            desired=self.target.generation if self.target else 0,
+            applied=self.applied.generation if self.applied else 0,
+            ready=self.status.ready,
+            policies=len({r.policy for r in self.applied.rules}) if self.applied else 0,
+        )
+
     def health_summary(self) -> str:
         """One line for `systemctl status`, refreshed after every loop pass."""
         policies = {rule.policy for rule in self.applied.rules} if self.applied else set()
@@ -448,7 +464,10 @@ def pid_file(state_directory: Path, role: str) -> PidFile:
     return PidFile(state_directory / f"{role}.pid")
 
 
-def run_follower(follower_class: type[PlanFollower[Any, Any]], config_path: Path) -> int:
+def run_follower(
+    follower_class: type[PlanFollower[Any, Any]], config_path: Path,
+    metrics_options: metrics.MetricsOptions | None = None,
+) -> int:
     """Load the config, then follow inputs until SIGTERM; the data plane stays in place after."""
     try:
         config = follower_class.load_config(config_path)
@@ -473,6 +492,8 @@ def run_follower(follower_class: type[PlanFollower[Any, Any]], config_path: Path
     loop.install_signal_handlers()
     loop.watch([config.path, *follower.watched_paths()])
     service = ServiceNotifier()
+    # The state behind /metrics is read every 5 s at most (the SNAT counters list the table).
+    publisher = metrics.MetricsPublisher(metrics_options or metrics.MetricsOptions(None))
 
     def check_inputs(forced: bool) -> None:
         if forced:  # SIGHUP: `systemctl reload`
@@ -483,7 +504,9 @@ def run_follower(follower_class: type[PlanFollower[Any, Any]], config_path: Path
         follower.after_pass()
         # READY=1 only once a plan is in place (restored or applied); WATCHDOG=1 every pass.
         service.pass_done(follower.applied is not None, follower.service_status())
+        publisher.publish(follower.metric_samples)
 
+    publisher.start()
     try:
         follower.restore_saved_plan()
         follower.attach(loop.notify)
@@ -492,5 +515,6 @@ def run_follower(follower_class: type[PlanFollower[Any, Any]], config_path: Path
         follower.shutdown()
     finally:
         pids.release()
+        publisher.stop()
     log.info("stopping; the data plane stays in place")
     return 0

@@ -22,15 +22,15 @@ from typing import Any
 from inotify_simple import INotify, flags
 
 from gatewayd.dataplane.durable import fsync_directory
+from gatewayd.systemd import log_handler
 
 log = logging.getLogger("gatewayd")
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Every record with its syslog priority: see gatewayd.systemd.log_handler.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        handlers=[log_handler()])
     # Every retry of a request to an unreachable API server would be a warning; the daemons
     # report an outage once, and its end, themselves.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)

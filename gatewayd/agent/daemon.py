@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gatewayd.agent import metrics as gateway_metrics
 from gatewayd.agent.config import AgentConfig, TunnelPeer, load_agent_config
 from gatewayd.agent.footprint import record_tunnel, sysctl_originals_path
 from gatewayd.agent.kubernetes import AgentCluster, AgentState, gateway_status, observe_host
@@ -41,6 +42,7 @@ from gatewayd.dataplane.wireguard import Peer, WireGuardConfig, WireGuardDriver
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
 from gatewayd.follower import PlanFollower, PlanSource, SnapshotSource, run_follower
 from gatewayd.kube.client import KubeConfigError
+from gatewayd.metrics import MetricsOptions, Sample
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import GatewayPlan, IPAddress
 from gatewayd.probe import PROBE_PORT
@@ -76,6 +78,8 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         self.wireguard = WireGuardDriver()
         self.peers_up: set[str] = set()  # names of tunnel peers with a recent handshake
         self.handshakes: dict[str, int] = {}  # peer name -> unix time of its latest handshake
+        self.egress_ip_conflicts: frozenset[IPAddress] = frozenset()  # another host has them
+        self.nat_use = gateway_metrics.NatUse()  # connections per egress IP, for metrics
         self.errors: tuple[str, ...] = ()  # of the last programming pass
         self.public_key: str | None = None
         self._status_dirty = threading.Event()  # set by the egress IP keeper's thread
@@ -244,6 +248,25 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
 
     # --- status -----------------------------------------------------------------------------
 
+    def metric_samples(self) -> list[Sample]:
+        plan = self.applied.plan if self.applied else None
+        rule_ips = {r.egress_ip for r in plan.rules} if plan else set()
+        if self.cluster is None:
+            expected: set[IPAddress] = set(plan.egress_ips) if plan else set()
+            held, conflicts = held_addresses() & rule_ips, self.egress_ip_conflicts
+        else:
+            keeper = self.cluster.keeper
+            expected = {ip for ip in (plan.egress_ips if plan else ()) if keeper.provisioned(ip)}
+            held, conflicts = frozenset(keeper.report().held), keeper.refused()
+        return [
+            *super().metric_samples(),
+            *gateway_metrics.peer_samples(self.handshakes, self.peers_up, time.time(),
+                                          self.config.tunnel.interface),
+            *gateway_metrics.egress_ip_samples(expected, held, conflicts),
+            *gateway_metrics.counter_samples(plan, self.nftables.counters()),
+            *self.nat_use.samples(map(str, held), time.monotonic()),
+        ]
+
     def status_details(self) -> dict[str, Any]:
         target = self.applied
         if self.cluster is not None:
@@ -371,6 +394,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
                 if ip.version == pool.cidr.version and ip in pool.cidr:
                     wanted[pool.interface].add(ip)
         conflicts: list[AddressConflict] = []
+        self.egress_ip_conflicts = frozenset()
         for interface, ips in sorted(wanted.items()):
             changes = self.addresses.ensure(interface, ips)
             for ip in changes.added:
@@ -382,6 +406,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             self.drift(f"egress IPs on {interface}", changes)
             conflicts += changes.conflicts
         if conflicts:
+            self.egress_ip_conflicts = frozenset(c.address for c in conflicts)
             # The SNAT rules are still installed (the address may be freed later and is
             # retried); the gateway is not ready while another host answers for its IP.
             raise RuntimeError("; ".join(map(str, conflicts)))
@@ -403,5 +428,5 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             self.drift(f"nftables table {TABLE_FAMILY} {TABLE_NAME}", result)
 
 
-def run_agent(config_path: Path) -> int:
-    return run_follower(GatewayAgent, config_path)
+def run_agent(config_path: Path, metrics: MetricsOptions | None = None) -> int:
+    return run_follower(GatewayAgent, config_path, metrics)

@@ -9,9 +9,15 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gatewayd.runtime import setup_logging
 from gatewayd.version import VERSION
+
+if TYPE_CHECKING:
+    from gatewayd.metrics import MetricsOptions
+
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9641"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,10 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         "agent", help="run the gateway daemon (standalone mode with `snapshot:` in the config, "
         "Kubernetes mode with `kubernetes:`)")
     agent.add_argument("--config", type=Path, default=Path("/etc/gatewayd/gatewayd.yaml"))
+    _add_metrics_arguments(agent)
     steer = roles.add_parser(
         "steer", help="run the cloud-node daemon (standalone or Kubernetes mode, as the config "
         "says; in a pod without the config file: Kubernetes mode with its service account)")
     steer.add_argument("--config", type=Path, default=Path("/etc/gatewayd/steer.yaml"))
+    _add_metrics_arguments(steer)
     _add_controller_parser(roles)
     return parser
 
@@ -38,12 +46,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "agent":
         from gatewayd.agent.daemon import run_agent
 
-        return run_agent(args.config)
+        return run_agent(args.config, _metrics_options(args))
     if args.role == "controller":
         return _run_controller(args)
     from gatewayd.steer.daemon import run_steer
 
-    return run_steer(args.config)
+    return run_steer(args.config, _metrics_options(args))
+
+
+def _add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-address", type=_metrics_address, default=DEFAULT_METRICS_ADDRESS,
+        help="HOST:PORT of the Prometheus /metrics listener, `none` for none "
+        f"(default {DEFAULT_METRICS_ADDRESS}: this host only)")
+    parser.add_argument(
+        "--metrics-textfile", type=Path,
+        help="also write the metrics to this file for node_exporter's textfile collector "
+        "(a *.prom file in its --collector.textfile.directory)")
+
+
+def _metrics_address(text: str) -> str:
+    from gatewayd.metrics import parse_address
+
+    if text.lower() not in ("", "none"):
+        try:
+            parse_address(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _metrics_options(args: argparse.Namespace) -> MetricsOptions:
+    from gatewayd.metrics import metrics_options
+
+    return metrics_options(args.metrics_address, args.metrics_textfile)
 
 
 def _add_controller_parser(roles: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -28,8 +28,10 @@ from typing import Any
 
 from kubernetes.client import ApiClient
 
+from gatewayd import metrics
 from gatewayd.controller.cached import pod_fields, without_managed_fields
 from gatewayd.controller.leader import LEASE_DURATION, LeaderElector
+from gatewayd.controller.metrics import controller_samples
 from gatewayd.controller.probes import ProbeServer
 from gatewayd.controller.reconcile import PEER_CONDITION, Decisions, Reconciler
 from gatewayd.controller.skew import SKEW_FIELD
@@ -260,6 +262,7 @@ class Controller:
             self._reconciler.forget_decisions()
             full = True
         if not leader:
+            metrics.STATE.update(controller_samples(False, {}))
             self._reconciler.observe(cluster, now, trusted_since)
             self._next_full = time.monotonic() + self.options.resync_interval
             self._next_check = self._next_full
@@ -274,8 +277,12 @@ class Controller:
         started = time.monotonic()
         decisions = self._reconciler.plan(cluster, now, trusted_since, rfc3339(self._clock()))
         planned = time.monotonic()
+        writes_before = self.writes
         failed, conflicts = self._apply(cluster, decisions)
         self._reconciles += 1
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+        metrics.OBJECTS_WRITTEN.inc(self.writes - writes_before)
+        metrics.STATE.update(controller_samples(True, decisions.policy_statuses))
         if self._reconciles == 1:
             # The caches and the first plan are most of what this process will ever hold:
             # the cyclic garbage collector need not walk them again and again.
@@ -374,10 +381,14 @@ class Controller:
             else:
                 outcome = self._writer.write_status(resource, obj, content)
             outcomes.append(outcome)
+            if outcome in (Outcome.FAILED, Outcome.UNREACHABLE):
+                metrics.API_ERRORS.labels(resource.plural, "write").inc()
             if outcome is Outcome.UNREACHABLE:
                 return 1, 0
         for event in decisions.events:
             if self._elector.is_leader:
+                if event.reason == "GatewayFailover":
+                    metrics.count_planned_failover(_name(event.involved), event.gateway or "")
                 self._writer.record_event(event.involved, event.type, event.reason, event.message)
         if self._elector.is_leader:
             self._writer.events.flush()  # repeats counted since the last write of their series
@@ -390,6 +401,12 @@ def _name(obj: Any) -> str:
     return str(obj["metadata"]["name"])
 
 
+def probe_server(controller: Controller, host: str, port: int) -> ProbeServer:
+    """/healthz, /readyz and /metrics of the controller, on one port."""
+    return ProbeServer(host, port, lambda: controller.healthy, lambda: controller.ready,
+                       metrics.exposition)
+
+
 def run_controller(kubeconfig: Path | None, options: ControllerOptions, health_port: int) -> int:
     """Run until SIGTERM or SIGINT; 2 when the API credentials cannot be used."""
     try:
@@ -398,7 +415,7 @@ def run_controller(kubeconfig: Path | None, options: ControllerOptions, health_p
         log.error("%s", error)
         return 2
     controller = Controller(api, options)
-    probes = ProbeServer("", health_port, lambda: controller.healthy, lambda: controller.ready)
+    probes = probe_server(controller, "", health_port)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

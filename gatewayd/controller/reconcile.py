@@ -77,6 +77,7 @@ class Event:
     type: str  # Normal or Warning
     reason: str
     message: str
+    gateway: str | None = None  # a GatewayFailover's gateway that was left (for metrics)
 
 
 @dataclass(frozen=True)
@@ -615,9 +616,9 @@ def _change_event(
             else "no other usable gateway matches, so its traffic is dropped"
         )
         message = f"entry {entry}: gateway {before} is unusable ({why}); {then}"
-        return Event(policy, "Warning", "GatewayFailover", message)
+        return Event(policy, "Warning", "GatewayFailover", message, gateway=before)
     if after is None:
         message = f"entry {entry}: no usable gateway matches any more ({before} no longer does)"
-        return Event(policy, "Warning", "GatewayFailover", message)
+        return Event(policy, "Warning", "GatewayFailover", message, gateway=before)
     was = f" (was {before})" if before is not None else ""
     return Event(policy, "Normal", "GatewayPromoted", f"entry {entry}: {after} is active{was}")

@@ -208,6 +208,12 @@ def render_gateway_table(
     return table.build()
 
 
+def snat_counter_rules(plan: GatewayPlan) -> dict[str, SnatRule]:
+    """The named counter of each SNAT rule (`rule0`, ...), as `render_gateway_table` names
+    them: metrics read the counters without listing the sets."""
+    return {f"rule{i}": rule for i, rule in enumerate(sorted(plan.rules, key=_snat_rule_key))}
+
+
 def _snat_rule_key(rule: SnatRule) -> tuple[str, str, int, int, tuple[str, ...]]:
     return (
         rule.policy,

@@ -52,6 +52,7 @@ from kubernetes.client import (
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch import Watch
 
+from gatewayd import metrics
 from gatewayd.kube.resources import (
     ENDPOINT_SLICES,
     EVENTS,
@@ -238,6 +239,7 @@ class Informer:
                     self._relist()
                 self._watch_once()
                 failures = 0
+                self._restarted("ended")
             except ApiException as error:
                 if error.status == HTTPStatus.GONE:
                     log.info(
@@ -245,6 +247,7 @@ class Informer:
                     )
                     with self._lock:
                         self._resource_version = None
+                    self._restarted("expired")
                     continue
                 failures += 1
                 self._pause(failures, f"API error {error.status} {error.reason}")
@@ -256,11 +259,17 @@ class Informer:
                 failures += 1
                 self._pause(failures, f"{type(error).__name__}: {error}")
 
+    def _restarted(self, reason: str) -> None:
+        if not self._stopping.is_set():
+            metrics.WATCH_RESTARTS.labels(self.resource.plural, reason).inc()
+
     def _pause(self, failures: int, reason: str) -> None:
         with self._lock:
             self._last_error = reason
         if self._stopping.is_set():
             return
+        metrics.API_ERRORS.labels(self.resource.plural, "list-watch").inc()
+        self._restarted("error")
         delay = self._backoff.delay(failures)
         log.warning("%s: %s; retrying in %.1fs", self.resource.name, reason, delay)
         self._stopping.wait(delay)

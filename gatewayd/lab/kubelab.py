@@ -61,6 +61,9 @@ CLUSTER_FILES = ("00-cluster.yaml", "10-pods.yaml")  # what kubelets and the sch
 EGRESS_IP_POOL = "198.51.100.64/27"
 API_NAT_TABLE = "gwdlab-api"
 
+# The controller's /healthz, /readyz and /metrics, in the api host's namespace.
+CONTROLLER_HEALTH_PORT = 18081
+
 
 class ApiServer(Protocol):
     """What the lab needs of the API server it is given (the tests' FakeApiServer has it)."""
@@ -174,7 +177,7 @@ class KubeLab(Lab):
                 "--kubeconfig", str(self.daemon_kubeconfig("controller")),
                 "--namespace", NAMESPACE,
                 "--hold-down", str(self.timing["hold_down"]),
-                "--health-port", "18081"]
+                "--health-port", str(CONTROLLER_HEALTH_PORT)]
         self._controller = start_process(API_SERVER.netns, argv,
                                          self.directory / "controller.log",
                                          {"PYTHONUNBUFFERED": "1"})

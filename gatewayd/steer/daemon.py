@@ -24,7 +24,9 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from gatewayd.agent.daemon import PEER_UP_SECONDS
 from gatewayd.agent.host import first_ipv4, observe_interfaces
+from gatewayd.agent.metrics import peer_samples
 from gatewayd.clusterlink import rfc3339
 from gatewayd.configfile import DEFAULT_TUNNEL_ADDRESS, ConfigError
 from gatewayd.controller.probes import ProbeServer
@@ -37,6 +39,7 @@ from gatewayd.dataplane.wireguard import Peer, WireGuardConfig, WireGuardDriver
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
 from gatewayd.follower import PlanFollower, PlanSource, SnapshotSource, run_follower
 from gatewayd.kube.client import KubeConfigError
+from gatewayd.metrics import MetricsOptions, Sample, exposition
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import NodePlan, SteerAction, SteerRule
 from gatewayd.probe import GATEWAY_TUNNEL_ADDRESS, PROBE_PORT, Failover, effective_rules
@@ -44,6 +47,7 @@ from gatewayd.steer.config import GatewayTunnelEnd, SteerConfig, load_steer_conf
 from gatewayd.steer.conntrack import forget_unanswered
 from gatewayd.steer.failover import FastFailover
 from gatewayd.steer.kubernetes import NodeState, SteerCluster, node_status
+from gatewayd.steer.metrics import gateway_samples
 from gatewayd.steer.slots import (
     SlotsFullError,
     SlotTable,
@@ -134,11 +138,13 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
             self.cluster.start()
             self.failover.start()
         if self.config.health_port:
-            # The kubelet's probes: alive while the loop comes round, ready with a plan in force.
+            # The kubelet's probes: alive while the loop comes round, ready with a plan in force;
+            # and /metrics, for a Prometheus in the cluster (the port is opened on the node).
             self._health = ProbeServer(
                 "", self.config.health_port,
                 healthy=lambda: time.monotonic() - self._last_pass < STALL_SECONDS,
                 ready=lambda: self.applied is not None,
+                metrics=exposition,
             )
             self._health.start()
 
@@ -230,6 +236,26 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
                 for f in failovers.values()
             ],
         }
+
+    def metric_samples(self) -> list[Sample]:
+        samples = super().metric_samples()
+        now = time.time()
+        reachable = self.failover.reachable() if self.failover is not None else {}
+        for end in self.ends:
+            with self._dataplane:
+                state = self.wireguard.observe(end.interface)
+            at = {p.public_key: p.latest_handshake or 0 for p in state.peers} if state else {}
+            handshake = at.get(end.public_key, 0)
+            # The probes through the tunnel know within a second; a handshake stays recent
+            # for minutes after the gateway is gone.
+            up = reachable.get(end.name)
+            if up is None:
+                up = handshake > now - PEER_UP_SECONDS
+            samples += peer_samples({end.name: handshake}, [end.name] if up else [], now,
+                                    end.interface)
+        if self.failover is not None:
+            samples += gateway_samples(reachable, self.failover.failovers.values())
+        return samples
 
     # --- fast failover ----------------------------------------------------------------------
 
@@ -451,5 +477,5 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
         self._steering_changed(steered.rules, ends)
 
 
-def run_steer(config_path: Path) -> int:
-    return run_follower(SteerAgent, config_path)
+def run_steer(config_path: Path, metrics: MetricsOptions | None = None) -> int:
+    return run_follower(SteerAgent, config_path, metrics)

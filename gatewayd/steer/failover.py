@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Collection
 from ipaddress import IPv4Address
 
+from gatewayd import metrics
 from gatewayd.clusterlink import rfc3339
 from gatewayd.dataplane.probe import ProbeSockets, ProbeTarget
 from gatewayd.policy.model import SteerRule
@@ -175,6 +176,9 @@ class FastFailover:
                     first_misses=self.settings.misses * FIRST_MISSES_FACTOR,
                 ))
                 serving = history.serving
+                metrics.PROBES.labels(gateway).inc()
+                if gateway not in replies:
+                    metrics.PROBES_LOST.labels(gateway).inc()
                 if history.record(replies.get(gateway)):
                     log.info("gateway %s is %s (probes through its tunnel)", gateway,
                              "up" if history.up else "DOWN")

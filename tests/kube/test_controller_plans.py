@@ -12,6 +12,7 @@ import pytest
 import yaml
 from fixtures.fakeapi import FakeApiServer, wait_until
 from kubernetes.client import ApiClient
+from prometheus_client.parser import text_string_to_metric_families
 from test_controller_harness import (
     API_VERSION,
     NS,
@@ -26,6 +27,7 @@ from test_controller_harness import (
     settled,
 )
 
+from gatewayd.controller.daemon import probe_server
 from gatewayd.controller.probes import ProbeServer
 
 pytestmark = pytest.mark.kube
@@ -279,7 +281,7 @@ def test_probes_report_health_and_synced_caches(fake_api: FakeApiServer, api: Ap
     world = World(fake_api)
     basic_cluster(world)
     with running(api, options()) as controller:
-        probes = ProbeServer("127.0.0.1", 0, lambda: controller.healthy, lambda: controller.ready)
+        probes = probe_server(controller, "127.0.0.1", 0)
         probes.start()
         try:
             for path in ("/healthz", "/readyz"):
@@ -287,6 +289,30 @@ def test_probes_report_health_and_synced_caches(fake_api: FakeApiServer, api: Ap
                     f"http://127.0.0.1:{probes.port}{path}", timeout=5
                 ) as r:
                     assert (r.status, r.read()) == (200, b"ok\n")
+            # Prometheus metrics beside the probes: the leader, its reconciles and writes, and
+            # the policy's active gateways.
+            wait_until(lambda: controller.reconciles > 0, TIMEOUT, "a reconcile")
+
+            def scrape() -> dict[str, float]:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{probes.port}/metrics", timeout=5
+                ) as r:
+                    assert r.status == 200
+                    text = r.read().decode()
+                return {
+                    sample.name + str(sorted(sample.labels.items())): sample.value
+                    for family in text_string_to_metric_families(text)
+                    for sample in family.samples
+                }
+
+            wait_until(lambda: scrape().get("gatewayd_controller_leader[]") == 1.0, TIMEOUT,
+                       "the leader gauge")
+            got = scrape()
+            written = (fake_api.get("egressgatewaypolicies", "pay") or {}).get("status") or {}
+            active = [g for g in written.get("gateways") or [] if g["role"] == "active"]
+            assert got["gatewayd_policy_active_gateways[('policy', 'pay')]"] == len(active)
+            assert got["gatewayd_controller_objects_written_total[]"] >= 1
+            assert got["gatewayd_controller_reconcile_duration_seconds_count[]"] >= 1
         finally:
             probes.stop()
     assert not controller.healthy  # stopped
@@ -300,7 +326,7 @@ def test_probes_answer_503_when_not_ready() -> None:
             urllib.request.urlopen(f"http://127.0.0.1:{probes.port}/readyz", timeout=5)
         assert raised.value.code == 503
         with pytest.raises(urllib.error.HTTPError) as raised:
-            urllib.request.urlopen(f"http://127.0.0.1:{probes.port}/metrics", timeout=5)
+            urllib.request.urlopen(f"http://127.0.0.1:{probes.port}/nothing", timeout=5)
         assert raised.value.code == 404
     finally:
         probes.stop()

@@ -104,6 +104,10 @@ def test_joins_with_an_egress_node_owned_by_its_node(sandbox: DaemonSandbox) -> 
     # the DaemonSet's probes, on the node
     for path in ("healthz", "readyz"):
         assert sandbox.cmd("curl", "-s", f"http://{HOST_ADDRESS}:9441/{path}") == "ok\n"
+    # Prometheus metrics beside them, and on the node's loopback (the default address)
+    for url in (f"http://{HOST_ADDRESS}:9441/metrics", "http://127.0.0.1:9641/metrics"):
+        sandbox.wait(lambda u=url: 'gatewayd_ready{role="steer"} 1.0' in sandbox.cmd(
+            "curl", "-s", u), TIMEOUT, f"steer's metrics at {url}")
 
 
 def test_follows_the_spec_with_one_tunnel_per_gateway(sandbox: DaemonSandbox) -> None:

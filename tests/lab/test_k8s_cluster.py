@@ -33,6 +33,7 @@ from kubernetes.client.exceptions import ApiException
 from gatewayd.clusterlink import CustomObject
 from gatewayd.kube.client import client_from_kubeconfig
 from gatewayd.lab.kubelab import (
+    CONTROLLER_HEALTH_PORT,
     EgressIPWatch,
     KubeLab,
     daemon_events,
@@ -43,7 +44,9 @@ from gatewayd.lab.kubelab import (
 from gatewayd.lab.netns import entered, run, wait_for
 from gatewayd.lab.observe import has_address
 from gatewayd.lab.pinger import Attempt, outage, read_attempts
+from gatewayd.lab.scrape import METRICS_PORT, metrics_text, parse_samples, promtool_check, value
 from gatewayd.lab.topology import (
+    API_SERVER,
     EXAMPLE_SNAPSHOT,
     EXTERNAL,
     GATEWAYS,
@@ -540,3 +543,45 @@ def test_a_steer_daemon_with_its_nodes_credentials_cannot_write_another_node(
     assert klab.api.auth is not None
     assert all(node2 in refusal for refusal in klab.api.auth.refusals), \
         "the daemons' own requests were refused"
+
+
+def test_metrics_count_a_failover_and_the_peer_going_down(klab: KubeLab) -> None:
+    """Every daemon's /metrics passes promtool; cutting the active gateway counts a fast
+    failover on the nodes and a planned one at the controller, and its peer-up gauge drops."""
+    controller = API_SERVER.netns, CONTROLLER_HEALTH_PORT
+    daemons = [(g.netns, METRICS_PORT) for g in GATEWAYS] + [(n.netns, METRICS_PORT)
+                                                            for n in NODES]
+    for netns, port in [*daemons, controller]:
+        assert promtool_check(metrics_text(netns, port)) == "", netns
+    old = active(klab, PAYMENT)
+    assert old is not None
+    node = NODES[0]
+
+    def node_value(name: str, **labels: str) -> float:
+        return value(parse_samples(metrics_text(node.netns)), name, **labels) or 0.0
+
+    def planned() -> float:
+        return value(parse_samples(metrics_text(*controller)), "gatewayd_failovers_total",
+                     policy=PAYMENT, gateway=old, kind="planned") or 0.0
+
+    fast = dict(policy=PAYMENT, gateway=old, kind="fast")
+    peer = dict(peer=old)
+    wait_for(lambda: node_value("gatewayd_wireguard_peer_up", **peer) == 1.0, TIMEOUT,
+             f"{old} up on {node.name}")
+    fast_before, planned_before = node_value("gatewayd_failovers_total", **fast), planned()
+    klab.cut(gateway_host(old))
+    try:
+        wait_for(lambda: node_value("gatewayd_failovers_total", **fast) > fast_before, TIMEOUT,
+                 "the node's fast failover to be counted")
+        wait_for(lambda: node_value("gatewayd_wireguard_peer_up", **peer) == 0.0, TIMEOUT,
+                 f"{old}'s peer-up gauge to drop")
+        assert node_value("gatewayd_gateway_up", gateway=old) == 0.0
+        wait_for(lambda: planned() > planned_before, TIMEOUT,
+                 "the controller's failover to be counted")
+    finally:
+        klab.restore(gateway_host(old))
+    new = next(g.name for g in GATEWAYS if g.name != old)
+    wait_for(lambda: roles(klab, PAYMENT) == {(new, "active"), (old, "standby")}, TIMEOUT,
+             f"{old} to become the standby")
+    wait_for(lambda: node_value("gatewayd_wireguard_peer_up", **peer) == 1.0, TIMEOUT,
+             f"{old} up again on {node.name}")

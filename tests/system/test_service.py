@@ -325,6 +325,33 @@ def test_journal_has_structured_events(container: Container) -> None:
     assert egress_ips(container) == {PAYMENT_IP, BATCH_IP}
 
 
+def test_warnings_and_errors_reach_the_journal_with_their_priority(container: Container) -> None:
+    start_gateway(container)
+    container.write(f"{SNAPSHOT}/31-batch.yaml",
+                    policy("batch-all", "batch", "0.0.0.0/33", BATCH_IP))
+    container.systemctl("reload", UNIT)
+    kept = "EgressGatewayPolicy/batch-all is invalid now; its last valid version stays in force"
+
+    def warnings() -> list[dict[str, Any]]:
+        return journal(container, "-p", "warning")
+
+    # A plain log warning (not an event) is found by priority, as the README promises.
+    wait_for(lambda: any(kept in e["MESSAGE"] for e in warnings()), 15, "the warning")
+    # (said again by the reload after inotify saw the change first)
+    warning = next(e for e in warnings() if kept in e["MESSAGE"])
+    assert warning["PRIORITY"] == "4" and warning["SYSLOG_IDENTIFIER"] == "gatewayd"
+    # Each event kind has its MESSAGE_ID.
+    [invalid] = events(container, "policy-invalid")
+    assert invalid["MESSAGE_ID"] == "5747e5c9017b45119ed25ac09589464d"
+    assert invalid["PRIORITY"] == "3" and invalid in warnings()
+    [applied] = journal(container, "MESSAGE_ID=a3181845a70146e89fdd8151a369207a")
+    assert applied["GATEWAYD_EVENT"] == "plan-applied" and applied["PRIORITY"] == "5"
+    # And plain information stays at info.
+    container.systemctl("stop", UNIT)
+    [stopping] = [e for e in journal(container) if e["MESSAGE"].startswith("stopping; ")]
+    assert stopping["PRIORITY"] == "6" and stopping not in warnings()
+
+
 def test_a_peer_handshake_shows_in_the_status_and_the_journal(container: Container) -> None:
     # A cloud node in a network namespace of the container, with its own wireguard-go.
     container.sh(
@@ -399,13 +426,20 @@ def test_broken_config_fails_the_start_and_keeps_the_data_plane(container: Conta
     broken = GATEWAY_CONFIG.replace("uplink: host0", "uplink: host0 eth0")
     container.write(CONFIG, broken, "0640")
 
-    # A reload keeps the running config and says why in the status line and the journal.
-    container.systemctl("reload", UNIT)
+    # The reload fails (ExecReload checks the config first) and says why; the daemon keeps
+    # running on the last good config, in the same process.
+    pid = main_pid(container)
+    reload = container.systemctl("reload", UNIT, check=False)
+    assert reload.returncode != 0, reload.stdout + reload.stderr
+    wait_for(lambda: f"{CONFIG}:3: uplink: must be an interface name" in status_page(container),
+             10, "the reason in the status")
+    # The daemon itself sees the changed file too, and reports it without applying it.
     wait_for(lambda: "config invalid" in container.show(UNIT, "StatusText"), 15,
              "the status line to report the config")
     [invalid] = events(container, "config-invalid")
     assert f"{CONFIG}:3: uplink: must be an interface name" in invalid["MESSAGE"]
-    assert is_running(container)
+    assert is_running(container) and main_pid(container) == pid
+    assert data_plane(container) == before
 
     # A restart does not get past ExecStartPre, and systemctl status names the key.
     assert container.systemctl("restart", UNIT, check=False).returncode != 0

@@ -320,6 +320,7 @@ class EgressPlan:
         preferred_active: Mapping[tuple[str, int], str] | None = None,
     ) -> None:
         self._snapshot = snapshot  # its pods are those of the build: see `_pods`
+        self.preferred_active = dict(preferred_active or {})
         self._policies = sorted(snapshot.policies, key=lambda p: p.name.encode())
         all_gateways = candidates(snapshot.gateways)
         preferred: dict[str, dict[int, str]] = defaultdict(dict)
@@ -351,6 +352,12 @@ class EgressPlan:
                 for ip in pod.ips:
                     self._claims.setdefault(ip, []).append(pod)
                 self._place(pod, None)
+
+    @property
+    def built_from(self) -> Snapshot:
+        """The snapshot this plan was built from; its pods are those of the build (the plan's
+        own follow `update_pods`)."""
+        return self._snapshot
 
     @property
     def policy_results(self) -> Mapping[str, PolicyResult]:
@@ -551,7 +558,7 @@ class EgressPlan:
                     except ValueError:
                         continue
                     add(ip.version, int(ip), int(ip), f"{address.type} of node {node.name}")
-        for pod in self._pods.values():
+        for pod in sorted(self._pods.values(), key=_claim_order):
             if pod.finished:  # its IP is free (see `_not_a_candidate`)
                 continue
             for ip in pod.ips:
@@ -821,6 +828,35 @@ def _address_key(ip: IPAddress) -> tuple[int, int]:
 
 def _spans_key(group: _Destinations) -> _Spans:
     return (group.version, group.spans)
+
+
+def same_but_pods(a: Snapshot, b: Snapshot) -> bool:
+    """Whether two snapshots differ in their pods at most: then a plan of one is kept current
+    for the other with `EgressPlan.update_pods`."""
+    return (
+        a.policies == b.policies
+        and a.namespaces == b.namespaces
+        and a.nodes == b.nodes
+        and a.gateways == b.gateways
+        and a.api_server_addresses == b.api_server_addresses
+        and a.cluster_name == b.cluster_name
+    )
+
+
+def updated_plan(
+    plan: EgressPlan | None,
+    snapshot: Snapshot,
+    preferred_active: Mapping[tuple[str, int], str] | None,
+    removed: Iterable[Pod],
+    added: Iterable[Pod],
+) -> tuple[EgressPlan, PodChanges | None]:
+    """The plan of `snapshot`: `plan` kept current when `snapshot` differs from the snapshot
+    `plan` stands for only in the pods `removed` (as `plan` has them) and `added`, under the
+    same `preferred_active`; otherwise a new plan (changes None: every plan is new)."""
+    if plan is not None and plan.preferred_active == dict(preferred_active or {}):
+        if same_but_pods(plan.built_from, snapshot):
+            return plan, plan.update_pods(removed, added)
+    return build_plan(snapshot, preferred_active), None
 
 
 def build_plan(

@@ -41,8 +41,9 @@ def with_managed_fields(obj: Obj, manager: str = "kube-controller-manager") -> O
     """`obj` with the managedFields a server keeps: the main part written by `manager`, the
     status by the kubelet."""
     metadata = {k: v for k, v in obj["metadata"].items() if k in MANAGED_METADATA}
+    main = {k: v for k, v in obj.items() if k not in SERVER_PARTS}
     parts = {
-        "": (manager, {"metadata": metadata, **{k: v for k, v in obj.items() if k not in SERVER_PARTS}}),
+        "": (manager, {"metadata": metadata, **main}),
         "status": ("kubelet", {"status": obj.get("status")}),
     }
     entries = []

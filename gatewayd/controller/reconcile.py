@@ -51,7 +51,7 @@ from gatewayd.controller.specs import (
 from gatewayd.controller.status import Status, active_gateways_of, policy_status
 from gatewayd.controller.tunnels import allocate_tunnel_addresses
 from gatewayd.kube.leases import Freshness, LeaseObserver
-from gatewayd.policy.engine import EgressPlan, build_plan
+from gatewayd.policy.engine import EgressPlan, PodChanges, same_but_pods, updated_plan
 from gatewayd.policy.lastgood import PolicyMemory
 from gatewayd.policy.model import FieldError, Policy, Snapshot
 from gatewayd.policy.snapshot import LoadedSnapshot
@@ -140,12 +140,16 @@ class Reconciler:
         self._rejected: set[tuple[str, str, int]] = set()  # (kind, name, generation) reported
         self._bad_peers: dict[str, PeerProblem] = {}  # EgressNode -> the problem reported
         self._planned_usable: dict[str, bool] = {}  # gateway usability the last plan used
-        # The last plan, and its rules in spec form, while neither snapshot nor preferences
-        # change (an agent's status update, a conflict retry): no engine run then.
+        # The last plan, kept current pod by pod while nothing else in the snapshot and no
+        # preference changes, and its rules in spec form (rendered again only for the gateways
+        # and nodes a change touched).
         self._plan: EgressPlan | None = None
-        self._plan_snapshot: Snapshot | None = None
         self._plan_preferences: set[tuple[tuple[tuple[str, int], str], ...]] = set()
         self._rules: dict[tuple[str, str], Any] = {}
+        # The engine's rules each spec form in `_rules` came from, and those a pod change
+        # made stale (their forms are forgotten once the new ones are made).
+        self._rendered: dict[tuple[str, str], tuple[object, ...]] = {}
+        self._stale: dict[tuple[str, str], tuple[object, ...]] = {}
         self._forms = SpecForms()
 
     # --- what every replica keeps current, leading or not ------------------------------------
@@ -275,38 +279,65 @@ class Reconciler:
     def _engine(self, snapshot: Snapshot, preferred: Mapping[tuple[str, int], str]) -> EgressPlan:
         wanted = tuple(sorted(preferred.items()))
         if (
-            self._plan is None
-            or wanted not in self._plan_preferences
-            or snapshot != self._plan_snapshot
+            self._plan is not None
+            and wanted in self._plan_preferences
+            and same_but_pods(self._plan.built_from, snapshot)
         ):
-            plan = build_plan(snapshot, preferred)
-            # Preferring exactly the gateways a plan chose gives that plan again, and that is
-            # what the next reconcile prefers: it needs no engine run of its own.
-            chosen = tuple(
-                sorted(
-                    ((name, entry.entry), entry.gateway)
-                    for name, result in plan.policy_results.items()
-                    for entry in result.entries
-                    if entry.gateway is not None
-                )
+            # On the plan's own snapshot, these preferences give the plan it was built with.
+            preferred = self._plan.preferred_active
+        removed, added = self._snapshots.pod_changes
+        plan, changes = updated_plan(self._plan, snapshot, preferred, removed, added)
+        if changes is not None:
+            self._pods_changed(changes)
+            return plan
+        # Preferring exactly the gateways a plan chose gives that plan again, and that is
+        # what the next reconcile prefers: it needs no engine run of its own.
+        chosen = tuple(
+            sorted(
+                ((name, entry.entry), entry.gateway)
+                for name, result in plan.policy_results.items()
+                for entry in result.entries
+                if entry.gateway is not None
             )
-            self._plan, self._plan_snapshot = plan, snapshot
-            self._plan_preferences = {wanted, chosen}
-            self._rules = {}
-            self._forms.next_plan()
-        return self._plan
+        )
+        self._plan = plan
+        self._plan_preferences = {wanted, chosen}
+        self._rules, self._rendered, self._stale = {}, {}, {}
+        self._forms.next_plan()
+        return plan
+
+    def _pods_changed(self, changes: PodChanges) -> None:
+        """Render again only the plans the pods changed."""
+        keys = [("gateway", g) for g in changes.gateways]
+        if changes.cluster_internal:
+            keys += [key for key in self._rules if key[0] == "node"]
+        else:
+            keys += [("node", n) for n in changes.nodes]
+        for key in keys:
+            if key in self._rules:
+                del self._rules[key]
+                self._stale[key] = self._stale.get(key, ()) + self._rendered.pop(key)
+
+    def _rendered_again(self, key: tuple[str, str], rules: tuple[object, ...]) -> None:
+        self._rendered[key] = rules
+        kept = set(rules)
+        self._forms.forget(r for r in self._stale.pop(key, ()) if r not in kept)
 
     def _gateway_rules(self, plan: EgressPlan, gateway: str) -> list[Rule]:
         key = ("gateway", gateway)
         if key not in self._rules:
-            self._rules[key] = self._forms.gateway_rules(plan.gateway_plan(gateway))
+            planned = plan.gateway_plan(gateway)
+            self._rules[key] = self._forms.gateway_rules(planned)
+            self._rendered_again(key, planned.rules)
         rules: list[Rule] = self._rules[key]
         return rules
 
     def _node_rules(self, plan: EgressPlan, node: str) -> tuple[list[Rule], list[str]]:
         key = ("node", node)
         if key not in self._rules:
-            self._rules[key] = self._forms.node_rules(plan.node_plan(node))
+            planned = plan.node_plan(node)
+            self._rules[key] = self._forms.node_rules(planned)
+            self._rendered_again(key, planned.rules)
         rules: tuple[list[Rule], list[str]] = self._rules[key]
         return rules
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from gatewayd.policy.model import Snapshot
+from gatewayd.policy.model import Pod, Snapshot
 from gatewayd.policy.snapshot import LoadedSnapshot, SnapshotError, parse_objects
 
 log = logging.getLogger(__name__)
@@ -61,17 +61,26 @@ class SnapshotCache:
 
     def __init__(self) -> None:
         self._parsed: dict[tuple[str, str, str], tuple[str, Any]] = {}
+        # The pods the last `build` left out or changed, as the build before had them, and
+        # those it brought in or changed (pods with an IP only, as in the Snapshot).
+        self.pod_changes: tuple[list[Pod], list[Pod]] = ([], [])
         self._policies_key: tuple[tuple[tuple[str, str, str], str], ...] | None = None
         self._policies = LoadedSnapshot(Snapshot())
 
     def build(self, cluster: Cluster) -> Snapshot:
         """Every readable object of `cluster` but the policies (see `policies()`)."""
         parsed: dict[tuple[str, str, str], tuple[str, Any]] = {}
-        pods = self._each(cluster.pods, parsed, lambda s: s.pods)
+        removed: list[Pod] = []
+        added: list[Pod] = []
+        pods = self._each(cluster.pods, parsed, lambda s: s.pods, (removed, added))
         namespaces = self._each(cluster.namespaces, parsed, lambda s: s.namespaces)
         nodes = self._each(cluster.nodes, parsed, lambda s: s.nodes)
         gateways = self._each(cluster.gateways, parsed, lambda s: s.gateways)
         addresses = self._each(cluster.endpoint_slices, parsed, lambda s: s.api_server_addresses)
+        pod_keys = {key for key in self._parsed if key[0] == "Pod"} - parsed.keys()
+        for key in pod_keys:  # gone
+            removed.extend(self._parsed[key][1])
+        self.pod_changes = ([p for p in removed if p.ips], [p for p in added if p.ips])
         self._parsed = parsed
         return Snapshot(
             # A pod without an IP yet (just created, not started) changes no plan: leaving
@@ -107,7 +116,9 @@ class SnapshotCache:
         objects: Sequence[Object],
         parsed: dict[tuple[str, str, str], tuple[str, Any]],
         pick: Callable[[Snapshot], tuple[T, ...]],
+        changes: tuple[list[T], list[T]] | None = None,
     ) -> list[tuple[T, ...]]:
+        """Each object's parse; `changes` gets the parses replaced (before, after)."""
         found = []
         for obj in objects:
             key, version = object_key(obj), resource_version(obj)
@@ -120,6 +131,9 @@ class SnapshotCache:
                 except SnapshotError as error:
                     log.warning("left out of every decision until it changes: %s", error)
                     result = ()
+                if changes is not None:
+                    changes[0].extend(cached[1] if cached is not None else ())
+                    changes[1].extend(result)
             parsed[key] = (version, result)
             found.append(result)
         return found

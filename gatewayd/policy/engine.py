@@ -853,9 +853,12 @@ def updated_plan(
     """The plan of `snapshot`: `plan` kept current when `snapshot` differs from the snapshot
     `plan` stands for only in the pods `removed` (as `plan` has them) and `added`, under the
     same `preferred_active`; otherwise a new plan (changes None: every plan is new)."""
-    if plan is not None and plan.preferred_active == dict(preferred_active or {}):
-        if same_but_pods(plan.built_from, snapshot):
-            return plan, plan.update_pods(removed, added)
+    if (
+        plan is not None
+        and plan.preferred_active == dict(preferred_active or {})
+        and same_but_pods(plan.built_from, snapshot)
+    ):
+        return plan, plan.update_pods(removed, added)
     return build_plan(snapshot, preferred_active), None
 
 

@@ -37,8 +37,11 @@ def test_a_finished_pods_ip_goes_to_the_new_pod_that_reuses_it(
     reused = world.pod("job-1", 1, 20, app="job")
     fake_api.set_pod_phase("job-1", "Running")
     with Agents(fake_api, api), running(api, options()):
-        wait_until(lambda: steered(world, "node-1", "jobs") == {reused}, TIMEOUT, "job-1 steered")
-        assert selected(world, "jobs") == 1
+        wait_until(
+            lambda: steered(world, "node-1", "jobs") == {reused} and selected(world, "jobs") == 1,
+            TIMEOUT,
+            "job-1 steered",
+        )
 
         fake_api.set_pod_phase("job-1", "Succeeded")  # it keeps status.podIP
         wait_until(
@@ -48,12 +51,13 @@ def test_a_finished_pods_ip_goes_to_the_new_pod_that_reuses_it(
         )
 
         assert world.pod("web-9", 1, 20, app="web") == reused  # the CNI hands the IP out again
+        # The node's spec and the policy's status are separate writes: wait for both.
         wait_until(
-            lambda: steered(world, "node-1", "pay") == {"10.244.1.10", reused},
+            lambda: steered(world, "node-1", "pay") == {"10.244.1.10", reused}
+            and selected(world, "pay") == 2,
             TIMEOUT,
             "web-9 steered by its own policy",
         )
-        assert selected(world, "pay") == 2
         assert selected(world, "jobs") == 0
         assert not steered(world, "node-1", "jobs")
 

@@ -33,7 +33,7 @@ from gatewayd.controller.health import (
     read_signals,
 )
 from gatewayd.controller.skew import skew_reports
-from gatewayd.controller.snapshots import Cluster, SnapshotCache
+from gatewayd.controller.snapshots import Cluster, SnapshotCache, resource_version
 from gatewayd.controller.specs import (
     PeerProblem,
     Rule,
@@ -151,6 +151,11 @@ class Reconciler:
         self._rendered: dict[tuple[str, str], tuple[object, ...]] = {}
         self._stale: dict[tuple[str, str], tuple[object, ...]] = {}
         self._forms = SpecForms()
+        # Each node's rules after `hold_back_moves`, while its planned rules (the same list),
+        # its object and the gateways' programmed policies and usability stay.
+        self._held_for: tuple[Mapping[str, frozenset[str]], Mapping[str, bool]] = ({}, {})
+        self._held: dict[str, tuple[list[Rule], str, list[Rule]]] = {}
+        self._steered: dict[str, tuple[list[Rule], frozenset[tuple[str, str]]]] = {}
 
     # --- what every replica keeps current, leading or not ------------------------------------
 
@@ -478,20 +483,30 @@ class Reconciler:
         usable: Mapping[str, bool],
     ) -> dict[str, Spec]:
         gateways = node_gateways(cluster.gateways)
+        if programmed != self._held_for[0] or usable != self._held_for[1]:
+            self._held_for = (programmed, usable)
+            self._held = {}
         specs = {}
         for node in cluster.egress_nodes:
             name = _name(node)
             rules, cluster_internal = self._node_rules(plan, name)
+            held = self._held.get(name)
+            version = resource_version(node)
+            if held is None or held[0] is not rules or held[1] != version:
+                kept = hold_back_moves(
+                    rules, spec_rules(node), lambda g: programmed.get(g, frozenset()), usable
+                )
+                held = self._held[name] = (rules, version, kept)
             spec: Spec = {
                 "gateways": gateways,
                 "clusterInternal": cluster_internal,
-                "rules": hold_back_moves(
-                    rules, spec_rules(node), lambda g: programmed.get(g, frozenset()), usable
-                ),
+                "rules": held[2],
             }
             if name in tunnel:
                 spec["tunnelAddress"] = str(tunnel[name])
             specs[name] = spec
+        if len(self._held) > len(specs):  # nodes left
+            self._held = {name: self._held[name] for name in specs if name in self._held}
         return specs
 
     def _gateway_specs_of(
@@ -506,8 +521,15 @@ class Reconciler:
         # (policy, gateway) pairs nodes may send traffic along, now or once their new plans
         # are written; None when some node's is unknown, so anything may be in use.
         pairs: set[tuple[str, str]] = set()
-        for spec in node_specs.values():
-            pairs |= steered_pairs(spec["rules"])
+        known = self._steered
+        self._steered = {}
+        for name, spec in node_specs.items():
+            rules = spec["rules"]
+            found = known.get(name)
+            if found is None or found[0] is not rules:
+                found = (rules, frozenset(steered_pairs(rules)))
+            self._steered[name] = found
+            pairs |= found[1]
         steered: set[tuple[str, str]] | None = pairs
         for node in cluster.egress_nodes:
             _, observed = _generations(node)

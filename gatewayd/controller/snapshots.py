@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from gatewayd.policy.model import Pod, Snapshot
 from gatewayd.policy.snapshot import LoadedSnapshot, SnapshotError, parse_objects
@@ -56,6 +56,15 @@ def _generation_or_version(obj: Object) -> str:
     return resource_version(obj)
 
 
+@dataclass
+class _Changes(Generic[T]):
+    """What one `SnapshotCache._each` pass found changed."""
+
+    removed: list[T] = field(default_factory=list)  # parses replaced
+    added: list[T] = field(default_factory=list)  # their replacements, and new objects'
+    new_keys: set[tuple[str, str, str]] = field(default_factory=set)
+
+
 class SnapshotCache:
     """Builds Snapshots from Clusters; keeps each object's parse while its version is current."""
 
@@ -64,30 +73,35 @@ class SnapshotCache:
         # The pods the last `build` left out or changed, as the build before had them, and
         # those it brought in or changed (pods with an IP only, as in the Snapshot).
         self.pod_changes: tuple[list[Pod], list[Pod]] = ([], [])
+        self._pod_keys: set[tuple[str, str, str]] = set()  # of the last build
         self._policies_key: tuple[tuple[tuple[str, str, str], str], ...] | None = None
         self._policies = LoadedSnapshot(Snapshot())
 
     def build(self, cluster: Cluster) -> Snapshot:
         """Every readable object of `cluster` but the policies (see `policies()`)."""
         parsed: dict[tuple[str, str, str], tuple[str, Any]] = {}
-        removed: list[Pod] = []
-        added: list[Pod] = []
-        pods = self._each(cluster.pods, parsed, lambda s: s.pods, (removed, added))
+        changes = _Changes[Pod]()
+        pods = self._each(cluster.pods, parsed, lambda s: s.pods, changes)
         namespaces = self._each(cluster.namespaces, parsed, lambda s: s.namespaces)
         nodes = self._each(cluster.nodes, parsed, lambda s: s.nodes)
         gateways = self._each(cluster.gateways, parsed, lambda s: s.gateways)
         addresses = self._each(cluster.endpoint_slices, parsed, lambda s: s.api_server_addresses)
-        pod_keys = {key for key in self._parsed if key[0] == "Pod"} - parsed.keys()
-        for key in pod_keys:  # gone
-            removed.extend(self._parsed[key][1])
-        self.pod_changes = ([p for p in removed if p.ips], [p for p in added if p.ips])
+        self._pod_keys |= changes.new_keys
+        if len(self._pod_keys) > len(cluster.pods):  # some pods are gone
+            gone = self._pod_keys - parsed.keys()
+            for key in gone:
+                changes.removed.extend(self._parsed[key][1])
+            self._pod_keys -= gone
+        self.pod_changes = (
+            [p for p in changes.removed if p.ips],
+            [p for p in changes.added if p.ips],
+        )
         self._parsed = parsed
         return Snapshot(
             # A pod without an IP yet (just created, not started) changes no plan: leaving
             # it out spares an engine run until the kubelet reports its IP.
-            pods=tuple(
-                sorted((p for p in _flat(pods) if p.ips), key=lambda p: (p.namespace, p.name))
-            ),
+            # In the caches' order: the engine orders pods itself (claim order).
+            pods=tuple(p for p in _flat(pods) if p.ips),
             namespaces=tuple(sorted(_flat(namespaces), key=lambda n: n.name)),
             nodes=tuple(sorted(_flat(nodes), key=lambda n: n.name)),
             gateways=tuple(sorted(_flat(gateways), key=lambda g: g.name)),
@@ -116,9 +130,9 @@ class SnapshotCache:
         objects: Sequence[Object],
         parsed: dict[tuple[str, str, str], tuple[str, Any]],
         pick: Callable[[Snapshot], tuple[T, ...]],
-        changes: tuple[list[T], list[T]] | None = None,
+        changes: _Changes[T] | None = None,
     ) -> list[tuple[T, ...]]:
-        """Each object's parse; `changes` gets the parses replaced (before, after)."""
+        """Each object's parse; `changes` gets the parses replaced, and new keys."""
         found = []
         for obj in objects:
             key, version = object_key(obj), resource_version(obj)
@@ -132,8 +146,11 @@ class SnapshotCache:
                     log.warning("left out of every decision until it changes: %s", error)
                     result = ()
                 if changes is not None:
-                    changes[0].extend(cached[1] if cached is not None else ())
-                    changes[1].extend(result)
+                    if cached is None:
+                        changes.new_keys.add(key)
+                    else:
+                        changes.removed.extend(cached[1])
+                    changes.added.extend(result)
             parsed[key] = (version, result)
             found.append(result)
         return found

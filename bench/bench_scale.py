@@ -75,9 +75,14 @@ def generated(pods: int, policies: int, nodes: int, gateways: int, seed: int) ->
 
 
 def largest_kib(cluster: Cluster) -> float:
-    """The largest object of ours in `cluster`, in KiB of JSON."""
+    """The largest object of ours in `cluster`, in KiB of JSON (which one: on stderr)."""
     objects: list[Any] = [*cluster.gateways, *cluster.egress_nodes, *cluster.policies]
-    return max(len(json.dumps(o, separators=(",", ":"))) for o in objects) / 1024
+    size, kind, name = max(
+        (len(json.dumps(o, separators=(",", ":"))), o["kind"], o["metadata"]["name"])
+        for o in objects
+    )
+    progress(f"largest object: {kind} {name}, {size / 1024:.0f} KiB")
+    return size / 1024
 
 
 def main() -> None:

@@ -244,6 +244,33 @@ class _Placed:
     picks: tuple[tuple[int, int], ...]  # (policy index, gateway entry) it is counted under
 
 
+class _SnatSources:
+    """The sources of one SNAT rule of a gateway, kept current; the rule made on demand."""
+
+    __slots__ = ("egress_ip", "ips", "made", "networks")
+
+    def __init__(self, networks: tuple[IPNetwork, ...], egress_ip: IPAddress) -> None:
+        self.networks = networks
+        self.egress_ip = egress_ip
+        self.ips: set[IPAddress] = set()
+        self.made: SnatRule | None = None
+
+    def add(self, ips: Iterable[IPAddress]) -> None:
+        self.ips.update(ips)
+        self.made = None
+
+    def remove(self, ips: Iterable[IPAddress]) -> bool:
+        """Whether any source is left."""
+        self.ips.difference_update(ips)
+        self.made = None
+        return bool(self.ips)
+
+    def rule(self, policy: str, role: Role) -> SnatRule:
+        if self.made is None:
+            self.made = SnatRule(policy, role, frozenset(self.ips), self.networks, self.egress_ip)
+        return self.made
+
+
 @dataclass
 class PodChanges:
     """What an `EgressPlan.update_pods` call changed: whose plans to render again."""
@@ -342,6 +369,8 @@ class EgressPlan:
         self._sources: dict[IPAddress, tuple[Pod, _SourceClass | None]] = {}
         self._counts = [[0] * len(p.gateways) for p in self._policies]
         self._results: Mapping[str, PolicyResult] | None = None
+        # Per gateway whose plan was asked for: its SNAT rules, kept current from then on.
+        self._snat: dict[str, dict[_SnatKey, _SnatSources]] = {}
 
         for pod in snapshot.pods:
             self._pods[_pod_key(pod)] = pod
@@ -432,6 +461,7 @@ class EgressPlan:
                 )
                 cls = self._classes[picks] = _SourceClass(members)
             cls.add(pod, owned)
+            self._count_pod_snat(cls, owned, 1)
             if pod.node_name is not None:
                 self._classes_on_node[pod.node_name][picks] = cls
             for i, entry in picks:
@@ -445,6 +475,16 @@ class EgressPlan:
             if pod.node_name is not None:
                 changes.nodes.add(pod.node_name)
 
+    def _count_pod_snat(self, cls: _SourceClass, owned: tuple[IPAddress, ...], step: int) -> None:
+        """Follow a pod's IPs joining or leaving its class in the gateways' SNAT rules."""
+        by_version: dict[int, list[IPAddress]] = {4: [], 6: []}
+        for ip in owned:
+            by_version[ip.version].append(ip)
+        for gateway in cls.gateways:
+            rules = self._snat.get(gateway)
+            if rules is not None:
+                self._count_snat(gateway, rules, cls, by_version, step)
+
     def _unplace(self, key: tuple[str, str], changes: PodChanges) -> None:
         placed = self._placed.pop(key, None)
         if placed is None:
@@ -455,6 +495,7 @@ class EgressPlan:
         if cls is None:
             return
         cls.remove(pod, placed.owned)
+        self._count_pod_snat(cls, placed.owned, -1)
         node = pod.node_name
         if node is not None and node not in cls.sources_by_node:
             del self._classes_on_node[node][placed.picks]
@@ -590,28 +631,50 @@ class EgressPlan:
 
     def gateway_plan(self, gateway: str) -> GatewayPlan:
         """SNAT rules of `gateway`, as active and as standby, one family per rule."""
-        rules: dict[_SnatKey, tuple[_Destinations, IPAddress, set[IPAddress]]] = {}
-        for cls in self._classes.values():
-            for group in cls.destinations:
-                outcome = group.outcome
-                if outcome.verdict is not Verdict.SNAT:
-                    continue
-                sources = cls.sources[group.version]
-                for role, server, egress_ip in (
-                    (Role.ACTIVE, outcome.gateway, outcome.egress_ip),
-                    (Role.STANDBY, outcome.standby, outcome.standby_egress_ip),
-                ):
-                    if server != gateway or egress_ip is None or not sources:
-                        continue
-                    key = (outcome.policy, role, _address_key(egress_ip), _spans_key(group))
-                    rules.setdefault(key, (group, egress_ip, set()))[2].update(sources)
+        rules = self._snat.get(gateway)
+        if rules is None:
+            rules = self._snat[gateway] = {}
+            for cls in self._classes.values():
+                self._count_snat(gateway, rules, cls, cls.sources, 1)
         return GatewayPlan(
             gateway=gateway,
             rules=tuple(
-                SnatRule(policy, role, frozenset(ips), group.networks, egress_ip)
-                for (policy, role, *_), (group, egress_ip, ips) in _sorted_rules(rules)
+                entry.rule(policy, role) for (policy, role, *_), entry in _sorted_rules(rules)
             ),
         )
+
+    def _count_snat(
+        self,
+        gateway: str,
+        rules: dict[_SnatKey, _SnatSources],
+        cls: _SourceClass,
+        sources: Mapping[int, Iterable[IPAddress]],
+        step: int,
+    ) -> None:
+        """Add (`step` 1) or take away (-1) a class's `sources` (per family) in the rules of
+        `gateway` (merged across classes: a rule per policy, role, egress IP and
+        destinations). A class's sources are no other class's, so sets stay exact."""
+        for group in cls.destinations:
+            outcome = group.outcome
+            if outcome.verdict is not Verdict.SNAT:
+                continue
+            ips = sources.get(group.version, ())
+            if not ips:
+                continue
+            for role, server, egress_ip in (
+                (Role.ACTIVE, outcome.gateway, outcome.egress_ip),
+                (Role.STANDBY, outcome.standby, outcome.standby_egress_ip),
+            ):
+                if server != gateway or egress_ip is None:
+                    continue
+                key = (outcome.policy, role, _address_key(egress_ip), _spans_key(group))
+                entry = rules.get(key)
+                if step > 0:
+                    if entry is None:
+                        entry = rules[key] = _SnatSources(group.networks, egress_ip)
+                    entry.add(ips)
+                elif entry is not None and not entry.remove(ips):
+                    del rules[key]
 
     def node_plan(self, node: str) -> NodePlan:
         """Steering rules for the pods running on `node`, one family per rule."""

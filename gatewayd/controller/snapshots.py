@@ -145,7 +145,9 @@ class SnapshotCache:
                 except SnapshotError as error:
                     log.warning("left out of every decision until it changes: %s", error)
                     result = ()
-                if changes is not None:
+                if cached is not None and cached[1] == result:
+                    result = cached[1]  # a new version, the same meaning (a re-list)
+                elif changes is not None:
                     if cached is None:
                         changes.new_keys.add(key)
                     else:

@@ -893,6 +893,9 @@ def _spans_key(group: _Destinations) -> _Spans:
     return (group.version, group.spans)
 
 
+REBUILD_AFTER = 1000  # pod changes at once (or a quarter of the pods, if more)
+
+
 def same_but_pods(a: Snapshot, b: Snapshot) -> bool:
     """Whether two snapshots differ in their pods at most: then a plan of one is kept current
     for the other with `EgressPlan.update_pods`."""
@@ -916,10 +919,13 @@ def updated_plan(
     """The plan of `snapshot`: `plan` kept current when `snapshot` differs from the snapshot
     `plan` stands for only in the pods `removed` (as `plan` has them) and `added`, under the
     same `preferred_active`; otherwise a new plan (changes None: every plan is new)."""
+    removed, added = list(removed), list(added)
     if (
         plan is not None
         and plan.preferred_active == dict(preferred_active or {})
         and same_but_pods(plan.built_from, snapshot)
+        # Beyond this (a re-list, a node drained), building whole is the cheaper way there.
+        and len(removed) + len(added) <= max(REBUILD_AFTER, len(snapshot.pods) // 4)
     ):
         return plan, plan.update_pods(removed, added)
     return build_plan(snapshot, preferred_active), None

@@ -56,6 +56,10 @@ def _generation_or_version(obj: Object) -> str:
     return resource_version(obj)
 
 
+# An object of the last build: (the object, its key, its version, its parse).
+_Seen = tuple[Object, tuple[str, str, str], str, Any]
+
+
 @dataclass
 class _Changes(Generic[T]):
     """What one `SnapshotCache._each` pass found changed."""
@@ -74,6 +78,7 @@ class SnapshotCache:
         # those it brought in or changed (pods with an IP only, as in the Snapshot).
         self.pod_changes: tuple[list[Pod], list[Pod]] = ([], [])
         self._pod_keys: set[tuple[str, str, str]] = set()  # of the last build
+        self._seen: dict[int, _Seen] = {}  # id of each object of the last build
         self._policies_key: tuple[tuple[tuple[str, str, str], str], ...] | None = None
         self._policies = LoadedSnapshot(Snapshot())
 
@@ -81,11 +86,14 @@ class SnapshotCache:
         """Every readable object of `cluster` but the policies (see `policies()`)."""
         parsed: dict[tuple[str, str, str], tuple[str, Any]] = {}
         changes = _Changes[Pod]()
-        pods = self._each(cluster.pods, parsed, lambda s: s.pods, changes)
-        namespaces = self._each(cluster.namespaces, parsed, lambda s: s.namespaces)
-        nodes = self._each(cluster.nodes, parsed, lambda s: s.nodes)
-        gateways = self._each(cluster.gateways, parsed, lambda s: s.gateways)
-        addresses = self._each(cluster.endpoint_slices, parsed, lambda s: s.api_server_addresses)
+        seen: dict[int, _Seen] = {}
+        pods = self._each(cluster.pods, parsed, seen, lambda s: s.pods, changes)
+        namespaces = self._each(cluster.namespaces, parsed, seen, lambda s: s.namespaces)
+        nodes = self._each(cluster.nodes, parsed, seen, lambda s: s.nodes)
+        gateways = self._each(cluster.gateways, parsed, seen, lambda s: s.gateways)
+        addresses = self._each(
+            cluster.endpoint_slices, parsed, seen, lambda s: s.api_server_addresses
+        )
         self._pod_keys |= changes.new_keys
         if len(self._pod_keys) > len(cluster.pods):  # some pods are gone
             gone = self._pod_keys - parsed.keys()
@@ -96,7 +104,7 @@ class SnapshotCache:
             [p for p in changes.removed if p.ips],
             [p for p in changes.added if p.ips],
         )
-        self._parsed = parsed
+        self._parsed, self._seen = parsed, seen
         return Snapshot(
             # A pod without an IP yet (just created, not started) changes no plan: leaving
             # it out spares an engine run until the kubelet reports its IP.
@@ -129,16 +137,27 @@ class SnapshotCache:
         self,
         objects: Sequence[Object],
         parsed: dict[tuple[str, str, str], tuple[str, Any]],
+        seen: dict[int, _Seen],
         pick: Callable[[Snapshot], tuple[T, ...]],
         changes: _Changes[T] | None = None,
     ) -> list[tuple[T, ...]]:
-        """Each object's parse; `changes` gets the parses replaced, and new keys."""
+        """Each object's parse; `changes` gets the parses replaced, and new keys. An object
+        the caches still hold as they did at the last build (the same Python object: they
+        never mutate one) is known without even reading its key."""
+        result: tuple[T, ...]
         found = []
         for obj in objects:
+            same = self._seen.get(id(obj))
+            if same is not None and same[0] is obj:  # the very object of the last build
+                _, key, version, result = same
+                parsed[key] = (version, result)
+                seen[id(obj)] = same
+                found.append(result)
+                continue
             key, version = object_key(obj), resource_version(obj)
             cached = self._parsed.get(key)
             if cached is not None and cached[0] == version and version:
-                result: tuple[T, ...] = cached[1]
+                result = cached[1]
             else:
                 try:
                     result = pick(parse_objects([(ORIGIN, obj)]).snapshot)
@@ -154,6 +173,7 @@ class SnapshotCache:
                         changes.removed.extend(cached[1])
                     changes.added.extend(result)
             parsed[key] = (version, result)
+            seen[id(obj)] = (obj, key, version, result)
             found.append(result)
         return found
 

@@ -159,7 +159,14 @@ def _policy(rng: random.Random, index: int, deployments: int, namespaces: int) -
 
 
 def make_snapshot(
-    *, pods: int, policies: int, deployments: int, namespaces: int, nodes: int, seed: int
+    *,
+    pods: int,
+    policies: int,
+    deployments: int,
+    namespaces: int,
+    nodes: int,
+    seed: int,
+    gateways: int = 6,
 ) -> Snapshot:
     rng = random.Random(seed)
     node_objs = tuple(
@@ -208,7 +215,7 @@ def make_snapshot(
         pods=tuple(pod_objs),
         namespaces=ns_objs,
         nodes=node_objs,
-        gateways=_gateways(6),
+        gateways=_gateways(gateways),
         api_server_addresses=(IPv4Address("172.16.255.1"),),
     )
 

@@ -33,7 +33,7 @@ from gatewayd.controller.health import (
     read_signals,
 )
 from gatewayd.controller.skew import skew_reports
-from gatewayd.controller.snapshots import Cluster, SnapshotCache
+from gatewayd.controller.snapshots import Cluster, SnapshotCache, resource_version
 from gatewayd.controller.specs import (
     PeerProblem,
     Rule,
@@ -52,7 +52,7 @@ from gatewayd.controller.status import Status, active_gateways_of, policy_status
 from gatewayd.controller.tunnels import allocate_tunnel_addresses
 from gatewayd.controller.versions import skew_problem
 from gatewayd.kube.leases import Freshness, LeaseObserver
-from gatewayd.policy.engine import EgressPlan, build_plan
+from gatewayd.policy.engine import EgressPlan, PodChanges, same_but_pods, updated_plan
 from gatewayd.policy.lastgood import PolicyMemory
 from gatewayd.policy.model import FieldError, Policy, Snapshot
 from gatewayd.policy.snapshot import LoadedSnapshot
@@ -148,13 +148,22 @@ class Reconciler:
         # (kind, name) -> the daemon version last seen outside the skew rule (versions.py)
         self._skewed_versions: dict[tuple[str, str], str] = {}
         self._planned_usable: dict[str, bool] = {}  # gateway usability the last plan used
-        # The last plan, and its rules in spec form, while neither snapshot nor preferences
-        # change (an agent's status update, a conflict retry): no engine run then.
+        # The last plan, kept current pod by pod while nothing else in the snapshot and no
+        # preference changes, and its rules in spec form (rendered again only for the gateways
+        # and nodes a change touched).
         self._plan: EgressPlan | None = None
-        self._plan_snapshot: Snapshot | None = None
         self._plan_preferences: set[tuple[tuple[tuple[str, int], str], ...]] = set()
         self._rules: dict[tuple[str, str], Any] = {}
+        # The engine's rules each spec form in `_rules` came from, and those a pod change
+        # made stale (their forms are forgotten once the new ones are made).
+        self._rendered: dict[tuple[str, str], tuple[object, ...]] = {}
+        self._stale: dict[tuple[str, str], tuple[object, ...]] = {}
         self._forms = SpecForms()
+        # Each node's rules after `hold_back_moves`, while its planned rules (the same list),
+        # its object and the gateways' programmed policies and usability stay.
+        self._held_for: tuple[Mapping[str, frozenset[str]], Mapping[str, bool]] = ({}, {})
+        self._held: dict[str, tuple[list[Rule], str, list[Rule]]] = {}
+        self._steered: dict[str, tuple[list[Rule], frozenset[tuple[str, str]]]] = {}
 
     # --- what every replica keeps current, leading or not ------------------------------------
 
@@ -284,38 +293,65 @@ class Reconciler:
     def _engine(self, snapshot: Snapshot, preferred: Mapping[tuple[str, int], str]) -> EgressPlan:
         wanted = tuple(sorted(preferred.items()))
         if (
-            self._plan is None
-            or wanted not in self._plan_preferences
-            or snapshot != self._plan_snapshot
+            self._plan is not None
+            and wanted in self._plan_preferences
+            and same_but_pods(self._plan.built_from, snapshot)
         ):
-            plan = build_plan(snapshot, preferred)
-            # Preferring exactly the gateways a plan chose gives that plan again, and that is
-            # what the next reconcile prefers: it needs no engine run of its own.
-            chosen = tuple(
-                sorted(
-                    ((name, entry.entry), entry.gateway)
-                    for name, result in plan.policy_results.items()
-                    for entry in result.entries
-                    if entry.gateway is not None
-                )
+            # On the plan's own snapshot, these preferences give the plan it was built with.
+            preferred = self._plan.preferred_active
+        removed, added = self._snapshots.pod_changes
+        plan, changes = updated_plan(self._plan, snapshot, preferred, removed, added)
+        if changes is not None:
+            self._pods_changed(changes)
+            return plan
+        # Preferring exactly the gateways a plan chose gives that plan again, and that is
+        # what the next reconcile prefers: it needs no engine run of its own.
+        chosen = tuple(
+            sorted(
+                ((name, entry.entry), entry.gateway)
+                for name, result in plan.policy_results.items()
+                for entry in result.entries
+                if entry.gateway is not None
             )
-            self._plan, self._plan_snapshot = plan, snapshot
-            self._plan_preferences = {wanted, chosen}
-            self._rules = {}
-            self._forms.next_plan()
-        return self._plan
+        )
+        self._plan = plan
+        self._plan_preferences = {wanted, chosen}
+        self._rules, self._rendered, self._stale = {}, {}, {}
+        self._forms.next_plan()
+        return plan
+
+    def _pods_changed(self, changes: PodChanges) -> None:
+        """Render again only the plans the pods changed."""
+        keys = [("gateway", g) for g in changes.gateways]
+        if changes.cluster_internal:
+            keys += [key for key in self._rules if key[0] == "node"]
+        else:
+            keys += [("node", n) for n in changes.nodes]
+        for key in keys:
+            if key in self._rules:
+                del self._rules[key]
+                self._stale[key] = self._stale.get(key, ()) + self._rendered.pop(key)
+
+    def _rendered_again(self, key: tuple[str, str], rules: tuple[object, ...]) -> None:
+        self._rendered[key] = rules
+        kept = set(rules)
+        self._forms.forget(r for r in self._stale.pop(key, ()) if r not in kept)
 
     def _gateway_rules(self, plan: EgressPlan, gateway: str) -> list[Rule]:
         key = ("gateway", gateway)
         if key not in self._rules:
-            self._rules[key] = self._forms.gateway_rules(plan.gateway_plan(gateway))
+            planned = plan.gateway_plan(gateway)
+            self._rules[key] = self._forms.gateway_rules(planned)
+            self._rendered_again(key, planned.rules)
         rules: list[Rule] = self._rules[key]
         return rules
 
     def _node_rules(self, plan: EgressPlan, node: str) -> tuple[list[Rule], list[str]]:
         key = ("node", node)
         if key not in self._rules:
-            self._rules[key] = self._forms.node_rules(plan.node_plan(node))
+            planned = plan.node_plan(node)
+            self._rules[key] = self._forms.node_rules(planned)
+            self._rendered_again(key, planned.rules)
         rules: tuple[list[Rule], list[str]] = self._rules[key]
         return rules
 
@@ -478,20 +514,30 @@ class Reconciler:
         usable: Mapping[str, bool],
     ) -> dict[str, Spec]:
         gateways = node_gateways(cluster.gateways)
+        if programmed != self._held_for[0] or usable != self._held_for[1]:
+            self._held_for = (programmed, usable)
+            self._held = {}
         specs = {}
         for node in cluster.egress_nodes:
             name = _name(node)
             rules, cluster_internal = self._node_rules(plan, name)
+            held = self._held.get(name)
+            version = resource_version(node)
+            if held is None or held[0] is not rules or held[1] != version:
+                kept = hold_back_moves(
+                    rules, spec_rules(node), lambda g: programmed.get(g, frozenset()), usable
+                )
+                held = self._held[name] = (rules, version, kept)
             spec: Spec = {
                 "gateways": gateways,
                 "clusterInternal": cluster_internal,
-                "rules": hold_back_moves(
-                    rules, spec_rules(node), lambda g: programmed.get(g, frozenset()), usable
-                ),
+                "rules": held[2],
             }
             if name in tunnel:
                 spec["tunnelAddress"] = str(tunnel[name])
             specs[name] = spec
+        if len(self._held) > len(specs):  # nodes left
+            self._held = {name: self._held[name] for name in specs if name in self._held}
         return specs
 
     def _gateway_specs_of(
@@ -506,8 +552,15 @@ class Reconciler:
         # (policy, gateway) pairs nodes may send traffic along, now or once their new plans
         # are written; None when some node's is unknown, so anything may be in use.
         pairs: set[tuple[str, str]] = set()
-        for spec in node_specs.values():
-            pairs |= steered_pairs(spec["rules"])
+        known = self._steered
+        self._steered = {}
+        for name, spec in node_specs.items():
+            rules = spec["rules"]
+            found = known.get(name)
+            if found is None or found[0] is not rules:
+                found = (rules, frozenset(steered_pairs(rules)))
+            self._steered[name] = found
+            pairs |= found[1]
         steered: set[tuple[str, str]] | None = pairs
         for node in cluster.egress_nodes:
             _, observed = _generations(node)

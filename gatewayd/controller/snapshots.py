@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
-from gatewayd.policy.model import Snapshot
+from gatewayd.policy.model import Pod, Snapshot
 from gatewayd.policy.snapshot import LoadedSnapshot, SnapshotError, parse_objects
 
 log = logging.getLogger(__name__)
@@ -56,29 +56,60 @@ def _generation_or_version(obj: Object) -> str:
     return resource_version(obj)
 
 
+# An object of the last build: (the object, its key, its version, its parse).
+_Seen = tuple[Object, tuple[str, str, str], str, Any]
+
+
+@dataclass
+class _Changes(Generic[T]):
+    """What one `SnapshotCache._each` pass found changed."""
+
+    removed: list[T] = field(default_factory=list)  # parses replaced
+    added: list[T] = field(default_factory=list)  # their replacements, and new objects'
+    new_keys: set[tuple[str, str, str]] = field(default_factory=set)
+
+
 class SnapshotCache:
     """Builds Snapshots from Clusters; keeps each object's parse while its version is current."""
 
     def __init__(self) -> None:
         self._parsed: dict[tuple[str, str, str], tuple[str, Any]] = {}
+        # The pods the last `build` left out or changed, as the build before had them, and
+        # those it brought in or changed (pods with an IP only, as in the Snapshot).
+        self.pod_changes: tuple[list[Pod], list[Pod]] = ([], [])
+        self._pod_keys: set[tuple[str, str, str]] = set()  # of the last build
+        self._seen: dict[int, _Seen] = {}  # id of each object of the last build
         self._policies_key: tuple[tuple[tuple[str, str, str], str], ...] | None = None
         self._policies = LoadedSnapshot(Snapshot())
 
     def build(self, cluster: Cluster) -> Snapshot:
         """Every readable object of `cluster` but the policies (see `policies()`)."""
         parsed: dict[tuple[str, str, str], tuple[str, Any]] = {}
-        pods = self._each(cluster.pods, parsed, lambda s: s.pods)
-        namespaces = self._each(cluster.namespaces, parsed, lambda s: s.namespaces)
-        nodes = self._each(cluster.nodes, parsed, lambda s: s.nodes)
-        gateways = self._each(cluster.gateways, parsed, lambda s: s.gateways)
-        addresses = self._each(cluster.endpoint_slices, parsed, lambda s: s.api_server_addresses)
-        self._parsed = parsed
+        changes = _Changes[Pod]()
+        seen: dict[int, _Seen] = {}
+        pods = self._each(cluster.pods, parsed, seen, lambda s: s.pods, changes)
+        namespaces = self._each(cluster.namespaces, parsed, seen, lambda s: s.namespaces)
+        nodes = self._each(cluster.nodes, parsed, seen, lambda s: s.nodes)
+        gateways = self._each(cluster.gateways, parsed, seen, lambda s: s.gateways)
+        addresses = self._each(
+            cluster.endpoint_slices, parsed, seen, lambda s: s.api_server_addresses
+        )
+        self._pod_keys |= changes.new_keys
+        if len(self._pod_keys) > len(cluster.pods):  # some pods are gone
+            gone = self._pod_keys - parsed.keys()
+            for key in gone:
+                changes.removed.extend(self._parsed[key][1])
+            self._pod_keys -= gone
+        self.pod_changes = (
+            [p for p in changes.removed if p.ips],
+            [p for p in changes.added if p.ips],
+        )
+        self._parsed, self._seen = parsed, seen
         return Snapshot(
             # A pod without an IP yet (just created, not started) changes no plan: leaving
             # it out spares an engine run until the kubelet reports its IP.
-            pods=tuple(
-                sorted((p for p in _flat(pods) if p.ips), key=lambda p: (p.namespace, p.name))
-            ),
+            # In the caches' order: the engine orders pods itself (claim order).
+            pods=tuple(p for p in _flat(pods) if p.ips),
             namespaces=tuple(sorted(_flat(namespaces), key=lambda n: n.name)),
             nodes=tuple(sorted(_flat(nodes), key=lambda n: n.name)),
             gateways=tuple(sorted(_flat(gateways), key=lambda g: g.name)),
@@ -106,21 +137,43 @@ class SnapshotCache:
         self,
         objects: Sequence[Object],
         parsed: dict[tuple[str, str, str], tuple[str, Any]],
+        seen: dict[int, _Seen],
         pick: Callable[[Snapshot], tuple[T, ...]],
+        changes: _Changes[T] | None = None,
     ) -> list[tuple[T, ...]]:
+        """Each object's parse; `changes` gets the parses replaced, and new keys. An object
+        the caches still hold as they did at the last build (the same Python object: they
+        never mutate one) is known without even reading its key."""
+        result: tuple[T, ...]
         found = []
         for obj in objects:
+            same = self._seen.get(id(obj))
+            if same is not None and same[0] is obj:  # the very object of the last build
+                _, key, version, result = same
+                parsed[key] = (version, result)
+                seen[id(obj)] = same
+                found.append(result)
+                continue
             key, version = object_key(obj), resource_version(obj)
             cached = self._parsed.get(key)
             if cached is not None and cached[0] == version and version:
-                result: tuple[T, ...] = cached[1]
+                result = cached[1]
             else:
                 try:
                     result = pick(parse_objects([(ORIGIN, obj)]).snapshot)
                 except SnapshotError as error:
                     log.warning("left out of every decision until it changes: %s", error)
                     result = ()
+                if cached is not None and cached[1] == result:
+                    result = cached[1]  # a new version, the same meaning (a re-list)
+                elif changes is not None:
+                    if cached is None:
+                        changes.new_keys.add(key)
+                    else:
+                        changes.removed.extend(cached[1])
+                    changes.added.extend(result)
             parsed[key] = (version, result)
+            seen[id(obj)] = (obj, key, version, result)
             found.append(result)
         return found
 

@@ -52,6 +52,12 @@ class SpecForms:
         """Forget the forms the last plan did not use."""
         self._previous, self._current = self._current, {}
 
+    def forget(self, rules: Iterable[object]) -> None:
+        """Forget the forms of these rules (a plan kept current replaced them)."""
+        for rule in rules:
+            self._current.pop(rule, None)
+            self._previous.pop(rule, None)
+
     def _form(self, key: object, make: Callable[[], Any]) -> Any:
         form = self._current.get(key)
         if form is None:

@@ -24,9 +24,10 @@ gateway and node plans are the same ranges written as CIDRs, merged across class
 
 from __future__ import annotations
 
-from collections import defaultdict
+import bisect
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from ipaddress import ip_address
 from typing import TypeVar
@@ -169,11 +170,14 @@ class _Destinations:
 
 
 class _SourceClass:
-    """Pods that get the same (policy, gateway entry) pairs, and their resolved destinations."""
+    """Pods that get the same (policy, gateway entry) pairs, and their resolved destinations.
+
+    The pods' addresses are kept current as pods come and go (`add`, `remove`); an address
+    belongs to one pod at most, so plain sets stay exact."""
 
     def __init__(self, members: tuple[_Member, ...]) -> None:
         self.members = members
-        self.pods: list[tuple[Pod, tuple[IPAddress, ...]]] = []  # with the IPs the pod owns
+        self.pods = 0
         self.entries = tuple(_resolve_ties(members))
         self.tables = {
             version: lpm.RangeTable(
@@ -182,6 +186,30 @@ class _SourceClass:
             )
             for version in (4, 6)
         }
+        # Per family: the IPs of this class's pods.
+        self.sources: dict[int, set[IPAddress]] = {4: set(), 6: set()}
+        # Per node, per family: the IPs of this class's pods running there (nodes with some).
+        self.sources_by_node: dict[str, dict[int, set[IPAddress]]] = {}
+
+    def add(self, pod: Pod, owned: tuple[IPAddress, ...]) -> None:
+        self.pods += 1
+        for ip in owned:
+            self.sources[ip.version].add(ip)
+        if pod.node_name is not None:
+            local = self.sources_by_node.setdefault(pod.node_name, {4: set(), 6: set()})
+            for ip in owned:
+                local[ip.version].add(ip)
+
+    def remove(self, pod: Pod, owned: tuple[IPAddress, ...]) -> None:
+        self.pods -= 1
+        for ip in owned:
+            self.sources[ip.version].discard(ip)
+        if pod.node_name is not None:
+            local = self.sources_by_node[pod.node_name]
+            for ip in owned:
+                local[ip.version].discard(ip)
+            if not local[4] and not local[6]:
+                del self.sources_by_node[pod.node_name]
 
     @cached_property
     def destinations(self) -> list[_Destinations]:
@@ -197,25 +225,59 @@ class _SourceClass:
         ]
 
     @cached_property
-    def sources(self) -> dict[int, frozenset[IPAddress]]:
-        """Per family: the IPs of this class's pods."""
-        return {
-            version: frozenset(ip for _, ips in self.pods for ip in ips if ip.version == version)
-            for version in (4, 6)
-        }
+    def gateways(self) -> frozenset[str]:
+        """Gateways whose SNAT rules this class's sources appear in."""
+        found: set[str] = set()
+        for group in self.destinations:
+            if group.outcome.verdict is Verdict.SNAT:
+                found.update(g for g in (group.outcome.gateway, group.outcome.standby) if g)
+        return frozenset(found)
 
-    @cached_property
-    def sources_by_node(self) -> dict[str, dict[int, frozenset[IPAddress]]]:
-        """Per node, per family: the IPs of this class's pods running there."""
-        found: dict[str, dict[int, set[IPAddress]]] = defaultdict(lambda: {4: set(), 6: set()})
-        for pod, ips in self.pods:
-            if pod.node_name is not None:
-                for ip in ips:
-                    found[pod.node_name][ip.version].add(ip)
-        return {
-            node: {version: frozenset(ips) for version, ips in by_version.items()}
-            for node, by_version in found.items()
-        }
+
+@dataclass(frozen=True, slots=True)
+class _Placed:
+    """Where a candidate pod stands in the plan: the IPs it owns and its class."""
+
+    pod: Pod
+    owned: tuple[IPAddress, ...]
+    cls: _SourceClass | None
+    picks: tuple[tuple[int, int], ...]  # (policy index, gateway entry) it is counted under
+
+
+class _SnatSources:
+    """The sources of one SNAT rule of a gateway, kept current; the rule made on demand."""
+
+    __slots__ = ("egress_ip", "ips", "made", "networks")
+
+    def __init__(self, networks: tuple[IPNetwork, ...], egress_ip: IPAddress) -> None:
+        self.networks = networks
+        self.egress_ip = egress_ip
+        self.ips: set[IPAddress] = set()
+        self.made: SnatRule | None = None
+
+    def add(self, ips: Iterable[IPAddress]) -> None:
+        self.ips.update(ips)
+        self.made = None
+
+    def remove(self, ips: Iterable[IPAddress]) -> bool:
+        """Whether any source is left."""
+        self.ips.difference_update(ips)
+        self.made = None
+        return bool(self.ips)
+
+    def rule(self, policy: str, role: Role) -> SnatRule:
+        if self.made is None:
+            self.made = SnatRule(policy, role, frozenset(self.ips), self.networks, self.egress_ip)
+        return self.made
+
+
+@dataclass
+class PodChanges:
+    """What an `EgressPlan.update_pods` call changed: whose plans to render again."""
+
+    gateways: set[str] = field(default_factory=set)
+    nodes: set[str] = field(default_factory=set)
+    cluster_internal: bool = False  # every node plan's clusterInternal list
 
 
 # --- the plan ----------------------------------------------------------------------------------
@@ -266,72 +328,256 @@ def _claim_order(pod: Pod) -> tuple[bool, bool, bool, str, str]:
     return (pod.finished, pod.deleting, pod.phase != "Running", pod.namespace, pod.name)
 
 
+def _pod_key(pod: Pod) -> tuple[str, str]:
+    return (pod.namespace, pod.name)
+
+
 class EgressPlan:
-    """Decisions for every (source pod, destination) and the plan of every gateway and node."""
+    """Decisions for every (source pod, destination) and the plan of every gateway and node.
+
+    Built whole from a snapshot (`build_plan`), then kept current pod by pod (`update_pods`):
+    a pod of a known identity costs a few set operations, a new identity one match against
+    the policies. Any other change (policies, namespaces, nodes, gateways, preferences) is a
+    new plan built whole.
+    """
 
     def __init__(
         self,
         snapshot: Snapshot,
         preferred_active: Mapping[tuple[str, int], str] | None = None,
     ) -> None:
-        self._snapshot = snapshot
-        policies = sorted(snapshot.policies, key=lambda p: p.name.encode())
+        self._snapshot = snapshot  # its pods are those of the build: see `_pods`
+        self.preferred_active = dict(preferred_active or {})
+        self._policies = sorted(snapshot.policies, key=lambda p: p.name.encode())
         all_gateways = candidates(snapshot.gateways)
         preferred: dict[str, dict[int, str]] = defaultdict(dict)
         for (policy_name, entry), gateway in (preferred_active or {}).items():
             preferred[policy_name][entry] = gateway
-        resolved = [resolve_gateways(p, all_gateways, preferred.get(p.name)) for p in policies]
+        self._resolved = [
+            resolve_gateways(p, all_gateways, preferred.get(p.name)) for p in self._policies
+        ]
+        self._matcher = _PolicyMatcher(self._policies, snapshot)
         self._classes: dict[tuple[tuple[int, int], ...], _SourceClass] = {}
+        self._classes_on_node: dict[str, dict[tuple[tuple[int, int], ...], _SourceClass]] = (
+            defaultdict(dict)
+        )
+        self._pods: dict[tuple[str, str], Pod] = {}  # every pod, current
+        # IP -> the candidate pods showing it, in claim order: the first one owns it.
+        self._claims: dict[IPAddress, list[Pod]] = {}
+        self._placed: dict[tuple[str, str], _Placed] = {}  # candidate pods that own an IP
         # Source IP -> (pod, its class or None when no policy selects it).
         self._sources: dict[IPAddress, tuple[Pod, _SourceClass | None]] = {}
-        self._other_pods: dict[IPAddress, str] = {}  # IPs of pods policies never apply to
-        # IP -> the pods that showed it too but lost it (finished, or later in claim order).
-        self._lost_claims: dict[IPAddress, list[str]] = defaultdict(list)
-        counts = [[0] * len(p.gateways) for p in policies]
+        self._counts = [[0] * len(p.gateways) for p in self._policies]
+        self._results: Mapping[str, PolicyResult] | None = None
+        # Per gateway whose plan was asked for: its SNAT rules, kept current from then on.
+        self._snat: dict[str, dict[_SnatKey, _SnatSources]] = {}
 
-        matcher = _PolicyMatcher(policies, snapshot)
+        for pod in snapshot.pods:
+            self._pods[_pod_key(pod)] = pod
+        # In claim order, each pod's claims come after those of the pods before it: it owns
+        # exactly the IPs no earlier pod showed.
         for pod in sorted(snapshot.pods, key=_claim_order):
+            if _not_a_candidate(pod) is None:
+                for ip in pod.ips:
+                    self._claims.setdefault(ip, []).append(pod)
+                self._place(pod, None)
+
+    @property
+    def built_from(self) -> Snapshot:
+        """The snapshot this plan was built from; its pods are those of the build (the plan's
+        own follow `update_pods`)."""
+        return self._snapshot
+
+    @property
+    def policy_results(self) -> Mapping[str, PolicyResult]:
+        if self._results is None:
+            self._results = {
+                p.name: PolicyResult(
+                    policy=p.name,
+                    selected_pods=sum(self._counts[i]),
+                    entries=r.entries,
+                    ring=tuple(a.entry for a in r.ring),
+                    pods_per_entry=tuple(self._counts[i]),
+                )
+                for i, (p, r) in enumerate(zip(self._policies, self._resolved, strict=True))
+            }
+        return self._results
+
+    # --- pods ---
+
+    def update_pods(self, removed: Iterable[Pod], added: Iterable[Pod]) -> PodChanges:
+        """The plan after `removed` pods left (each as this plan has it) and `added` came (a
+        changed pod is both); what it changed. The result equals a plan built whole from the
+        snapshot with the same pods."""
+        changes = PodChanges()
+        strays = self._strays  # taken before the pods change
+        touched: set[IPAddress] = set()
+        for pod in removed:
+            key = _pod_key(pod)
+            del self._pods[key]
+            self._unplace(key, changes)
+            if _not_a_candidate(pod) is None:
+                for ip in pod.ips:
+                    claims = self._claims[ip]
+                    claims.remove(pod)
+                    if not claims:
+                        del self._claims[ip]
+                    touched.add(ip)
+            changes.cluster_internal |= self._count_strays(strays, pod, -1)
+        for pod in added:
+            self._pods[_pod_key(pod)] = pod
+            if _not_a_candidate(pod) is None:
+                for ip in pod.ips:
+                    bisect.insort(self._claims.setdefault(ip, []), pod, key=_claim_order)
+                    touched.add(ip)
+            changes.cluster_internal |= self._count_strays(strays, pod, 1)
+        # Whoever shows a touched IP may own more or less now.
+        affected = {_pod_key(p): p for ip in touched for p in self._claims.get(ip, ())}
+        for key in affected:
+            self._unplace(key, changes)
+        for pod in sorted(affected.values(), key=_claim_order):
+            self._place(pod, changes)
+        for name in ("_cluster_internal", "_claim_notes"):
+            self.__dict__.pop(name, None)
+        if changes.cluster_internal:
+            self.__dict__.pop("cluster_internal", None)
+        return changes
+
+    def _place(self, pod: Pod, changes: PodChanges | None) -> None:
+        """Give a candidate pod the IPs it owns, and its class."""
+        owned = tuple(ip for ip in pod.ips if self._claims[ip][0] is pod)
+        if not owned:  # every IP it shows is another pod's: it has no traffic of its own
+            return
+        cls = None
+        picks: tuple[tuple[int, int], ...] = ()
+        selected = self._matcher.policies_for(pod)
+        if selected:
+            assignments = [(i, self._resolved[i].for_pod(pod.uid)) for i in selected]
+            picks = tuple((i, a.entry) for i, a in assignments)
+            cls = self._classes.get(picks)
+            if cls is None:
+                members = tuple(
+                    _Member(self._policies[i], self._resolved[i], a) for i, a in assignments
+                )
+                cls = self._classes[picks] = _SourceClass(members)
+            cls.add(pod, owned)
+            self._count_pod_snat(cls, owned, 1)
+            if pod.node_name is not None:
+                self._classes_on_node[pod.node_name][picks] = cls
+            for i, entry in picks:
+                self._counts[i][entry] += 1
+            self._results = None
+        for ip in owned:
+            self._sources[ip] = (pod, cls)
+        self._placed[_pod_key(pod)] = _Placed(pod, owned, cls, picks)
+        if changes is not None and cls is not None:
+            changes.gateways |= cls.gateways
+            if pod.node_name is not None:
+                changes.nodes.add(pod.node_name)
+
+    def _count_pod_snat(self, cls: _SourceClass, owned: tuple[IPAddress, ...], step: int) -> None:
+        """Follow a pod's IPs joining or leaving its class in the gateways' SNAT rules."""
+        by_version: dict[int, list[IPAddress]] = {4: [], 6: []}
+        for ip in owned:
+            by_version[ip.version].append(ip)
+        for gateway in cls.gateways:
+            rules = self._snat.get(gateway)
+            if rules is not None:
+                self._count_snat(gateway, rules, cls, by_version, step)
+
+    def _unplace(self, key: tuple[str, str], changes: PodChanges) -> None:
+        placed = self._placed.pop(key, None)
+        if placed is None:
+            return
+        pod, cls = placed.pod, placed.cls
+        for ip in placed.owned:
+            del self._sources[ip]
+        if cls is None:
+            return
+        cls.remove(pod, placed.owned)
+        self._count_pod_snat(cls, placed.owned, -1)
+        node = pod.node_name
+        if node is not None and node not in cls.sources_by_node:
+            del self._classes_on_node[node][placed.picks]
+        if cls.pods == 0:
+            del self._classes[placed.picks]
+        for i, entry in placed.picks:
+            self._counts[i][entry] -= 1
+        self._results = None
+        changes.gateways |= cls.gateways
+        if node is not None:
+            changes.nodes.add(node)
+
+    @cached_property
+    def _internal_base(self) -> dict[int, lpm.RangeTable[None]]:
+        """Per family: the cluster-internal addresses that are not pod IPs."""
+        spans: list[tuple[int, int, int]] = [
+            (ip.version, int(ip), int(ip)) for ip in self._snapshot.api_server_addresses
+        ]
+        for node in self._snapshot.nodes:
+            for address in node.addresses:
+                if address.type in ("InternalIP", "ExternalIP"):
+                    try:
+                        ip = ip_address(address.address)
+                    except ValueError:
+                        continue
+                    spans.append((ip.version, int(ip), int(ip)))
+            for cidr in node.pod_cidrs:
+                spans.append(
+                    (cidr.version, int(cidr.network_address), int(cidr.broadcast_address))
+                )
+        return {
+            version: lpm.RangeTable(
+                version, lpm.flatten_spans((f, la, None) for v, f, la in spans if v == version)
+            )
+            for version in (4, 6)
+        }
+
+    @cached_property
+    def _strays(self) -> Counter[IPAddress]:
+        """Pod IPs outside every other cluster-internal range (a pod CIDR, usually), with the
+        number of pods showing each: only these change `cluster_internal`."""
+        strays: Counter[IPAddress] = Counter()
+        for pod in self._pods.values():
+            self._count_strays(strays, pod, 1)
+        return strays
+
+    def _count_strays(self, strays: Counter[IPAddress], pod: Pod, step: int) -> bool:
+        """Count `pod`'s stray IPs up or down by `step`; whether the set of strays changed."""
+        if pod.finished:  # its IP is free (see `_not_a_candidate`)
+            return False
+        changed = False
+        for ip in pod.ips:
+            if self._internal_base[ip.version].lookup(ip) is None:
+                before = strays[ip]
+                strays[ip] = before + step
+                if strays[ip] == 0:
+                    del strays[ip]
+                changed |= before == 0 or strays[ip] == 0
+        return changed
+
+    @cached_property
+    def _claim_notes(self) -> tuple[dict[IPAddress, str], dict[IPAddress, list[str]]]:
+        """For explain: (IPs of pods policies never apply to, with why; IP -> the pods that
+        showed it too but lost it)."""
+        other_pods: dict[IPAddress, str] = {}
+        lost_claims: dict[IPAddress, list[str]] = defaultdict(list)
+        for pod in sorted(self._pods.values(), key=_claim_order):
             why_not = _not_a_candidate(pod)
             if why_not is not None:
                 for ip in pod.ips:
-                    self._other_pods.setdefault(ip, f"pod {_pod_name(pod)} {why_not}")
+                    other_pods.setdefault(ip, f"pod {_pod_name(pod)} {why_not}")
                     if pod.finished:
-                        self._lost_claims[ip].append(f"pod {_pod_name(pod)} {why_not}")
+                        lost_claims[ip].append(f"pod {_pod_name(pod)} {why_not}")
                 continue
-            owned = tuple(ip for ip in pod.ips if ip not in self._sources)
             for ip in pod.ips:
-                if ip in self._sources:
-                    self._lost_claims[ip].append(
+                owner = self._claims[ip][0]  # it owns the IP (see `_place`)
+                if owner is not pod:
+                    lost_claims[ip].append(
                         f"pod {_pod_name(pod)} shows it too, but pod "
-                        f"{_pod_name(self._sources[ip][0])} comes first: it is left out"
+                        f"{_pod_name(owner)} comes first: it is left out"
                     )
-            if not owned:  # every IP it shows is another pod's: it has no traffic of its own
-                continue
-            selected = matcher.policies_for(pod)
-            cls = None
-            if selected:
-                picks = [(i, resolved[i].for_pod(pod.uid)) for i in selected]
-                key = tuple((i, a.entry) for i, a in picks)
-                cls = self._classes.get(key)
-                if cls is None:
-                    members = tuple(_Member(policies[i], resolved[i], a) for i, a in picks)
-                    cls = self._classes[key] = _SourceClass(members)
-                cls.pods.append((pod, owned))
-                for i, assignment in picks:
-                    counts[i][assignment.entry] += 1
-            for ip in owned:
-                self._sources[ip] = (pod, cls)
-
-        self.policy_results: Mapping[str, PolicyResult] = {
-            p.name: PolicyResult(
-                policy=p.name,
-                selected_pods=sum(counts[i]),
-                entries=r.entries,
-                ring=tuple(a.entry for a in r.ring),
-                pods_per_entry=tuple(counts[i]),
-            )
-            for i, (p, r) in enumerate(zip(policies, resolved, strict=True))
-        }
+        return other_pods, lost_claims
 
     # --- cluster-internal destinations ---
 
@@ -353,7 +599,7 @@ class EgressPlan:
                     except ValueError:
                         continue
                     add(ip.version, int(ip), int(ip), f"{address.type} of node {node.name}")
-        for pod in self._snapshot.pods:
+        for pod in sorted(self._pods.values(), key=_claim_order):
             if pod.finished:  # its IP is free (see `_not_a_candidate`)
                 continue
             for ip in pod.ips:
@@ -385,33 +631,55 @@ class EgressPlan:
 
     def gateway_plan(self, gateway: str) -> GatewayPlan:
         """SNAT rules of `gateway`, as active and as standby, one family per rule."""
-        rules: dict[_SnatKey, tuple[_Destinations, IPAddress, set[IPAddress]]] = {}
-        for cls in self._classes.values():
-            for group in cls.destinations:
-                outcome = group.outcome
-                if outcome.verdict is not Verdict.SNAT:
-                    continue
-                sources = cls.sources[group.version]
-                for role, server, egress_ip in (
-                    (Role.ACTIVE, outcome.gateway, outcome.egress_ip),
-                    (Role.STANDBY, outcome.standby, outcome.standby_egress_ip),
-                ):
-                    if server != gateway or egress_ip is None or not sources:
-                        continue
-                    key = (outcome.policy, role, _address_key(egress_ip), _spans_key(group))
-                    rules.setdefault(key, (group, egress_ip, set()))[2].update(sources)
+        rules = self._snat.get(gateway)
+        if rules is None:
+            rules = self._snat[gateway] = {}
+            for cls in self._classes.values():
+                self._count_snat(gateway, rules, cls, cls.sources, 1)
         return GatewayPlan(
             gateway=gateway,
             rules=tuple(
-                SnatRule(policy, role, frozenset(ips), group.networks, egress_ip)
-                for (policy, role, *_), (group, egress_ip, ips) in _sorted_rules(rules)
+                entry.rule(policy, role) for (policy, role, *_), entry in _sorted_rules(rules)
             ),
         )
+
+    def _count_snat(
+        self,
+        gateway: str,
+        rules: dict[_SnatKey, _SnatSources],
+        cls: _SourceClass,
+        sources: Mapping[int, Iterable[IPAddress]],
+        step: int,
+    ) -> None:
+        """Add (`step` 1) or take away (-1) a class's `sources` (per family) in the rules of
+        `gateway` (merged across classes: a rule per policy, role, egress IP and
+        destinations). A class's sources are no other class's, so sets stay exact."""
+        for group in cls.destinations:
+            outcome = group.outcome
+            if outcome.verdict is not Verdict.SNAT:
+                continue
+            ips = sources.get(group.version, ())
+            if not ips:
+                continue
+            for role, server, egress_ip in (
+                (Role.ACTIVE, outcome.gateway, outcome.egress_ip),
+                (Role.STANDBY, outcome.standby, outcome.standby_egress_ip),
+            ):
+                if server != gateway or egress_ip is None:
+                    continue
+                key = (outcome.policy, role, _address_key(egress_ip), _spans_key(group))
+                entry = rules.get(key)
+                if step > 0:
+                    if entry is None:
+                        entry = rules[key] = _SnatSources(group.networks, egress_ip)
+                    entry.add(ips)
+                elif entry is not None and not entry.remove(ips):
+                    del rules[key]
 
     def node_plan(self, node: str) -> NodePlan:
         """Steering rules for the pods running on `node`, one family per rule."""
         rules: dict[_SteerKey, tuple[Outcome, _Destinations, set[IPAddress]]] = {}
-        for cls in self._classes_on_node.get(node, ()):
+        for cls in self._classes_on_node.get(node, {}).values():
             local = cls.sources_by_node[node]
             for group in cls.destinations:
                 sources = local[group.version]
@@ -443,14 +711,6 @@ class EgressPlan:
             steer.append(rule)
         return NodePlan(node=node, rules=tuple(steer), cluster_internal=self.cluster_internal)
 
-    @cached_property
-    def _classes_on_node(self) -> dict[str, list[_SourceClass]]:
-        on_node: dict[str, list[_SourceClass]] = defaultdict(list)
-        for cls in self._classes.values():
-            for node in cls.sources_by_node:
-                on_node[node].append(cls)
-        return on_node
-
     # --- explain ---
 
     def explain(self, src: IPAddress, dst: IPAddress) -> Explanation:
@@ -462,7 +722,7 @@ class EgressPlan:
             raise ValueError(f"source {src} and destination {dst} are of different families")
         found = self._sources.get(src)
         if found is None:
-            other = self._other_pods.get(src)
+            other = self._claim_notes[0].get(src)
             return Explanation(
                 Verdict.NO_POLICY,
                 reason=f"source {src} is not the IP of a pod egress policies apply to",
@@ -470,7 +730,7 @@ class EgressPlan:
             )
         pod, cls = found
         details = [f"source {src} is pod {_pod_name(pod)} on node {pod.node_name or '(none)'}"]
-        details += self._lost_claims.get(src, ())
+        details += self._claim_notes[1].get(src, ())
         name = _pod_name(pod)
         internal = self._cluster_internal[dst.version].lookup(dst)
         if internal is not None:
@@ -631,6 +891,44 @@ def _address_key(ip: IPAddress) -> tuple[int, int]:
 
 def _spans_key(group: _Destinations) -> _Spans:
     return (group.version, group.spans)
+
+
+REBUILD_AFTER = 1000  # pod changes at once (or a quarter of the pods, if more)
+
+
+def same_but_pods(a: Snapshot, b: Snapshot) -> bool:
+    """Whether two snapshots differ in their pods at most: then a plan of one is kept current
+    for the other with `EgressPlan.update_pods`."""
+    return (
+        a.policies == b.policies
+        and a.namespaces == b.namespaces
+        and a.nodes == b.nodes
+        and a.gateways == b.gateways
+        and a.api_server_addresses == b.api_server_addresses
+        and a.cluster_name == b.cluster_name
+    )
+
+
+def updated_plan(
+    plan: EgressPlan | None,
+    snapshot: Snapshot,
+    preferred_active: Mapping[tuple[str, int], str] | None,
+    removed: Iterable[Pod],
+    added: Iterable[Pod],
+) -> tuple[EgressPlan, PodChanges | None]:
+    """The plan of `snapshot`: `plan` kept current when `snapshot` differs from the snapshot
+    `plan` stands for only in the pods `removed` (as `plan` has them) and `added`, under the
+    same `preferred_active`; otherwise a new plan (changes None: every plan is new)."""
+    removed, added = list(removed), list(added)
+    if (
+        plan is not None
+        and plan.preferred_active == dict(preferred_active or {})
+        and same_but_pods(plan.built_from, snapshot)
+        # Beyond this (a re-list, a node drained), building whole is the cheaper way there.
+        and len(removed) + len(added) <= max(REBUILD_AFTER, len(snapshot.pods) // 4)
+    ):
+        return plan, plan.update_pods(removed, added)
+    return build_plan(snapshot, preferred_active), None
 
 
 def build_plan(

@@ -524,3 +524,52 @@ def test_a_daemon_outside_the_version_skew_rule_gets_one_warning_event() -> None
     assert skew_events(with_versions("1.5.0", "1.4.1")) == []  # said once, not every reconcile
     [(name, _, message)] = skew_events(with_versions("1.5.0", "1.2.0"))
     assert name == "node-1" and "more than 1 minor version behind" in message
+
+
+def web_pod(name: str, ip: str, app: str = "web", node: str = "node-1") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "uid": f"uid-{name}",
+            "labels": {"app": app},
+            "resourceVersion": f"{name}-{ip}-{app}-{node}",
+        },
+        "spec": {"nodeName": node},
+        "status": {"podIP": ip, "phase": "Running"},
+    }
+
+
+def test_a_reconciler_kept_current_pod_by_pod_decides_what_a_fresh_one_decides() -> None:
+    """Pod events take the incremental path (the plan kept current, only touched specs
+    rendered again); a fresh reconciler plans the same caches whole."""
+    policy = copy.deepcopy(cluster().policies[0])
+    del policy["spec"]["egressGateway"]["egressIP"]  # SNAT to the gateways' own address
+    nodes = [
+        {
+            "apiVersion": "egress.gatewayd.io/v1alpha1",
+            "kind": "EgressNode",
+            "metadata": {"name": name, "uid": f"uid-{name}", "generation": 1},
+        }
+        for name in ("node-1", "node-2")
+    ]
+    steps = [
+        [web_pod("a", "10.244.1.10")],
+        [web_pod("a", "10.244.1.10"), web_pod("b", "10.244.2.10", node="node-2")],  # new pod
+        [web_pod("a", "10.244.1.10", app="db"), web_pod("b", "10.244.2.10", node="node-2")],
+        [web_pod("b", "10.244.2.10", node="node-2")],  # deleted
+        [web_pod("b", "10.244.2.10", node="node-2"), web_pod("c", "10.9.0.1")],  # outside CIDRs
+        [web_pod("b", "10.244.2.10", node="node-2"), web_pod("a", "10.244.2.10")],  # one IP, two
+        [web_pod("a", "10.244.2.10")],
+    ]
+    kept = Reconciler(hold_down=30, tunnel_cidr=CIDR, leases=LeaseObserver(lambda: NOW))
+    for pods in steps:
+        caches = cluster(pods=pods, policies=[policy], egress_nodes=nodes)
+        got = kept.plan(caches, NOW, float("-inf"), NOW_TEXT)
+        fresh = Reconciler(hold_down=30, tunnel_cidr=CIDR, leases=LeaseObserver(lambda: NOW))
+        whole = fresh.plan(caches, NOW, float("-inf"), NOW_TEXT)
+        assert got.node_specs == whole.node_specs, [p["metadata"]["name"] for p in pods]
+        assert got.gateway_specs == whole.gateway_specs
+        assert got.policy_statuses == whole.policy_statuses

@@ -52,6 +52,7 @@ def test_a_finished_pods_ip_goes_to_the_new_pod_that_reuses_it(
         )
 
         assert world.pod("web-9", 1, 20, app="web") == reused  # the CNI hands the IP out again
+        # The node's spec and the policy's status are separate writes: wait for both.
         wait_until(
             lambda: steered(world, "node-1", "pay") == {"10.244.1.10", reused}
             and selected(world, "pay") == 2,

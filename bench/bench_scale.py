@@ -1,0 +1,138 @@
+"""The controller at the size of a large cluster: 100,000 pods, 2,000 policies, 1,000 nodes.
+
+Usage: .venv/bin/python bench/bench_scale.py [--pods N] [--policies N] [--nodes N] [--seed N]
+
+The cluster of bench_engine.py's generator (20 pods per Deployment, 500 pods per namespace, 8
+gateways, one of them not Ready) written as the API serves it: real-sized pods (containers,
+volumes, tolerations, conditions, container statuses) with the managedFields a server keeps,
+about 5 KB of JSON each, cut by the controller's own informer transform (`cached.py`) to what
+it caches. Timed over in-memory caches, as bench_controller.py does: `Reconciler.plan` (the
+one reconcile function) plus comparing its result with what the cluster holds:
+
+- cold reconcile: a controller's first reconcile;
+- one pod's labels change (an unselected pod takes the labels of a selected one), after the
+  agents reported their plans;
+- one new pod (with its IP: the kubelet's status update is the event that counts).
+
+Then the largest object the controller wrote (its JSON, as etcd stores it, status included)
+and this process's peak RSS (VmHWM), which includes the generator's objects (about a tenth).
+Prints exactly five lines; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+import time
+from ipaddress import ip_network
+from typing import Any
+
+from bench_controller import (
+    CIDR,
+    Obj,
+    cluster_objects,
+    peak_rss_kib,
+    real_sized,
+    reconcile,
+    selected_pods,
+    with_pods,
+)
+from bench_engine import make_snapshot
+from realistic import with_managed_fields
+
+from gatewayd.controller.cached import pod_fields
+from gatewayd.controller.reconcile import Reconciler
+from gatewayd.controller.snapshots import Cluster
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def generated(pods: int, policies: int, nodes: int, gateways: int, seed: int) -> Cluster:
+    """The cluster as the controller's informers cache it."""
+    snapshot = make_snapshot(
+        pods=pods,
+        policies=policies,
+        deployments=max(1, pods // 20),
+        namespaces=max(1, pods // 500),
+        nodes=nodes,
+        seed=seed,
+        gateways=gateways,
+    )
+    cluster = cluster_objects(snapshot, gateways=gateways)
+    del snapshot
+    cached, served = [], 0
+    for index, pod in enumerate(cluster.pods):
+        full = with_managed_fields(real_sized(pod, index))
+        served += len(json.dumps(full))
+        cached.append(pod_fields(full))
+    progress(f"{len(cached):,} pods of {served / len(cached) / 1024:.1f} KB JSON each as served")
+    return with_pods(cluster, cached)
+
+
+def largest_kib(cluster: Cluster) -> float:
+    """The largest object of ours in `cluster`, in KiB of JSON (which one: on stderr)."""
+    objects: list[Any] = [*cluster.gateways, *cluster.egress_nodes, *cluster.policies]
+    size, kind, name = max(
+        (len(json.dumps(o, separators=(",", ":"))), o["kind"], o["metadata"]["name"])
+        for o in objects
+    )
+    progress(f"largest object: {kind} {name}, {size / 1024:.0f} KiB")
+    return size / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pods", type=int, default=100_000)
+    parser.add_argument("--policies", type=int, default=2_000)
+    parser.add_argument("--nodes", type=int, default=1_000)
+    parser.add_argument("--gateways", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+
+    cluster = generated(args.pods, args.policies, args.nodes, args.gateways, args.seed)
+    gc.collect()
+    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR)
+    cluster, writes, cold = reconcile(reconciler, cluster)
+    largest = largest_kib(cluster)
+    progress(f"cold reconcile {cold:.2f} s, {writes} objects to write")
+    gc.freeze()  # as the daemon does after its first reconcile
+    cluster, writes, reported = reconcile(reconciler, cluster)
+    largest = max(largest, largest_kib(cluster))
+    progress(f"agents reported: {reported:.2f} s, {writes} objects to write")
+
+    pods: list[Obj] = list(cluster.pods)
+    steered = selected_pods(cluster)
+    first = next(i for i, p in enumerate(pods) if p["status"]["podIP"] not in steered)
+    template = next(p for p in pods if p["status"]["podIP"] in steered)
+    changed = copy.deepcopy(pods[first])
+    changed["metadata"]["labels"] = dict(template["metadata"]["labels"])
+    changed["metadata"]["namespace"] = template["metadata"]["namespace"]
+    changed["metadata"]["resourceVersion"] = "2"
+    pods[first] = changed
+    cluster, writes, one_pod = reconcile(reconciler, with_pods(cluster, pods))
+    largest = max(largest, largest_kib(cluster))
+    progress(f"one pod's labels change: {writes} objects to write")
+
+    new_pod = copy.deepcopy(template)
+    node = next(n for n in cluster.nodes if n["metadata"]["name"] == new_pod["spec"]["nodeName"])
+    ip = str(ip_network(node["spec"]["podCIDRs"][0])[-2])  # a free address of its node
+    new_pod["metadata"] |= {"name": "new-pod", "uid": "uid-new-pod", "resourceVersion": "1"}
+    new_pod["status"] = {**new_pod["status"], "podIP": ip, "podIPs": [{"ip": ip}]}
+    cluster, writes, added = reconcile(reconciler, with_pods(cluster, [*pods, new_pod]))
+    largest = max(largest, largest_kib(cluster))
+    progress(f"one new pod: {writes} objects to write")
+
+    print(f"cold reconcile: {cold:.1f} s")
+    print(f"one pod's labels change: {one_pod * 1000:.0f} ms")
+    print(f"one new pod: {added * 1000:.0f} ms")
+    print(f"largest object written: {largest:.0f} KiB")
+    print(f"controller peak RSS: {peak_rss_kib() / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,16 +14,19 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import IO, Any, TypeVar, cast
 
 from gatewayd.policy.fields import dns_subdomain_problem
 from gatewayd.policy.model import IPAddress, IPNetwork
 from gatewayd.policy.safeload import (
     CONFIG_LIMITS,
+    STDIN_NAME,
     DocumentError,
     LineDict,
     describe,
     load_yaml_file,
+    parse_yaml,
+    read_stream,
 )
 
 T = TypeVar("T")
@@ -71,6 +74,21 @@ def read_config(path: Path) -> Section:
         documents = load_yaml_file(path, CONFIG_LIMITS)
     except DocumentError as exc:
         raise ConfigError([str(exc)]) from exc
+    return _top_section(documents, path)
+
+
+def read_config_stream(stream: IO[bytes]) -> Section:
+    """A config piped in (`gatewayctl check-config -`): the same limits and checks as a file,
+    errors naming `<stdin>`."""
+    try:
+        documents = parse_yaml(read_stream(stream, STDIN_NAME, CONFIG_LIMITS), STDIN_NAME,
+                               CONFIG_LIMITS)
+    except DocumentError as exc:
+        raise ConfigError([str(exc)]) from exc
+    return _top_section(documents, Path(STDIN_NAME))
+
+
+def _top_section(documents: list[tuple[int, Any]], path: Path) -> Section:
     if len(documents) > 1:
         raise ConfigError([f"{path}:{documents[1][0]}: one YAML document expected, found "
                            "a second"])

@@ -86,9 +86,10 @@ class AgentConfig:
     failover: FailoverSettings = FailoverSettings()
 
 
-def load_agent_config(path: Path = DEFAULT_PATH) -> AgentConfig:
-    """Read and validate the file; raises ConfigError listing every problem with its line."""
-    top = read_config(path)
+def load_agent_config(path: Path = DEFAULT_PATH, top: Section | None = None) -> AgentConfig:
+    """Read and validate the file (or `top`, the file already read, e.g. from standard input);
+    raises ConfigError listing every problem with its line."""
+    top = read_config(path) if top is None else top
     name = top.parsed("name", parse_object_name, "the name of an EgressGateway")
     labels = top.string_map("labels")
     kubernetes = read_mode(top, in_cluster_allowed=False)

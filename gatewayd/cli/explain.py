@@ -43,7 +43,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="SNAPSHOT",
-        help="a snapshot file, or a directory of *.yaml, *.yml and *.json files; repeatable",
+        help="a snapshot file, a directory of *.yaml, *.yml and *.json files, or - for "
+        "standard input (YAML, or JSON when it starts with { or [); repeatable",
     )
     parser.add_argument("--src", required=True, metavar="IP", help="source: a pod's IP")
     parser.add_argument("--dst", required=True, metavar="IP", help="destination IP")
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_UNUSABLE
     try:
-        loaded = load_snapshot(args.filename)
+        loaded = load_snapshot(args.filename, stdin=sys.stdin.buffer)
     except SnapshotError as e:
         _error(str(e))
         return EXIT_UNUSABLE

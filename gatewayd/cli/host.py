@@ -7,11 +7,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from gatewayd.agent.config import AgentConfig, load_agent_config
-from gatewayd.configfile import ConfigError, read_config
+from gatewayd.configfile import ConfigError, read_config, read_config_stream
 from gatewayd.follower import pid_file
+from gatewayd.policy.safeload import STDIN, STDIN_NAME
 from gatewayd.runtime import read_json
 from gatewayd.steer.config import SteerConfig, load_steer_config
 from gatewayd.steer.slots import slots_path, tunnel_interfaces
@@ -39,7 +40,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     teardown.set_defaults(func=run_teardown)
 
     check = commands.add_parser("check-config", help="validate a gatewayd or steer config file")
-    check.add_argument("path", type=Path, nargs="?", default=DEFAULT_CONFIG)
+    check.add_argument("path", type=Path, nargs="?", default=DEFAULT_CONFIG,
+                       help=f"the file, or - for standard input (default {DEFAULT_CONFIG})")
     check.set_defaults(func=run_check_config)
 
 
@@ -50,14 +52,23 @@ def load_host_config(path: Path) -> AgentConfig | SteerConfig:
     return load_agent_config(path)
 
 
+def load_piped_config(stdin: IO[bytes]) -> AgentConfig | SteerConfig:
+    """`load_host_config` of a config piped in: standard input is read once."""
+    top = read_config_stream(stdin)
+    if "node" in top.data:
+        return load_steer_config(top.file, top)
+    return load_agent_config(top.file, top)
+
+
 def run_check_config(args: argparse.Namespace) -> int:
+    piped = str(args.path) == STDIN
     try:
-        config = load_host_config(args.path)
+        config = load_piped_config(sys.stdin.buffer) if piped else load_host_config(args.path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
     role = "steer" if isinstance(config, SteerConfig) else "gateway"
-    print(f"{args.path}: valid {role} configuration")
+    print(f"{STDIN_NAME if piped else args.path}: valid {role} configuration")
     return 0
 
 

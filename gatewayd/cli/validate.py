@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gatewayd.policy.safeload import STDIN, STDIN_NAME
 from gatewayd.policy.snapshot import SnapshotError, load_snapshot
 
 PROG = "gatewayctl validate"
@@ -37,19 +38,20 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="FILE",
-        help="a file, or a directory whose *.yaml, *.yml and *.json files are read; repeatable",
+        help="a file, a directory whose *.yaml, *.yml and *.json files are read, or - for "
+        "standard input (YAML, or JSON when it starts with { or [); repeatable",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     paths: list[str] = args.filename
     try:
-        loaded = load_snapshot(paths)
+        loaded = load_snapshot(paths, stdin=sys.stdin.buffer)
     except SnapshotError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return EXIT_UNUSABLE
     valid = len(loaded.snapshot.policies)
-    inputs = ", ".join(paths)
+    inputs = ", ".join(STDIN_NAME if path == STDIN else path for path in paths)
     if loaded.problems:
         for problem in loaded.problems:
             print(problem)

@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -51,6 +51,9 @@ class Limits:
 DOCUMENT_LIMITS = Limits(max_bytes=32 * 2**20, max_depth=100, max_values=2_000_000)
 # A host's config file is a page of settings.
 CONFIG_LIMITS = Limits(max_bytes=2**20, max_depth=32, max_values=100_000)
+# What the CLI takes for standard input in place of a file, and how errors name it.
+STDIN = "-"
+STDIN_NAME = "<stdin>"
 
 
 class DocumentError(ValueError):
@@ -102,7 +105,16 @@ def read_text(path: Path, limits: Limits) -> str:
     file = str(path)
     try:
         with path.open("rb") as stream:
-            data = stream.read(limits.max_bytes + 1)
+            return read_stream(stream, file, limits)
+    except OSError as exc:
+        raise DocumentError(file, None, f"cannot read: {exc.strerror or exc}") from exc
+
+
+def read_stream(stream: IO[bytes], file: str, limits: Limits) -> str:
+    """An open file (standard input, say) as text, bounded as `read_text`; `file` names it in
+    errors."""
+    try:
+        data = stream.read(limits.max_bytes + 1)
     except OSError as exc:
         raise DocumentError(file, None, f"cannot read: {exc.strerror or exc}") from exc
     if len(data) > limits.max_bytes:
@@ -120,6 +132,15 @@ def load_yaml_file(path: Path, limits: Limits) -> list[tuple[int, Any]]:
 
 def load_json_file(path: Path, limits: Limits) -> Any:
     return parse_json(read_text(path, limits), str(path), limits)
+
+
+def load_stdin_documents(stream: IO[bytes], limits: Limits) -> list[tuple[int | None, Any]]:
+    """The documents piped in: JSON when the text starts with `{` or `[` (as kubectl's
+    decoder decides), else YAML; errors name `<stdin>`."""
+    text = read_stream(stream, STDIN_NAME, limits)
+    if text.lstrip().startswith(("{", "[")):
+        return [(None, parse_json(text, STDIN_NAME, limits))]
+    return list(parse_yaml(text, STDIN_NAME, limits))
 
 
 def parse_yaml(text: str, file: str, limits: Limits) -> list[tuple[int, Any]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from gatewayd.policy.fields import (
     child,
@@ -45,7 +46,15 @@ from gatewayd.policy.model import (
     Policy,
     Snapshot,
 )
-from gatewayd.policy.safeload import DOCUMENT_LIMITS, DocumentError, load_json_file, load_yaml_file
+from gatewayd.policy.safeload import (
+    DOCUMENT_LIMITS,
+    STDIN,
+    STDIN_NAME,
+    DocumentError,
+    load_json_file,
+    load_stdin_documents,
+    load_yaml_file,
+)
 from gatewayd.policy.validation import POLICY_API_VERSIONS, parse_policy
 
 SNAPSHOT_SUFFIXES = (".yaml", ".yml", ".json")
@@ -100,10 +109,21 @@ def snapshot_files(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def load_snapshot(paths: Sequence[str | Path]) -> LoadedSnapshot:
+def load_snapshot(paths: Sequence[str | Path], stdin: IO[bytes] | None = None) -> LoadedSnapshot:
+    """The snapshot of files and directories, in the order given. With `stdin` (the CLI's),
+    the path `-` stands for it, read once with the same limits and checks as a file."""
     documents: list[_Located] = []
-    for path in snapshot_files(paths):
-        documents += _read_file(path)
+    stdin_read = False
+    for given in paths:
+        if stdin is not None and str(given) == STDIN:
+            if stdin_read:
+                raise SnapshotError(STDIN_NAME, None, "standard input (-) given twice; it can "
+                                                      "be read only once")
+            documents += _read_stdin(stdin)
+            stdin_read = True
+            continue
+        for path in snapshot_files([given]):
+            documents += _read_file(path)
     return _build(documents)
 
 
@@ -138,6 +158,14 @@ def _read_file(path: Path) -> list[_Located]:
         ]
     except DocumentError as e:
         raise SnapshotError(e.file, e.line, e.message) from e
+
+
+def _read_stdin(stdin: IO[bytes]) -> list[_Located]:
+    try:
+        documents = load_stdin_documents(stdin, DOCUMENT_LIMITS)
+    except DocumentError as e:
+        raise SnapshotError(e.file, e.line, e.message) from e
+    return [_Located(STDIN_NAME, line, obj) for line, obj in documents if obj is not None]
 
 
 def _expand(document: _Located) -> Iterator[_Located]:

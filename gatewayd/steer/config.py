@@ -91,16 +91,20 @@ class SteerConfig:
     health_port: int = 0  # /healthz and /readyz over HTTP on the node; 0: none
 
 
-def load_steer_config(path: Path = DEFAULT_PATH) -> SteerConfig:
-    """Read and validate the file; raises ConfigError listing every problem with its line.
+def load_steer_config(path: Path = DEFAULT_PATH, top: Section | None = None) -> SteerConfig:
+    """Read and validate the file (or `top`, the file already read, e.g. from standard input);
+    raises ConfigError listing every problem with its line.
 
     In a pod (the DaemonSet) without a config file at the default path, steer runs in
     Kubernetes mode with every default: the pod's service account, the node from
     $GATEWAYD_NODE_NAME, sysctls under /host/proc/sys when the node's are mounted there.
     """
-    if path == DEFAULT_PATH and not path.exists() and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        return in_cluster_defaults(path)
-    top = read_config(path)
+    if top is None:
+        if path == DEFAULT_PATH and not path.exists() and os.environ.get(
+            "KUBERNETES_SERVICE_HOST"
+        ):
+            return in_cluster_defaults(path)
+        top = read_config(path)
     kubernetes = read_mode(top, in_cluster_allowed=True)
     if kubernetes is not None and "node" not in top.data and os.environ.get(NODE_NAME_ENV):
         node = os.environ[NODE_NAME_ENV]

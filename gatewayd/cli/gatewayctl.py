@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from gatewayd.cli import explain, host, lab, rules, validate
+from gatewayd.cli import completion, explain, host, lab, rules, validate
 from gatewayd.version import VERSION
 
 
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatewayctl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (validate, explain, host, rules, lab):
+    for module in (validate, explain, host, rules, lab, completion):
         module.register(commands)
     return parser
 

@@ -135,12 +135,17 @@ done
 
 install -d -m 0755 "$stage/usr/bin" "$stage/lib/systemd/system" "$stage/usr/share/doc/gatewayd" \
     "$stage/usr/share/man/man8" "$stage/usr/share/lintian/overrides" \
-    "$stage/usr/lib/sysusers.d" "$stage/usr/lib/tmpfiles.d"
+    "$stage/usr/lib/sysusers.d" "$stage/usr/lib/tmpfiles.d" \
+    "$stage/usr/share/bash-completion/completions"
 ln -s "$PREFIX/bin/gatewayd" "$stage/usr/bin/gatewayd"
 ln -s "$PREFIX/bin/gatewayctl" "$stage/usr/bin/gatewayctl"
 for program in gatewayd gatewayctl; do
     PYTHONDONTWRITEBYTECODE=1 "$stage$PREFIX/bin/python3.11" -m gatewayd.cli.manpage "$program" \
         | gzip -9n > "$stage/usr/share/man/man8/$program.8.gz"
+    # Bash completion, generated from the same parsers.
+    PYTHONDONTWRITEBYTECODE=1 "$stage$PREFIX/bin/python3.11" -m gatewayd.cli.gatewayctl \
+        completion bash "$program" > "$stage/usr/share/bash-completion/completions/$program"
+    chmod 0644 "$stage/usr/share/bash-completion/completions/$program"
 done
 install -m 0644 systemd/gatewayd.service "$stage/lib/systemd/system/gatewayd.service"
 install -m 0644 systemd/gatewayd.sysusers "$stage/usr/lib/sysusers.d/gatewayd.conf"

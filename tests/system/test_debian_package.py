@@ -83,6 +83,11 @@ def test_the_package_holds_what_is_used_and_says_what_it_is(unpacked: Path) -> N
         assert f"{program} - " in page and "--version" in page
     assert "gatewayctl status [-h]" in " ".join(run(
         "man", "-l", "-P", "cat", str(unpacked / "usr/share/man/man8/gatewayctl.8.gz")).split())
+    # Bash completion from the same parsers, where bash-completion looks for it.
+    for program in ("gatewayd", "gatewayctl"):
+        script = unpacked / f"usr/share/bash-completion/completions/{program}"
+        assert f"complete -F _{program} {program}" in script.read_text()
+        run("bash", "-n", str(script))
     copyright_text = (unpacked / "usr/share/doc/gatewayd/copyright").read_text()
     assert copyright_text.startswith("Format: https://www.debian.org/doc/packaging-manuals/")
     assert (unpacked / "usr/share/doc/gatewayd/changelog.Debian.gz").is_file()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
 
+from gatewayd.metrics import MetricsSettings, parse_address
 from gatewayd.policy.fields import dns_subdomain_problem
 from gatewayd.policy.model import IPAddress, IPNetwork
 from gatewayd.policy.safeload import (
@@ -310,6 +311,24 @@ def read_reconcile(section: Section) -> ReconcileSettings:
         poll_seconds=section.number("pollSeconds", ReconcileSettings.poll_seconds, 0.01, 3600),
         repair_seconds=section.number("repairSeconds", ReconcileSettings.repair_seconds, 0.1,
                                       86400),
+    )
+    section.finish()
+    return settings
+
+
+def parse_metrics_address(text: str) -> str:
+    """HOST:PORT of the /metrics listener, or `none` (an empty string too) for none."""
+    if text.lower() not in ("", "none"):
+        parse_address(text)
+    return text
+
+
+def read_metrics(section: Section) -> MetricsSettings:
+    """`metrics: {address: HOST:PORT|none, textfile: PATH}`: the daemon's --metrics-address and
+    --metrics-textfile in the file; a flag given on the command line wins."""
+    settings = MetricsSettings(
+        address=section.parsed("address", parse_metrics_address, "HOST:PORT or none", None),
+        textfile=section.parsed("textfile", parse_path, "a path", None),
     )
     section.finish()
     return settings

@@ -50,6 +50,8 @@ class FollowerConfig(Protocol):
     def state_directory(self) -> Path: ...
     @property
     def reconcile(self) -> ReconcileSettings: ...
+    @property
+    def metrics(self) -> metrics.MetricsSettings: ...
 
 
 class Plan(Protocol):
@@ -466,9 +468,11 @@ def pid_file(state_directory: Path, role: str) -> PidFile:
 
 def run_follower(
     follower_class: type[PlanFollower[Any, Any]], config_path: Path,
-    metrics_options: metrics.MetricsOptions | None = None,
+    metrics_flags: metrics.MetricsSettings | None = None,
 ) -> int:
-    """Load the config, then follow inputs until SIGTERM; the data plane stays in place after."""
+    """Load the config, then follow inputs until SIGTERM; the data plane stays in place after.
+    The metrics go where the flags say, else where the config's `metrics:` says (read once,
+    at start)."""
     try:
         config = follower_class.load_config(config_path)
     except ConfigError as exc:
@@ -493,7 +497,8 @@ def run_follower(
     loop.watch([config.path, *follower.watched_paths()])
     service = ServiceNotifier()
     # The state behind /metrics is read every 5 s at most (the SNAT counters list the table).
-    publisher = metrics.MetricsPublisher(metrics_options or metrics.MetricsOptions(None))
+    publisher = metrics.MetricsPublisher(metrics.resolve_options(
+        metrics_flags or metrics.MetricsSettings(), config.metrics))
 
     def check_inputs(forced: bool) -> None:
         if forced:  # SIGHUP: `systemctl reload`

@@ -239,3 +239,24 @@ def metrics_options(address: str, textfile: Path | None) -> MetricsOptions:
     """From the daemon's flags; an empty address or `none` turns the listener off."""
     listen = None if address.lower() in ("", "none") else parse_address(address)
     return MetricsOptions(listen, textfile)
+
+
+DEFAULT_ADDRESS = "127.0.0.1:9641"  # this host only
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """The metrics choices of the daemon's flags or of its config file's `metrics:` section:
+    `address` HOST:PORT or `none`, `textfile` a path; None where that source is silent."""
+
+    address: str | None = None
+    textfile: Path | None = None
+
+
+def resolve_options(flags: MetricsSettings, config: MetricsSettings) -> MetricsOptions:
+    """Each setting from the flags if given, else from the config file, else the default
+    (a listener on `DEFAULT_ADDRESS`, no textfile)."""
+    address = next((a for a in (flags.address, config.address) if a is not None),
+                   DEFAULT_ADDRESS)
+    textfile = flags.textfile if flags.textfile is not None else config.textfile
+    return metrics_options(address, textfile)

@@ -6,7 +6,7 @@ Two modes: standalone (`snapshot:`, the tunnel's peers in `tunnel.peers`) and Ku
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gatewayd.clustersettings import KubernetesSettings, read_mode, reject_outside_kubernetes
@@ -24,9 +24,11 @@ from gatewayd.configfile import (
     parse_wireguard_key,
     peer_network_conflicts,
     read_config,
+    read_metrics,
     read_reconcile,
     read_snapshot_paths,
 )
+from gatewayd.metrics import MetricsSettings
 from gatewayd.policy.model import EgressIPPool, IPNetwork
 from gatewayd.probe import GATEWAY_TUNNEL_ADDRESS
 
@@ -84,6 +86,7 @@ class AgentConfig:
     reconcile: ReconcileSettings
     kubernetes: KubernetesSettings | None = None
     failover: FailoverSettings = FailoverSettings()
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)  # the flags win
 
 
 def load_agent_config(path: Path = DEFAULT_PATH, top: Section | None = None) -> AgentConfig:
@@ -148,6 +151,7 @@ def load_agent_config(path: Path = DEFAULT_PATH, top: Section | None = None) -> 
         tunnel_section.error("peers", f"allowedIPs: {conflict}")
     reconcile = read_reconcile(top.section("reconcile"))
     failover = _read_failover(top.section("failover"), kubernetes is not None)
+    metrics = read_metrics(top.section("metrics"))
     top.finish()
     top.raise_if_problems()
     return AgentConfig(
@@ -162,6 +166,7 @@ def load_agent_config(path: Path = DEFAULT_PATH, top: Section | None = None) -> 
         reconcile=reconcile,
         kubernetes=kubernetes,
         failover=failover,
+        metrics=metrics,
     )
 
 

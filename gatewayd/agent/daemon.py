@@ -42,7 +42,7 @@ from gatewayd.dataplane.wireguard import Peer, WireGuardConfig, WireGuardDriver
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
 from gatewayd.follower import PlanFollower, PlanSource, SnapshotSource, run_follower
 from gatewayd.kube.client import KubeConfigError
-from gatewayd.metrics import MetricsOptions, Sample
+from gatewayd.metrics import MetricsSettings, Sample
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import GatewayPlan, IPAddress
 from gatewayd.probe import PROBE_PORT
@@ -428,5 +428,5 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             self.drift(f"nftables table {TABLE_FAMILY} {TABLE_NAME}", result)
 
 
-def run_agent(config_path: Path, metrics: MetricsOptions | None = None) -> int:
+def run_agent(config_path: Path, metrics: MetricsSettings | None = None) -> int:
     return run_follower(GatewayAgent, config_path, metrics)

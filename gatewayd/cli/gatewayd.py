@@ -9,15 +9,11 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from gatewayd.metrics import DEFAULT_ADDRESS as DEFAULT_METRICS_ADDRESS
+from gatewayd.metrics import MetricsSettings
 from gatewayd.runtime import setup_logging
 from gatewayd.version import VERSION
-
-if TYPE_CHECKING:
-    from gatewayd.metrics import MetricsOptions
-
-DEFAULT_METRICS_ADDRESS = "127.0.0.1:9641"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,13 +52,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--metrics-address", type=_metrics_address, default=DEFAULT_METRICS_ADDRESS,
-        help="HOST:PORT of the Prometheus /metrics listener, `none` for none "
-        f"(default {DEFAULT_METRICS_ADDRESS}: this host only)")
+        "--metrics-address", type=_metrics_address,
+        help="HOST:PORT of the Prometheus /metrics listener, `none` for none; wins over the "
+        f"config's metrics.address (default {DEFAULT_METRICS_ADDRESS}: this host only)")
     parser.add_argument(
         "--metrics-textfile", type=Path,
         help="also write the metrics to this file for node_exporter's textfile collector "
-        "(a *.prom file in its --collector.textfile.directory)")
+        "(a *.prom file in its --collector.textfile.directory); wins over the config's "
+        "metrics.textfile")
 
 
 def _metrics_address(text: str) -> str:
@@ -76,10 +73,9 @@ def _metrics_address(text: str) -> str:
     return text
 
 
-def _metrics_options(args: argparse.Namespace) -> MetricsOptions:
-    from gatewayd.metrics import metrics_options
-
-    return metrics_options(args.metrics_address, args.metrics_textfile)
+def _metrics_options(args: argparse.Namespace) -> MetricsSettings:
+    """What the flags say; the daemon fills in the rest from its config file."""
+    return MetricsSettings(args.metrics_address, args.metrics_textfile)
 
 
 def _add_controller_parser(roles: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

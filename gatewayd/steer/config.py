@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gatewayd.clustersettings import KubernetesSettings, read_mode, reject_outside_kubernetes
@@ -25,9 +25,11 @@ from gatewayd.configfile import (
     parse_path,
     parse_wireguard_key,
     read_config,
+    read_metrics,
     read_reconcile,
     read_snapshot_paths,
 )
+from gatewayd.metrics import MetricsSettings
 
 DEFAULT_PATH = Path("/etc/gatewayd/steer.yaml")
 # One fwmark per gateway inside MARK_MASK, and one routing table. The default mask keeps
@@ -89,6 +91,7 @@ class SteerConfig:
     failover: FailoverSettings = FailoverSettings()
     proc_sys: Path = Path("/proc/sys")  # where net.* sysctls are written
     health_port: int = 0  # /healthz and /readyz over HTTP on the node; 0: none
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)  # the flags win
 
 
 def load_steer_config(path: Path = DEFAULT_PATH, top: Section | None = None) -> SteerConfig:
@@ -168,6 +171,7 @@ def load_steer_config(path: Path = DEFAULT_PATH, top: Section | None = None) -> 
     failover = _read_failover(top.section("failover"), kubernetes is not None)
     proc_sys = top.parsed("procSys", parse_path, "a path", Path("/proc/sys"))
     health_port = top.integer("healthPort", DEFAULT_HEALTH_PORT if kubernetes else 0, 0, 65535)
+    metrics = read_metrics(top.section("metrics"))
     top.finish()
     top.raise_if_problems()
     return SteerConfig(
@@ -188,6 +192,7 @@ def load_steer_config(path: Path = DEFAULT_PATH, top: Section | None = None) -> 
         advertise_address=advertise_address,
         persistent_keepalive=keepalive,
         failover=failover,
+        metrics=metrics,
     )
 
 

@@ -39,7 +39,7 @@ from gatewayd.dataplane.wireguard import Peer, WireGuardConfig, WireGuardDriver
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
 from gatewayd.follower import PlanFollower, PlanSource, SnapshotSource, run_follower
 from gatewayd.kube.client import KubeConfigError
-from gatewayd.metrics import MetricsOptions, Sample, exposition
+from gatewayd.metrics import MetricsSettings, Sample, exposition
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import NodePlan, SteerAction, SteerRule
 from gatewayd.probe import GATEWAY_TUNNEL_ADDRESS, PROBE_PORT, Failover, effective_rules
@@ -477,5 +477,5 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
         self._steering_changed(steered.rules, ends)
 
 
-def run_steer(config_path: Path, metrics: MetricsOptions | None = None) -> int:
+def run_steer(config_path: Path, metrics: MetricsSettings | None = None) -> int:
     return run_follower(SteerAgent, config_path, metrics)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from gatewayd.agent.config import load_agent_config
+from gatewayd.agent.config import AgentConfig, load_agent_config
+from gatewayd.cli import gatewayd as gatewayd_cli
 from gatewayd.configfile import ConfigError
-from gatewayd.steer.config import FIRST_TABLE, MARK_MASK, load_steer_config
+from gatewayd.metrics import MetricsOptions, MetricsSettings, resolve_options
+from gatewayd.steer.config import FIRST_TABLE, MARK_MASK, SteerConfig, load_steer_config
 
 pytestmark = pytest.mark.unit
 
@@ -195,3 +198,75 @@ def test_steer_too_many_gateways_for_the_default_mask(tmp_path: Path) -> None:
     text = f"node: n\nsnapshot: /s\ntunnel:\n  gateways:\n{gateways}"
     found = problems(write(tmp_path, text), load_steer_config)
     assert any("tunnel.gateways[15].mark: 0x100 must be" in p for p in found), found
+
+
+# --- metrics: the section, and the flags winning over it ---------------------------------
+
+METRICS = """\
+metrics:
+  address: "[::1]:9700"
+  textfile: /var/lib/node_exporter/gatewayd.prom
+"""
+
+
+@pytest.mark.parametrize(("text", "loader"), [(AGENT, load_agent_config),
+                                              (STEER, load_steer_config)])
+def test_metrics_section_loads_in_both_configs(
+    tmp_path: Path, text: str, loader: Callable[[Path], AgentConfig | SteerConfig]
+) -> None:
+    assert loader(write(tmp_path, text)).metrics == MetricsSettings()  # silent: None, None
+    config = loader(write(tmp_path, text + METRICS))
+    assert config.metrics == MetricsSettings(
+        "[::1]:9700", Path("/var/lib/node_exporter/gatewayd.prom"))
+    off = loader(write(tmp_path, text + "metrics: {address: none}\n"))
+    assert off.metrics == MetricsSettings("none", None)
+
+
+@pytest.mark.parametrize(
+    ("section", "line", "expected"),
+    [
+        ("metrics:\n  address: 9641\n", 2,
+         "metrics.address: must be HOST:PORT or none, got 9641"),
+        ("metrics:\n  address: 127.0.0.1\n", 2,
+         "metrics.address: must be HOST:PORT or none, got '127.0.0.1' ('127.0.0.1': must be "
+         "HOST:PORT, e.g. 127.0.0.1:9641)"),
+        ("metrics:\n  address: 127.0.0.1:70000\n", 2, "metrics.address: must be HOST:PORT"),
+        ("metrics:\n  textfile: ''\n", 2, "metrics.textfile: must be a path, got ''"),
+        ("metrics:\n  port: 9641\n", 2, "metrics.port: unknown setting"),
+        ("metrics: 127.0.0.1:9641\n", 1, "metrics: must be a mapping, got '127.0.0.1:9641'"),
+    ],
+)
+@pytest.mark.parametrize(("text", "loader"), [(AGENT, load_agent_config),
+                                              (STEER, load_steer_config)])
+def test_metrics_errors_name_file_line_and_field(
+    tmp_path: Path, text: str, loader: Callable[[Path], AgentConfig | SteerConfig],
+    section: str, line: int, expected: str,
+) -> None:
+    path = write(tmp_path, text + section)
+    first = len(textwrap.dedent(text).splitlines())
+    found = problems(path, loader)
+    assert any(p.startswith(f"{path}:{first + line}: {expected}") for p in found), found
+
+
+def test_metrics_flags_win_over_the_file_setting_by_setting() -> None:
+    file = MetricsSettings("0.0.0.0:9700", Path("/file.prom"))
+    assert resolve_options(MetricsSettings(), MetricsSettings()) == MetricsOptions(
+        ("127.0.0.1", 9641), None)  # neither says anything: the default listener
+    assert resolve_options(MetricsSettings(), file) == MetricsOptions(
+        ("0.0.0.0", 9700), Path("/file.prom"))
+    assert resolve_options(MetricsSettings("127.0.0.2:1234"), file) == MetricsOptions(
+        ("127.0.0.2", 1234), Path("/file.prom"))
+    assert resolve_options(MetricsSettings(None, Path("/flag.prom")), file) == MetricsOptions(
+        ("0.0.0.0", 9700), Path("/flag.prom"))
+    assert resolve_options(MetricsSettings("none"), file) == MetricsOptions(
+        None, Path("/file.prom"))
+    assert resolve_options(MetricsSettings(), MetricsSettings("none")) == MetricsOptions(None)
+
+
+def test_gatewayd_flags_left_out_leave_the_choice_to_the_file() -> None:
+    parser = gatewayd_cli.build_parser()
+    for role in ("agent", "steer"):
+        args = parser.parse_args([role])
+        assert (args.metrics_address, args.metrics_textfile) == (None, None)
+        args = parser.parse_args([role, "--metrics-address", "none", "--metrics-textfile", "x"])
+        assert (args.metrics_address, args.metrics_textfile) == ("none", Path("x"))

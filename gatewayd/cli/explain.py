@@ -6,6 +6,8 @@ excluded, drop (no-egress-gateway or no-egress-ip) or no-policy, and why.
 
 Exit status: 0 for any verdict; 2 when the input is unusable (unreadable snapshot, bad --src or
 --dst). Invalid policies are reported on stderr and left out, as the controller does.
+
+With `--live` instead of `-f`, the answer comes from this host's kernel (see `explain_live`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import argparse
 import json
 import sys
 from ipaddress import ip_address
+from pathlib import Path
 
+from gatewayd.cli.host import DEFAULT_CONFIG
 from gatewayd.policy.engine import Explanation, build_plan
 from gatewayd.policy.model import IPAddress, Verdict
 from gatewayd.policy.snapshot import SnapshotError, load_snapshot
@@ -41,7 +45,6 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "-f",
         "--filename",
         action="append",
-        required=True,
         metavar="SNAPSHOT",
         help="a snapshot file, a directory of *.yaml, *.yml and *.json files, or - for "
         "standard input (YAML, or JSON when it starts with { or [); repeatable",
@@ -50,6 +53,15 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dst", required=True, metavar="IP", help="destination IP")
     parser.add_argument(
         "-o", "--output", choices=("text", "json"), default="text", help="output format"
+    )
+    parser.add_argument(
+        "--live", action="store_true",
+        help="instead of a snapshot: what this host's kernel does now (its nftables sets), "
+        "and whether that differs from the plan the daemon saved",
+    )
+    parser.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG,
+        help=f"with --live: this host's gatewayd or steer config (default {DEFAULT_CONFIG})",
     )
 
 
@@ -64,6 +76,13 @@ def run(args: argparse.Namespace) -> int:
             "give two addresses of the same family"
         )
         return EXIT_UNUSABLE
+    if args.live == bool(args.filename):
+        _error("give a snapshot (-f SNAPSHOT) or --live for this host's kernel, one of them")
+        return EXIT_UNUSABLE
+    if args.live:
+        from gatewayd.cli.explain_live import run_live
+
+        return run_live(args, src, dst)
     try:
         loaded = load_snapshot(args.filename, stdin=sys.stdin.buffer)
     except SnapshotError as e:

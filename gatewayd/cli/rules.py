@@ -110,9 +110,12 @@ class KernelSteerTable:
     cluster_internal: tuple[str, ...]  # never steered
     rules: tuple[KernelSteerRule, ...]  # in rule order
 
+    def never_steers(self, destination: str) -> bool:
+        return _in(destination, self.cluster_internal)
+
     def decide(self, source: str, destination: str) -> KernelSteerRule | None:
         """The rule a new connection meets first; None: it is not steered."""
-        if _in(destination, self.cluster_internal):
+        if self.never_steers(destination):
             return None
         return next((r for r in self.rules if r.covers(source, destination)), None)
 

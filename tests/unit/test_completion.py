@@ -83,6 +83,12 @@ def test_options_choices_and_option_values_are_skipped(gatewayctl_script: Path) 
     assert complete(gatewayctl_script, "gatewayctl", "explain", "--src", "") == []
     assert complete(gatewayctl_script, "gatewayctl", "completion", "bash", "") == [
         "gatewayctl", "gatewayd"]
+    # --output=js: bash splits the word at the =.
+    assert complete(gatewayctl_script, "gatewayctl", "rules", "--output", "=") == [
+        "text", "json"]
+    assert complete(gatewayctl_script, "gatewayctl", "rules", "--output", "=", "j") == ["json"]
+    assert complete(gatewayctl_script, "gatewayctl", "rules", "--output", "=", "json", "--c"
+                    ) == ["--config"]
 
 
 def test_file_arguments_complete_file_names(gatewayctl_script: Path, tmp_path: Path) -> None:

@@ -287,6 +287,28 @@ def reconcile(reconciler: Reconciler, cluster: Cluster) -> tuple[Cluster, int, f
     return after, writes, time.perf_counter() - start
 
 
+def one_pod_changes(cluster: Cluster) -> tuple[list[Obj], Obj]:
+    """Two of the smallest changes that move a pod: the cluster's pods with one that no policy
+    selects given the labels and namespace of one that is selected; and a new pod like that
+    selected one, on its node, with a free address of the node's pod CIDR."""
+    pods = list(cluster.pods)
+    steered = selected_pods(cluster)
+    first = next(i for i, p in enumerate(pods) if p["status"]["podIP"] not in steered)
+    template = next(p for p in pods if p["status"]["podIP"] in steered)
+    changed = copy.deepcopy(pods[first])
+    changed["metadata"]["labels"] = dict(template["metadata"]["labels"])
+    changed["metadata"]["namespace"] = template["metadata"]["namespace"]
+    changed["metadata"]["resourceVersion"] = "2"
+    pods[first] = changed
+
+    new_pod = copy.deepcopy(template)
+    node = next(n for n in cluster.nodes if n["metadata"]["name"] == new_pod["spec"]["nodeName"])
+    ip = str(ip_network(node["spec"]["podCIDRs"][0])[-2])
+    new_pod["metadata"] |= {"name": "new-pod", "uid": "uid-new-pod", "resourceVersion": "1"}
+    new_pod["status"] = {**new_pod["status"], "podIP": ip, "podIPs": [{"ip": ip}]}
+    return pods, new_pod
+
+
 def with_pods(cluster: Cluster, pods: list[Obj]) -> Cluster:
     return Cluster(
         policies=cluster.policies,
@@ -348,24 +370,10 @@ def bench_in_memory(seed: int) -> tuple[Cluster, Cluster]:
     cluster, writes, resync = reconcile(reconciler, cluster)
     print(f"  full resync, nothing changed    {resync:7.3f} s   {writes} objects to write")
 
-    pods = list(cluster.pods)
-    steered = selected_pods(cluster)
-    # A pod policies do not select takes the labels of one they do.
-    first = next(i for i, p in enumerate(pods) if p["status"]["podIP"] not in steered)
-    template = next(p for p in pods if p["status"]["podIP"] in steered)
-    changed = copy.deepcopy(pods[first])
-    changed["metadata"]["labels"] = dict(template["metadata"]["labels"])
-    changed["metadata"]["namespace"] = template["metadata"]["namespace"]
-    changed["metadata"]["resourceVersion"] = "2"
-    pods[first] = changed
+    pods, new_pod = one_pod_changes(cluster)
     cluster, writes, one_pod = reconcile(reconciler, with_pods(cluster, pods))
     print(f"  one pod's labels change         {one_pod:7.3f} s   {writes} objects to write")
 
-    new_pod = copy.deepcopy(template)
-    node = next(n for n in cluster.nodes if n["metadata"]["name"] == new_pod["spec"]["nodeName"])
-    ip = str(ip_network(node["spec"]["podCIDRs"][0])[-2])  # a free address of its node
-    new_pod["metadata"] |= {"name": "new-pod", "uid": "uid-new-pod", "resourceVersion": "1"}
-    new_pod["status"] = {"podIP": ip, "podIPs": [{"ip": ip}]}
     cluster, writes, added = reconcile(reconciler, with_pods(cluster, [*pods, new_pod]))
     print(f"  one new pod                     {added:7.3f} s   {writes} objects to write")
 

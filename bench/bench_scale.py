@@ -22,22 +22,19 @@ Prints exactly five lines; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import sys
 import time
-from ipaddress import ip_network
 from typing import Any
 
 from bench_controller import (
     CIDR,
-    Obj,
     cluster_objects,
+    one_pod_changes,
     peak_rss_kib,
     real_sized,
     reconcile,
-    selected_pods,
     with_pods,
 )
 from bench_engine import make_snapshot
@@ -105,24 +102,11 @@ def main() -> None:
     largest = max(largest, largest_kib(cluster))
     progress(f"agents reported: {reported:.2f} s, {writes} objects to write")
 
-    pods: list[Obj] = list(cluster.pods)
-    steered = selected_pods(cluster)
-    first = next(i for i, p in enumerate(pods) if p["status"]["podIP"] not in steered)
-    template = next(p for p in pods if p["status"]["podIP"] in steered)
-    changed = copy.deepcopy(pods[first])
-    changed["metadata"]["labels"] = dict(template["metadata"]["labels"])
-    changed["metadata"]["namespace"] = template["metadata"]["namespace"]
-    changed["metadata"]["resourceVersion"] = "2"
-    pods[first] = changed
+    pods, new_pod = one_pod_changes(cluster)
     cluster, writes, one_pod = reconcile(reconciler, with_pods(cluster, pods))
     largest = max(largest, largest_kib(cluster))
     progress(f"one pod's labels change: {writes} objects to write")
 
-    new_pod = copy.deepcopy(template)
-    node = next(n for n in cluster.nodes if n["metadata"]["name"] == new_pod["spec"]["nodeName"])
-    ip = str(ip_network(node["spec"]["podCIDRs"][0])[-2])  # a free address of its node
-    new_pod["metadata"] |= {"name": "new-pod", "uid": "uid-new-pod", "resourceVersion": "1"}
-    new_pod["status"] = {**new_pod["status"], "podIP": ip, "podIPs": [{"ip": ip}]}
     cluster, writes, added = reconcile(reconciler, with_pods(cluster, [*pods, new_pod]))
     largest = max(largest, largest_kib(cluster))
     progress(f"one new pod: {writes} objects to write")

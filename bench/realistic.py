@@ -8,33 +8,18 @@ part it owns), so that sizes and parse costs are those of a real cluster.
 
 from __future__ import annotations
 
-import json
+import sys
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from fixtures.fakeapi import fields_v1  # as the fake API server writes it
 
 Obj = dict[str, Any]
 MANAGED_METADATA = ("labels", "annotations", "ownerReferences", "finalizers")
 SERVER_PARTS = ("apiVersion", "kind", "metadata", "status")
-# Lists whose items FieldsV1 keys by one of their fields (`k:{"name":"x"}`).
-LIST_KEYS = ("name", "type", "ip", "containerPort", "mountPath", "devicePath", "key")
 WRITTEN_AT = "2026-11-01T10:00:00Z"
-
-
-def fields_v1(value: Any) -> Obj:
-    """The FieldsV1 set of `value`: `f:<key>` per map key, `k:{...}` per item of a keyed list;
-    scalars and other lists are leaves."""
-    if isinstance(value, dict):
-        return {f"f:{key}": fields_v1(item) for key, item in value.items()}
-    if isinstance(value, list) and value and all(isinstance(i, dict) for i in value):
-        key = next((k for k in LIST_KEYS if all(k in i for i in value)), None)
-        if key is not None:
-            return {
-                "k:" + json.dumps({key: item[key]}, separators=(",", ":")): {
-                    ".": {},
-                    **fields_v1(item),
-                }
-                for item in value
-            }
-    return {}
 
 
 def with_managed_fields(obj: Obj, manager: str = "kube-controller-manager") -> Obj:

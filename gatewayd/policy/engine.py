@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from ipaddress import ip_address
@@ -508,12 +508,11 @@ class EgressPlan:
         if node is not None:
             changes.nodes.add(node)
 
-    @cached_property
-    def _internal_base(self) -> dict[int, lpm.RangeTable[None]]:
-        """Per family: the cluster-internal addresses that are not pod IPs."""
-        spans: list[tuple[int, int, int]] = [
-            (ip.version, int(ip), int(ip)) for ip in self._snapshot.api_server_addresses
-        ]
+    def _host_addresses(self) -> Iterator[tuple[IPAddress, str]]:
+        """The API server's addresses and the nodes' Internal/ExternalIPs, each with what it
+        is (node addresses that do not parse are skipped)."""
+        for ip in self._snapshot.api_server_addresses:
+            yield ip, "API server address"
         for node in self._snapshot.nodes:
             for address in node.addresses:
                 if address.type in ("InternalIP", "ExternalIP"):
@@ -521,7 +520,15 @@ class EgressPlan:
                         ip = ip_address(address.address)
                     except ValueError:
                         continue
-                    spans.append((ip.version, int(ip), int(ip)))
+                    yield ip, f"{address.type} of node {node.name}"
+
+    @cached_property
+    def _internal_base(self) -> dict[int, lpm.RangeTable[None]]:
+        """Per family: the cluster-internal addresses that are not pod IPs."""
+        spans: list[tuple[int, int, int]] = [
+            (ip.version, int(ip), int(ip)) for ip, _ in self._host_addresses()
+        ]
+        for node in self._snapshot.nodes:
             for cidr in node.pod_cidrs:
                 spans.append(
                     (cidr.version, int(cidr.network_address), int(cidr.broadcast_address))
@@ -589,16 +596,8 @@ class EgressPlan:
         def add(version: int, first: int, last: int, what: str) -> None:
             described.setdefault((version, first, last), what)
 
-        for ip in self._snapshot.api_server_addresses:
-            add(ip.version, int(ip), int(ip), "API server address")
-        for node in self._snapshot.nodes:
-            for address in node.addresses:
-                if address.type in ("InternalIP", "ExternalIP"):
-                    try:
-                        ip = ip_address(address.address)
-                    except ValueError:
-                        continue
-                    add(ip.version, int(ip), int(ip), f"{address.type} of node {node.name}")
+        for ip, what in self._host_addresses():
+            add(ip.version, int(ip), int(ip), what)
         for pod in sorted(self._pods.values(), key=_claim_order):
             if pod.finished:  # its IP is free (see `_not_a_candidate`)
                 continue

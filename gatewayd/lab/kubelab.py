@@ -311,6 +311,7 @@ DEFAULT_TIMING = {
     "lease_duration": 4.0,  # gateways' Lease
     "lease_renew": 1.0,
     "hold_down": 3.0,  # the controller's, for a recovered gateway
+    "probe_misses": 3,  # steer's missesBeforeDown (the product's default)
 }
 
 
@@ -446,6 +447,7 @@ def steer_config(lab: KubeLab, node_name: str, number: int) -> dict[str, Any]:
             "persistentKeepalive": KEEPALIVE_SECONDS,
         },
         "reconcile": {"pollSeconds": POLL_SECONDS, "repairSeconds": REPAIR_SECONDS},
+        "failover": {"missesBeforeDown": int(lab.timing["probe_misses"])},
     }
 
 

@@ -94,6 +94,7 @@ class EgressIPKeeper:
         self._stopping = threading.Event()
         self._silent = threading.Event()  # handing over: listen to probes, answer none
         self._started_at = 0.0
+        self._passes = 0  # keeper passes completed (under the lock)
         self._thread = threading.Thread(target=self._run, name="egress-ips", daemon=True)
         self._watcher = ArpWatcher(
             {p.interface for p in pools}, self._held_ipv4, self._claimed_elsewhere
@@ -120,10 +121,16 @@ class EgressIPKeeper:
         addresses still held: those of policies no node could move elsewhere."""
         self._silent.set()
         deadline = time.monotonic() + seconds
+        with self._lock:
+            started = self._passes
+        self._wake.set()
         while True:
             with self._lock:
-                held = self._held
-            if not held or time.monotonic() >= deadline or not self._thread.is_alive():
+                held, passes = self._held, self._passes
+            # Only a pass that began after the silence knows what is held: one still running
+            # may be adding an address it has not recorded yet.
+            settled = passes > started + 1 and not held
+            if settled or time.monotonic() >= deadline or not self._thread.is_alive():
                 return tuple(sorted(held, key=_order))
             self._stopping.wait(PASS_SECONDS)
 
@@ -246,6 +253,8 @@ class EgressIPKeeper:
                 except Exception:  # a netlink hiccup: try again at the next pass
                     log.exception("egress IPs: pass failed")
             self._announce_again(time.monotonic())
+            with self._lock:
+                self._passes += 1
             self._wake.wait(PASS_SECONDS)
             self._wake.clear()
 

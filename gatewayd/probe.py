@@ -132,7 +132,6 @@ def answers_probe(reply: ProbeReply, gateway: str, sequence: int, window: int) -
     return reply.gateway == gateway and sequence - window < reply.sequence <= sequence
 
 
-
 @dataclass
 class ProbeHistory:
     """One gateway's probe outcomes as seen by one node, with hysteresis: `down` after

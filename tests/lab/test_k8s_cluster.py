@@ -485,7 +485,6 @@ def test_gateways_whose_clocks_run_off_are_judged_on_the_controllers_clock(
 ) -> None:
     """Both are healthy while they renew their Leases, and each is failed over within a lease
     duration or so after it stops (a power loss)."""
-    settled(klab)
     steady = roles(klab, PAYMENT)
     failovers = occurrences(klab, "GatewayFailover")
     try:

@@ -260,3 +260,19 @@ def resolve_options(flags: MetricsSettings, config: MetricsSettings) -> MetricsO
                    DEFAULT_ADDRESS)
     textfile = flags.textfile if flags.textfile is not None else config.textfile
     return metrics_options(address, textfile)
+
+
+def peer_samples(handshakes: Mapping[str, float], up: Iterable[str], now: float,
+                 interface: str) -> list[Sample]:
+    """Each peer's state: up (a handshake within the agent's limit) and the seconds since
+    its last handshake (+Inf: never)."""
+    up = set(up)
+    samples: list[Sample] = []
+    for peer, at in sorted(handshakes.items()):
+        labels = {"interface": interface, "peer": peer}
+        samples.append(Sample("gatewayd_wireguard_peer_up", "1 when the WireGuard peer "
+                              "completed a handshake recently.", float(peer in up), labels))
+        samples.append(Sample("gatewayd_wireguard_peer_last_handshake_age_seconds",
+                              "Seconds since the peer's last WireGuard handshake (+Inf: never).",
+                              max(0.0, now - at) if at else math.inf, labels))
+    return samples

@@ -38,11 +38,16 @@ from gatewayd.dataplane.forward_guard import ensure_forward_guard
 from gatewayd.dataplane.nft_render import GatewayTableSettings, render_gateway_table
 from gatewayd.dataplane.nftables import NftablesDriver, TableWatcher
 from gatewayd.dataplane.sysctl import ensure_sysctls, observe_sysctls
-from gatewayd.dataplane.wireguard import Peer, WireGuardConfig, WireGuardDriver
+from gatewayd.dataplane.wireguard import (
+    PEER_UP_SECONDS,
+    Peer,
+    WireGuardConfig,
+    WireGuardDriver,
+)
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
 from gatewayd.follower import PlanFollower, PlanSource, SnapshotSource, run_follower
 from gatewayd.kube.client import KubeConfigError
-from gatewayd.metrics import MetricsSettings, Sample
+from gatewayd.metrics import MetricsSettings, Sample, peer_samples
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import GatewayPlan, IPAddress
 from gatewayd.probe import PROBE_PORT
@@ -51,8 +56,6 @@ from gatewayd.systemd import Priority, journal_event
 log = logging.getLogger("gatewayd.agent")
 
 TABLE_FAMILY, TABLE_NAME = "inet", "gatewayd"
-# WireGuard rejects a session 180 s after its handshake; a live peer re-handshakes before that.
-PEER_UP_SECONDS = 180
 
 
 class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
@@ -260,7 +263,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             held, conflicts = frozenset(keeper.report().held), keeper.refused()
         return [
             *super().metric_samples(),
-            *gateway_metrics.peer_samples(self.handshakes, self.peers_up, time.time(),
+            *peer_samples(self.handshakes, self.peers_up, time.time(),
                                           self.config.tunnel.interface),
             *gateway_metrics.egress_ip_samples(expected, held, conflicts),
             *gateway_metrics.counter_samples(plan, self.nftables.counters()),

@@ -32,7 +32,6 @@ from kubernetes.client.exceptions import ApiException
 
 from gatewayd.agent.config import AgentConfig
 from gatewayd.agent.egress import EgressIPKeeper, EgressIPReport
-from gatewayd.agent.host import first_ipv4, observe_interfaces
 from gatewayd.agent.target import GatewayTarget, usable_peers
 from gatewayd.clusterlink import (
     Condition,
@@ -45,6 +44,7 @@ from gatewayd.clusterlink import (
     conditions,
     status_patch,
 )
+from gatewayd.dataplane.host import first_ipv4, observe_interfaces
 from gatewayd.dataplane.probe import ProbeResponder
 from gatewayd.follower import InputError
 from gatewayd.kube.leases import LeaseObserver, renew_lease

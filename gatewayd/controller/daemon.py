@@ -32,12 +32,12 @@ from gatewayd import metrics
 from gatewayd.controller.cached import pod_fields, without_managed_fields
 from gatewayd.controller.leader import LEASE_DURATION, LeaderElector
 from gatewayd.controller.metrics import controller_samples
-from gatewayd.controller.probes import ProbeServer
 from gatewayd.controller.reconcile import PEER_CONDITION, Decisions, Reconciler
 from gatewayd.controller.skew import SKEW_FIELD
 from gatewayd.controller.snapshots import Cluster
 from gatewayd.controller.tunnels import DEFAULT_TUNNEL_CIDR
 from gatewayd.controller.writer import Outcome, Writer
+from gatewayd.healthz import HealthServer
 from gatewayd.kube.client import KubeConfigError, client_from_kubeconfig, client_in_cluster
 from gatewayd.kube.informer import Backoff, Informer
 from gatewayd.kube.leases import LeaseObserver
@@ -401,9 +401,9 @@ def _name(obj: Any) -> str:
     return str(obj["metadata"]["name"])
 
 
-def probe_server(controller: Controller, host: str, port: int) -> ProbeServer:
+def probe_server(controller: Controller, host: str, port: int) -> HealthServer:
     """/healthz, /readyz and /metrics of the controller, on one port."""
-    return ProbeServer(host, port, lambda: controller.healthy, lambda: controller.ready,
+    return HealthServer(host, port, lambda: controller.healthy, lambda: controller.ready,
                        metrics.exposition)
 
 

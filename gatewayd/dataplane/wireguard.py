@@ -28,6 +28,9 @@ from gatewayd.dataplane.durable import fsync_directory
 from gatewayd.dataplane.netlink import OWNER_PROTOCOL, find_link
 from gatewayd.policy.model import IPNetwork
 
+# WireGuard rejects a session 180 s after its handshake; a live peer re-handshakes before that.
+PEER_UP_SECONDS = 180
+
 _IFF_UP = 0x1
 _MAIN_TABLE = 254
 

@@ -7,6 +7,11 @@ whose clock runs seconds off), so it is never compared with the local clock to d
 it only serves to measure how far the writer's clock is off (`Freshness.skew`). A Lease seen
 for the first time counts as renewed at first sight (a restarted controller cannot know better).
 
+Every delay between the writer's clock reading and our sighting (a slow write, a watch that
+reconnects after an API outage) makes the writer look behind by that much, never ahead. So the
+skew is the largest of the last `SKEW_SAMPLES` measurements, as NTP trusts its least-delayed
+sample: one late sighting does not report a clock as off.
+
 Lease times are MicroTime on the wire: the API server parses exactly six fractional digits, and
 `datetime.isoformat()` (what the client sends for datetime fields) drops them when they are
 zero. So times are written here as formatted strings, in patches, never as datetime fields.
@@ -25,6 +30,8 @@ from typing import Any
 
 from kubernetes.client import ApiClient, CoordinationV1Api, V1Lease, V1LeaseSpec, V1ObjectMeta
 from kubernetes.client.exceptions import ApiException
+
+SKEW_SAMPLES = 8
 
 
 def micro_time(moment: datetime) -> str:
@@ -50,7 +57,6 @@ def renew_lease(
     racing, one gets a 409 Conflict and returns False rather than overwriting the other: try
     again at the next renewal. `now` is the time written into the Lease (the wall clock).
     """
-    moment = now if now is not None else datetime.now(UTC)
     leases = CoordinationV1Api(api)
     try:
         lease = leases.read_namespaced_lease(name, namespace)
@@ -76,6 +82,8 @@ def renew_lease(
             raise
     spec = lease.spec or V1LeaseSpec()
     freshness = observer.observe(name, {"spec": _spec_object(spec)})
+    # Read after the GET: a read that waited for the API server must not date the renewal.
+    moment = now if now is not None else datetime.now(UTC)
     update: dict[str, Any] = {
         "holderIdentity": holder,
         "leaseDurationSeconds": duration_seconds,
@@ -126,8 +134,9 @@ class Freshness:
     valid: bool  # seen renewed less than one lease duration ago (this process's clock)
     valid_until: float | None  # on the observer's monotonic clock; None when not held
     duration: float  # leaseDurationSeconds (0 when unknown)
-    # How far the writer's clock was ahead of ours (negative: behind) at the last renewal we
-    # saw, in seconds: renewTime minus our wall clock then. None until a renewal was seen.
+    # How far the writer's clock is ahead of ours (negative: behind), in seconds: renewTime
+    # minus our wall clock when we saw it, the largest of the last renewals' (see the module
+    # docstring). None until a renewal was seen.
     skew: float | None
 
 
@@ -135,7 +144,11 @@ class Freshness:
 class _Sighting:
     record: str  # the spec as seen; any change proves a write
     changed_at: float  # monotonic
-    skew: float | None
+    skews: tuple[float, ...]  # the last SKEW_SAMPLES measurements, newest last
+
+    @property
+    def skew(self) -> float | None:
+        return max(self.skews) if self.skews else None
 
 
 class LeaseObserver:
@@ -164,11 +177,13 @@ class LeaseObserver:
         with self._lock:
             seen = self._seen.get(name)
             if seen is None:  # first sight: fresh for one duration, as client-go does
-                seen = self._seen[name] = _Sighting(record, now, None)
+                seen = self._seen[name] = _Sighting(record, now, ())
             elif seen.record != record:
                 renewed = _parse_time(spec.get("renewTime"))
-                skew = renewed - self._wall() if renewed is not None else seen.skew
-                seen = self._seen[name] = _Sighting(record, now, skew)
+                skews = seen.skews
+                if renewed is not None:
+                    skews = (*skews, renewed - self._wall())[-SKEW_SAMPLES:]
+                seen = self._seen[name] = _Sighting(record, now, skews)
         holder = spec.get("holderIdentity")
         duration = spec.get("leaseDurationSeconds")
         if not isinstance(holder, str) or not holder or not isinstance(duration, int):

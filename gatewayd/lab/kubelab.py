@@ -312,6 +312,8 @@ DEFAULT_TIMING = {
     "lease_renew": 1.0,
     "hold_down": 3.0,  # the controller's, for a recovered gateway
     "probe_misses": 3,  # steer's missesBeforeDown (the product's default)
+    "egress_ip_hold": 0.4,  # the agents' egressIPHoldSeconds (the product's default)
+    "handover": 1.0,  # the agents' handoverSeconds (the product's default)
 }
 
 
@@ -427,6 +429,8 @@ def agent_config(lab: KubeLab, gateway: GatewayHost) -> dict[str, Any]:
             "privateKeyFile": str(lab.key_path(gateway.name)),
         },
         "reconcile": {"pollSeconds": POLL_SECONDS, "repairSeconds": REPAIR_SECONDS},
+        "failover": {"egressIPHoldSeconds": lab.timing["egress_ip_hold"],
+                     "handoverSeconds": lab.timing["handover"]},
     }
 
 

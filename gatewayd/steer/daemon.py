@@ -24,22 +24,25 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from gatewayd.agent.daemon import PEER_UP_SECONDS
-from gatewayd.agent.host import first_ipv4, observe_interfaces
-from gatewayd.agent.metrics import peer_samples
 from gatewayd.clusterlink import rfc3339
 from gatewayd.configfile import DEFAULT_TUNNEL_ADDRESS, ConfigError
-from gatewayd.controller.probes import ProbeServer
+from gatewayd.dataplane.host import first_ipv4, observe_interfaces
 from gatewayd.dataplane.nft_render import SteerTableSettings, render_steer_table
 from gatewayd.dataplane.nftables import NftablesDriver
 from gatewayd.dataplane.probe import ProbeTarget
 from gatewayd.dataplane.routing import PolicyRoutingDriver
 from gatewayd.dataplane.sysctl import ensure_sysctls
-from gatewayd.dataplane.wireguard import Peer, WireGuardConfig, WireGuardDriver
+from gatewayd.dataplane.wireguard import (
+    PEER_UP_SECONDS,
+    Peer,
+    WireGuardConfig,
+    WireGuardDriver,
+)
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
 from gatewayd.follower import PlanFollower, PlanSource, SnapshotSource, run_follower
+from gatewayd.healthz import HealthServer
 from gatewayd.kube.client import KubeConfigError
-from gatewayd.metrics import MetricsSettings, Sample, exposition
+from gatewayd.metrics import MetricsSettings, Sample, exposition, peer_samples
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import NodePlan, SteerAction, SteerRule
 from gatewayd.probe import GATEWAY_TUNNEL_ADDRESS, PROBE_PORT, Failover, effective_rules
@@ -95,7 +98,7 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
         self.public_key: str | None = None
         self.ends: tuple[GatewayTunnelEnd, ...] = ()  # the tunnels of the last programming
         self._last_pass = time.monotonic()
-        self._health: ProbeServer | None = None
+        self._health: HealthServer | None = None
         self._rehandshaken: dict[str, float] = {}  # gateway -> when its session was dropped
         self._reported_failovers: dict[tuple[str, str], Failover] = {}
         self._steered: dict[str, set[str]] = {}  # policy -> gateways its rules tunnel to now
@@ -140,7 +143,7 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
         if self.config.health_port:
             # The kubelet's probes: alive while the loop comes round, ready with a plan in force;
             # and /metrics, for a Prometheus in the cluster (the port is opened on the node).
-            self._health = ProbeServer(
+            self._health = HealthServer(
                 "", self.config.health_port,
                 healthy=lambda: time.monotonic() - self._last_pass < STALL_SECONDS,
                 ready=lambda: self.applied is not None,

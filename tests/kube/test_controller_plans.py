@@ -28,7 +28,7 @@ from test_controller_harness import (
 )
 
 from gatewayd.controller.daemon import probe_server
-from gatewayd.controller.probes import ProbeServer
+from gatewayd.healthz import HealthServer
 
 pytestmark = pytest.mark.kube
 
@@ -319,7 +319,7 @@ def test_probes_report_health_and_synced_caches(fake_api: FakeApiServer, api: Ap
 
 
 def test_probes_answer_503_when_not_ready() -> None:
-    probes = ProbeServer("127.0.0.1", 0, lambda: True, lambda: False)
+    probes = HealthServer("127.0.0.1", 0, lambda: True, lambda: False)
     probes.start()
     try:
         with pytest.raises(urllib.error.HTTPError) as raised:

@@ -9,7 +9,7 @@ import pytest
 from fixtures.fakeapi import FakeApiServer, RecordedRequest
 from kubernetes.client import ApiClient
 
-from gatewayd.kube.leases import LeaseObserver, micro_time, renew_lease
+from gatewayd.kube.leases import SKEW_SAMPLES, LeaseObserver, micro_time, renew_lease
 
 pytestmark = pytest.mark.kube
 
@@ -179,3 +179,30 @@ def test_a_lease_seen_for_the_first_time_is_fresh_for_one_duration() -> None:
 def test_a_lease_without_holder_or_duration_proves_nothing(spec: dict[str, Any]) -> None:
     freshness = LeaseObserver().observe("gw1", {"kind": "Lease", "spec": spec})
     assert (freshness.holder, freshness.valid, freshness.valid_until) == (None, False, None)
+
+
+def test_one_late_sighting_does_not_report_a_clock_as_off() -> None:
+    """After an API outage the watch sees a renewal seconds after it was written: the writer
+    looks behind by that delay. The skew stays what the prompt sightings measured."""
+    clock = Clock()
+    wall = [T0.timestamp()]
+    seen = LeaseObserver(monotonic=clock, wall=lambda: wall[0])
+    for delay in (0.01, 0.02, 0.01, 0.02, 5.0):
+        clock.now += 1
+        wall[0] += 1
+        written = datetime.fromtimestamp(wall[0] - delay, UTC)
+        skew = seen.observe("gw1", lease(written)).skew
+    assert skew == pytest.approx(-0.01)
+
+
+def test_a_clock_that_was_set_right_is_measured_again() -> None:
+    """The measurement follows a writer whose clock changed, once the older samples aged out."""
+    clock = Clock()
+    wall = [T0.timestamp()]
+    seen = LeaseObserver(monotonic=clock, wall=lambda: wall[0])
+    skews = []
+    for offset in [30.0] * 3 + [0.0] * SKEW_SAMPLES:
+        clock.now += 1
+        wall[0] += 1
+        skews.append(seen.observe("gw1", lease(datetime.fromtimestamp(wall[0] + offset, UTC))).skew)
+    assert skews[2] == pytest.approx(30.0) and skews[-1] == pytest.approx(0.0)

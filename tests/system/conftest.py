@@ -58,11 +58,3 @@ def container(
             journal = booted.run("journalctl", "-u", "gatewayd", "--no-pager", "-n", "80",
                                  check=False)
             print(f"--- journal of gatewayd in container {name} ---\n{journal.stdout}")
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """Keep each phase's report on the test item, so fixtures can tell a failed test."""
-    report = yield
-    setattr(item, f"rep_{report.when}", report)
-    return report

@@ -22,12 +22,11 @@ from gatewayd.agent.metrics import (
     counter_samples,
     egress_ip_samples,
     nat_samples,
-    peer_samples,
 )
 from gatewayd.controller.metrics import controller_samples
-from gatewayd.controller.probes import ProbeServer
 from gatewayd.dataplane.natstats import NatFlow
 from gatewayd.dataplane.nft_render import snat_counter_rules
+from gatewayd.healthz import HealthServer
 from gatewayd.probe import Failover
 from gatewayd.steer.metrics import gateway_samples
 
@@ -62,7 +61,7 @@ def promtool_check(text: str) -> None:
 def gateway_state() -> list[metrics.Sample]:
     now = 1_800_000_000.0
     return [
-        *peer_samples({"node1": now - 12, "node2": 0}, {"node1"}, now, "egress0"),
+        *metrics.peer_samples({"node1": now - 12, "node2": 0}, {"node1"}, now, "egress0"),
         *egress_ip_samples({ip("198.51.100.10"), ip("2001:db8:1::10")},
                            {ip("198.51.100.10")}, {ip("2001:db8:1::10")}),
         *counter_samples(GATEWAY_PLAN, {"rule0": (7, 700), "rule1": (3, 300), "rule2": (1, 50),
@@ -198,7 +197,7 @@ def test_metrics_server_answers_and_a_taken_address_is_not_fatal(daemon_state: N
 
 
 def test_controller_metrics_beside_the_probes(daemon_state: None) -> None:
-    probes = ProbeServer("127.0.0.1", 0, lambda: True, lambda: True, metrics.exposition)
+    probes = HealthServer("127.0.0.1", 0, lambda: True, lambda: True, metrics.exposition)
     probes.start()
     try:
         url = f"http://127.0.0.1:{probes.port}"

@@ -1,6 +1,7 @@
-"""`/healthz` (the process works) and `/readyz` (its caches are synced) over plain HTTP, for the
-kubelet's probes. Both are true on the replica that does not lead too: it is ready to take over.
-`/metrics`, when given, answers Prometheus beside them.
+"""`/healthz` (the process works) and `/readyz` (it is ready) over plain HTTP, for the kubelet's
+probes of the daemons that run in the cluster (the controller, steer on the cloud nodes); a
+controller replica that does not lead is ready too: it is ready to take over. `/metrics`, when
+given, answers Prometheus beside them.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # probes every few seconds would drown the log
 
 
-class ProbeServer:
+class HealthServer:
     def __init__(
         self, host: str, port: int, healthy: Callable[[], bool], ready: Callable[[], bool],
         metrics: Callable[[], bytes] | None = None,

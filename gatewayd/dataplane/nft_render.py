@@ -273,9 +273,12 @@ def render_steer_table(
     prerouting (filter, priority mangle, before the routing decision), in order:
       1. destinations in `cluster_internal` return: never steered;
       2. reply-direction packets return: replies to pods must route normally, not into a tunnel;
-      3. a connection whose conntrack mark names a gateway gets that packet mark again and is
-         accepted. The mark is only ever chosen for a connection's first packet, so existing
-         connections stay on their gateway whatever the plan says later;
+      3. an answered connection whose conntrack mark names a gateway gets that packet mark
+         again and is accepted, so established connections stay on their gateway whatever
+         the plan says later (steer rewrites the marks of those that must follow a failover).
+         A connection that has seen no reply yet (a handshake under way, a SYN retried, a
+         one-way UDP flow) is NEW to conntrack and goes on to step 4 with every packet: it
+         always takes the gateway the rules name now, never one the policy has left;
       4. TUNNEL rules match NEW connections only and set both the packet mark (routing) and the
          conntrack mark (step 3 for the rest of the connection). `active` (policy -> gateway)
          overrides a rule's gateway for fast failover; it therefore moves new connections only.
@@ -308,10 +311,13 @@ def render_steer_table(
     ])
     meta_mark: JsonObject = {"meta": {"key": "mark"}}
     ct_mark: JsonObject = {"ct": {"key": "mark"}}
+    answered = {"match": {"op": "in", "left": {"ct": {"key": "status"}},
+                          "right": "seen-reply"}}
     for gateway, mark in sorted(marks.items()):
         table.rule(
             "prerouting",
-            [_match_mark(ct_mark, mark, mask), _set_mark(meta_mark, mark, mask), {"accept": None}],
+            [_match_mark(ct_mark, mark, mask), answered, _set_mark(meta_mark, mark, mask),
+             {"accept": None}],
             f"established via {gateway}",
         )
 

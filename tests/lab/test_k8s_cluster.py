@@ -15,6 +15,7 @@ the 60 s run).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -52,6 +53,7 @@ from gatewayd.lab.topology import (
     GATEWAYS,
     NODES,
     ROUTER,
+    CloudNode,
     GatewayHost,
 )
 from gatewayd.lab.verify import probe
@@ -343,6 +345,49 @@ def test_a_policy_moved_by_the_controller_takes_unanswered_handshakes_along(
                       "spec": policy["spec"]})
     wait_for(lambda: roles(klab, PAYMENT) == {(new, "active"), (old, "standby")}, TIMEOUT,
              "the policy to have both gateways again")
+
+
+def steer_mark(node: CloudNode, gateway: str) -> str:
+    """The conntrack mark (value/mask, as conntrack(8) takes it) steer gives connections
+    through `gateway` on `node`, read from its table."""
+    listing = run(["nft", "list", "chain", "inet", "gatewayd-steer", "prerouting"],
+                  node.netns).stdout
+    for line in listing.splitlines():
+        if f'comment "established via {gateway}"' in line:
+            found = re.search(r"ct mark & (0x[0-9a-f]+) == (0x[0-9a-f]+)", line)
+            if found:
+                return f"{int(found[2], 16):#x}/{int(found[1], 16):#x}"
+    raise AssertionError(f"no mark for {gateway} in {node}'s steer table:\n{listing}")
+
+
+def test_an_unanswered_connection_left_on_the_failed_gateway_goes_to_the_standby(
+    klab: KubeLab,
+) -> None:
+    """A SYN marked for the active gateway just before the nodes fail it over can leave a
+    connection entry with the dead gateway's mark and no reply (the race between the
+    failover and its cleanup). A client that retries it, or reuses its port while it lives
+    (2 minutes), must reach the standby, not the dead gateway."""
+    old = active(klab, PAYMENT)
+    assert old is not None
+    new = next(g.name for g in GATEWAYS if g.name != old)
+    port = 40125
+    mark = steer_mark(NODES[0], old)
+    cut = klab.cut(gateway_host(old), power_loss=True)
+    try:
+        wait_for(lambda: probe(CHECKOUT_1.netns, EXTERNAL.addresses[0]) == PAYMENT_IP, TIMEOUT,
+                 f"checkout-1 to leave through {new}", interval=0.2)
+        # what the race leaves behind: unanswered, marked for the dead gateway
+        run(["conntrack", "-I", "-p", "tcp", "-s", CHECKOUT_1.address,
+             "-d", EXTERNAL.addresses[0], "--sport", str(port), "--dport", "8080",
+             "--state", "SYN_SENT", "--timeout", "120", "--mark", mark],
+            NODES[0].netns)
+        answer = probe(CHECKOUT_1.netns, EXTERNAL.addresses[0], local_port=port, seconds=3)
+    finally:
+        klab.restore(gateway_host(old))
+    print(f"{old} powered off {time.time() - cut:.1f}s")
+    wait_for(lambda: roles(klab, PAYMENT) == {(new, "active"), (old, "standby")}, TIMEOUT,
+             f"{old} to become the standby")
+    assert answer == PAYMENT_IP, f"a connection from port {port} got {answer!r}"
 
 
 def node_failovers(lab: KubeLab, node: str) -> set[tuple[str, str, str]]:

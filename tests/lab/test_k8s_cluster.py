@@ -376,11 +376,13 @@ def test_an_unanswered_connection_left_on_the_failed_gateway_goes_to_the_standby
     try:
         wait_for(lambda: probe(CHECKOUT_1.netns, EXTERNAL.addresses[0]) == PAYMENT_IP, TIMEOUT,
                  f"checkout-1 to leave through {new}", interval=0.2)
-        # what the race leaves behind: unanswered, marked for the dead gateway
-        run(["conntrack", "-I", "-p", "tcp", "-s", CHECKOUT_1.address,
-             "-d", EXTERNAL.addresses[0], "--sport", str(port), "--dport", "8080",
-             "--state", "SYN_SENT", "--timeout", "120", "--mark", mark],
-            NODES[0].netns)
+        # what the race leaves behind: unanswered, marked for the dead gateway (replacing
+        # an entry a client that picked the same port at random may have left)
+        flow = ["-p", "tcp", "-s", CHECKOUT_1.address, "-d", EXTERNAL.addresses[0],
+                "--sport", str(port), "--dport", "8080"]
+        run(["conntrack", "-D", *flow], NODES[0].netns, check=False)
+        run(["conntrack", "-I", *flow, "--state", "SYN_SENT", "--timeout", "120",
+             "--mark", mark], NODES[0].netns)
         answer = probe(CHECKOUT_1.netns, EXTERNAL.addresses[0], local_port=port, seconds=3)
     finally:
         klab.restore(gateway_host(old))

@@ -13,6 +13,7 @@ again: the follower only adopts its generation, which is then the one it reports
 
 from __future__ import annotations
 
+import enum
 import faulthandler
 import logging
 import time
@@ -41,6 +42,41 @@ from gatewayd.systemd import Priority, ServiceNotifier, journal_event, watchdog_
 from gatewayd.version import VERSION
 
 log = logging.getLogger("gatewayd")
+
+
+class Part(enum.Enum):
+    """The parts of a programming pass, by what a failure there breaks (the daemons'
+    conditions are derived from these, never from error text)."""
+
+    TUNNEL = "wireguard"
+    FILTER = "nftables"
+    ROUTING = "policy routing"
+    SYSCTL = "sysctl"
+    FORWARD_GUARD = "forward guard"
+    EGRESS_IPS = "egress IPs"
+    FORWARDING = "forwarding"
+
+
+@dataclass(frozen=True)
+class StepFailure:
+    """One part of a programming pass that failed; `subject` names which one of several (an
+    interface), empty when there is one."""
+
+    part: Part
+    detail: str
+    subject: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.part.value} {self.subject}" if self.subject else self.part.value
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.detail}"
+
+
+def failures_of(errors: tuple[StepFailure, ...], *parts: Part) -> str:
+    """The failures of `parts`, as the status conditions' messages show them."""
+    return "; ".join(str(e) for e in errors if e.part in parts)
 
 
 class FollowerConfig(Protocol):
@@ -217,7 +253,7 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
     def plan_from(self, plan: EgressPlan, generation: int) -> PlanT: ...
 
     @abstractmethod
-    def program(self, plan: PlanT, errors: list[str]) -> None:
+    def program(self, plan: PlanT, errors: list[StepFailure]) -> None:
         """Program every part of `plan`, recording failures with `self.step`."""
 
     @staticmethod
@@ -330,7 +366,7 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
 
     def apply(self, plan: PlanT) -> None:
         self.target = plan
-        errors: list[str] = []
+        errors: list[StepFailure] = []
         started = time.monotonic()
         self.program(plan, errors)
         metrics.PLAN_APPLY_SECONDS.labels("repair" if self.repairing else "change").observe(
@@ -347,7 +383,7 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
             self.applied = plan
             self.status.generation = plan.generation
         self.status.ready = not errors
-        self.status.last_error = "; ".join(errors) or self._config_error
+        self.status.last_error = "; ".join(map(str, errors)) or self._config_error
         self.write_status()  # saves the plan first
 
     def save_plan(self) -> None:
@@ -399,14 +435,16 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
             self.repairing = False
 
     @staticmethod
-    def step(errors: list[str], what: str, action: Callable[[], object]) -> bool:
+    def step(errors: list[StepFailure], part: Part, action: Callable[[], object],
+             subject: str = "") -> bool:
         """Run one part of programming; log and record a failure, then go on with the rest
         (parts that depend on this one ask the result: True when it worked)."""
         try:
             action()
         except Exception as exc:
-            log.exception("%s failed", what)
-            errors.append(f"{what}: {exc}")
+            failure = StepFailure(part, str(exc), subject)
+            log.exception("%s failed", failure.where)
+            errors.append(failure)
             return False
         return True
 

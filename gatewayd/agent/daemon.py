@@ -45,7 +45,14 @@ from gatewayd.dataplane.wireguard import (
     WireGuardDriver,
 )
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
-from gatewayd.follower import PlanFollower, PlanSource, SnapshotSource, run_follower
+from gatewayd.follower import (
+    Part,
+    PlanFollower,
+    PlanSource,
+    SnapshotSource,
+    StepFailure,
+    run_follower,
+)
 from gatewayd.kube.client import KubeConfigError
 from gatewayd.metrics import MetricsSettings, Sample, peer_samples
 from gatewayd.policy.engine import EgressPlan
@@ -83,7 +90,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         self.handshakes: dict[str, int] = {}  # peer name -> unix time of its latest handshake
         self.egress_ip_conflicts: frozenset[IPAddress] = frozenset()  # another host has them
         self.nat_use = gateway_metrics.NatUse()  # connections per egress IP, for metrics
-        self.errors: tuple[str, ...] = ()  # of the last programming pass
+        self.errors: tuple[StepFailure, ...] = ()  # of the last programming pass
         self.public_key: str | None = None
         self._status_dirty = threading.Event()  # set by the egress IP keeper's thread
         self._connection: dict[str, Any] | None = None  # as status.json last reported it
@@ -125,23 +132,25 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
     def host_inputs(self, target: GatewayTarget) -> object:
         return self.config, self.peers(target)
 
-    def program(self, target: GatewayTarget, errors: list[str]) -> None:
+    def program(self, target: GatewayTarget, errors: list[StepFailure]) -> None:
         settled = self.host_settled(target)
         if not settled:
-            self.step(errors, "wireguard", lambda: self._ensure_tunnel(target))
-            self.step(errors, "forward guard", self._ensure_guard)
+            self.step(errors, Part.TUNNEL, lambda: self._ensure_tunnel(target))
+            self.step(errors, Part.FORWARD_GUARD, self._ensure_guard)
         if self.cluster is None:
-            self.step(errors, "egress IPs", lambda: self._ensure_egress_ips(target.plan))
+            self.step(errors, Part.EGRESS_IPS, lambda: self._ensure_egress_ips(target.plan))
         else:
             self.cluster.keeper.set_rules(target.rules)
         self._filter_then_forward(target.plan, errors, settled)
         self.errors = tuple(errors)
 
-    def _filter_then_forward(self, plan: GatewayPlan, errors: list[str], settled: bool) -> None:
+    def _filter_then_forward(
+        self, plan: GatewayPlan, errors: list[StepFailure], settled: bool
+    ) -> None:
         """The table first; forwarding on only once it is in place, off while it is gone."""
-        if self.step(errors, "nftables", lambda: self._ensure_table(plan)):
+        if self.step(errors, Part.FILTER, lambda: self._ensure_table(plan)):
             if not settled or self._forwarding is not True:
-                self.step(errors, "sysctl", lambda: self._ensure_sysctls(forwarding=True))
+                self.step(errors, Part.SYSCTL, lambda: self._ensure_sysctls(forwarding=True))
             return
         try:
             intact = self.nftables.intact()
@@ -150,8 +159,9 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             intact = False
         if intact:
             return  # the table last installed still filters: the last good plan stays
-        self.step(errors, "sysctl", lambda: self._ensure_sysctls(forwarding=False))
-        errors.append(f"forwarding: off until table {TABLE_FAMILY} {TABLE_NAME} is in place")
+        self.step(errors, Part.SYSCTL, lambda: self._ensure_sysctls(forwarding=False))
+        errors.append(StepFailure(
+            Part.FORWARDING, f"off until table {TABLE_FAMILY} {TABLE_NAME} is in place"))
 
     def _on_table_changed(self) -> None:
         self._table_changed.set()
@@ -204,7 +214,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         the failure is reported."""
         if self.target is None:
             return
-        errors: list[str] = []
+        errors: list[StepFailure] = []
         self.repairing = verify  # re-read the kernel; what differs is drift, and reported
         try:
             self._filter_then_forward(self.target.plan, errors, settled=True)

@@ -46,7 +46,7 @@ from gatewayd.clusterlink import (
 )
 from gatewayd.dataplane.host import first_ipv4, observe_interfaces
 from gatewayd.dataplane.probe import ProbeResponder
-from gatewayd.follower import InputError
+from gatewayd.follower import InputError, Part, StepFailure, failures_of
 from gatewayd.kube.leases import LeaseObserver, renew_lease
 from gatewayd.kube.resources import EGRESS_GATEWAYS
 from gatewayd.policy.model import GatewayInterface
@@ -95,7 +95,7 @@ class AgentState:
     public_key: str | None
     generation: int  # of the plan applied without error
     ready: bool
-    errors: tuple[str, ...]  # of the last programming pass
+    errors: tuple[StepFailure, ...]  # of the last programming pass
     last_error: str | None
     peers_up: frozenset[str]
     peers: tuple[str, ...]
@@ -113,11 +113,11 @@ def gateway_status(state: AgentState, previous: Mapping[str, Any], now: str) -> 
     endpoint = config.tunnel.advertise_endpoint or (
         f"{uplink_ip}:{config.tunnel.listen_port}" if uplink_ip else None
     )
-    failed = {error.split(":", 1)[0] for error in state.errors}
+    failed = {error.part for error in state.errors}
     peers = len(state.peers)
     up = len(state.peers_up)
-    tunnel_ok = "wireguard" not in failed
-    snat_ok = "nftables" not in failed
+    tunnel_ok = Part.TUNNEL not in failed
+    snat_ok = Part.FILTER not in failed
     new = [
         Condition("Ready", state.ready and not state.stopping,
                   "Stopping" if state.stopping else ("PlanApplied" if state.ready
@@ -127,10 +127,9 @@ def gateway_status(state: AgentState, previous: Mapping[str, Any], now: str) -> 
         Condition("TunnelsUp", tunnel_ok and (up > 0 or peers == 0),
                   "Handshakes" if tunnel_ok else "TunnelFailed",
                   f"{up}/{peers} peers have a recent handshake" if tunnel_ok
-                  else "; ".join(e for e in state.errors if e.startswith("wireguard"))),
+                  else failures_of(state.errors, Part.TUNNEL)),
         Condition("SNATProgrammed", snat_ok, "Programmed" if snat_ok else "NftablesFailed",
-                  "" if snat_ok else "; ".join(e for e in state.errors
-                                               if e.startswith("nftables"))),
+                  failures_of(state.errors, Part.FILTER)),
         Condition("EgressIPsPresent", state.egress_ips.present, state.egress_ips.reason,
                   state.egress_ips.message),
         # The data plane is programmed either way; a plan not saved is lost at a reboot.

@@ -39,7 +39,14 @@ from gatewayd.dataplane.wireguard import (
     WireGuardDriver,
 )
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
-from gatewayd.follower import PlanFollower, PlanSource, SnapshotSource, run_follower
+from gatewayd.follower import (
+    Part,
+    PlanFollower,
+    PlanSource,
+    SnapshotSource,
+    StepFailure,
+    run_follower,
+)
 from gatewayd.healthz import HealthServer
 from gatewayd.kube.client import KubeConfigError
 from gatewayd.metrics import MetricsSettings, Sample, exposition, peer_samples
@@ -94,7 +101,7 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
         self.slots = SlotTable(slots_path(config), config.mark_mask)
         # The data plane is programmed from the loop's thread and from the fast failover's.
         self._dataplane = threading.Lock()
-        self.errors: tuple[str, ...] = ()
+        self.errors: tuple[StepFailure, ...] = ()
         self.public_key: str | None = None
         self.ends: tuple[GatewayTunnelEnd, ...] = ()  # the tunnels of the last programming
         self._last_pass = time.monotonic()
@@ -162,19 +169,19 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
     def after_pass(self) -> None:
         self._last_pass = time.monotonic()
 
-    def program(self, target: NodeTarget, errors: list[str]) -> None:
+    def program(self, target: NodeTarget, errors: list[StepFailure]) -> None:
         with self._dataplane:
             try:
                 ends = self.tunnel_ends(target)
             except SlotsFullError as exc:
-                errors.append(f"wireguard: {exc}")
+                errors.append(StepFailure(Part.TUNNEL, str(exc)))
                 return
             self.ends = ends
             if not self.host_settled(target):
                 self._program_host(ends, target.gateways is not None, errors)
             rules = self._steerable(target.plan, ends)
             failovers = self._follow_failovers(target, ends, rules)
-            self.step(errors, "nftables",
+            self.step(errors, Part.FILTER,
                       lambda: self._ensure_table(target.plan, rules, ends, failovers))
             self._failovers_applied(failovers)
             self.errors = tuple(errors)
@@ -183,16 +190,16 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
         return self.config, target.gateways, target.tunnel_address
 
     def _program_host(
-        self, ends: tuple[GatewayTunnelEnd, ...], from_plan: bool, errors: list[str]
+        self, ends: tuple[GatewayTunnelEnd, ...], from_plan: bool, errors: list[StepFailure]
     ) -> None:
         for gateway in ends:
-            self.step(errors, f"wireguard {gateway.interface}",
-                      functools.partial(self._ensure_tunnel, gateway))
+            self.step(errors, Part.TUNNEL, functools.partial(self._ensure_tunnel, gateway),
+                      gateway.interface)
         if from_plan:
-            self.step(errors, "wireguard (departed gateways)",
-                      lambda: self._remove_departed(ends))
-        self.step(errors, "sysctl", lambda: self._ensure_sysctls(ends))
-        self.step(errors, "policy routing", lambda: self._ensure_routing(ends))
+            self.step(errors, Part.TUNNEL, lambda: self._remove_departed(ends),
+                      "(departed gateways)")
+        self.step(errors, Part.SYSCTL, lambda: self._ensure_sysctls(ends))
+        self.step(errors, Part.ROUTING, lambda: self._ensure_routing(ends))
 
     def repair(self) -> None:
         super().repair()

@@ -43,7 +43,7 @@ from gatewayd.clusterlink import (
     conditions,
     status_patch,
 )
-from gatewayd.follower import InputError
+from gatewayd.follower import InputError, Part, StepFailure, failures_of
 from gatewayd.kube.resources import EGRESS_NODES
 from gatewayd.policy.planio import PlanFormatError
 from gatewayd.probe import Failover
@@ -85,7 +85,7 @@ class NodeState:
     tunnels: tuple[GatewayTunnelEnd, ...]
     generation: int
     ready: bool
-    errors: tuple[str, ...]
+    errors: tuple[StepFailure, ...]
     last_error: str | None
     reachable: Mapping[str, bool | None]  # gateway -> what the probes see
     failovers: Sequence[Failover]
@@ -93,9 +93,9 @@ class NodeState:
 
 
 def node_status(state: NodeState, previous: Mapping[str, Any], now: str) -> Status:
-    failed = {error.split(":", 1)[0].split(" ")[0] for error in state.errors}
-    tunnels_ok = "wireguard" not in failed
-    steering_ok = not {"nftables", "policy"} & failed
+    failed = {error.part for error in state.errors}
+    tunnels_ok = Part.TUNNEL not in failed
+    steering_ok = not {Part.FILTER, Part.ROUTING} & failed
     reachable = sum(1 for t in state.tunnels if state.reachable.get(t.name))
     new = [
         Condition("Ready", state.ready, "PlanApplied" if state.ready else "ApplyFailed",
@@ -105,7 +105,7 @@ def node_status(state: NodeState, previous: Mapping[str, Any], now: str) -> Stat
                   else "no spec.tunnelAddress yet: gateways are not probed"),
         Condition("SteeringProgrammed", steering_ok,
                   "Programmed" if steering_ok else "ProgrammingFailed",
-                  "" if steering_ok else "; ".join(state.errors)),
+                  failures_of(state.errors, Part.FILTER, Part.ROUTING)),
     ]
     status: Status = {
         "observedGeneration": state.generation,

@@ -21,7 +21,7 @@ from gatewayd.agent.target import target_to_dict as gateway_target_to_dict
 from gatewayd.clusterlink import status_patch
 from gatewayd.configfile import ConfigError
 from gatewayd.controller.specs import node_endpoint
-from gatewayd.follower import InputError
+from gatewayd.follower import InputError, Part, StepFailure
 from gatewayd.policy.model import GatewayInterface, InterfaceAddress
 from gatewayd.probe import Failover
 from gatewayd.steer.config import FIRST_TABLE, load_steer_config
@@ -307,7 +307,8 @@ def test_gateway_status_when_stopping_or_failing(tmp_path: Path) -> None:
     unchanged = next(c for c in stopping["conditions"] if c["type"] == "SNATProgrammed")
     assert unchanged["lastTransitionTime"] == "2026-01-01T00:00:00Z"
     failing = gateway_status(agent_state(
-        tmp_path, ready=False, errors=("nftables: refused",), last_error="nftables: refused"),
+        tmp_path, ready=False, errors=(StepFailure(Part.FILTER, "refused"),),
+        last_error="nftables: refused"),
         before, "2026-01-01T00:02:00Z")
     assert conditions(failing) == {"Ready": "False", "TunnelsUp": "True",
                                    "SNATProgrammed": "False", "EgressIPsPresent": "True",
@@ -350,6 +351,17 @@ def test_node_status(tmp_path: Path) -> None:
     v6 = node_status(NodeState(**{**state.__dict__, "address": "2001:db8::21"}), {},
                      "2026-01-01T00:00:00Z")
     assert v6["endpoint"] == "[2001:db8::21]:51821"
+    # each failed part turns the condition it belongs to, with its own message
+    routing = StepFailure(Part.ROUTING, "RTNETLINK answers: File exists")
+    tunnel = StepFailure(Part.TUNNEL, "wg set failed", "n1-gw1")
+    failing = node_status(NodeState(**{**state.__dict__, "ready": False,
+                                       "errors": (routing, tunnel)}), status,
+                          "2026-01-01T00:00:02Z")
+    assert conditions(failing) == {"Ready": "False", "TunnelsUp": "False",
+                                   "SteeringProgrammed": "False"}
+    steering = next(c for c in failing["conditions"] if c["type"] == "SteeringProgrammed")
+    assert steering["message"] == "policy routing: RTNETLINK answers: File exists"
+    assert str(tunnel) == "wireguard n1-gw1: wg set failed"
 
 
 @pytest.mark.parametrize(

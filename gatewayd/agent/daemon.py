@@ -28,7 +28,7 @@ from typing import Any
 
 from gatewayd.agent import metrics as gateway_metrics
 from gatewayd.agent.config import AgentConfig, TunnelPeer, load_agent_config
-from gatewayd.agent.footprint import record_tunnel, sysctl_originals_path
+from gatewayd.agent.footprint import GatewayFootprint, record_tunnel, sysctl_originals_path
 from gatewayd.agent.kubernetes import AgentCluster, AgentState, gateway_status, observe_host
 from gatewayd.agent.target import GatewayTarget, target_from_dict, target_to_dict
 from gatewayd.clusterlink import rfc3339
@@ -62,7 +62,7 @@ from gatewayd.systemd import Priority, journal_event
 
 log = logging.getLogger("gatewayd.agent")
 
-TABLE_FAMILY, TABLE_NAME = "inet", "gatewayd"
+TABLE_FAMILY, TABLE_NAME = GatewayFootprint.table
 
 
 class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):

@@ -1,6 +1,6 @@
-"""What the agent programmed on this host, recorded in its state directory, so that teardown
-(`gatewayctl teardown`, removing the package) removes it without the config, which may be
-invalid or gone by then.
+"""What the agent programmed on this host (`GatewayFootprint`), recorded in its state directory,
+so that teardown (`gatewayctl teardown`, removing the package) removes it without the config,
+which may be invalid or gone by then.
 
 - `programmed.json`: the tunnel interfaces the agent created (every one, until teardown);
 - `sysctl-originals.json`: the kernel parameters the agent changed and their values before
@@ -12,8 +12,12 @@ invalid or gone by then.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from gatewayd.agent.config import AgentConfig
+from gatewayd.dataplane.nft_render import FAMILY, GATEWAY_TABLE
 from gatewayd.runtime import write_json_atomic
 
 PROGRAMMED_FILE = "programmed.json"
@@ -48,3 +52,62 @@ def record_tunnel(state_directory: Path, interface: str) -> None:
         return
     write_json_atomic(programmed_path(state_directory),
                       {"tunnels": sorted({*tunnels, interface})}, mode=0o600)
+
+
+@dataclass(frozen=True)
+class GatewayFootprint:
+    """The agent's footprint (`gatewayd.footprint.Footprint`). Without a config (it may be
+    invalid at package removal) the state directory's records say what to remove."""
+
+    state_directory: Path
+    tunnel: str | None = None  # the config's tunnel interface
+    egress_interfaces: tuple[str, ...] = ()  # the uplink and the pools' interfaces
+    role = "agent"
+    kind = "gateway"
+    table = (FAMILY, GATEWAY_TABLE)
+
+    @classmethod
+    def of(cls, config: AgentConfig) -> GatewayFootprint:
+        interfaces = {config.uplink, *(p.interface for p in config.egress_ip_pools)}
+        return cls(config.state_directory, config.tunnel.interface, tuple(sorted(interfaces)))
+
+    def tunnel_interfaces(self) -> list[str]:
+        return sorted({*recorded_tunnels(self.state_directory),
+                       *([self.tunnel] if self.tunnel else [])})
+
+    def observe(self) -> dict[str, Any]:
+        from gatewayd.dataplane.addresses import AddressDriver
+
+        present: set[str] = set()
+        for interface in self.egress_interfaces:
+            present |= {str(ip) for ip in AddressDriver().observe(interface)}
+        return {"egressIPsPresent": sorted(present)}
+
+    def teardown(self) -> list[str]:
+        """First the tunnels, so that no more traffic arrives, then the table (filter and
+        SNAT) and its routing guard, the egress IPs, and the kernel parameters go back to
+        their values before the agent changed them. Then the saved plan and the records go,
+        so a later start does not restore the plan."""
+        from gatewayd.dataplane.addresses import AddressDriver
+        from gatewayd.dataplane.forward_guard import remove_forward_guard
+        from gatewayd.dataplane.nftables import NftablesDriver
+        from gatewayd.dataplane.sysctl import restore_sysctls
+        from gatewayd.dataplane.wireguard import WireGuardDriver
+
+        removed = []
+        wireguard = WireGuardDriver()
+        for interface in self.tunnel_interfaces():
+            if wireguard.delete(interface):
+                removed.append(f"wireguard interface {interface}")
+        if NftablesDriver(*self.table).delete():
+            removed.append(f"nftables table {' '.join(self.table)}")
+        removed += [f"routing guard {rule}" for rule in remove_forward_guard()]
+        changes = AddressDriver().remove_all()
+        removed += [f"egress IP {ip}" for ip in sorted(map(str, changes.removed))]
+        removed += [f"sysctl {key} (restored)"
+                    for key in restore_sysctls(sysctl_originals_path(self.state_directory))]
+        for path in (self.state_directory / "plan.json", programmed_path(self.state_directory)):
+            if path.exists():
+                path.unlink()
+                removed.append(str(path))
+        return removed

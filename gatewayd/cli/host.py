@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from gatewayd.agent.config import AgentConfig, load_agent_config
+from gatewayd.agent.footprint import GatewayFootprint
 from gatewayd.configfile import ConfigError, read_config, read_config_stream
 from gatewayd.follower import pid_file
+from gatewayd.footprint import Footprint
 from gatewayd.policy.safeload import STDIN, STDIN_NAME
 from gatewayd.runtime import read_json
 from gatewayd.steer.config import SteerConfig, load_steer_config
-from gatewayd.steer.slots import slots_path, tunnel_interfaces
+from gatewayd.steer.footprint import NodeFootprint
 
 DEFAULT_CONFIG = Path("/etc/gatewayd/gatewayd.yaml")
 DEFAULT_STATE_DIRECTORY = Path("/var/lib/gatewayd")
@@ -60,6 +62,13 @@ def load_piped_config(stdin: IO[bytes]) -> AgentConfig | SteerConfig:
     return load_agent_config(top.file, top)
 
 
+def footprint_of(config: AgentConfig | SteerConfig) -> Footprint:
+    """What the daemon of `config` programs on this host."""
+    if isinstance(config, SteerConfig):
+        return NodeFootprint(config)
+    return GatewayFootprint.of(config)
+
+
 def run_check_config(args: argparse.Namespace) -> int:
     piped = str(args.path) == STDIN
     try:
@@ -67,8 +76,8 @@ def run_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    role = "steer" if isinstance(config, SteerConfig) else "gateway"
-    print(f"{STDIN_NAME if piped else args.path}: valid {role} configuration")
+    print(f"{STDIN_NAME if piped else args.path}: valid {footprint_of(config).kind} "
+          "configuration")
     return 0
 
 
@@ -83,29 +92,24 @@ def _config_or_exit(path: Path) -> AgentConfig | SteerConfig | None:
 # --- status -------------------------------------------------------------------------------
 
 
-def collect_status(config: AgentConfig | SteerConfig) -> dict[str, Any]:
+def collect_status(footprint: Footprint) -> dict[str, Any]:
     """The daemon's own report plus what the kernel says right now."""
     from gatewayd.dataplane.nftables import NftablesDriver
     from gatewayd.dataplane.wireguard import WireGuardDriver
 
-    state = config.state_directory
+    state = footprint.state_directory
     try:
         report: dict[str, Any] = read_json(state / "status.json")
     except (OSError, ValueError):
         report = {"ready": False, "lastError": "no status yet: the daemon has not run"}
-    report["running"] = pid_file(state, "steer" if isinstance(config, SteerConfig) else
-                                 "agent").running_pid() is not None
-    if isinstance(config, AgentConfig):
-        table, interfaces = ("inet", "gatewayd"), [config.tunnel.interface]
-    else:
-        table, interfaces = ("inet", "gatewayd-steer"), tunnel_interfaces(config)
+    report["running"] = pid_file(state, footprint.role).running_pid() is not None
     report["counters"] = {
         name: {"packets": packets, "bytes": size}
-        for name, (packets, size) in sorted(NftablesDriver(*table).counters().items())
+        for name, (packets, size) in sorted(NftablesDriver(*footprint.table).counters().items())
     }
     wireguard = WireGuardDriver()
     peers = []
-    for interface in interfaces:
+    for interface in footprint.tunnel_interfaces():
         observed = wireguard.observe(interface)
         for peer in observed.peers if observed else ():
             peers.append({
@@ -117,13 +121,7 @@ def collect_status(config: AgentConfig | SteerConfig) -> dict[str, Any]:
                 "txBytes": peer.tx_bytes,
             })
     report["peers"] = peers
-    if isinstance(config, AgentConfig):
-        from gatewayd.dataplane.addresses import AddressDriver
-
-        present = set()
-        for interface in {config.uplink, *(p.interface for p in config.egress_ip_pools)}:
-            present |= {str(ip) for ip in AddressDriver().observe(interface)}
-        report["egressIPsPresent"] = sorted(present)
+    report.update(footprint.observe())
     return report
 
 
@@ -168,10 +166,11 @@ def run_status(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     deadline = time.monotonic() + args.timeout
-    report = collect_status(config)
+    footprint = footprint_of(config)
+    report = collect_status(footprint)
     while args.wait_ready and not report.get("ready") and time.monotonic() < deadline:
         time.sleep(0.5)
-        report = collect_status(config)
+        report = collect_status(footprint)
     if args.output == "json":
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -185,69 +184,6 @@ def run_status(args: argparse.Namespace) -> int:
 # --- teardown -----------------------------------------------------------------------------
 
 
-def teardown(config: AgentConfig | SteerConfig) -> list[str]:
-    """Remove what the daemon of `config` programmed; returns what was removed."""
-    if isinstance(config, AgentConfig):
-        return teardown_gateway(config.state_directory, config.tunnel.interface)
-    return _teardown_steer(config)
-
-
-def teardown_gateway(state: Path, configured_tunnel: str | None = None) -> list[str]:
-    """Remove what the agent programmed, as its state directory records it (the config's
-    tunnel too, if there is a config): first the tunnel, so that no more traffic arrives,
-    then the table (filter and SNAT) and its routing guard, the egress IPs, and the kernel
-    parameters go back to their values before the agent changed them. Then the saved plan and
-    the records go, so a later start does not restore the plan. Returns what was removed, in
-    that order."""
-    from gatewayd.agent.footprint import programmed_path, recorded_tunnels, sysctl_originals_path
-    from gatewayd.dataplane.addresses import AddressDriver
-    from gatewayd.dataplane.forward_guard import remove_forward_guard
-    from gatewayd.dataplane.nftables import NftablesDriver
-    from gatewayd.dataplane.sysctl import restore_sysctls
-    from gatewayd.dataplane.wireguard import WireGuardDriver
-
-    removed = []
-    wireguard = WireGuardDriver()
-    tunnels = {*recorded_tunnels(state), *([configured_tunnel] if configured_tunnel else [])}
-    for interface in sorted(tunnels):
-        if wireguard.delete(interface):
-            removed.append(f"wireguard interface {interface}")
-    if NftablesDriver("inet", "gatewayd").delete():
-        removed.append("nftables table inet gatewayd")
-    removed += [f"routing guard {rule}" for rule in remove_forward_guard()]
-    changes = AddressDriver().remove_all()
-    removed += [f"egress IP {ip}" for ip in sorted(map(str, changes.removed))]
-    removed += [f"sysctl {key} (restored)"
-                for key in restore_sysctls(sysctl_originals_path(state))]
-    for path in (state / "plan.json", programmed_path(state)):
-        if path.exists():
-            path.unlink()
-            removed.append(str(path))
-    return removed
-
-
-def _teardown_steer(config: SteerConfig) -> list[str]:
-    from gatewayd.dataplane.nftables import NftablesDriver
-    from gatewayd.dataplane.routing import PolicyRoutingDriver
-    from gatewayd.dataplane.wireguard import WireGuardDriver
-
-    removed = []
-    if NftablesDriver("inet", "gatewayd-steer").delete():
-        removed.append("nftables table inet gatewayd-steer")
-    if PolicyRoutingDriver(mark_mask=config.mark_mask).ensure({}):
-        removed.append("policy routing rules")
-    wireguard = WireGuardDriver()
-    for interface in tunnel_interfaces(config):
-        if wireguard.delete(interface):
-            removed.append(f"wireguard interface {interface}")
-    # The slots go too: no tunnel is left to keep its slot for.
-    for path in (config.state_directory / "plan.json", slots_path(config)):
-        if path.exists():
-            path.unlink()
-            removed.append(str(path))
-    return removed
-
-
 def run_teardown(args: argparse.Namespace) -> int:
     """A config that cannot be read does not stop a teardown (package removal runs it): a
     gateway's state directory records what was programmed."""
@@ -257,14 +193,14 @@ def run_teardown(args: argparse.Namespace) -> int:
         print(f"{exc}\nthe config is unusable: removing what {args.state_directory} records",
               file=sys.stderr)
         config = None
-    role = "steer" if isinstance(config, SteerConfig) else "agent"
-    state = config.state_directory if config is not None else args.state_directory
-    pid = pid_file(state, role).running_pid()
+    footprint = footprint_of(config) if config is not None else \
+        GatewayFootprint(args.state_directory)
+    pid = pid_file(footprint.state_directory, footprint.role).running_pid()
     if pid is not None and not args.force:
-        print(f"the {role} daemon runs (pid {pid}) and would program everything again; "
-              "stop it first (systemctl stop gatewayd) or pass --force", file=sys.stderr)
+        print(f"the {footprint.role} daemon runs (pid {pid}) and would program everything "
+              "again; stop it first (systemctl stop gatewayd) or pass --force", file=sys.stderr)
         return 1
-    removed = teardown(config) if config is not None else teardown_gateway(state)
+    removed = footprint.teardown()
     for item in removed:
         print(f"removed {item}")
     return 0

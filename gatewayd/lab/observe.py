@@ -14,9 +14,10 @@ from typing import Any
 
 import nftables
 
+from gatewayd.agent.footprint import GatewayFootprint
 from gatewayd.lab.netns import entered, run
 
-GATEWAY_TABLE = ("inet", "gatewayd")
+GATEWAY_TABLE = GatewayFootprint.table
 
 
 class NftReader:

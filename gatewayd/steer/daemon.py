@@ -56,6 +56,7 @@ from gatewayd.probe import GATEWAY_TUNNEL_ADDRESS, PROBE_PORT, Failover, effecti
 from gatewayd.steer.config import GatewayTunnelEnd, SteerConfig, load_steer_config
 from gatewayd.steer.conntrack import forget_unanswered
 from gatewayd.steer.failover import FastFailover
+from gatewayd.steer.footprint import NodeFootprint
 from gatewayd.steer.kubernetes import NodeState, SteerCluster, node_status
 from gatewayd.steer.metrics import gateway_samples
 from gatewayd.steer.slots import (
@@ -70,7 +71,7 @@ from gatewayd.systemd import Priority, journal_event
 
 log = logging.getLogger("gatewayd.steer")
 
-TABLE_FAMILY, TABLE_NAME = "inet", "gatewayd-steer"
+TABLE_FAMILY, TABLE_NAME = NodeFootprint.table
 # /healthz fails when the loop has not come round for this long (it does every poll interval).
 STALL_SECONDS = 60.0
 # How often the WireGuard session with a gateway that does not answer probes is renewed.

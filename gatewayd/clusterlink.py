@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 
@@ -107,11 +106,6 @@ def api_client(settings: KubernetesSettings) -> ApiClient:
             and settings.ca_file is not None:
         return client_from_token_file(settings.server, settings.token_file, settings.ca_file)
     return client_in_cluster()
-
-
-def rfc3339(moment: float | None = None) -> str:
-    when = datetime.fromtimestamp(time.time() if moment is None else moment, UTC)
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from gatewayd.runtime import (
     DaemonLoop,
     PidFile,
     fingerprint,
-    now_iso,
+    rfc3339,
     set_aside,
     write_json_atomic,
 )
@@ -379,7 +379,7 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
                               f"plan generation {plan.generation} applied: {len(plan.rules)} rules",
                               Priority.NOTICE, generation=str(plan.generation),
                               rules=str(len(plan.rules)))
-                self.status.applied_at = now_iso()
+                self.status.applied_at = rfc3339()
             self.applied = plan
             self.status.generation = plan.generation
         self.status.ready = not errors
@@ -454,7 +454,7 @@ class PlanFollower(ABC, Generic[ConfigT, PlanT]):
             journal_event("drift-repaired", f"drift repaired: {what}: {changes}",
                           Priority.WARNING, target=what)
             self.status.drift_repaired += 1
-            self.status.last_drift_at = now_iso()
+            self.status.last_drift_at = rfc3339()
 
     def metric_samples(self) -> list[metrics.Sample]:
         """The state for `/metrics`, read in the loop's thread after a pass; each daemon adds

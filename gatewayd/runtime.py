@@ -85,8 +85,9 @@ def read_json(path: Path) -> Any:
         return json.load(f)
 
 
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+def rfc3339(moment: float | None = None) -> str:
+    """`moment` (default: now), a POSIX timestamp, as the API's and status files' UTC time."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
 
 
 class PidFile:

@@ -31,7 +31,6 @@ from gatewayd.agent.config import AgentConfig, TunnelPeer, load_agent_config
 from gatewayd.agent.footprint import GatewayFootprint, record_tunnel, sysctl_originals_path
 from gatewayd.agent.kubernetes import AgentCluster, AgentState, gateway_status, observe_host
 from gatewayd.agent.target import GatewayTarget, target_from_dict, target_to_dict
-from gatewayd.clusterlink import rfc3339
 from gatewayd.configfile import ConfigError
 from gatewayd.dataplane.addresses import AddressConflict, AddressDriver, held_addresses
 from gatewayd.dataplane.forward_guard import ensure_forward_guard
@@ -58,6 +57,7 @@ from gatewayd.metrics import MetricsSettings, Sample, peer_samples
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import GatewayPlan, IPAddress
 from gatewayd.probe import PROBE_PORT
+from gatewayd.runtime import rfc3339
 from gatewayd.systemd import Priority, journal_event
 
 log = logging.getLogger("gatewayd.agent")

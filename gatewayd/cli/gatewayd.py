@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+from gatewayd.clustersettings import DEFAULT_NAMESPACE
 from gatewayd.metrics import DEFAULT_ADDRESS as DEFAULT_METRICS_ADDRESS
 from gatewayd.metrics import MetricsSettings
 from gatewayd.runtime import setup_logging
@@ -90,7 +91,7 @@ def _add_controller_parser(roles: argparse._SubParsersAction[argparse.ArgumentPa
     )
     controller.add_argument(
         "--namespace",
-        default=os.environ.get("GATEWAYD_NAMESPACE") or "gatewayd-system",
+        default=os.environ.get("GATEWAYD_NAMESPACE") or DEFAULT_NAMESPACE,
         help="namespace of the Leases: the controller's and the gateways' "
         "(default: $GATEWAYD_NAMESPACE, else gatewayd-system)",
     )

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from ipaddress import IPv4Network
 from pathlib import Path
 from types import FrameType
@@ -29,6 +28,7 @@ from typing import Any
 from kubernetes.client import ApiClient
 
 from gatewayd import metrics
+from gatewayd.clustersettings import DEFAULT_NAMESPACE
 from gatewayd.controller.cached import pod_fields, without_managed_fields
 from gatewayd.controller.leader import LEASE_DURATION, LeaderElector
 from gatewayd.controller.metrics import controller_samples
@@ -53,11 +53,11 @@ from gatewayd.kube.resources import (
     PODS,
     Resource,
 )
+from gatewayd.runtime import rfc3339
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "gatewayd-controller"
-DEFAULT_NAMESPACE = "gatewayd-system"
 # The API server's EndpointSlice, by name: RBAC grants the controller that one object only
 # (resourceNames), which a list or watch matches through its metadata.name field selector.
 API_SERVER_SLICE = "metadata.name=kubernetes"
@@ -79,10 +79,6 @@ class ControllerOptions:
     min_interval: float = 0.1  # between two reconciles
     resync_interval: float = 30.0  # reconcile at least this often, changes or not
     backoff: Backoff = API_BACKOFF  # after API errors: watches and writes
-
-
-def rfc3339(moment: float) -> str:
-    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Controller:

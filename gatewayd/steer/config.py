@@ -12,7 +12,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gatewayd.clustersettings import KubernetesSettings, read_mode, reject_outside_kubernetes
+from gatewayd.clustersettings import (
+    DEFAULT_NAMESPACE,
+    KubernetesSettings,
+    read_mode,
+    reject_outside_kubernetes,
+)
 from gatewayd.configfile import (
     DEFAULT_TUNNEL_ADDRESS,
     ConfigError,
@@ -206,7 +211,7 @@ def in_cluster_defaults(path: Path) -> SteerConfig:
         path=path, node=node, snapshot=(), state_directory=state_directory,
         private_key_file=state_directory / "wireguard.key", mtu=1420, mark_mask=MARK_MASK,
         gateways=(), reconcile=ReconcileSettings(), kubernetes=KubernetesSettings(
-            namespace=os.environ.get("GATEWAYD_NAMESPACE", "gatewayd-system")),
+            namespace=os.environ.get("GATEWAYD_NAMESPACE", DEFAULT_NAMESPACE)),
         proc_sys=HOST_PROC_SYS if (HOST_PROC_SYS / "net").is_dir() else Path("/proc/sys"),
         health_port=DEFAULT_HEALTH_PORT,
     )

@@ -24,7 +24,6 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from gatewayd.clusterlink import rfc3339
 from gatewayd.configfile import DEFAULT_TUNNEL_ADDRESS, ConfigError
 from gatewayd.dataplane.host import first_ipv4, observe_interfaces
 from gatewayd.dataplane.nft_render import SteerTableSettings, render_steer_table
@@ -53,6 +52,7 @@ from gatewayd.metrics import MetricsSettings, Sample, exposition, peer_samples
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import NodePlan, SteerAction, SteerRule
 from gatewayd.probe import GATEWAY_TUNNEL_ADDRESS, PROBE_PORT, Failover, effective_rules
+from gatewayd.runtime import rfc3339
 from gatewayd.steer.config import GatewayTunnelEnd, SteerConfig, load_steer_config
 from gatewayd.steer.conntrack import forget_unanswered
 from gatewayd.steer.failover import FastFailover

@@ -19,7 +19,6 @@ from collections.abc import Callable, Collection
 from ipaddress import IPv4Address
 
 from gatewayd import metrics
-from gatewayd.clusterlink import rfc3339
 from gatewayd.dataplane.probe import ProbeSockets, ProbeTarget
 from gatewayd.policy.model import SteerRule
 from gatewayd.probe import (
@@ -34,6 +33,7 @@ from gatewayd.probe import (
     encode_request,
     probe_requests,
 )
+from gatewayd.runtime import rfc3339
 from gatewayd.steer.config import FailoverSettings
 
 log = logging.getLogger("gatewayd.steer")

@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         "steer", help="run the cloud-node daemon (standalone or Kubernetes mode, as the config "
         "says; in a pod without the config file: Kubernetes mode with its service account)")
     steer.add_argument("--config", type=Path, default=Path("/etc/gatewayd/steer.yaml"))
+    steer.add_argument(
+        "--teardown", action="store_true",
+        help="remove what steer programmed on this node (table, policy routing, tunnels, "
+        "slots) and exit; the daemon must not run (packaging/kubernetes/cleanup runs this on "
+        "every node once the steer DaemonSet is gone)")
     _add_metrics_arguments(steer)
     _add_controller_parser(roles)
     return parser
@@ -46,9 +51,28 @@ def main(argv: list[str] | None = None) -> int:
         return run_agent(args.config, _metrics_options(args))
     if args.role == "controller":
         return _run_controller(args)
+    if args.teardown:
+        return _teardown_steer(args.config)
     from gatewayd.steer.daemon import run_steer
 
     return run_steer(args.config, _metrics_options(args))
+
+
+def _teardown_steer(config_path: Path) -> int:
+    """The steer config is read as the daemon reads it (in a pod without the file: from the
+    pod's environment), so the cleanup removes what that node's daemon made."""
+    from gatewayd.configfile import ConfigError
+    from gatewayd.steer.config import load_steer_config
+    from gatewayd.steer.footprint import NodeFootprint
+
+    try:
+        config = load_steer_config(config_path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for item in NodeFootprint(config).teardown():
+        print(f"removed {item}")
+    return 0
 
 
 def _add_metrics_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -28,7 +29,7 @@ from typing import Any, cast
 import pytest
 import yaml
 from fixtures.fakeapi import FakeApiServer
-from fixtures.fakeauth import ClusterAuth, LabIdentities
+from fixtures.fakeauth import MANIFESTS, ClusterAuth, LabIdentities
 from kubernetes.client.exceptions import ApiException
 
 from gatewayd.clusterlink import CustomObject
@@ -659,3 +660,38 @@ def test_metrics_count_a_failover_and_the_peer_going_down(klab: KubeLab) -> None
              f"{old} to become the standby")
     wait_for(lambda: node_value("gatewayd_wireguard_peer_up", **peer) == 1.0, TIMEOUT,
              f"{old} up again on {node.name}")
+
+
+# --- uninstalling the cluster side --------------------------------------------------------------
+
+
+def steer_footprint(node: CloudNode) -> dict[str, Any]:
+    """What steer programs on the node, as the node's kernel shows it."""
+    tables = run(["nft", "list", "tables"], node.netns).stdout.split()
+    rules = [line for line in run(["ip", "rule", "list"], node.netns).stdout.splitlines()
+             if "fwmark" in line]
+    tunnels = run(["wg", "show", "interfaces"], node.netns).stdout.split()
+    return {"table": "gatewayd-steer" in tables, "rules": rules, "tunnels": tunnels}
+
+
+def test_the_cleanup_daemonset_removes_what_steer_programmed(klab: KubeLab) -> None:
+    """With the steer DaemonSet gone, the cleanup DaemonSet's command (as its manifest says it)
+    removes steer's table, policy routing and tunnels from the node; steer started again
+    programs the node as before."""
+    node = NODES[0]
+    cleanup = yaml.safe_load_all(
+        (MANIFESTS / "cleanup" / "steer-cleanup.yaml").read_text())
+    (teardown,) = next(d for d in cleanup if d)["spec"]["template"]["spec"]["initContainers"]
+    programmed = steer_footprint(node)
+    assert programmed["table"] and programmed["rules"] and programmed["tunnels"], programmed
+    klab.stop_daemon(node.name)  # the steer pod is deleted; what it programmed stays
+    try:
+        assert steer_footprint(node) == programmed
+        # The pod reads the node's name from its environment; the lab's steer has a config.
+        removed = run([sys.executable, "-m", "gatewayd.cli.gatewayd", *teardown["args"],
+                       "--config", str(klab.config_path(node.name))], node.netns).stdout
+        assert steer_footprint(node) == {"table": False, "rules": [], "tunnels": []}
+        assert "removed nftables table inet gatewayd-steer" in removed.splitlines()
+    finally:
+        klab.start_daemon(node.name)
+    settled(klab)

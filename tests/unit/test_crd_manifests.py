@@ -29,6 +29,7 @@ from fixtures.crdcheck import (
 from kubernetes_validate.utils import all_versions
 from packaging.version import Version
 
+from gatewayd.cli.gatewayd import build_parser
 from gatewayd.kube.resources import (
     EGRESS_GATEWAY_POLICIES,
     EGRESS_GATEWAYS,
@@ -75,7 +76,8 @@ def manifest_files() -> list[Path]:
     return sorted(
         p
         for p in KUBE.rglob("*.yaml")
-        if p.name != "kustomization.yaml" and "templates" not in p.relative_to(KUBE).parts
+        if p.name != "kustomization.yaml"
+        and not {"templates", "cleanup"} & set(p.relative_to(KUBE).parts)
     )
 
 
@@ -124,6 +126,39 @@ def test_every_manifest_is_valid_for_kubernetes(version: str) -> None:
         except kubernetes_validate.ValidationError as error:
             problems.append(f"{doc['kind']}/{doc['metadata']['name']}: {error.message}")
     assert problems == []
+
+
+@cache
+def cleanup() -> list[dict[str, Any]]:
+    """What `kubectl apply -k packaging/kubernetes/cleanup` installs."""
+    (kustomization,) = load_documents(KUBE / "cleanup" / "kustomization.yaml")
+    return [doc for name in kustomization["resources"]
+            for doc in load_documents(KUBE / "cleanup" / name)]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_cleanup_is_valid_for_kubernetes(version: str) -> None:
+    for doc in cleanup():
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_cleanup_runs_steers_teardown_with_steers_state_and_node() -> None:
+    """The cleanup reads what steer wrote where steer wrote it, as the node steer ran on."""
+    steer = find(installed(), "DaemonSet", "gatewayd-steer")["spec"]["template"]["spec"]
+    pod = find(cleanup(), "DaemonSet", "gatewayd-steer-cleanup")["spec"]["template"]["spec"]
+    (teardown,) = pod["initContainers"]
+    (daemon,) = steer["containers"]
+    args = build_parser().parse_args(teardown["args"])
+    assert (args.role, args.teardown) == ("steer", True)
+    assert args.config == build_parser().parse_args(daemon["args"]).config
+    state = {m["mountPath"] for m in daemon["volumeMounts"] if m["name"] == "state"}
+    assert state == {m["mountPath"] for m in teardown["volumeMounts"]}
+    assert [v for v in pod["volumes"] if v["name"] == "state"] == \
+        [v for v in steer["volumes"] if v["name"] == "state"]
+    node = next(e for e in daemon["env"] if e["name"] == "GATEWAYD_NODE_NAME")
+    assert node in teardown["env"]
+    assert teardown["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert pod["hostNetwork"] is True and pod["automountServiceAccountToken"] is False
 
 
 def test_a_broken_manifest_is_caught() -> None:

@@ -293,8 +293,12 @@ def one_pod_changes(cluster: Cluster) -> tuple[list[Obj], Obj]:
     selected one, on its node, with a free address of the node's pod CIDR."""
     pods = list(cluster.pods)
     steered = selected_pods(cluster)
-    first = next(i for i, p in enumerate(pods) if p["status"]["podIP"] not in steered)
-    template = next(p for p in pods if p["status"]["podIP"] in steered)
+    first = next((i for i, p in enumerate(pods) if p["status"]["podIP"] not in steered), None)
+    template = next((p for p in pods if p["status"]["podIP"] in steered), None)
+    if first is None or template is None:
+        selected = sum(1 for p in pods if p["status"]["podIP"] in steered)
+        raise ValueError(f"of {len(pods)} pods, {selected} are selected: the changes need a "
+                         "selected pod and one that is not (change the pod or policy count)")
     changed = copy.deepcopy(pods[first])
     changed["metadata"]["labels"] = dict(template["metadata"]["labels"])
     changed["metadata"]["namespace"] = template["metadata"]["namespace"]

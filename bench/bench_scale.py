@@ -102,7 +102,10 @@ def main() -> None:
     largest = max(largest, largest_kib(cluster))
     progress(f"agents reported: {reported:.2f} s, {writes} objects to write")
 
-    pods, new_pod = one_pod_changes(cluster)
+    try:
+        pods, new_pod = one_pod_changes(cluster)
+    except ValueError as error:
+        parser.error(str(error))
     cluster, writes, one_pod = reconcile(reconciler, with_pods(cluster, pods))
     largest = max(largest, largest_kib(cluster))
     progress(f"one pod's labels change: {writes} objects to write")

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -212,16 +213,21 @@ class KubeLab(Lab):
         return cut_at
 
     def restore(self, gateway: GatewayHost) -> None:
-        """Bring a cut gateway back. After a power loss this is a boot: a real one would find
-        no egress IPs on the uplink, but a namespace keeps its kernel state, so the agent
-        starts (and gives up the provisioned addresses no node asks for) before the uplink
-        comes up, as services start before the network is reachable."""
+        """Bring a cut gateway back. After a power loss this is a boot: a namespace keeps its
+        kernel state, so the egress IPs the agent had added go first (a rebooted host has
+        none), and the agent starts before the uplink comes up, as services start before the
+        network is reachable."""
         if self.daemon_pid(gateway.name) is None:
+            pool = ip_network(EGRESS_IP_POOL)
+            shown = json.loads(run(["ip", "-j", "address", "show", "dev", "eth0"],
+                                   gateway.netns).stdout)
+            for info in (i for link in shown for i in link.get("addr_info", [])):
+                if info["family"] == "inet" and ip_address(info["local"]) in pool:
+                    run(["ip", "address", "del", f"{info['local']}/{info['prefixlen']}",
+                         "dev", "eth0"], gateway.netns)
             started = time.time()
             self.start_daemon(gateway.name)
             self.wait_ready([gateway.name], since=started)
-            wait_for(lambda: (self.status(gateway.name) or {}).get("egressIPs") == [], 10,
-                     f"the agent of {gateway.name} to give up its egress IPs")
         else:
             run(["ip", "link", "set", gateway.tunnel_interface, "up"], gateway.netns)
         run(["ip", "link", "set", "eth0", "up"], gateway.netns)

@@ -14,6 +14,7 @@ the 60 s run).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -670,7 +671,10 @@ def steer_footprint(node: CloudNode) -> dict[str, Any]:
     tables = run(["nft", "list", "tables"], node.netns).stdout.split()
     rules = [line for line in run(["ip", "rule", "list"], node.netns).stdout.splitlines()
              if "fwmark" in line]
-    tunnels = run(["wg", "show", "interfaces"], node.netns).stdout.split()
+    # wg lists every userspace tunnel of the host (their sockets are not per namespace)
+    links = {link["ifname"] for link in
+             json.loads(run(["ip", "-j", "link", "show"], node.netns).stdout)}
+    tunnels = sorted(links & set(run(["wg", "show", "interfaces"], node.netns).stdout.split()))
     return {"table": "gatewayd-steer" in tables, "rules": rules, "tunnels": tunnels}
 
 

@@ -5,7 +5,10 @@ bookmarks, so a quiet type does not fall out of the server's history. When a wat
 ends it watches again from the last version it saw: a reconnect replays only what changed.
 A 410 Gone (that version is no longer in the server's history) makes it list again. Any other
 error (server unreachable, 5xx, a cut stream) is retried with exponential back-off and jitter,
-and the cache keeps serving what it last saw in the meantime.
+and the cache keeps serving what it last saw in the meantime. An outage is logged once, as a
+warning when the first attempt fails and as a notice when the type is served again (the
+retries in between at debug level): a daemon runs a few informers, and an API server outage
+must not fill the journal with a warning per retry of each.
 
 A connection can also die without a word (a NAT or firewall between an on-prem gateway and the
 API server forgets it): no reset ever arrives. The API server sends a bookmark about once a
@@ -179,6 +182,7 @@ class Informer:
         self._cache: dict[ObjectKey, dict[str, Any]] = {}
         self._resource_version: str | None = None
         self._last_error: str | None = None
+        self._failed_attempts = 0  # of the outage under way (for its end's log line)
         self._synced = threading.Event()
         self._stopping = threading.Event()
         self._watch = Watch(return_type=object)  # type: ignore[no-untyped-call]
@@ -266,13 +270,23 @@ class Informer:
     def _pause(self, failures: int, reason: str) -> None:
         with self._lock:
             self._last_error = reason
+            self._failed_attempts += 1
         if self._stopping.is_set():
             return
         metrics.API_ERRORS.labels(self.resource.plural, "list-watch").inc()
         self._restarted("error")
         delay = self._backoff.delay(failures)
-        log.warning("%s: %s; retrying in %.1fs", self.resource.name, reason, delay)
+        log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                "%s: %s; retrying in %.1fs", self.resource.name, reason, delay)
         self._stopping.wait(delay)
+
+    def _served_again(self) -> None:
+        """The lock held: an answer came; end the outage under way, if any."""
+        self._last_error = None
+        if self._failed_attempts:
+            log.info("%s: served again after %d failed attempts", self.resource.name,
+                     self._failed_attempts)
+            self._failed_attempts = 0
 
     def _relist(self) -> None:
         cache: dict[ObjectKey, dict[str, Any]] = {}
@@ -296,7 +310,7 @@ class Informer:
             changed = cache != self._cache or not self._synced.is_set()
             self._cache = cache
             self._resource_version = listed["metadata"]["resourceVersion"]
-            self._last_error = None
+            self._served_again()
         self._synced.set()
         if changed:
             self._on_change()
@@ -357,7 +371,7 @@ class Informer:
                 obj = self._arrived(obj)
             changed = False
             with self._lock:
-                self._last_error = None
+                self._served_again()
                 if event["type"] in ("ADDED", "MODIFIED"):
                     changed = self._cache.get(_key(obj)) != obj
                     self._cache[_key(obj)] = obj

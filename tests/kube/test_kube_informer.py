@@ -4,6 +4,7 @@ cache really changed."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -160,6 +161,25 @@ def test_recovers_after_the_server_was_unreachable(api: ApiClient, fake_api: Fak
         wait_until(lambda: informer.last_error is None, what="the error to clear")
         assert lists_of(fake_api, "/api/v1/pods") == 1, "the history replays the change"
         assert dirty.count == 2
+
+
+def test_an_outage_is_logged_once_however_often_it_is_retried(
+    api: ApiClient, fake_api: FakeApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="gatewayd.kube.informer")
+
+    def said(level: int, text: str) -> int:
+        return sum(1 for r in caplog.records if r.levelno == level and text in r.getMessage())
+
+    with running(Informer(api, PODS, Dirty(), backoff=FAST)) as informer:
+        synced(informer, fake_api)
+        fake_api.go_down()
+        wait_until(lambda: said(logging.DEBUG, "retrying") >= 3, what="three retries")
+        fake_api.come_up()
+        fake_api.put(obj(PODS, "a", "default"))
+        wait_until(lambda: names(informer) == ["a"], what="the informer to be served again")
+    assert said(logging.WARNING, "retrying") == 1
+    assert said(logging.INFO, "served again after") == 1
 
 
 def test_expired_history_makes_it_list_again(api: ApiClient, fake_api: FakeApiServer) -> None:

@@ -117,10 +117,8 @@ def _from_a_settled_cluster(klab: KubeLab, request: pytest.FixtureRequest) -> It
         for path, size in sizes.items():
             with path.open(errors="replace") as log:
                 log.seek(size)
-                said = [line for line in log if "[event=" in line or (
-                    " WARNING " in line and "gatewayd.kube.informer" not in line)]
-            print(f"--- {path.parent.name}/{path.name}: events and warnings (but the "
-                  "informers' retries) during the test "
+                said = [line for line in log if "[event=" in line or " WARNING " in line]
+            print(f"--- {path.parent.name}/{path.name}: events and warnings during the test "
                   f"({len(said)}, the last {DIAGNOSTIC_LINES}) ---")
             print("".join(said[-DIAGNOSTIC_LINES:]), end="")
 

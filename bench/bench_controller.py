@@ -393,11 +393,6 @@ def bench_in_memory(seed: int) -> tuple[Cluster, Cluster]:
 
 def _serve(fake: Any, connection: Connection) -> None:
     """In a child process: serve the fake API until the parent says stop."""
-    from fixtures import fakeapi
-
-    # Answers leave at once, as from a real API server: with Nagle's algorithm on, the fake's
-    # header and body writes wait for the client's delayed ACK, 40 ms per request.
-    fakeapi._Handler.disable_nagle_algorithm = True
     fake.start()
     connection.send(fake.url)
     connection.recv()

@@ -274,7 +274,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         return [
             *super().metric_samples(),
             *peer_samples(self.handshakes, self.peers_up, time.time(),
-                                          self.config.tunnel.interface),
+                          self.config.tunnel.interface),
             *gateway_metrics.egress_ip_samples(expected, held, conflicts),
             *gateway_metrics.counter_samples(plan, self.nftables.counters()),
             *self.nat_use.samples(map(str, held), time.monotonic()),

@@ -78,9 +78,10 @@ class GatewayFootprint:
     def observe(self) -> dict[str, Any]:
         from gatewayd.dataplane.addresses import AddressDriver
 
+        addresses = AddressDriver()
         present: set[str] = set()
         for interface in self.egress_interfaces:
-            present |= {str(ip) for ip in AddressDriver().observe(interface)}
+            present |= {str(ip) for ip in addresses.observe(interface)}
         return {"egressIPsPresent": sorted(present)}
 
     def teardown(self) -> list[str]:

@@ -400,7 +400,7 @@ def _name(obj: Any) -> str:
 def probe_server(controller: Controller, host: str, port: int) -> HealthServer:
     """/healthz, /readyz and /metrics of the controller, on one port."""
     return HealthServer(host, port, lambda: controller.healthy, lambda: controller.ready,
-                       metrics.exposition)
+                        metrics.exposition)
 
 
 def run_controller(kubeconfig: Path | None, options: ControllerOptions, health_port: int) -> int:

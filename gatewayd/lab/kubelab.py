@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -37,6 +36,7 @@ from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.config import new_client_from_config_dict
 from pyroute2 import IPRoute
 
+from gatewayd.dataplane.addresses import AddressDriver
 from gatewayd.lab.netns import entered, run, start_process, stop_process, wait_for
 from gatewayd.lab.topology import (
     API_SERVER,
@@ -214,17 +214,12 @@ class KubeLab(Lab):
 
     def restore(self, gateway: GatewayHost) -> None:
         """Bring a cut gateway back. After a power loss this is a boot: a namespace keeps its
-        kernel state, so the egress IPs the agent had added go first (a rebooted host has
-        none), and the agent starts before the uplink comes up, as services start before the
-        network is reachable."""
+        kernel state, so the addresses the agent had added (its egress IPs) go first, as a
+        rebooted host has none, and the agent starts before the uplink comes up, as services
+        start before the network is reachable."""
         if self.daemon_pid(gateway.name) is None:
-            pool = ip_network(EGRESS_IP_POOL)
-            shown = json.loads(run(["ip", "-j", "address", "show", "dev", "eth0"],
-                                   gateway.netns).stdout)
-            for info in (i for link in shown for i in link.get("addr_info", [])):
-                if info["family"] == "inet" and ip_address(info["local"]) in pool:
-                    run(["ip", "address", "del", f"{info['local']}/{info['prefixlen']}",
-                         "dev", "eth0"], gateway.netns)
+            with entered(gateway.netns):
+                AddressDriver().remove_all()
             started = time.time()
             self.start_daemon(gateway.name)
             self.wait_ready([gateway.name], since=started)

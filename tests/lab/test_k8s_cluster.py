@@ -384,6 +384,9 @@ def test_an_unanswered_connection_left_on_the_failed_gateway_goes_to_the_standby
         run(["conntrack", "-I", *flow, "--state", "SYN_SENT", "--timeout", "120",
              "--mark", mark], NODES[0].netns)
         answer = probe(CHECKOUT_1.netns, EXTERNAL.addresses[0], local_port=port, seconds=3)
+        # the slow path too, before the gateway returns (as after a real failure)
+        wait_for(lambda: active(klab, PAYMENT) == new, TIMEOUT,
+                 "the controller to promote the standby")
     finally:
         klab.restore(gateway_host(old))
     print(f"{old} powered off {time.time() - cut:.1f}s")

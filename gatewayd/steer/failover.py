@@ -4,10 +4,14 @@ A thread probes every gateway through its tunnel every `probeIntervalSeconds` (s
 `gatewayd.probe` for the message and the rules). A probe is a miss when no answer, to it or to
 one of the `misses - 1` probes before it, arrives before the next one is sent; each probe gets
 a full interval, even when the thread itself was late. When a gateway's health or what it
-serves changes, the failovers are decided again (`decide_failovers`) and, if they changed,
-the daemon re-renders its nftables table with each failed-over rule sent to its standby: one
+serves changes, a second thread has the failovers decided again (`decide_failovers`) and, if
+they changed, the daemon re-renders its nftables table with each failed-over rule sent to its standby: one
 transaction; new connections only, since established ones keep their conntrack mark. The
 daemon reports each change in its EgressNode status and as an Event.
+
+The probes never wait for that: the daemon applies a change under the lock its loop holds for
+whole passes, and a gateway that gets no probes for `egressIPHoldSeconds` gives up its egress
+IPs, even the healthy standby the change just sent traffic to.
 """
 
 from __future__ import annotations
@@ -58,16 +62,22 @@ class FastFailover:
         self._failovers: dict[FailoverKey, Failover] = {}
         self._sequence = 0
         self._stopping = threading.Event()
+        self._changed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fast-failover", daemon=True)
+        self._applier = threading.Thread(target=self._apply_changes,
+                                         name="fast-failover-apply", daemon=True)
 
     # --- for the daemon (any thread) -----------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
+        self._applier.start()
 
     def stop(self) -> None:
         self._stopping.set()
+        self._changed.set()
         self._thread.join(2)
+        self._applier.join(2)
 
     def set_plan(
         self,
@@ -137,12 +147,25 @@ class FastFailover:
                 next_send = max(next_send + interval, time.monotonic() + interval)
                 replies = self._probe_once(sockets, next_send)
                 if self._record(replies, {t.gateway for t in targets}):
-                    self._on_change()
+                    self._changed.set()
         except Exception:
             log.exception("fast failover stopped working; failovers wait for the controller")
         finally:
             if sockets is not None:
                 sockets.close()
+
+    def _apply_changes(self) -> None:
+        """The daemon's `on_change`, once for any number of changes that came while it ran."""
+        while True:
+            self._changed.wait()
+            if self._stopping.is_set():
+                return
+            self._changed.clear()
+            try:
+                self._on_change()
+            except Exception:
+                log.exception("applying a probe change failed; the next change or the "
+                              "daemon's repair pass retries")
 
     def _probe_once(self, sockets: ProbeSockets, until: float) -> dict[str, ProbeReply]:
         """Send one probe to every gateway; the replies that come back before `until`."""

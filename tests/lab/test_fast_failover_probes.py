@@ -100,3 +100,29 @@ def test_answers_that_come_late_keep_a_gateway_up(netns: str) -> None:
             assert failover.reachable() == {"gw1": True}
         finally:
             failover.stop()
+
+
+def test_probes_go_on_while_a_change_is_applied(netns: str) -> None:
+    """The daemon applies a change under the lock its loop holds for whole passes. Probes
+    must go on meanwhile: a gateway without probes for `egressIPHoldSeconds` gives up its
+    egress IPs, and the change under way may be the one that just sent traffic to it."""
+    applying, done = threading.Event(), threading.Event()
+
+    def slow_change() -> None:
+        applying.set()
+        done.wait(10)
+
+    with LateResponder(netns, delay=0) as responder:
+        with entered(netns):
+            failover = FastFailover("node1", SETTINGS, on_change=slow_change)
+            failover.set_plan((), [ProbeTarget("gw1", 0, GATEWAY_TUNNEL_ADDRESS, PROBE_PORT)],
+                              NODE_ADDRESS)
+            failover.start()
+        try:
+            wait_for(applying.is_set, 10, "the gateway coming up to be applied")
+            seen = responder.received
+            wait_for(lambda: responder.received >= seen + 10, 5,
+                     "10 probes while the change is being applied")
+        finally:
+            done.set()
+            failover.stop()

@@ -39,6 +39,7 @@ from gatewayd.controller.specs import (
     Rule,
     SpecForms,
     active_egress_ips,
+    failed_over_everywhere,
     gateway_policies,
     hold_back_moves,
     node_gateways,
@@ -233,7 +234,9 @@ class Reconciler:
             gateways=tuple(replace(g, ready=usable[g.name]) for g in parsed.gateways),
         )
         previous = self._previous_actives(cluster.policies)
-        plan = self._engine(snapshot, {k: v for k, v in previous.items() if v is not None})
+        adopted = failed_over_everywhere(cluster.egress_nodes)
+        plan = self._engine(snapshot, {k: adopted.get((k[0], v), v)
+                                       for k, v in previous.items() if v is not None})
 
         self._log_generations(cluster)
         programmed = {_name(g): self._programmed(g) for g in cluster.gateways}
@@ -252,7 +255,7 @@ class Reconciler:
             },
             policy_statuses=self._statuses(cluster, plan, programmed, now_text),
             events=[
-                *self._active_changes(cluster.policies, previous, plan, health),
+                *self._active_changes(cluster.policies, previous, plan, health, adopted),
                 *self._rejections(cluster.policies),
                 *skews.events,
                 *self._peer_rejections(cluster.egress_nodes, bad_peers),
@@ -383,8 +386,10 @@ class Reconciler:
         previous: Mapping[tuple[str, int], str | None],
         plan: EgressPlan,
         health: Mapping[str, Health],
+        adopted: Mapping[tuple[str, str], str],
     ) -> list[Event]:
-        """Events for every entry whose active gateway changed; remembers the new ones."""
+        """Events for every entry whose active gateway changed; remembers the new ones.
+        `adopted`: the nodes' failovers the plan took over."""
         objects = {_name(o): o for o in policies if o.get("kind") != POLICY_KIND}
         objects.update({_name(o): o for o in policies if o.get("kind") == POLICY_KIND})
         self._actives = {}
@@ -394,9 +399,9 @@ class Reconciler:
                 before = previous.get((name, entry.entry))
                 self._actives[(name, entry.entry)] = entry.gateway
                 if before != entry.gateway and name in objects:
-                    events.append(
-                        _change_event(objects[name], entry.entry, before, entry.gateway, health)
-                    )
+                    followed = before is not None and adopted.get((name, before)) == entry.gateway
+                    events.append(_change_event(objects[name], entry.entry, before,
+                                                entry.gateway, health, followed))
         return events
 
     def _rejections(self, policies: Sequence[Object]) -> list[Event]:
@@ -658,9 +663,19 @@ def peer_condition(node: Object, problem: PeerProblem | None, now_text: str) -> 
 
 
 def _change_event(
-    policy: Object, entry: int, before: str | None, after: str | None, health: Mapping[str, Health]
+    policy: Object,
+    entry: int,
+    before: str | None,
+    after: str | None,
+    health: Mapping[str, Health],
+    followed_nodes: bool = False,
 ) -> Event:
-    """Why an entry's active gateway changed from `before` to `after`."""
+    """Why an entry's active gateway changed from `before` to `after` (`followed_nodes`: every
+    node had failed it over already)."""
+    if followed_nodes:
+        message = (f"entry {entry}: every node failed over from {before} to {after} (no answer "
+                   f"to their probes through {before}'s tunnel); {after} is active")
+        return Event(policy, "Warning", "GatewayFailover", message, gateway=before)
     if before is not None and not (before in health and health[before].usable):
         why = health[before].reason if before in health else "its EgressGateway is gone"
         then = (

@@ -118,6 +118,35 @@ def steered_pairs(rules: Iterable[Mapping[str, Any]]) -> frozenset[tuple[str, st
     return frozenset(pairs)
 
 
+def failed_over_everywhere(egress_nodes: Iterable[Object]) -> dict[tuple[str, str], str]:
+    """(policy, gateway) -> standby, for each tunnel rule that every node whose spec has it
+    reports failed over to the rule's standby (its status's `failovers`).
+
+    The nodes then all send that policy's new connections to the standby, and the gateway no
+    longer holds the egress IP: the nodes never move back on their own, so the controller
+    makes the standby active, and its plan matches what the data plane already does. A rule
+    only some nodes failed over stays (those nodes have lost their path to the gateway, the
+    others have not)."""
+    steering: dict[tuple[str, str, str], set[str]] = {}
+    reports: dict[tuple[str, str, str], set[str]] = {}
+    for node in egress_nodes:
+        name = node.get("metadata", {}).get("name")
+        status = node.get("status")
+        for rule in spec_rules(node):
+            gateway, standby = rule.get("gateway"), rule.get("standby")
+            if rule.get("action") == "tunnel" and isinstance(gateway, str) and isinstance(
+                    standby, str):
+                steering.setdefault((rule["policy"], gateway, standby), set()).add(name)
+        failovers = status.get("failovers") if isinstance(status, Mapping) else None
+        for failover in failovers if isinstance(failovers, list) else []:
+            if isinstance(failover, Mapping):
+                key = (failover.get("policy"), failover.get("from"), failover.get("to"))
+                reports.setdefault(key, set()).add(name)  # type: ignore[arg-type]
+    return {(policy, gateway): standby
+            for (policy, gateway, standby), nodes in steering.items()
+            if nodes <= reports.get((policy, gateway, standby), set())}
+
+
 def _address_order(text: str) -> tuple[int, int]:
     try:
         address = ip_address(text)

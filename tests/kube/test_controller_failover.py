@@ -8,10 +8,12 @@ import time
 
 import pytest
 from fixtures.fakeapi import FakeApiServer, wait_until
-from kubernetes.client import ApiClient
+from kubernetes.client import ApiClient, CustomObjectsApi
 from test_controller_harness import (
+    GROUP,
     HOLD_DOWN,
     TIMEOUT,
+    VERSION,
     Agents,
     World,
     basic_cluster,
@@ -75,6 +77,44 @@ def test_lease_expiry_fails_over_and_the_returning_gateway_becomes_standby_after
         # gw-3 keeps its standby rules until node-1 has applied the plan that drops it.
         wait_until(lambda: world.gateway_roles("gw-3", "pay") == set(), TIMEOUT, "gw-3 retired")
         assert world.gateway_roles("gw-2", "pay") == {"active"}
+
+
+def test_a_failover_every_node_made_on_its_own_becomes_the_plan(
+    fake_api: FakeApiServer, api: ApiClient
+) -> None:
+    """The nodes' fast path never moves back on its own: when every node sent a policy to the
+    standby (the active gateway missed their probes, though its Lease is fine), the controller
+    makes the standby active, so the plan and the status say what the data plane does. One
+    node alone is not enough: the others still reach the active gateway."""
+    world = World(fake_api)
+    basic_cluster(world, gateways=2)
+    world.node(2)
+    world.pod("web-2", 2, 10, app="web")
+    objects = CustomObjectsApi(api)
+
+    def routes() -> set[tuple[str | None, str | None]]:
+        return world.node_routes("node-1", "pay") | world.node_routes("node-2", "pay")
+
+    def report_failover(node: str) -> None:
+        objects.patch_cluster_custom_object_status(GROUP, VERSION, "egressnodes", node, {
+            "status": {"failovers": [{"policy": "pay", "from": "gw-1", "to": "gw-2",
+                                      "time": "2026-12-03T00:00:00Z"}]}})
+
+    with Agents(fake_api, api), running(api, options()) as controller:
+        wait_until(lambda: routes() == {("gw-1", "gw-2")}, TIMEOUT, "gw-1 active, gw-2 standby")
+        report_failover("node-1")
+        runs = controller.reconciles
+        wait_until(lambda: controller.reconciles >= runs + 3, TIMEOUT, "three more reconciles")
+        assert world.roles("pay") == {("gw-1", "active"), ("gw-2", "standby")}
+
+        report_failover("node-2")
+        wait_until(lambda: routes() == {("gw-2", "gw-1")}, TIMEOUT, "gw-2 active, gw-1 standby")
+        wait_until(lambda: world.roles("pay") == {("gw-2", "active"), ("gw-1", "standby")},
+                   TIMEOUT, "the status")
+        wait_until(lambda: world.events("GatewayFailover") != [], TIMEOUT, "the Event")
+        (event,) = world.events("GatewayFailover")
+        assert event["note"] == ("entry 0: every node failed over from gw-1 to gw-2 (no answer "
+                                 "to their probes through gw-1's tunnel); gw-2 is active")
 
 
 def test_during_hold_down_the_returning_gateway_is_not_used(

@@ -18,7 +18,12 @@ from gatewayd.controller.generations import GenerationLog
 from gatewayd.controller.health import GatewaySignals, Health, HealthTracker, read_signals
 from gatewayd.controller.reconcile import Reconciler
 from gatewayd.controller.snapshots import Cluster
-from gatewayd.controller.specs import active_egress_ips, hold_back_moves, retained_rules
+from gatewayd.controller.specs import (
+    active_egress_ips,
+    failed_over_everywhere,
+    hold_back_moves,
+    retained_rules,
+)
 from gatewayd.controller.tunnels import allocate_tunnel_addresses
 from gatewayd.kube.leases import Freshness, LeaseObserver
 
@@ -315,6 +320,44 @@ def test_active_egress_ips_elsewhere() -> None:
         "gw-1": frozenset({"192.0.2.2"}),
         "gw-2": frozenset({"203.0.113.5"}),
     }
+
+
+def egress_node(name: str, rules: list[dict[str, Any]], *failovers: tuple[str, str, str],
+                ) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "spec": {"rules": rules}, "status": {"failovers": [
+        {"policy": p, "from": f, "to": t, "time": NOW_TEXT} for p, f, t in failovers]}}
+
+
+def test_a_failover_every_node_made_is_adopted() -> None:
+    pay = [tunnel("pay", "gw-1", "10.244.1.10/32", standby="gw-2")]
+    web = [tunnel("web", "gw-3", "10.244.1.11/32", standby="gw-2")]
+    both = ("pay", "gw-1", "gw-2")
+    assert failed_over_everywhere([
+        egress_node("node-1", pay + web, both),
+        egress_node("node-2", pay, both),
+        egress_node("node-3", []),  # no rule for pay: not asked
+    ]) == {("pay", "gw-1"): "gw-2"}
+
+
+def test_a_failover_only_some_nodes_made_or_to_another_standby_is_not_adopted() -> None:
+    pay = [tunnel("pay", "gw-1", "10.244.1.10/32", standby="gw-2")]
+    assert failed_over_everywhere([
+        egress_node("node-1", pay, ("pay", "gw-1", "gw-2")),
+        egress_node("node-2", pay),
+    ]) == {}
+    # a status from before the plan named gw-2 the standby
+    assert failed_over_everywhere([egress_node("node-1", pay, ("pay", "gw-1", "gw-3"))]) == {}
+    # a rule without a standby is never failed over
+    assert failed_over_everywhere([
+        egress_node("node-1", [tunnel("pay", "gw-1", "10.244.1.10/32")], ("pay", "gw-1", "gw-2")),
+    ]) == {}
+
+
+def test_malformed_failover_reports_are_skipped() -> None:
+    pay = [tunnel("pay", "gw-1", "10.244.1.10/32", standby="gw-2")]
+    for status in ({"failovers": "gw-2"}, {"failovers": ["gw-2", {"policy": "pay"}]}, "x", None):
+        node = {"metadata": {"name": "node-1"}, "spec": {"rules": pay}, "status": status}
+        assert failed_over_everywhere([node]) == {}
 
 
 # --- the reconcile function over in-memory caches ---------------------------------------------

@@ -59,6 +59,7 @@ from gatewayd.lab.topology import (
     GatewayHost,
 )
 from gatewayd.lab.verify import probe
+from gatewayd.probe import PROBE_PORT
 
 pytestmark = pytest.mark.lab
 
@@ -436,6 +437,32 @@ def test_a_node_that_cannot_reach_the_active_gateway_never_makes_two_holders(
         failures(attempts, attempts[0].start)
     assert watch.overlaps == [], watch.overlaps[:5]
     assert active(klab, PAYMENT) == old  # the controller saw a healthy gateway throughout
+
+
+def test_a_failover_every_node_made_becomes_the_controllers_plan(
+    klab: KubeLab, tmp_path: Path,
+) -> None:
+    """The active gateway's probes are lost on the way in: every node moves to the standby,
+    though the controller sees a healthy gateway (its Lease is renewed). The nodes never move
+    back on their own, so the controller makes the standby active; the cluster settles with
+    the roles swapped and no failover left."""
+    old = active(klab, PAYMENT)
+    assert old is not None
+    new = next(g.name for g in GATEWAYS if g.name != old)
+    lose_probes = (f"table inet gwdlab-block {{\n chain input {{ type filter hook input "
+                   f"priority 0; udp dport {PROBE_PORT} drop; }}\n}}\n")
+    with EgressIPWatch([PAYMENT_IP, BATCH_IP]) as watch:
+        run(["nft", "-f", "-"], gateway_host(old).netns, input=lose_probes)
+        try:
+            wait_for(lambda: all((PAYMENT, old, new) in node_failovers(klab, n.name)
+                                 for n in NODES), TIMEOUT, f"every node to move {PAYMENT}")
+            wait_for(lambda: active(klab, PAYMENT) == new, TIMEOUT,
+                     f"the controller to make {new} active")
+        finally:
+            run(["nft", "delete", "table", "inet", "gwdlab-block"], gateway_host(old).netns)
+        settled(klab)
+        assert roles(klab, PAYMENT) == {(new, "active"), (old, "standby")}
+    assert watch.overlaps == [], watch.overlaps[:5]
 
 
 def test_gateways_that_cannot_see_each_other_change_nothing(

@@ -312,8 +312,11 @@ DEFAULT_TIMING = {
     "lease_duration": 4.0,  # gateways' Lease
     "lease_renew": 1.0,
     "hold_down": 3.0,  # the controller's, for a recovered gateway
-    "probe_misses": 3,  # steer's missesBeforeDown (the product's default)
-    "egress_ip_hold": 0.4,  # the agents' egressIPHoldSeconds (the product's default)
+    # the fast path, at the product's defaults
+    "probe_interval": 0.1,  # steer's probeIntervalSeconds
+    "probe_misses": 3,  # steer's missesBeforeDown
+    "egress_ip_hold": 0.4,  # the agents' egressIPHoldSeconds
+    "arp_probe": 0.2,  # the agents' arpProbeSeconds
     "handover": 1.0,  # the agents' handoverSeconds (the product's default)
 }
 
@@ -431,6 +434,7 @@ def agent_config(lab: KubeLab, gateway: GatewayHost) -> dict[str, Any]:
         },
         "reconcile": {"pollSeconds": POLL_SECONDS, "repairSeconds": REPAIR_SECONDS},
         "failover": {"egressIPHoldSeconds": lab.timing["egress_ip_hold"],
+                     "arpProbeSeconds": lab.timing["arp_probe"],
                      "handoverSeconds": lab.timing["handover"]},
     }
 
@@ -452,7 +456,8 @@ def steer_config(lab: KubeLab, node_name: str, number: int) -> dict[str, Any]:
             "persistentKeepalive": KEEPALIVE_SECONDS,
         },
         "reconcile": {"pollSeconds": POLL_SECONDS, "repairSeconds": REPAIR_SECONDS},
-        "failover": {"missesBeforeDown": int(lab.timing["probe_misses"])},
+        "failover": {"probeIntervalSeconds": lab.timing["probe_interval"],
+                     "missesBeforeDown": int(lab.timing["probe_misses"])},
     }
 
 

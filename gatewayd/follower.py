@@ -55,6 +55,7 @@ class Part(enum.Enum):
     FORWARD_GUARD = "forward guard"
     EGRESS_IPS = "egress IPs"
     FORWARDING = "forwarding"
+    CONNTRACK_SYNC = "conntrack sync"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ from gatewayd.agent.kubernetes import AgentCluster, AgentState, gateway_status, 
 from gatewayd.agent.target import GatewayTarget, target_from_dict, target_to_dict
 from gatewayd.configfile import ConfigError
 from gatewayd.dataplane.addresses import AddressConflict, AddressDriver, held_addresses
+from gatewayd.dataplane.conntrackd import ConntrackdDriver, SyncSettings, config_path
 from gatewayd.dataplane.forward_guard import ensure_forward_guard
+from gatewayd.dataplane.host import observe_interfaces
 from gatewayd.dataplane.nft_render import GatewayTableSettings, render_gateway_table
 from gatewayd.dataplane.nftables import NftablesDriver, TableWatcher
 from gatewayd.dataplane.sysctl import ensure_sysctls, observe_sysctls
@@ -94,6 +97,9 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         self.public_key: str | None = None
         self._status_dirty = threading.Event()  # set by the egress IP keeper's thread
         self._connection: dict[str, Any] | None = None  # as status.json last reported it
+        # Kubernetes mode: the connection state shared with the other gateways.
+        self.conntrack_sync = ConntrackdDriver()
+        self._sync_missing_reported = False
 
     def make_source(self) -> PlanSource[GatewayTarget]:
         if self.cluster is not None:
@@ -127,6 +133,8 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         self.table_watcher.stop()
         if self.cluster is not None:
             self.cluster.stop(self._status(stopping=True))
+        # After the hand-over: the standby had our flows all along, and gets the last ones.
+        self.conntrack_sync.stop()
         super().shutdown()
 
     def host_inputs(self, target: GatewayTarget) -> object:
@@ -142,7 +150,58 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         else:
             self.cluster.keeper.set_rules(target.rules)
         self._filter_then_forward(target.plan, errors, settled)
+        if self.cluster is not None:
+            self.step(errors, Part.CONNTRACK_SYNC, lambda: self._ensure_conntrack_sync(target))
         self.errors = tuple(errors)
+
+    def _ensure_conntrack_sync(self, target: GatewayTarget) -> None:
+        """Share the SNATed flows with the other gateways on the uplink's segment (conntrackd),
+        so that a standby that takes a policy over continues its connections."""
+        sources = tuple(net for peer in self.peers(target) for net in peer.allowed_ips)
+        if not sources:
+            self.conntrack_sync.stop()
+            return
+        if not self.conntrack_sync.available():
+            if not self._sync_missing_reported:
+                self._sync_missing_reported = True
+                journal_event("conntrack-sync-missing", "conntrackd is not installed: "
+                              "connections through this gateway do not survive a failover",
+                              Priority.WARNING)
+            return
+        address = self._sync_address()
+        if address is None:
+            raise RuntimeError(f"uplink {self.config.uplink} has no IPv4 address for the "
+                               "conntrack sync")
+        settings = SyncSettings(self.config.uplink, IPv4Address(address), sources,
+                                self.config.state_directory / "conntrackd")
+        if self.conntrack_sync.ensure(settings):
+            threading.Thread(target=self._resync, args=(settings,), name="conntrack-resync",
+                             daemon=True).start()
+
+    def _sync_address(self) -> str | None:
+        """The uplink's own IPv4 address: not an egress IP, which moves between gateways."""
+        for interface in observe_interfaces():
+            if interface.name != self.config.uplink:
+                continue
+            for item in interface.addresses:
+                ip = item.address
+                if ip.version == 4 and not any(ip in pool.cidr
+                                               for pool in self.config.egress_ip_pools):
+                    return str(ip)
+        return None
+
+    def _resync(self, settings: SyncSettings) -> None:
+        """A (re)started conntrackd: swap flows with the other gateways once it listens."""
+        control = settings.directory / "conntrackd.ctl"
+        deadline = time.monotonic() + 10
+        while not control.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        try:
+            self.conntrack_sync.resync(settings)
+        except Exception as exc:
+            log.warning("conntrack resync with %s: %s", config_path(settings.directory), exc)
+
+    def _filter_then_forward(self, plan: GatewayPlan, errors: list[str], settled: bool) -> None:
 
     def _filter_then_forward(
         self, plan: GatewayPlan, errors: list[StepFailure], settled: bool

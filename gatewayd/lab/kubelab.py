@@ -37,6 +37,7 @@ from kubernetes.config import new_client_from_config_dict
 from pyroute2 import IPRoute
 
 from gatewayd.dataplane.addresses import AddressDriver
+from gatewayd.lab.holder import read_held
 from gatewayd.lab.netns import entered, run, start_process, stop_process, wait_for
 from gatewayd.lab.topology import (
     API_SERVER,
@@ -255,6 +256,23 @@ def pinging(netns: str, target: str, out: Path, interval: float = 0.02,
     finally:
         stop_process(proc)
 
+
+@contextlib.contextmanager
+def holding(netns: str, target: str, out: Path, connections: int = 20,
+            interval: float = 0.05) -> Iterator[Path]:
+    """Long-lived connections (`gatewayd.lab.holder`) from `netns` for the block, each
+    echoing a line every `interval`; their records are in `out` (`read_held`). Waits until
+    every connection got its first echo."""
+    argv = [sys.executable, "-m", "gatewayd.lab.holder", "--target", target,
+            "--connections", str(connections), "--interval", str(interval), "--out", str(out)]
+    proc = start_process(netns, argv, out.with_suffix(".log"))
+    try:
+        wait_for(lambda: len(held := read_held(out)) == connections
+                 and all(h.echoes > 0 or h.error for h in held), 20,
+                 f"{connections} connections from {netns} to echo")
+        yield out
+    finally:
+        stop_process(proc)
 
 
 class EgressIPWatch:

@@ -54,7 +54,7 @@ from gatewayd.policy.model import NodePlan, SteerAction, SteerRule
 from gatewayd.probe import GATEWAY_TUNNEL_ADDRESS, PROBE_PORT, Failover, effective_rules
 from gatewayd.runtime import rfc3339
 from gatewayd.steer.config import GatewayTunnelEnd, SteerConfig, load_steer_config
-from gatewayd.steer.conntrack import forget_unanswered
+from gatewayd.steer.conntrack import MarkMove, follow_failovers, forget_unanswered
 from gatewayd.steer.failover import FastFailover
 from gatewayd.steer.footprint import NodeFootprint
 from gatewayd.steer.kubernetes import NodeState, SteerCluster, node_status
@@ -184,7 +184,7 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
             failovers = self._follow_failovers(target, ends, rules)
             self.step(errors, Part.FILTER,
                       lambda: self._ensure_table(target.plan, rules, ends, failovers))
-            self._failovers_applied(failovers)
+            self._failovers_applied(failovers, rules)
             self.errors = tuple(errors)
 
     def host_inputs(self, target: NodeTarget) -> object:
@@ -303,7 +303,7 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
                 except Exception:
                     log.exception("re-rendering the steer table for a failover failed; the "
                                   "repair pass retries")
-                self._failovers_applied(failovers)
+                self._failovers_applied(failovers, rules)
         self.publish_status()
 
     def _steering_changed(self, rules: tuple[SteerRule, ...],
@@ -329,11 +329,15 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
             threading.Thread(target=self._forget_unanswered, args=(forget,),
                              name="forget-unanswered", daemon=True).start()
 
-    def _failovers_applied(self, failovers: dict[tuple[str, str], Failover]) -> None:
-        """After the table changed: new and ended failovers are reported."""
+    def _failovers_applied(
+        self, failovers: dict[tuple[str, str], Failover], rules: tuple[SteerRule, ...]
+    ) -> None:
+        """After the table changed: the established connections of new failovers follow
+        them; new and ended failovers are reported."""
         before = self._reported_failovers
         if failovers == before:
             return
+        self._follow(rules, [f for key, f in failovers.items() if key not in before])
         for key, failover in failovers.items():
             if key not in before:
                 message = (f"policy {failover.policy}: gateway {failover.gateway} does not "
@@ -352,6 +356,31 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
                 if self.cluster is not None:
                     self.cluster.reporter.event("FailoverEnded", message)
         self._reported_failovers = dict(failovers)
+
+    def _follow(self, rules: tuple[SteerRule, ...], new: list[Failover]) -> None:
+        """The answered connections of each newly failed-over rule get the standby's mark:
+        the standby has their state (the gateways share it), the failed gateway cannot carry
+        them any more."""
+        marks = {e.name: e.mark for e in self.ends}
+        moves = [
+            MarkMove(marks[f.gateway], marks[f.standby], rule.sources, rule.destinations)
+            for f in new for rule in rules
+            if rule.policy == f.policy and rule.gateway == f.gateway
+            and rule.action is SteerAction.TUNNEL and f.gateway in marks and f.standby in marks
+        ]
+        if moves:
+            # Its own thread, like forgetting: the probes' thread may be the caller.
+            threading.Thread(target=self._move_connections, args=(moves,),
+                             name="follow-failovers", daemon=True).start()
+
+    def _move_connections(self, moves: list[MarkMove]) -> None:
+        try:
+            moved = follow_failovers(moves, self.config.mark_mask)
+        except Exception:
+            log.exception("moving established connections to the standby failed")
+            return
+        if moved:
+            log.info("%d established connections follow their policy to the standby", moved)
 
     def _forget_unanswered(self, marks: list[int]) -> None:
         for mark in marks:

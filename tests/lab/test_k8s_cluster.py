@@ -35,11 +35,13 @@ from kubernetes.client.exceptions import ApiException
 
 from gatewayd.clusterlink import CustomObject
 from gatewayd.kube.client import client_from_kubeconfig
+from gatewayd.lab.holder import Held, read_held
 from gatewayd.lab.kubelab import (
     CONTROLLER_HEALTH_PORT,
     EgressIPWatch,
     KubeLab,
     daemon_events,
+    holding,
     kube_lab_session,
     pinging,
     policy_status,
@@ -53,6 +55,7 @@ from gatewayd.lab.topology import (
     EXAMPLE_SNAPSHOT,
     EXTERNAL,
     GATEWAYS,
+    LINE_PORT,
     NODES,
     ROUTER,
     CloudNode,
@@ -271,6 +274,48 @@ def test_power_loss_of_the_active_gateway(klab: KubeLab, tmp_path: Path) -> None
 
 def test_network_partition_of_the_active_gateway(klab: KubeLab, tmp_path: Path) -> None:
     check_failover(klab, power_loss=False, directory=tmp_path)
+
+
+def broken(held: list[Held]) -> str:
+    return "; ".join(f"connection {h.index} (port {h.local_port}): {h.error}, last echo "
+                     f"{h.last_echo:.3f}" for h in held if h.error) or "none broken"
+
+
+@pytest.mark.parametrize("power_loss", [True, False], ids=["power-loss", "partition"])
+def test_connections_held_open_survive_a_failover(
+    klab: KubeLab, tmp_path: Path, power_loss: bool,
+) -> None:
+    """Long-lived connections through the active gateway (a line echo every 50 ms) go on
+    through the standby while the failed gateway is still down: the standby has their state
+    (the gateways' conntrack sync) and the nodes give them the standby's mark."""
+    old = active(klab, PAYMENT)
+    assert old is not None
+    new = next(g.name for g in GATEWAYS if g.name != old)
+    target = f"{EXTERNAL.addresses[0]}:{LINE_PORT}"
+    with holding(CHECKOUT_1.netns, target, tmp_path / "held.json", connections=5) as path:
+        time.sleep(1.0)  # the standby has their state by now
+        cut = klab.cut(gateway_host(old), power_loss=power_loss)
+
+        def all_echo_again_or_one_broke() -> bool:
+            held = read_held(path)
+            return any(h.error for h in held) or all(h.last_echo > cut + 0.5 for h in held)
+
+        try:
+            wait_for(all_echo_again_or_one_broke, TIMEOUT,
+                     f"the connections to echo again through {new}")
+            held = read_held(path)
+        finally:
+            klab.restore(gateway_host(old))
+        wait_for(lambda: roles(klab, PAYMENT) == {(new, "active"), (old, "standby")},
+                 TIMEOUT, f"{old} to become the standby")
+        time.sleep(1.0)  # the connections after the steady state is reached
+        after = read_held(path)
+    assert not any(h.error for h in held), broken(held)
+    assert {h.source for h in held} == {PAYMENT_IP}
+    assert not any(h.error for h in after), broken(after)
+    for h in after:
+        print(f"connection {h.index}: {h.echoes} echoes, longest stall {h.longest_gap:.3f}s "
+              f"from {h.gap_from - cut:+.3f}s")
 
 
 def test_stopping_the_active_agent_hands_its_traffic_and_egress_ip_over(

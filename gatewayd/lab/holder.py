@@ -1,0 +1,128 @@
+"""Long-lived connections for failover measurements, run inside a pod's namespace.
+
+    python -m gatewayd.lab.holder --target 198.51.100.10:9000 --connections 20 \
+        --interval 0.05 --out FILE
+
+Opens `connections` TCP connections to a line echo server (`gatewayd.lab.echo`) and keeps
+them busy: each sends one line every `interval` and waits for its echo. A connection breaks
+on an error (a reset, the server closing it) or when no echo came back for `give_up`
+seconds. FILE (JSON, rewritten atomically every half second and at the end) holds each
+connection's record; it stops on SIGTERM. `read_held()` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+
+WRITE_EVERY = 0.5
+
+
+@dataclass
+class Held:
+    index: int
+    local_port: int = 0
+    source: str | None = None  # the address the echo server saw
+    echoes: int = 0
+    last_echo: float = 0.0  # wall clock
+    longest_gap: float = 0.0  # between two echoes (or the first one and the open)
+    gap_from: float = 0.0  # when the longest gap began
+    error: str | None = None  # why it broke; None while it works
+    gaps: list[tuple[float, float]] = field(default_factory=list)  # (from, seconds) >= 0.2 s
+
+
+def hold(record: Held, host: str, port: int, interval: float, give_up: float,
+         stopping: threading.Event, lock: threading.Lock) -> None:
+    try:
+        sock = socket.create_connection((host, port), timeout=give_up)
+    except OSError as exc:
+        with lock:
+            record.error = f"connect: {type(exc).__name__}"
+        return
+    with sock:
+        sock.settimeout(give_up)
+        reader = sock.makefile("rb")
+        with lock:
+            record.local_port = sock.getsockname()[1]
+            record.last_echo = time.time()
+        sequence = 0
+        while not stopping.is_set():
+            sequence += 1
+            try:
+                sock.sendall(f"{record.index} {sequence}\n".encode())
+                line = reader.readline()
+            except OSError as exc:
+                with lock:
+                    record.error = f"{type(exc).__name__} after {record.echoes} echoes"
+                return
+            now = time.time()
+            if not line:
+                with lock:
+                    record.error = f"closed by the server after {record.echoes} echoes"
+                return
+            with lock:
+                gap = now - record.last_echo
+                if gap > record.longest_gap:
+                    record.longest_gap, record.gap_from = gap, record.last_echo
+                if gap >= 0.2:
+                    record.gaps.append((record.last_echo, gap))
+                record.source = line.split(b" ", 1)[0].decode(errors="replace")
+                record.echoes += 1
+                record.last_echo = now
+            stopping.wait(interval)
+
+
+def write(records: list[Held], out: Path, lock: threading.Lock) -> None:
+    with lock:
+        text = json.dumps([asdict(r) for r in records])
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+
+
+def read_held(path: Path) -> list[Held]:
+    """The records in a holder's FILE (empty before its first write)."""
+    try:
+        items = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [Held(**{**item, "gaps": [tuple(g) for g in item["gaps"]]}) for item in items]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gatewayd.lab.holder", description=__doc__)
+    parser.add_argument("--target", required=True, help="HOST:PORT of a line echo server")
+    parser.add_argument("--connections", type=int, default=20)
+    parser.add_argument("--interval", type=float, default=0.05)
+    parser.add_argument("--give-up", type=float, default=30.0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    host, port = args.target.rsplit(":", 1)
+    stopping = threading.Event()
+    lock = threading.Lock()
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    records = [Held(i) for i in range(args.connections)]
+    threads = [threading.Thread(target=hold, daemon=True, args=(
+        r, host, int(port), args.interval, args.give_up, stopping, lock)) for r in records]
+    for thread in threads:
+        thread.start()
+    while not stopping.wait(WRITE_EVERY):
+        write(records, args.out, lock)
+    write(records, args.out, lock)  # connections still waiting for an echo are not waited for
+
+
+if __name__ == "__main__":
+    main()

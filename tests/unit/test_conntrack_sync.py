@@ -1,0 +1,60 @@
+"""The pure parts of connection-keeping failover: conntrackd's config, and which conntrack
+mark a node gives an established connection of a failed-over rule."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, ip_address, ip_network
+from pathlib import Path
+
+from gatewayd.dataplane.conntrackd import SyncSettings, render_conntrackd_config
+from gatewayd.steer.conntrack import MarkMove, moved_mark
+
+MASK = 0xFF00
+
+
+def settings() -> SyncSettings:
+    return SyncSettings("eth0", IPv4Address("198.51.100.2"),
+                        (ip_network("10.244.2.0/24"), ip_network("10.244.1.0/24"),
+                         ip_network("fd00:10:244:1::/64")), Path("/var/lib/gatewayd/conntrackd"))
+
+
+def test_the_config_shares_only_pod_flows_over_the_uplink_into_the_kernel() -> None:
+    text = render_conntrackd_config(settings())
+    assert "Mode FTFW {\n        DisableExternalCache On" in text
+    assert "IPv4_interface 198.51.100.2\n        Interface eth0" in text
+    accepted = text.split("Address Accept {")[1].split("}")[0].split()
+    assert accepted == ["IPv4_address", "10.244.1.0/24", "IPv4_address", "10.244.2.0/24",
+                        "IPv6_address", "fd00:10:244:1::/64"]
+    # its own lock file and control socket: the distribution's conntrackd may run too
+    assert "LockFile /var/lib/gatewayd/conntrackd/conntrackd.lock" in text
+    assert "Path /var/lib/gatewayd/conntrackd/conntrackd.ctl" in text
+
+
+def test_the_config_is_the_same_for_the_same_settings() -> None:
+    assert render_conntrackd_config(settings()) == render_conntrackd_config(settings())
+
+
+MOVE = MarkMove(0x100, 0x200, frozenset({ip_address("10.244.1.10")}),
+                (ip_network("198.51.100.10/32"), ip_network("203.0.113.0/24")))
+
+
+def test_a_connection_of_the_failed_over_rule_gets_the_standbys_mark() -> None:
+    assert moved_mark(ip_address("10.244.1.10"), ip_address("198.51.100.10"), 0x100, MASK,
+                      [MOVE]) == 0x200
+    assert moved_mark(ip_address("10.244.1.10"), ip_address("203.0.113.7"), 0x100, MASK,
+                      [MOVE]) == 0x200
+
+
+def test_bits_outside_the_mask_are_kept() -> None:
+    assert moved_mark(ip_address("10.244.1.10"), ip_address("198.51.100.10"), 0x30100, MASK,
+                      [MOVE]) == 0x30200
+
+
+def test_other_connections_keep_their_mark() -> None:
+    other_gateway = moved_mark(ip_address("10.244.1.10"), ip_address("198.51.100.10"), 0x300,
+                               MASK, [MOVE])
+    other_source = moved_mark(ip_address("10.244.1.11"), ip_address("198.51.100.10"), 0x100,
+                              MASK, [MOVE])
+    other_destination = moved_mark(ip_address("10.244.1.10"), ip_address("198.51.100.11"),
+                                   0x100, MASK, [MOVE])
+    assert (other_gateway, other_source, other_destination) == (None, None, None)

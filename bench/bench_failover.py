@@ -13,6 +13,8 @@ client in checkout-1 starts one HTTP request (a new connection) every 20 ms with
 timeout. Also measured: the time from the cut to the controller's promotion of the standby
 (at once when every node failed over; else the slow path, Lease expiry, 4 s here), and
 whether the egress IP was ever on both gateways' live uplinks (sampled every 10 ms).
+During every failover and stop, 20 long-lived TCP connections from checkout-1 echo a line
+every 50 ms (`gatewayd.lab.holder`): how many survived, and their longest stall.
 
 With `--stops N` it then stops the active gateway's agent N times as `systemctl stop` does
 (SIGTERM; the agent hands its egress IP over) and starts it again: measured from the last
@@ -42,22 +44,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fixtures.fakeapi import FakeApiServer
 
+from gatewayd.lab.holder import Held, read_held
 from gatewayd.lab.kubelab import (
     EgressIPWatch,
     KubeLab,
     daemon_events,
+    holding,
     kube_lab_session,
     pinging,
     policy_status,
 )
 from gatewayd.lab.netns import wait_for
 from gatewayd.lab.pinger import Attempt, outage, read_attempts
-from gatewayd.lab.topology import EXAMPLE_SNAPSHOT, EXTERNAL, GATEWAYS, NODES
+from gatewayd.lab.topology import EXAMPLE_SNAPSHOT, EXTERNAL, GATEWAYS, LINE_PORT, NODES
 
 POLICY = "payment-gateway"
 EGRESS_IP = "198.51.100.70"
 CLIENT = NODES[0].pods[0]  # checkout-1
 TARGET = f"{EXTERNAL.addresses[0]}:8080"
+LINE_TARGET = f"{EXTERNAL.addresses[0]}:{LINE_PORT}"
+HELD_CONNECTIONS = 20
 HOLD_DOWN = 3.0
 TIMEOUT = 60.0
 
@@ -100,6 +106,8 @@ def one_run(lab: KubeLab, number: int, power_loss: bool, directory: Path) -> dic
     gateway = next(g for g in GATEWAYS if g.name == old)
     with ExitStack() as stack:
         watch = stack.enter_context(EgressIPWatch([EGRESS_IP]))
+        held = stack.enter_context(holding(CLIENT.netns, LINE_TARGET,
+                                           directory / f"held{number}.json", HELD_CONNECTIONS))
         path = stack.enter_context(pinging(CLIENT.netns, TARGET, directory / f"run{number}"))
         time.sleep(1.0)
         cut = lab.cut(gateway, power_loss=power_loss)
@@ -111,7 +119,19 @@ def one_run(lab: KubeLab, number: int, power_loss: bool, directory: Path) -> dic
         wait_steady(lab, new, old)
         time.sleep(1.0)
         attempts = read_attempts(path)
-    return {**tally(attempts, cut, cut, watch, f"run {number + 1}"), "promoted": promoted}
+        connections = read_held(held)
+    return {**tally(attempts, cut, cut, watch, f"run {number + 1}"), "promoted": promoted,
+            **kept(connections, cut, f"run {number + 1}")}
+
+
+def kept(connections: list[Held], since: float, what: str) -> dict[str, float]:
+    """How many long-lived connections survived, and the longest stall of those that did."""
+    for broken in (c for c in connections if c.error):
+        print(f"  {what}: connection {broken.index} (port {broken.local_port}) broke: "
+              f"{broken.error}, last echo {broken.last_echo - since:+.3f}s", file=sys.stderr)
+    alive = [c for c in connections if not c.error]
+    return {"held": float(len(connections)), "kept": float(len(alive)),
+            "stall": max((c.longest_gap for c in alive), default=0.0)}
 
 
 def tally(
@@ -138,6 +158,9 @@ def one_stop(lab: KubeLab, number: int, directory: Path) -> dict[str, float]:
     new = next(g.name for g in GATEWAYS if g.name != old)
     with ExitStack() as stack:
         watch = stack.enter_context(EgressIPWatch([EGRESS_IP]))
+        held = stack.enter_context(holding(CLIENT.netns, LINE_TARGET,
+                                           directory / f"held-stop{number}.json",
+                                           HELD_CONNECTIONS))
         path = stack.enter_context(pinging(CLIENT.netns, TARGET, directory / f"stop{number}"))
         time.sleep(1.0)
         stopped = time.time()
@@ -150,11 +173,12 @@ def one_stop(lab: KubeLab, number: int, directory: Path) -> dict[str, float]:
         wait_steady(lab, new, old)
         time.sleep(1.0)
         attempts = read_attempts(path)
+        connections = read_held(held)
     # the stopping agent serves until the nodes move: the gap starts at the first failure
     failed = [a for a in attempts if not a.ok and a.start >= stopped]
     first_failure = failed[0].start if failed else stopped
     return {**tally(attempts, first_failure, stopped, watch, f"stop {number + 1}"),
-            "stop": took}
+            "stop": took, **kept(connections, stopped, f"stop {number + 1}")}
 
 
 def api_outage(lab: KubeLab, seconds: float, directory: Path) -> dict[str, float]:
@@ -192,6 +216,20 @@ def api_outage(lab: KubeLab, seconds: float, directory: Path) -> dict[str, float
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def print_connections(results: list[dict[str, float]]) -> None:
+    """The lines issue 12 asks for."""
+    stalls = [r["stall"] for r in results]
+    outages = [r["outage"] for r in results]
+    print(f"long-lived connections kept: {sum(r['kept'] for r in results):.0f}/"
+          f"{sum(r['held'] for r in results):.0f}")
+    print(f"longest stall of a kept connection: p50 {percentile(stalls, 0.5):.3f} s, "
+          f"p99 {percentile(stalls, 0.99):.3f} s")
+    print(f"new-connection outage: p50 {percentile(outages, 0.5):.3f} s, "
+          f"p99 {percentile(outages, 0.99):.3f} s, max {max(outages):.3f} s")
+    print(f"requests failed after traffic resumed: "
+          f"{sum(r['failed_after'] for r in results):.0f}")
 
 
 def print_failovers(results: list[dict[str, float]]) -> None:
@@ -243,6 +281,8 @@ def main() -> int:
 
     if results:
         print_failovers(results)
+        print()
+        print_connections(results)
     if stops:
         gaps, took = [r["outage"] for r in stops], [r["stop"] for r in stops]
         print(f"\n{len(stops)} planned stops (SIGTERM) of the active agent\n")
@@ -254,7 +294,8 @@ def main() -> int:
         print(f"\nrequests failed after traffic resumed: "
               f"{sum(r['failed_after'] for r in stops):.0f}; replies with another source IP: "
               f"{sum(r['wrong_source'] for r in stops):.0f}; samples with the egress IP on "
-              f"both gateways: {sum(r['overlaps'] for r in stops):.0f}")
+              f"both gateways: {sum(r['overlaps'] for r in stops):.0f}\n")
+        print_connections(stops)
     if outage_result is not None:
         print(f"\nAPI server down {args.api_outage:.0f} s (and the {HOLD_DOWN + 5:.0f} s "
               f"after): {outage_result['requests']:.0f} requests, "

@@ -8,20 +8,20 @@ entries lets the next packet start a new connection entry, marked for the standb
 
 Connections that did get answers follow a fast failover to the standby (Kubernetes mode: the
 gateways share connection state through conntrackd, so the standby continues them):
-`follow_failovers` gives them the standby's mark.
+`move_answered` gives them the standby's mark (`connection_moves` says when).
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import ip_address
 
 from pyroute2 import Conntrack
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gatewayd.policy.model import IPAddress, IPNetwork
+from gatewayd.policy.model import IPAddress, IPNetwork, SteerAction, SteerRule
 
 IPS_SEEN_REPLY = 0x2  # <linux/netfilter/nf_conntrack_common.h>
 
@@ -61,6 +61,34 @@ class MarkMove:
     destinations: tuple[IPNetwork, ...]
 
 
+def connection_moves(
+    rules: Iterable[SteerRule],
+    reachable: Mapping[str, bool | None],
+    serving: Mapping[str, frozenset[str]],
+    gateways: frozenset[str],
+) -> set[tuple[str, str, str]]:
+    """(from gateway, policy, to gateway): where a policy's established connections must move.
+
+    `rules` are the rules as steered now (failovers applied). A policy's connections on a
+    gateway other than the one its new connections go to move there when that gateway is
+    down, or up but no longer serving the policy (it gave the egress IP up), and the gateway
+    they move to is up. Otherwise they stay: a gateway that still serves the policy (a move
+    between two healthy gateways whose egress IPs are their own) carries them to the end.
+    """
+    moves = set()
+    for rule in rules:
+        target = rule.gateway
+        if rule.action is not SteerAction.TUNNEL or target is None:
+            continue
+        if reachable.get(target) is not True:
+            continue
+        for gateway in gateways - {target}:
+            up = reachable.get(gateway)
+            if up is False or (up is True and rule.policy not in serving.get(gateway, ())):
+                moves.add((gateway, rule.policy, target))
+    return moves
+
+
 def moved_mark(
     source: IPAddress, destination: IPAddress, mark: int, mask: int, moves: Iterable[MarkMove]
 ) -> int | None:
@@ -76,10 +104,10 @@ def moved_mark(
     return None
 
 
-def follow_failovers(moves: list[MarkMove], mask: int) -> int:
-    """Give the answered connections of each failed-over rule the standby's mark, so that
-    their next packets go to the standby (which has their state from the gateways' conntrack
-    sync) instead of the gateway that failed; returns how many."""
+def move_answered(moves: list[MarkMove], mask: int) -> int:
+    """Give the answered connections of each move its new gateway's mark, so that their next
+    packets go there (it has their state from the gateways' conntrack sync); returns how
+    many."""
     conntrack = Conntrack()
     moved = 0
     try:

@@ -54,7 +54,12 @@ from gatewayd.policy.model import NodePlan, SteerAction, SteerRule
 from gatewayd.probe import GATEWAY_TUNNEL_ADDRESS, PROBE_PORT, Failover, effective_rules
 from gatewayd.runtime import rfc3339
 from gatewayd.steer.config import GatewayTunnelEnd, SteerConfig, load_steer_config
-from gatewayd.steer.conntrack import MarkMove, follow_failovers, forget_unanswered
+from gatewayd.steer.conntrack import (
+    MarkMove,
+    connection_moves,
+    forget_unanswered,
+    move_answered,
+)
 from gatewayd.steer.failover import FastFailover
 from gatewayd.steer.footprint import NodeFootprint
 from gatewayd.steer.kubernetes import NodeState, SteerCluster, node_status
@@ -111,6 +116,8 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
         self._reported_failovers: dict[tuple[str, str], Failover] = {}
         self._steered: dict[str, set[str]] = {}  # policy -> gateways its rules tunnel to now
         self._marks: dict[str, int] = {}  # gateway -> fwmark, as last programmed
+        # (gateway, policy, gateway) whose established connections were moved, while it holds
+        self._followed: set[tuple[str, str, str]] = set()
 
     def make_source(self) -> PlanSource[NodeTarget]:
         if self.cluster is not None:
@@ -184,7 +191,8 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
             failovers = self._follow_failovers(target, ends, rules)
             self.step(errors, Part.FILTER,
                       lambda: self._ensure_table(target.plan, rules, ends, failovers))
-            self._failovers_applied(failovers, rules)
+            self._failovers_applied(failovers)
+            self._follow_policies(rules, failovers)
             self.errors = tuple(errors)
 
     def host_inputs(self, target: NodeTarget) -> object:
@@ -303,7 +311,9 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
                 except Exception:
                     log.exception("re-rendering the steer table for a failover failed; the "
                                   "repair pass retries")
-                self._failovers_applied(failovers, rules)
+                self._failovers_applied(failovers)
+            # also without a failover: a gateway that stopped serving a policy
+            self._follow_policies(self._steerable(target.plan, self.ends), failovers)
         self.publish_status()
 
     def _steering_changed(self, rules: tuple[SteerRule, ...],
@@ -329,15 +339,11 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
             threading.Thread(target=self._forget_unanswered, args=(forget,),
                              name="forget-unanswered", daemon=True).start()
 
-    def _failovers_applied(
-        self, failovers: dict[tuple[str, str], Failover], rules: tuple[SteerRule, ...]
-    ) -> None:
-        """After the table changed: the established connections of new failovers follow
-        them; new and ended failovers are reported."""
+    def _failovers_applied(self, failovers: dict[tuple[str, str], Failover]) -> None:
+        """After the table changed: new and ended failovers are reported."""
         before = self._reported_failovers
         if failovers == before:
             return
-        self._follow(rules, [f for key, f in failovers.items() if key not in before])
         for key, failover in failovers.items():
             if key not in before:
                 message = (f"policy {failover.policy}: gateway {failover.gateway} does not "
@@ -357,25 +363,35 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
                     self.cluster.reporter.event("FailoverEnded", message)
         self._reported_failovers = dict(failovers)
 
-    def _follow(self, rules: tuple[SteerRule, ...], new: list[Failover]) -> None:
-        """The answered connections of each newly failed-over rule get the standby's mark:
-        the standby has their state (the gateways share it), the failed gateway cannot carry
-        them any more."""
+    def _follow_policies(
+        self, rules: tuple[SteerRule, ...], failovers: dict[tuple[str, str], Failover]
+    ) -> None:
+        """Established connections go where their policy's new connections go when the
+        gateway they are on is down or no longer serves the policy (the gateways share
+        connection state, so the new one continues them): their conntrack mark is rewritten,
+        once per (gateway, policy, new gateway) while that holds."""
+        if self.failover is None:
+            return
         marks = {e.name: e.mark for e in self.ends}
+        wanted = connection_moves(effective_rules(rules, failovers), self.failover.reachable(),
+                                  self.failover.serving(), frozenset(marks))
+        new = wanted - self._followed
+        self._followed = wanted
         moves = [
-            MarkMove(marks[f.gateway], marks[f.standby], rule.sources, rule.destinations)
-            for f in new for rule in rules
-            if rule.policy == f.policy and rule.gateway == f.gateway
-            and rule.action is SteerAction.TUNNEL and f.gateway in marks and f.standby in marks
+            MarkMove(marks[gone], marks[rule.gateway], rule.sources, rule.destinations)
+            for gone, policy, to in sorted(new)
+            for rule in effective_rules(rules, failovers)
+            if rule.policy == policy and rule.gateway == to
+            and rule.action is SteerAction.TUNNEL
         ]
         if moves:
             # Its own thread, like forgetting: the probes' thread may be the caller.
             threading.Thread(target=self._move_connections, args=(moves,),
-                             name="follow-failovers", daemon=True).start()
+                             name="follow-policies", daemon=True).start()
 
     def _move_connections(self, moves: list[MarkMove]) -> None:
         try:
-            moved = follow_failovers(moves, self.config.mark_mask)
+            moved = move_answered(moves, self.config.mark_mask)
         except Exception:
             log.exception("moving established connections to the standby failed")
             return

@@ -118,6 +118,11 @@ class FastFailover:
             return {t.gateway: self._history[t.gateway].up if t.gateway in self._history
                     else None for t in self._targets}
 
+    def serving(self) -> dict[str, frozenset[str]]:
+        """Of this node's policies, those each gateway said it serves in its last reply."""
+        with self._lock:
+            return {g: h.serving for g, h in self._history.items()}
+
     # --- the thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:

@@ -7,7 +7,8 @@ from ipaddress import IPv4Address, ip_address, ip_network
 from pathlib import Path
 
 from gatewayd.dataplane.conntrackd import SyncSettings, render_conntrackd_config
-from gatewayd.steer.conntrack import MarkMove, moved_mark
+from gatewayd.policy.model import SteerAction, SteerRule
+from gatewayd.steer.conntrack import MarkMove, connection_moves, moved_mark
 
 MASK = 0xFF00
 
@@ -58,3 +59,34 @@ def test_other_connections_keep_their_mark() -> None:
     other_destination = moved_mark(ip_address("10.244.1.10"), ip_address("198.51.100.11"),
                                    0x100, MASK, [MOVE])
     assert (other_gateway, other_source, other_destination) == (None, None, None)
+
+
+def rule(policy: str, gateway: str) -> SteerRule:
+    return SteerRule(policy, SteerAction.TUNNEL, frozenset({ip_address("10.244.1.10")}),
+                     (ip_network("198.51.100.10/32"),), gateway=gateway)
+
+
+GATEWAYS = frozenset({"gw1", "gw2"})
+
+
+def test_connections_leave_a_gateway_that_is_down_for_the_policys_gateway() -> None:
+    moves = connection_moves([rule("pay", "gw2")], {"gw1": False, "gw2": True},
+                             {"gw2": frozenset({"pay"})}, GATEWAYS)
+    assert moves == {("gw1", "pay", "gw2")}
+
+
+def test_connections_leave_a_gateway_that_no_longer_serves_the_policy() -> None:
+    """A node moved back to the active gateway: the standby it had moved to never held the
+    egress IP, and the connections it had moved there go back."""
+    moves = connection_moves([rule("pay", "gw1")], {"gw1": True, "gw2": True},
+                             {"gw1": frozenset({"pay"}), "gw2": frozenset()}, GATEWAYS)
+    assert moves == {("gw2", "pay", "gw1")}
+
+
+def test_connections_stay_where_they_are_still_served_or_have_nowhere_to_go() -> None:
+    still_served = connection_moves([rule("pay", "gw2")], {"gw1": True, "gw2": True},
+                                    {"gw1": frozenset({"pay"})}, GATEWAYS)
+    target_down = connection_moves([rule("pay", "gw2")], {"gw1": False, "gw2": False}, {},
+                                   GATEWAYS)
+    unknown = connection_moves([rule("pay", "gw2")], {"gw2": True}, {}, GATEWAYS)
+    assert (still_served, target_down, unknown) == (set(), set(), set())

@@ -276,6 +276,20 @@ def test_network_partition_of_the_active_gateway(klab: KubeLab, tmp_path: Path) 
     check_failover(klab, power_loss=False, directory=tmp_path)
 
 
+def carrying(lab: KubeLab) -> str:
+    """The active gateway of the payment policy once the traffic is where the plan says: it
+    holds the egress IP and no node has failed it over (so cutting it cuts the traffic)."""
+    def steady() -> bool:
+        name = active(lab, PAYMENT)
+        return name is not None and has_address(gateway_host(name).netns, "eth0", PAYMENT_IP) \
+            and all(not node_failovers(lab, n.name) for n in NODES)
+
+    wait_for(steady, TIMEOUT, "the payment policy's traffic to follow the plan")
+    name = active(lab, PAYMENT)
+    assert name is not None
+    return name
+
+
 def broken(held: list[Held]) -> str:
     return "; ".join(f"connection {h.index} (port {h.local_port}): {h.error}, last echo "
                      f"{h.last_echo:.3f}" for h in held if h.error) or "none broken"
@@ -288,8 +302,7 @@ def test_connections_held_open_survive_a_failover(
     """Long-lived connections through the active gateway (a line echo every 50 ms) go on
     through the standby while the failed gateway is still down: the standby has their state
     (the gateways' conntrack sync) and the nodes give them the standby's mark."""
-    old = active(klab, PAYMENT)
-    assert old is not None
+    old = carrying(klab)
     new = next(g.name for g in GATEWAYS if g.name != old)
     target = f"{EXTERNAL.addresses[0]}:{LINE_PORT}"
     with holding(CHECKOUT_1.netns, target, tmp_path / "held.json", connections=5) as path:
@@ -424,8 +437,7 @@ def test_an_unanswered_connection_left_on_the_failed_gateway_goes_to_the_standby
     connection entry with the dead gateway's mark and no reply (the race between the
     failover and its cleanup). A client that retries it, or reuses its port while it lives
     (2 minutes), must reach the standby, not the dead gateway."""
-    old = active(klab, PAYMENT)
-    assert old is not None
+    old = carrying(klab)
     new = next(g.name for g in GATEWAYS if g.name != old)
     port = 40125
     mark = steer_mark(NODES[0], old)

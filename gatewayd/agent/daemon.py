@@ -201,8 +201,6 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         except Exception as exc:
             log.warning("conntrack resync with %s: %s", config_path(settings.directory), exc)
 
-    def _filter_then_forward(self, plan: GatewayPlan, errors: list[str], settled: bool) -> None:
-
     def _filter_then_forward(
         self, plan: GatewayPlan, errors: list[StepFailure], settled: bool
     ) -> None:

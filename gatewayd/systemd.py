@@ -172,6 +172,7 @@ EVENT_MESSAGE_IDS: dict[str, str] = {
     "failover": "446e561c09a042c5a1b1d5f8f25f30f3",
     "failover-ended": "3dedad18d1ea4440a26b97ba002ccef9",
     "tunnel-removed": "3d69bc435ddc478cb554dcc6d6ffb78a",
+    "conntrack-sync-missing": "2f5290d78a8b4610b22ae8b7d4f9e088",
 }
 
 # The attribute of a LogRecord that carries an event's journal fields (PRIORITY, MESSAGE_ID,

@@ -75,10 +75,14 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
     plan_from_dict = staticmethod(target_from_dict)
 
     def __init__(self, config: AgentConfig) -> None:
+        # Kubernetes mode: the connection state shared with the other gateways.
+        self.conntrack_sync = ConntrackdDriver()
+        self._sync_missing_reported = False
         self.cluster: AgentCluster | None = None
         if config.kubernetes is not None:
             try:
-                self.cluster = AgentCluster(config, self._egress_ips_changed)
+                self.cluster = AgentCluster(config, self._egress_ips_changed,
+                                            self._egress_ips_released)
             except KubeConfigError as exc:
                 raise ConfigError([f"{config.path}: kubernetes: {exc}"]) from exc
         super().__init__(config)
@@ -97,9 +101,6 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         self.public_key: str | None = None
         self._status_dirty = threading.Event()  # set by the egress IP keeper's thread
         self._connection: dict[str, Any] | None = None  # as status.json last reported it
-        # Kubernetes mode: the connection state shared with the other gateways.
-        self.conntrack_sync = ConntrackdDriver()
-        self._sync_missing_reported = False
 
     def make_source(self) -> PlanSource[GatewayTarget]:
         if self.cluster is not None:
@@ -281,6 +282,11 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             self.repair()
         elif self.status.drift_repaired:
             self.write_status()
+
+    def _egress_ips_released(self) -> None:
+        """The keeper's thread: this gateway gave egress IPs up, so another gateway carries
+        their connections now."""
+        self.conntrack_sync.forget_own_flows()
 
     def _egress_ips_changed(self) -> None:
         self._status_dirty.set()

@@ -70,11 +70,13 @@ class EgressIPKeeper:
         pools: tuple[EgressIPPool, ...],
         settings: FailoverSettings,
         changed: Callable[[], None],
+        released: Callable[[], None],
     ) -> None:
         self.gateway = gateway
         self.pools = pools
         self.settings = settings
         self._changed = changed
+        self._released = released
         self.addresses = AddressDriver(
             probe_seconds=settings.arp_probe_seconds,
             # The holder the nodes just left gives the address up within the hold time, often
@@ -298,7 +300,7 @@ class EgressIPKeeper:
             }
         held: set[IPAddress] = set()
         conflicts: list[AddressConflict] = []
-        changed = False
+        changed = any_removed = False
         for interface, addresses in sorted(by_interface.items()):
             changes = self.addresses.ensure(interface, addresses)
             for ip in changes.added:
@@ -306,6 +308,7 @@ class EgressIPKeeper:
                               Priority.NOTICE, egress_ip=str(ip), interface=interface)
                 self._reannounce[ip] = [time.monotonic() + d for d in REANNOUNCE_AFTER]
             for ip in changes.removed:
+                any_removed = True
                 self._reannounce.pop(ip, None)
                 journal_event("egress-ip-removed", f"egress IP {ip} removed from {interface}",
                               Priority.NOTICE, egress_ip=str(ip), interface=interface)
@@ -322,6 +325,8 @@ class EgressIPKeeper:
             self._held = frozenset(held)
             self._wanted = wanted
             self._conflicts = tuple(conflicts)
+        if any_removed:
+            self._released()
         if changed:
             self._changed()
 

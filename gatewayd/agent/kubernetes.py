@@ -171,7 +171,9 @@ def _interface(interface: GatewayInterface) -> dict[str, Any]:
 class AgentCluster:
     """Everything the agent does with the cluster, started once the saved plan is restored."""
 
-    def __init__(self, config: AgentConfig, changed: Callable[[], None]) -> None:
+    def __init__(
+        self, config: AgentConfig, changed: Callable[[], None], released: Callable[[], None]
+    ) -> None:
         settings = config.kubernetes
         if settings is None:
             raise ValueError("AgentCluster needs a config in Kubernetes mode")
@@ -181,7 +183,7 @@ class AgentCluster:
         self.source = OwnObjectSource(self.api, EGRESS_GATEWAYS, config.name, target_from_object)
         self._lease_observer = LeaseObserver()
         self.keeper = EgressIPKeeper(config.name, config.egress_ip_pools, config.failover,
-                                     changed)
+                                     changed, released)
         # A gateway's credentials may not create Events (its journal has them): none here.
         self.reporter = Reporter(
             f"EgressGateway {config.name}", self._join, self._write_status,

@@ -112,6 +112,7 @@ class ConntrackdDriver:
         self.binary = binary
         self._process: subprocess.Popen[bytes] | None = None
         self._config: str | None = None
+        self._settings: SyncSettings | None = None
 
     def available(self) -> bool:
         return shutil.which(self.binary) is not None
@@ -133,14 +134,30 @@ class ConntrackdDriver:
             [self.binary, "-C", str(path)], stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
         )
-        self._config = text
+        self._config, self._settings = text, settings
         log.info("conntrackd started (pid %d) with %s", self._process.pid, path)
         return True
 
     def resync(self, settings: SyncSettings) -> None:
-        """Ask the other gateways for the flows they carry (after a (re)start). Ours are not
-        pushed: after a restart this gateway's kernel table may be older than theirs."""
-        subprocess.run([self.binary, "-C", str(config_path(settings.directory)), "-n"],
+        """After a (re)start: forget the flows conntrackd read from this gateway's kernel (see
+        `forget_own_flows`; a restarted agent has handed its egress IPs over), then ask the
+        other gateways for the flows they carry."""
+        self._request(settings, "-f", "internal")
+        self._request(settings, "-n")
+
+    def forget_own_flows(self) -> None:
+        """This gateway gave egress IPs up: another gateway carries their connections now, with
+        the state it got from us. conntrackd forgets the flows it has sent (its internal cache;
+        nothing is sent, the kernel keeps its entries). Otherwise, when our stale copy of such
+        a flow expires, conntrackd sends its end to the other gateways, and one whose client
+        reused the port meanwhile deletes that new connection's entry (seen in the lab: the
+        server's SYN-ACK then found no NAT state and was dropped). Flows this gateway still
+        carries are sent again at their next change of state."""
+        if self.running() and self._settings is not None:
+            self._request(self._settings, "-f", "internal")
+
+    def _request(self, settings: SyncSettings, *argv: str) -> None:
+        subprocess.run([self.binary, "-C", str(config_path(settings.directory)), *argv],
                        check=False, timeout=5, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
 

@@ -215,12 +215,13 @@ class KubeLab(Lab):
 
     def restore(self, gateway: GatewayHost) -> None:
         """Bring a cut gateway back. After a power loss this is a boot: a namespace keeps its
-        kernel state, so the addresses the agent had added (its egress IPs) go first, as a
-        rebooted host has none, and the agent starts before the uplink comes up, as services
-        start before the network is reachable."""
+        kernel state, so the addresses the agent had added (its egress IPs) and the connection
+        tracking table go first, as a rebooted host has neither, and the agent starts before
+        the uplink comes up, as services start before the network is reachable."""
         if self.daemon_pid(gateway.name) is None:
             with entered(gateway.netns):
                 AddressDriver().remove_all()
+            run(["conntrack", "-F"], gateway.netns, check=False)
             started = time.time()
             self.start_daemon(gateway.name)
             self.wait_ready([gateway.name], since=started)

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -330,17 +331,81 @@ def test_connections_held_open_survive_a_failover(
               f"from {h.gap_from - cut:+.3f}s")
 
 
+def conntrack_id(netns: str, flow: list[str]) -> str | None:
+    """The id of the kernel's entry for `flow` in `netns`, or None."""
+    listed = run(["conntrack", "-L", *flow, "-o", "id"], netns, check=False).stdout
+    found = re.search(r"\bid=(\d+)", listed)
+    return found.group(1) if found else None
+
+
+def synced(source: str, destination: str, flow: list[str]) -> None:
+    """Everything `source`'s conntrackd sent before now has reached `destination`: a new entry
+    made in `source`, then its end, both arrive there in order."""
+    run(["conntrack", "-I", *flow, "--state", "ESTABLISHED", "--timeout", "60"], source)
+    wait_for(lambda: conntrack_id(destination, flow) is not None, TIMEOUT,
+             f"a new entry in {source} to be synced to {destination}")
+    run(["conntrack", "-D", *flow], source)
+    wait_for(lambda: conntrack_id(destination, flow) is None, TIMEOUT,
+             f"its end to be synced to {destination}")
+
+
+def test_a_stale_copy_of_a_flow_does_not_end_a_new_connection_on_the_new_gateway(
+    klab: KubeLab,
+) -> None:
+    """The gateways share connection state, and a gateway that gave an egress IP up keeps its
+    kernel's entries for the flows it carried. When one of them ends there (TIME_WAIT runs out
+    after 2 minutes; here it is deleted), the gateway that carries the policy now must keep a
+    connection that reuses the same addresses and ports, as a client that reuses its source
+    port makes. Seen before the fix: that end was synced, deleted the new connection's entry,
+    and its SYN-ACK was dropped."""
+    old = active(klab, PAYMENT)
+    assert old is not None
+    new = next(g.name for g in GATEWAYS if g.name != old)
+    server, port = EXTERNAL.addresses[0], 47123
+    flow = ["-p", "tcp", "-s", CHECKOUT_1.address, "-d", server, "--sport", str(port),
+            "--dport", "8080"]
+    old_netns, new_netns = gateway_host(old).netns, gateway_host(new).netns
+    assert probe(CHECKOUT_1.netns, server, local_port=port, seconds=3) == PAYMENT_IP
+    wait_for(lambda: conntrack_id(new_netns, flow) is not None, TIMEOUT,
+             f"{new} to have the flow from the sync")
+    # The policy moves to the standby: `systemctl restart` of the active gateway's agent.
+    assert klab.stop_daemon(old, signal.SIGTERM) == 0
+    wait_for(lambda: active(klab, PAYMENT) == new, TIMEOUT, "the controller to promote")
+    started = time.time()
+    klab.start_daemon(old)
+    klab.wait_ready([old], since=started)
+    wait_for(lambda: roles(klab, PAYMENT) == {(new, "active"), (old, "standby")},
+             TIMEOUT, f"{old} to become the standby")
+    with entered(CHECKOUT_1.netns):
+        client = socket.create_connection((server, 8080), timeout=5,
+                                          source_address=(CHECKOUT_1.address, port))
+    with client:
+        carried = conntrack_id(new_netns, flow)
+        assert carried is not None
+        run(["conntrack", "-D", *flow], old_netns)  # the old gateway's copy ends
+        synced(old_netns, new_netns, ["-p", "tcp", "-s", CHECKOUT_1.address, "-d", server,
+                                      "--sport", str(port + 1), "--dport", "8080"])
+        assert conntrack_id(new_netns, flow) == carried
+        client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        answer = b"".join(iter(lambda: client.recv(4096), b"")).decode(errors="replace")
+    assert PAYMENT_IP in answer, answer
+
+
 def test_stopping_the_active_agent_hands_its_traffic_and_egress_ip_over(
     klab: KubeLab, tmp_path: Path,
 ) -> None:
     """`systemctl stop` on the active gateway: it stops answering probes and writes
     Ready=False; the nodes move to the standby, the stopping agent gives the egress IP up and
-    the standby claims it; started again, the gateway becomes the standby."""
+    the standby claims it; started again, the gateway becomes the standby. Connections held
+    open through it all the while go on (a `systemctl restart` or a package upgrade)."""
     old = active(klab, PAYMENT)
     assert old is not None
     new = next(g.name for g in GATEWAYS if g.name != old)
     with ExitStack() as stack:
         watch = stack.enter_context(EgressIPWatch([PAYMENT_IP, BATCH_IP]))
+        held_path = stack.enter_context(holding(
+            CHECKOUT_1.netns, f"{EXTERNAL.addresses[0]}:{LINE_PORT}", tmp_path / "held.json",
+            connections=5))
         files = {pod.name: stack.enter_context(pinging(pod.netns, TARGET, tmp_path / pod.name))
                  for pod in (CHECKOUT_1, WEB_1)}
         time.sleep(1.0)  # a stretch of normal traffic first
@@ -359,6 +424,8 @@ def test_stopping_the_active_agent_hands_its_traffic_and_egress_ip_over(
                  TIMEOUT, f"{old} to become the standby")
         time.sleep(1.0)  # traffic after the steady state is reached
         attempts = {pod: read_attempts(path) for pod, path in files.items()}
+        held = read_held(held_path)
+    assert not any(h.error for h in held), broken(held)
     checkout = attempts[CHECKOUT_1.name]
     # the stopping agent serves until the nodes move: the gap starts at the first failure
     failed = [a for a in checkout if not a.ok and a.start >= stopped]

@@ -235,7 +235,7 @@ def test_the_agent_joins_beats_and_reports_with_its_own_token(
         "stateDirectory": str(tmp_path / "state"), "uplink": "eth0",
         "tunnel": {"interface": "idtest0", "listenPort": 51820},
     }))
-    agent = AgentCluster(load_agent_config(config_file), lambda: None)
+    agent = AgentCluster(load_agent_config(config_file), lambda: None, lambda: None)
     with caplog.at_level(logging.WARNING, "gatewayd.agent"):
         agent._join()
         agent._beat()

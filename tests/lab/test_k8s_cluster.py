@@ -61,6 +61,7 @@ from gatewayd.lab.topology import (
     ROUTER,
     CloudNode,
     GatewayHost,
+    PodHost,
 )
 from gatewayd.lab.verify import probe
 from gatewayd.probe import PROBE_PORT
@@ -349,6 +350,25 @@ def synced(source: str, destination: str, flow: list[str]) -> None:
              f"its end to be synced to {destination}")
 
 
+def connect_from(pod: PodHost, server: str, port: int, local_port: int) -> socket.socket:
+    """A TCP connection from `pod`'s `local_port`."""
+    with entered(pod.netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((pod.address, local_port))
+    sock.connect((server, port))
+    return sock
+
+
+def http_answer(sock: socket.socket) -> str:
+    """Send a request and read the answer until the server closes: its end closes first, so
+    this side leaves no TIME_WAIT and the port can be used again at once."""
+    with sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        return b"".join(iter(lambda: sock.recv(4096), b"")).decode(errors="replace")
+
+
 def test_a_stale_copy_of_a_flow_does_not_end_a_new_connection_on_the_new_gateway(
     klab: KubeLab,
 ) -> None:
@@ -365,7 +385,7 @@ def test_a_stale_copy_of_a_flow_does_not_end_a_new_connection_on_the_new_gateway
     flow = ["-p", "tcp", "-s", CHECKOUT_1.address, "-d", server, "--sport", str(port),
             "--dport", "8080"]
     old_netns, new_netns = gateway_host(old).netns, gateway_host(new).netns
-    assert probe(CHECKOUT_1.netns, server, local_port=port, seconds=3) == PAYMENT_IP
+    assert PAYMENT_IP in http_answer(connect_from(CHECKOUT_1, server, 8080, port))
     wait_for(lambda: conntrack_id(new_netns, flow) is not None, TIMEOUT,
              f"{new} to have the flow from the sync")
     # The policy moves to the standby: `systemctl restart` of the active gateway's agent.
@@ -376,18 +396,14 @@ def test_a_stale_copy_of_a_flow_does_not_end_a_new_connection_on_the_new_gateway
     klab.wait_ready([old], since=started)
     wait_for(lambda: roles(klab, PAYMENT) == {(new, "active"), (old, "standby")},
              TIMEOUT, f"{old} to become the standby")
-    with entered(CHECKOUT_1.netns):
-        client = socket.create_connection((server, 8080), timeout=5,
-                                          source_address=(CHECKOUT_1.address, port))
-    with client:
-        carried = conntrack_id(new_netns, flow)
-        assert carried is not None
-        run(["conntrack", "-D", *flow], old_netns)  # the old gateway's copy ends
-        synced(old_netns, new_netns, ["-p", "tcp", "-s", CHECKOUT_1.address, "-d", server,
-                                      "--sport", str(port + 1), "--dport", "8080"])
-        assert conntrack_id(new_netns, flow) == carried
-        client.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        answer = b"".join(iter(lambda: client.recv(4096), b"")).decode(errors="replace")
+    client = connect_from(CHECKOUT_1, server, 8080, port)
+    carried = conntrack_id(new_netns, flow)
+    assert carried is not None
+    run(["conntrack", "-D", *flow], old_netns)  # the old gateway's copy ends
+    synced(old_netns, new_netns, ["-p", "tcp", "-s", CHECKOUT_1.address, "-d", server,
+                                  "--sport", str(port + 1), "--dport", "8080"])
+    assert conntrack_id(new_netns, flow) == carried
+    answer = http_answer(client)
     assert PAYMENT_IP in answer, answer
 
 

@@ -6,8 +6,9 @@ one of the `misses - 1` probes before it, arrives before the next one is sent; e
 a full interval, even when the thread itself was late. When a gateway's health or what it
 serves changes, a second thread has the failovers decided again (`decide_failovers`) and, if
 they changed, the daemon re-renders its nftables table with each failed-over rule sent to its
-standby: one transaction; new connections only, since established ones keep their conntrack
-mark. The daemon reports each change in its EgressNode status and as an Event.
+standby: one transaction, for new connections; the daemon then gives the rule's answered
+connections the standby's conntrack mark (`gatewayd.steer.conntrack`). The daemon reports each
+change in its EgressNode status and as an Event.
 
 The probes never wait for that: the daemon applies a change under the lock its loop holds for
 whole passes, and a gateway that gets no probes for `egressIPHoldSeconds` gives up its egress

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
+
+from gatewayd.lab.pinger import stopped_by_signals
 
 WRITE_EVERY = 0.5
 
@@ -106,14 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     host, port = args.target.rsplit(":", 1)
-    stopping = threading.Event()
+    stopping = stopped_by_signals()
     lock = threading.Lock()
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
     records = [Held(i) for i in range(args.connections)]
     threads = [threading.Thread(target=hold, daemon=True, args=(
         r, host, int(port), args.interval, args.give_up, stopping, lock)) for r in records]

@@ -67,15 +67,21 @@ def _exchange(
     return (source, None) if source else (None, "empty answer")
 
 
-def run(host: str, port: int, interval: float, timeout: float, out: TextIO) -> None:
+def stopped_by_signals() -> threading.Event:
+    """An event that SIGTERM or SIGINT sets: the lab's client programs stop cleanly."""
     stopping = threading.Event()
-    lock = threading.Lock()
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         stopping.set()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    return stopping
+
+
+def run(host: str, port: int, interval: float, timeout: float, out: TextIO) -> None:
+    stopping = stopped_by_signals()
+    lock = threading.Lock()
 
     def one() -> None:
         start = time.time()

@@ -369,6 +369,15 @@ def http_answer(sock: socket.socket) -> str:
         return b"".join(iter(lambda: sock.recv(4096), b"")).decode(errors="replace")
 
 
+def start_as_standby(lab: KubeLab, stopped: str, active_now: str) -> None:
+    """Start a stopped gateway's agent; it becomes the standby of the gateway now active."""
+    started = time.time()
+    lab.start_daemon(stopped)
+    lab.wait_ready([stopped], since=started)
+    wait_for(lambda: roles(lab, PAYMENT) == {(active_now, "active"), (stopped, "standby")},
+             TIMEOUT, f"{stopped} to become the standby")
+
+
 def test_a_stale_copy_of_a_flow_does_not_end_a_new_connection_on_the_new_gateway(
     klab: KubeLab,
 ) -> None:
@@ -391,11 +400,7 @@ def test_a_stale_copy_of_a_flow_does_not_end_a_new_connection_on_the_new_gateway
     # The policy moves to the standby: `systemctl restart` of the active gateway's agent.
     assert klab.stop_daemon(old, signal.SIGTERM) == 0
     wait_for(lambda: active(klab, PAYMENT) == new, TIMEOUT, "the controller to promote")
-    started = time.time()
-    klab.start_daemon(old)
-    klab.wait_ready([old], since=started)
-    wait_for(lambda: roles(klab, PAYMENT) == {(new, "active"), (old, "standby")},
-             TIMEOUT, f"{old} to become the standby")
+    start_as_standby(klab, old, new)
     client = connect_from(CHECKOUT_1, server, 8080, port)
     carried = conntrack_id(new_netns, flow)
     assert carried is not None
@@ -433,11 +438,7 @@ def test_stopping_the_active_agent_hands_its_traffic_and_egress_ip_over(
                  TIMEOUT, "checkout-1's traffic to come back")
         assert not has_address(gateway_host(old).netns, "eth0", PAYMENT_IP)
         wait_for(lambda: active(klab, PAYMENT) == new, TIMEOUT, "the controller to promote")
-        started = time.time()
-        klab.start_daemon(old)
-        klab.wait_ready([old], since=started)
-        wait_for(lambda: roles(klab, PAYMENT) == {(new, "active"), (old, "standby")},
-                 TIMEOUT, f"{old} to become the standby")
+        start_as_standby(klab, old, new)
         time.sleep(1.0)  # traffic after the steady state is reached
         attempts = {pod: read_attempts(path) for pod, path in files.items()}
         held = read_held(held_path)

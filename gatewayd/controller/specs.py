@@ -130,14 +130,13 @@ def failed_over_everywhere(egress_nodes: Iterable[Object]) -> dict[tuple[str, st
     steering: dict[tuple[str, str, str], set[str]] = {}
     reports: dict[tuple[str, str, str], set[str]] = {}
     for node in egress_nodes:
-        name = node.get("metadata", {}).get("name")
-        status = node.get("status")
+        name = _name(node)
         for rule in spec_rules(node):
             gateway, standby = rule.get("gateway"), rule.get("standby")
             if rule.get("action") == "tunnel" and isinstance(gateway, str) and isinstance(
                     standby, str):
                 steering.setdefault((rule["policy"], gateway, standby), set()).add(name)
-        failovers = status.get("failovers") if isinstance(status, Mapping) else None
+        failovers = _status(node).get("failovers")
         for failover in failovers if isinstance(failovers, list) else []:
             if isinstance(failover, Mapping):
                 key = (failover.get("policy"), failover.get("from"), failover.get("to"))

@@ -14,8 +14,9 @@ gateways share connection state through conntrackd, so the standby continues the
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from ipaddress import ip_address
 
 from pyroute2 import Conntrack
@@ -38,13 +39,7 @@ def forget_unanswered(mark: int, mask: int) -> int:
             if not entry.status & IPS_SEEN_REPLY
         ]
         for entry in doomed:
-            try:
-                conntrack.delete(entry)
-            except NetlinkError as error:
-                if error.code != errno.ENOENT:
-                    raise
-                continue
-            forgotten += 1
+            forgotten += _unless_ended(partial(conntrack.delete, entry))
     finally:
         conntrack.close()
     return forgotten
@@ -119,13 +114,19 @@ def move_answered(moves: list[MarkMove], mask: int) -> int:
                                  ip_address(entry.tuple_orig.daddr), entry.mark or 0, mask, moves)
                 if new is None:
                     continue
-                try:
-                    conntrack.entry("set", mark=new, tuple_orig=entry.tuple_orig)
-                except NetlinkError as exc:
-                    if exc.code != errno.ENOENT:  # ended meanwhile: nothing to move
-                        raise
-                    continue
-                moved += 1
+                moved += _unless_ended(
+                    partial(conntrack.entry, "set", mark=new, tuple_orig=entry.tuple_orig))
     finally:
         conntrack.close()
     return moved
+
+
+def _unless_ended(change: Callable[[], object]) -> bool:
+    """Make a change to a conntrack entry; False when the entry ended since it was listed."""
+    try:
+        change()
+    except NetlinkError as error:
+        if error.code != errno.ENOENT:
+            raise
+        return False
+    return True

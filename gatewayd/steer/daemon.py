@@ -373,14 +373,15 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
         if self.failover is None:
             return
         marks = {e.name: e.mark for e in self.ends}
-        wanted = connection_moves(effective_rules(rules, failovers), self.failover.reachable(),
-                                  self.failover.serving(), frozenset(marks))
+        steered = effective_rules(rules, failovers)
+        wanted = connection_moves(steered, self.failover.reachable(), self.failover.serving(),
+                                  frozenset(marks))
         new = wanted - self._followed
         self._followed = wanted
         moves = [
             MarkMove(marks[gone], marks[rule.gateway], rule.sources, rule.destinations)
             for gone, policy, to in sorted(new)
-            for rule in effective_rules(rules, failovers)
+            for rule in steered
             if rule.policy == policy and rule.gateway == to
             and rule.action is SteerAction.TUNNEL
         ]

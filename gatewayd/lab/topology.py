@@ -226,6 +226,28 @@ class Lab:
             self.start_daemon(host)
         self.wait_ready(timeout=timeout, since=started)
 
+    def wait_tunnels(self, timeout: float) -> None:
+        """Wait until every node's tunnel to every gateway had a handshake. The daemons start
+        together, so a node's first handshake can reach a gateway before that gateway knows
+        the node's key; WireGuard tries again only 5 s later, and until then the node's
+        steered traffic goes nowhere."""
+        pending = [(node, gateway) for node in NODES for gateway in GATEWAYS]
+
+        def handshaken(node: CloudNode, gateway: GatewayHost) -> bool:
+            out = run(["wg", "show", node.tunnel_interface(gateway), "latest-handshakes"],
+                      node.netns).stdout.split()
+            return len(out) == 2 and out[1] != "0"
+
+        def all_up() -> bool:
+            pending[:] = [(n, g) for n, g in pending if not handshaken(n, g)]
+            return not pending
+
+        try:
+            wait_for(all_up, timeout, "the tunnels' first handshakes", interval=0.1)
+        except TimeoutError:
+            tunnels = ", ".join(f"{n.tunnel_interface(g)} in {n.netns}" for n, g in pending)
+            raise LabError(f"no handshake after {timeout:.0f}s on {tunnels}") from None
+
     def start_daemon(self, host: str) -> None:
         """Start the host's daemon, detached, logging to its daemon.log (appended)."""
         if self.daemon_pid(host) is not None:
@@ -433,6 +455,7 @@ def lab_up(
     box.release()  # from here on lab.json owns it
     if start_daemons:
         lab.start_daemons(ready_timeout)
+        lab.wait_tunnels(ready_timeout)
     return lab
 
 
@@ -619,6 +642,7 @@ def lab_session(
     try:
         if start_daemons:
             lab.start_daemons()
+            lab.wait_tunnels(60)
         yield lab
     finally:
         lab.down(remove_directory=False)

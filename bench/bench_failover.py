@@ -2,6 +2,7 @@
 the first reply through the standby, as a client in a selected pod sees it.
 
     .venv/bin/python bench/bench_failover.py [--runs 20] [--stops 10] [--api-outage 60]
+                                             [--keep DIR]
 
 Builds the Kubernetes-mode lab (tests' fake API server, the controller, two gateways, two
 cloud nodes) in a temporary directory, creates the `payment-gateway` policy (explicit egress
@@ -76,10 +77,12 @@ def active(lab: KubeLab) -> str:
     return next(name for name, role in roles(lab) if role == "active")
 
 
-def steady(lab: KubeLab, active: str, standby: str) -> bool:
-    """The roles are as given, and every node reaches both gateways with no failover left:
-    a node whose tunnel to the returned gateway is not up yet could not fail over to it."""
-    if roles(lab) != {(active, "active"), (standby, "standby")}:
+def steady(lab: KubeLab) -> bool:
+    """One gateway active, the other its standby, and every node reaches both with no
+    failover left: a node whose tunnel to the returned gateway is not up yet could not fail
+    over to it. Which one is active does not matter: after a restore the nodes may fail over
+    back to it once more, and the controller then follows them."""
+    if sorted(role for _, role in roles(lab)) != ["active", "standby"]:
         return False
     for node in NODES:
         status = lab.object("egressnodes", node.name).get("status") or {}
@@ -90,14 +93,17 @@ def steady(lab: KubeLab, active: str, standby: str) -> bool:
     return True
 
 
-def wait_steady(lab: KubeLab, active: str, standby: str) -> None:
+def wait_steady(lab: KubeLab, expected_active: str, what: str) -> None:
+    """Wait for `steady`; say so when the active gateway is not `expected_active`."""
     try:
-        wait_for(lambda: steady(lab, active, standby), TIMEOUT,
-                 f"{standby} to become the standby, reached by every node")
+        wait_for(lambda: steady(lab), TIMEOUT, "one active and one standby gateway, "
+                 "both reached by every node")
     except TimeoutError as error:
         nodes = {n.name: {k: (lab.object("egressnodes", n.name).get("status") or {}).get(k)
                           for k in ("gateways", "failovers")} for n in NODES}
         raise RuntimeError(f"{error}: roles {roles(lab)}, nodes {nodes}") from None
+    if active(lab) != expected_active:
+        print(f"  {what}: {active(lab)} is active again after the restore", file=sys.stderr)
 
 
 def one_run(lab: KubeLab, number: int, power_loss: bool, directory: Path) -> dict[str, float]:
@@ -116,7 +122,7 @@ def one_run(lab: KubeLab, number: int, power_loss: bool, directory: Path) -> dic
         wait_for(lambda: active(lab) == new, TIMEOUT, "the controller to promote the standby")
         promoted = time.time() - cut
         lab.restore(gateway)
-        wait_steady(lab, new, old)
+        wait_steady(lab, new, f"run {number + 1}")
         time.sleep(1.0)
         attempts = read_attempts(path)
         connections = read_held(held)
@@ -170,7 +176,7 @@ def one_stop(lab: KubeLab, number: int, directory: Path) -> dict[str, float]:
         started = time.time()
         lab.start_daemon(old)
         lab.wait_ready([old], since=started)
-        wait_steady(lab, new, old)
+        wait_steady(lab, new, f"stop {number + 1}")
         time.sleep(1.0)
         attempts = read_attempts(path)
         connections = read_held(held)
@@ -257,11 +263,21 @@ def main() -> int:
                         help="planned stops of the active agent to measure afterwards")
     parser.add_argument("--api-outage", type=float, default=0,
                         help="seconds of API server outage to check afterwards (0: skip)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="keep the daemons' logs and the clients' records in DIR, a new "
+                             "directory (default: a temporary one, removed at the end)")
     args = parser.parse_args()
+    if args.keep is not None and args.keep.exists():
+        parser.error(f"--keep {args.keep}: already exists")
     results: list[dict[str, float]] = []
-    with tempfile.TemporaryDirectory(prefix="gwdlab-failover-") as tmp, \
-            kube_lab_session(Path(tmp) / "lab", FakeApiServer(),
-                             timing={"hold_down": HOLD_DOWN}) as lab:
+    with ExitStack() as stack:
+        if args.keep is None:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="gwdlab-failover-"))
+        else:
+            args.keep.mkdir(parents=True)
+            tmp = str(args.keep)
+        lab = stack.enter_context(kube_lab_session(Path(tmp) / "lab", FakeApiServer(),
+                                                   timing={"hold_down": HOLD_DOWN}))
         lab.create(yaml.safe_load((EXAMPLE_SNAPSHOT / f"30-policy-{POLICY}.yaml").read_text()))
         wait_for(lambda: len(roles(lab)) == 2, TIMEOUT, "the policy to be planned")
         time.sleep(2.0)

@@ -75,7 +75,11 @@ def probe_ipv4(
     interface: str, mac: bytes, addresses: Collection[IPv4Address], seconds: float
 ) -> dict[IPv4Address, str]:
     """ARP-probe `addresses` for `seconds` (two rounds of probes); return each address that
-    another host claims, with that host's MAC."""
+    another host claims, with that host's MAC.
+
+    Only what arrives after the second round counts: a holder that answered the first round
+    and then gave the address up (a gateway handing it over) does not answer the second, and
+    the address is free at the end of this probe instead of after a refusal and a retry."""
     wanted = set(addresses)
     conflicts: dict[IPv4Address, str] = {}
     unspecified = IPv4Address(0)
@@ -84,7 +88,8 @@ def probe_ipv4(
         rounds = 0
         while (elapsed := time.monotonic() - start) < seconds:
             if rounds < 2 and elapsed >= rounds * seconds / 2:
-                for address in sorted(wanted - set(conflicts)):
+                conflicts.clear()
+                for address in sorted(wanted):
                     probe = ArpPacket(ARP_REQUEST, mac, unspecified, ZERO_MAC, address)
                     sock.send(arp_frame(probe))
                 rounds += 1

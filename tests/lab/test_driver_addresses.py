@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,6 +100,41 @@ def test_an_address_another_host_answers_for_is_refused(segment: Segment) -> Non
         assert driver.observe("upl") == {EGRESS_V4}
     left = addresses_on(segment.gateway, "upl")
     assert str(TAKEN_V4) not in left and str(TAKEN_V6) not in left
+
+
+# In the peer's namespace: wait for the first ARP probe (sender 0.0.0.0) for the address, then
+# give the address up, as a gateway handing it over does; print when listening.
+GIVE_UP_ON_FIRST_PROBE = """
+import socket, subprocess, sys
+address = socket.inet_aton(sys.argv[1])
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+sock.bind(("pl", 0x0806))
+print("listening", flush=True)
+while True:
+    frame = sock.recv(2048)
+    if frame[20:22] == b"\\x00\\x01" and frame[28:32] == bytes(4) and frame[38:42] == address:
+        break
+subprocess.run(["ip", "addr", "del", sys.argv[1] + "/32", "dev", "pl"], check=True)
+print("given up", flush=True)
+"""
+
+
+def test_an_address_given_up_during_the_probe_is_taken_at_its_end(segment: Segment) -> None:
+    """The holder answers the first round of probes and gives the address up before the
+    second: the address is free when the probe ends, with no refusal and retry."""
+    giver = subprocess.Popen(
+        ["ip", "netns", "exec", segment.peer, sys.executable, "-c", GIVE_UP_ON_FIRST_PROBE,
+         str(TAKEN_V4)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert giver.stdout is not None and giver.stdout.readline() == "listening\n"
+        with entered(segment.gateway):
+            # The rounds are 1 s apart: the holder has long given up by the second.
+            changes = AddressDriver(probe_seconds=2.0).ensure("upl", {TAKEN_V4})
+        assert giver.communicate(timeout=10)[0] == "given up\n"
+        assert changes.conflicts == () and changes.added == (TAKEN_V4,)
+    finally:
+        giver.kill()
+        giver.wait()
 
 
 def test_a_refused_address_is_asked_for_again_less_and_less_often(

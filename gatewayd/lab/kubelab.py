@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +40,7 @@ from pyroute2 import IPRoute
 
 from gatewayd.dataplane.addresses import AddressDriver
 from gatewayd.lab.holder import read_held
+from gatewayd.lab.image import ImageRoot
 from gatewayd.lab.netns import entered, run, start_process, stop_process, wait_for
 from gatewayd.lab.topology import (
     API_SERVER,
@@ -104,14 +107,16 @@ class Identities(Protocol):
 
 
 class KubeLab(Lab):
-    """A lab whose daemons run in Kubernetes mode against `api`."""
+    """A lab whose daemons run in Kubernetes mode against `api`; with `image`, the cluster
+    side (controller and steer) runs from the container image's root file system."""
 
     def __init__(self, directory: Path, api: ApiServer, timing: Mapping[str, float],
-                 identities: Identities | None = None) -> None:
+                 identities: Identities | None = None, image: ImageRoot | None = None) -> None:
         super().__init__(directory)
         self.api = api
         self.timing = dict(timing)
         self.identities = identities
+        self.image = image
         self._controller: subprocess.Popen[bytes] | None = None
 
     # --- the API server ---------------------------------------------------------------------
@@ -175,14 +180,37 @@ class KubeLab(Lab):
     def start_controller(self) -> None:
         if self._controller is not None and self._controller.poll() is None:
             raise LabError("the controller is already running")
-        argv = [sys.executable, "-m", "gatewayd.cli.gatewayd", "controller",
-                "--kubeconfig", str(self.daemon_kubeconfig("controller")),
-                "--namespace", NAMESPACE,
+        kubeconfig = self.daemon_kubeconfig("controller")
+        if self.image is not None:  # the image's user reads it, as a pod reads its token
+            given = self.directory / "controller-image" / kubeconfig.name
+            given.parent.mkdir(exist_ok=True)
+            shutil.copyfile(kubeconfig, given)
+            uid, gid = (int(part) for part in self.image.user.split(":"))
+            os.chown(given, uid, gid)
+            given.chmod(0o600)
+            kubeconfig = given
+        args = ["controller", "--kubeconfig", str(kubeconfig), "--namespace", NAMESPACE,
                 "--hold-down", str(self.timing["hold_down"]),
                 "--health-port", str(CONTROLLER_HEALTH_PORT)]
+        if self.image is None:
+            argv = [sys.executable, "-m", "gatewayd.cli.gatewayd", *args]
+        else:
+            argv = self.image.argv(args, binds=[kubeconfig.parent])
         self._controller = start_process(API_SERVER.netns, argv,
                                          self.directory / "controller.log",
                                          {"PYTHONUNBUFFERED": "1"})
+
+    def daemon_argv(self, host: str) -> list[str]:
+        if self.image is None or host not in {n.name for n in NODES}:
+            return super().daemon_argv(host)
+        # steer's DaemonSet runs it as root; its config and state are the lab's files
+        return self.image.argv(["steer", "--config", str(self.config_path(host))],
+                               binds=[self.directory], user="0:0")
+
+    @property
+    def controller_pid(self) -> int | None:
+        running = self._controller is not None and self._controller.poll() is None
+        return self._controller.pid if running and self._controller else None
 
     def stop_controller(self) -> None:
         if self._controller is not None:
@@ -348,13 +376,15 @@ def kube_lab_up(
     timing: Mapping[str, float] | None = None,
     ready_timeout: float = 60,
     identities: Identities | None = None,
+    image: ImageRoot | None = None,
 ) -> KubeLab:
     """Build the lab in `directory`, serve `api` from the `api` host, put the cluster's
     objects, start the controller and the daemons in Kubernetes mode; wait until the daemons
     are ready and every node has a tunnel address and its gateways. With `identities`, every
     daemon has its own (see `Identities`). A failure removes it."""
     lab = lab_up(directory, start_daemons=False)  # network, echo servers, keys
-    kube = KubeLab(lab.directory, api, {**DEFAULT_TIMING, **(timing or {})}, identities)
+    kube = KubeLab(lab.directory, api, {**DEFAULT_TIMING, **(timing or {})}, identities,
+                   image)
     kube._echo_servers = lab._echo_servers
     try:
         _serve_api(kube)

@@ -1,9 +1,13 @@
 """End to end in Kubernetes mode: the fake API server, the controller, two gateways (agents)
 and two cloud nodes (steer) in the lab's namespaces, with real traffic.
 
-A policy created through the API gives the selected pods their egress IP; a gateway that loses
-power (or its network) is replaced by the standby within a second, with the SAME egress IP,
-which is never held by both gateways at once; its return does not take traffic back; the
+The controller and steer run from the container image's root file system
+(scripts/build-image, unpacked; see gatewayd/lab/image.py), the agents from this tree, as the
+.deb ships them.
+
+A policy created through the API gives the selected pods their egress IP; a gateway that
+loses power (or its network) is replaced by the standby within a second, with the SAME egress
+IP, which is never held by both gateways at once; its return does not take traffic back; the
 controller's plans converge to what the nodes chose; unselected pods never notice; an API
 server outage changes nothing. Failover times are printed here and measured in
 bench/bench_failover.py; tests assert no timings.
@@ -20,7 +24,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -37,6 +40,7 @@ from kubernetes.client.exceptions import ApiException
 from gatewayd.clusterlink import CustomObject
 from gatewayd.kube.client import client_from_kubeconfig
 from gatewayd.lab.holder import Held, read_held
+from gatewayd.lab.image import ImageRoot
 from gatewayd.lab.kubelab import (
     CONTROLLER_HEALTH_PORT,
     EgressIPWatch,
@@ -92,16 +96,17 @@ API_OUTAGE_SECONDS = float(os.environ.get("GATEWAYD_LAB_API_OUTAGE_SECONDS", "10
 
 
 @pytest.fixture(scope="module")
-def klab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeLab]:
+def klab(tmp_path_factory: pytest.TempPathFactory, image_root: ImageRoot) -> Iterator[KubeLab]:
     if os.geteuid() != 0:
         pytest.skip("the lab needs root (network namespaces)")
-    # Every daemon with its own identity, RBAC and admission from packaging/kubernetes.
+    # Every daemon with its own identity, RBAC and admission from packaging/kubernetes; the
+    # controller and steer run from the container image, as a cluster runs them.
     fake = FakeApiServer(auth=ClusterAuth())
     with kube_lab_session(tmp_path_factory.mktemp("k8slab"), fake,
                           timing={"hold_down": HOLD_DOWN, "probe_interval": PROBE_INTERVAL,
                                   "probe_misses": PROBE_MISSES, "egress_ip_hold": EGRESS_IP_HOLD,
                                   "arp_probe": ARP_PROBE, "handover": HANDOVER},
-                          identities=LabIdentities(fake)) as lab:
+                          identities=LabIdentities(fake), image=image_root) as lab:
         for name in ("30-policy-payment-gateway.yaml", "31-policy-batch-all.yaml"):
             lab.create(yaml.safe_load((EXAMPLE_SNAPSHOT / name).read_text()))
         for pod, expected in ((CHECKOUT_1, PAYMENT_IP), (CHECKOUT_2, PAYMENT_IP),
@@ -190,6 +195,23 @@ def test_a_policy_created_through_the_api_gives_selected_pods_the_egress_ip(
              "gw1 alone to hold the payment egress IP")
     wait_for(lambda: sorted(klab.object("egressgateways", "gw1")["status"]["egressIPs"])
              == [PAYMENT_IP, BATCH_IP], TIMEOUT, "gw1 to report both egress IPs")
+
+
+def test_the_controller_and_steer_run_from_the_image(klab: KubeLab, image_root: ImageRoot
+                                                    ) -> None:
+    """What the other tests prove, they prove of the image: its root file system, its
+    entrypoint, and the controller under the image's user (not root)."""
+    def process(pid: int | None) -> tuple[str, str, str]:
+        assert pid is not None
+        status = Path(f"/proc/{pid}/status").read_text()
+        uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return os.readlink(f"/proc/{pid}/root"), uid, command[1].decode()
+
+    root, entrypoint = str(image_root.root), image_root.entrypoint[0]
+    assert process(klab.controller_pid) == (root, image_root.user.split(":")[0], entrypoint)
+    for node in NODES:
+        assert process(klab.daemon_pid(node.name)) == (root, "0", entrypoint)
 
 
 def check_failover(lab: KubeLab, power_loss: bool, directory: Path) -> None:
@@ -871,8 +893,10 @@ def test_the_cleanup_daemonset_removes_what_steer_programmed(klab: KubeLab) -> N
     try:
         assert steer_footprint(node) == programmed
         # The pod reads the node's name from its environment; the lab's steer has a config.
-        removed = run([sys.executable, "-m", "gatewayd.cli.gatewayd", *teardown["args"],
-                       "--config", str(klab.config_path(node.name))], node.netns).stdout
+        assert klab.image is not None
+        removed = run(klab.image.argv([*teardown["args"], "--config",
+                                       str(klab.config_path(node.name))],
+                                      binds=[klab.directory], user="0:0"), node.netns).stdout
         assert steer_footprint(node) == {"table": False, "rules": [], "tunnels": []}
         assert "removed nftables table inet gatewayd-steer" in removed.splitlines()
     finally:

@@ -1,7 +1,7 @@
 """Fixtures for the system tests: a Debian 12 root file system, the .deb, booted containers.
 
 The rootfs is built once from Debian's packages by scripts/build-rootfs and cached under
-.cache/rootfs/; the .deb is built fresh from the work tree by packaging/deb/build.sh. Each test
+.cache/rootfs/; the .deb is built fresh from the work tree (tests/conftest.py). Each test
 gets its own container (boot < 1.5 s); everything it created goes away when the test ends.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures.image import build
 from nspawn import Container
 
 from gatewayd.lab.netns import Sandbox
@@ -22,24 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 _names = itertools.count(1)
 
 
-def _build(script: str) -> Path:
-    if os.geteuid() != 0:
-        pytest.fail("the system tests boot containers: run them as root")
-    proc = subprocess.run([str(REPO / script)], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"{script} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return Path(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="session")
 def rootfs() -> Path:
-    return _build("scripts/build-rootfs")
-
-
-@pytest.fixture(scope="session")
-def deb() -> Path:
-    return _build("packaging/deb/build.sh")
+    return build("scripts/build-rootfs")
 
 
 @pytest.fixture

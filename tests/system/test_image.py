@@ -1,27 +1,22 @@
 """The container image scripts/build-image builds: what `skopeo inspect` shows (entrypoint, user,
 labels), and what its root file system runs, entered with chroot (podman cannot start
-containers on these machines; see README.md, "The container image").
-
-The image is cached under .cache/image/ by a hash of its inputs: after the first build, a
-rerun with an unchanged tree takes seconds.
+containers on these machines; see README.md, "The container image"). The Kubernetes lab runs
+the cluster side from it too (tests/lab/test_k8s_cluster.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import tarfile
-from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import REPO
+from fixtures.image import VERSION, build_image
+
+from gatewayd.lab.image import unpack_image
 
 pytestmark = pytest.mark.system
-
-VERSION = metadata.version("gatewayd")
 
 
 def run(*argv: str, timeout: float = 120) -> str:
@@ -32,14 +27,7 @@ def run(*argv: str, timeout: float = 120) -> str:
 
 @pytest.fixture(scope="module")
 def image(deb: Path) -> Path:
-    if os.geteuid() != 0:
-        pytest.fail("scripts/build-image runs debootstrap and buildah: run the tests as root")
-    # The session's .deb (conftest.py) is built from this tree already: no second build.
-    proc = subprocess.run([str(REPO / "scripts/build-image")], capture_output=True, text=True,
-                          timeout=1800, env={**os.environ, "GATEWAYD_DEB": str(deb)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    built = proc.stdout.strip().splitlines()[-1]
-    path = Path(built)
+    path = build_image(deb)
     assert path == REPO / f"dist/gatewayd-{VERSION}.oci.tar"
     return path
 
@@ -47,26 +35,7 @@ def image(deb: Path) -> Path:
 @pytest.fixture(scope="module")
 def rootfs(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The image's layers unpacked in order, as a runtime would."""
-    root = tmp_path_factory.mktemp("image") / "rootfs"
-    root.mkdir()
-    with tarfile.open(image) as archive:
-        def blob(digest: str) -> Any:
-            member = archive.extractfile("blobs/sha256/" + digest.removeprefix("sha256:"))
-            assert member is not None
-            return member
-
-        index = json.load(blob_file(archive, "index.json"))
-        manifest = json.load(blob(index["manifests"][0]["digest"]))
-        for layer in manifest["layers"]:
-            with tarfile.open(fileobj=blob(layer["digest"]), mode="r:*") as files:
-                files.extractall(root)  # our own image: its paths and links are trusted
-    return root
-
-
-def blob_file(archive: tarfile.TarFile, name: str) -> Any:
-    member = archive.extractfile(name)
-    assert member is not None
-    return member
+    return unpack_image(image, tmp_path_factory.mktemp("image") / "rootfs").root
 
 
 def test_skopeo_shows_the_entrypoint_the_user_and_the_labels(image: Path) -> None:

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,18 +20,31 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 from nspawn import Container
-from test_service import CONFIG, UNIT, configure, data_plane, is_running, main_pid, ruleset
+from test_service import (
+    CONFIG,
+    PAYMENT_IP,
+    UNIT,
+    configure,
+    data_plane,
+    is_running,
+    main_pid,
+    ruleset,
+)
 
 from gatewayd.lab.netns import Sandbox
+from gatewayd.lab.observe import LineConnection
+from gatewayd.lab.topology import LINE_PORT
 
 pytestmark = pytest.mark.system
 
 PREVIOUS_RELEASE = "52b768cf8db04d0b13fec9be7621bfe0b8673ec4"
+POD, PAYMENT_HOST = "10.244.1.10", "198.51.100.10"  # checkout-1; payment-gateway's destination
 SITE_PACKAGES = "opt/gatewayd/lib/python3.11/site-packages"
 
 
-def run(*argv: str, cwd: Path = REPO, timeout: float = 120) -> str:
-    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run(*argv: str, cwd: Path = REPO, timeout: float = 120, input: str | None = None) -> str:
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          input=input)
     assert proc.returncode == 0, f"{' '.join(argv)}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -128,29 +142,88 @@ def previous_deb() -> Path:
 
 
 @pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(f"gwp{os.getpid() % 100000}") as box:
+        yield box
+
+
+@pytest.fixture
 def host(
-    rootfs: Path, deb: Path, previous_deb: Path, tmp_path: Path
-) -> Iterator[Container]:
+    sandbox: Sandbox, rootfs: Path, deb: Path, previous_deb: Path, tmp_path: Path
+) -> Container:
     """A booted container with this .deb at /mnt/dist and the previous one at /mnt/previous."""
-    name = f"gwp{os.getpid() % 100000}"
-    with Sandbox(name) as sandbox:
-        yield Container(sandbox, name, rootfs, tmp_path / "console.log",
-                        binds=[(deb.parent, "/mnt/dist"), (previous_deb.parent, "/mnt/previous")])
+    return Container(sandbox, sandbox.prefix, rootfs, tmp_path / "console.log",
+                     binds=[(deb.parent, "/mnt/dist"), (previous_deb.parent, "/mnt/previous")])
+
+
+class CloudNode:
+    """A cloud node with the pod checkout-1 (10.244.1.10) and a WireGuard tunnel to the booted
+    gateway, and the payment host (198.51.100.10, a line echo) on the gateway's segment: all
+    in the sandbox's namespaces (the container's veth moves into the segment's)."""
+
+    def __init__(self, sandbox: Sandbox, host: Container) -> None:
+        self.segment, self.netns = sandbox.netns("seg"), sandbox.netns("node")
+        self.tunnel = f"{sandbox.prefix}wg"  # wireguard-go's socket names are machine-wide
+        self.private_key = run("wg", "genkey").strip()
+        self.public_key = run("wg", "pubkey", input=self.private_key).strip()
+        run("ip", "link", "set", host.host_veth, "netns", self.segment)
+        sandbox.veth(self.segment, "tonode", self.netns, "uplink")
+        for command in (f"ip addr add 198.51.100.1/24 dev {host.host_veth}",
+                        f"ip addr add {PAYMENT_HOST}/24 dev {host.host_veth}",
+                        f"ip link set {host.host_veth} up",
+                        "ip addr add 192.0.2.1/24 dev tonode",
+                        "sysctl -qw net.ipv4.ip_forward=1"):
+            run("ip", "netns", "exec", self.segment, *command.split())
+        for command in ("ip addr add 192.0.2.21/24 dev uplink",
+                        "ip route add default via 192.0.2.1"):
+            run("ip", "netns", "exec", self.netns, *command.split())
+        sandbox.spawn(self.segment, [sys.executable, "-m", "gatewayd.lab.echo",
+                                     "--http-port", "8080", "--line-port", str(LINE_PORT)])
+
+    def connect(self, host: Container) -> None:
+        """The tunnel to the gateway (its key and port read from it); pod traffic to the
+        payment host goes through it."""
+        public_key = host.run("wg", "show", "egress0", "public-key").stdout.strip()
+        port = host.run("wg", "show", "egress0", "listen-port").stdout.strip()
+        host.run("ip", "route", "replace", "default", "via", "198.51.100.1")
+        inside = ["ip", "netns", "exec", self.netns]
+        run(*inside, "wireguard-go", self.tunnel)
+        with tempfile.NamedTemporaryFile("w") as key:
+            key.write(self.private_key)
+            key.flush()
+            run(*inside, "wg", "set", self.tunnel, "private-key", key.name, "peer", public_key,
+                "endpoint", f"198.51.100.2:{port}", "allowed-ips", f"{PAYMENT_HOST}/32")
+        for command in (f"ip addr add {POD}/32 dev {self.tunnel}",
+                        f"ip link set {self.tunnel} up",
+                        f"ip route add {PAYMENT_HOST}/32 dev {self.tunnel} src {POD}"):
+            run(*inside, *command.split())
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "exec", self.netns, "ip", "link", "del", self.tunnel],
+                       capture_output=True)
 
 
 def test_upgrade_from_the_previous_release_keeps_the_gateway_then_purge_removes_all(
-    host: Container, deb: Path, previous_deb: Path,
+    sandbox: Sandbox, host: Container, deb: Path, previous_deb: Path,
 ) -> None:
+    node = CloudNode(sandbox, host)
+    sandbox.on_close(f"tunnel {node.tunnel}", node.close)
     host.run("dpkg", "-i", f"/mnt/previous/{previous_deb.name}", timeout=300)
-    configure(host)
+    configure(host, node.public_key)
     host.systemctl("enable", "--now", UNIT)
     assert is_running(host)
+    node.connect(host)
     before, table, pid = data_plane(host), ruleset(host), main_pid(host)
+    # A connection from the pod, SNATed to the policy's egress IP, held across the upgrade.
+    with LineConnection(node.netns, PAYMENT_HOST, LINE_PORT) as connection:
+        assert connection.exchange("before") == (PAYMENT_IP, "before")
 
-    host.run("dpkg", "-i", f"/mnt/dist/{deb.name}", timeout=300)
-    assert host.sh("dpkg-query -W -f '${Version}' gatewayd") == deb.name.split("_")[1]
-    # Restarted on the new code; SNAT, the egress IPs and the tunnel (same wireguard-go) stayed.
-    assert is_running(host) and main_pid(host) != pid
+        host.run("dpkg", "-i", f"/mnt/dist/{deb.name}", timeout=300)
+        assert host.sh("dpkg-query -W -f '${Version}' gatewayd") == deb.name.split("_")[1]
+        # Restarted on the new code; SNAT, the egress IPs and the tunnel (same wireguard-go)
+        # stayed, and so did the connection.
+        assert is_running(host) and main_pid(host) != pid
+        assert connection.exchange("after the upgrade") == (PAYMENT_IP, "after the upgrade")
     # (The new agent replaces the table once at start, in one transaction, which keeps
     # established SNAT flows: gatewayd/dataplane/nftables.py.)
     assert data_plane(host) == before and ruleset(host) == table

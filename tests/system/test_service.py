@@ -107,10 +107,11 @@ def install(host: Container) -> None:
     host.run("dpkg", "-i", *host.sh("ls /mnt/dist/gatewayd_*.deb").split(), timeout=120)
 
 
-def configure(host: Container) -> None:
-    """Give host0 its address and write the gateway's config and snapshot."""
+def configure(host: Container, peer_key: str = FAKE_PEER_KEY) -> None:
+    """Give host0 its address and write the gateway's config (node1's key: `peer_key`) and
+    snapshot."""
     host.sh("ip link set host0 up && ip addr add 198.51.100.2/24 dev host0")
-    host.write(CONFIG, GATEWAY_CONFIG, "0640")
+    host.write(CONFIG, GATEWAY_CONFIG.replace(FAKE_PEER_KEY, peer_key), "0640")
     host.write(f"{SNAPSHOT}/00-cluster.yaml", CLUSTER)
     host.write(f"{SNAPSHOT}/30-payment.yaml",
                policy("payment-gateway", "checkout", "198.51.100.10/32", PAYMENT_IP))
@@ -137,7 +138,8 @@ def has_table(host: Container) -> bool:
 
 
 def ruleset(host: Container) -> str:
-    return host.run("nft", "list", "table", "inet", "gatewayd").stdout
+    """The rules, without their counters (traffic changes those, not the rules)."""
+    return host.run("nft", "--stateless", "list", "table", "inet", "gatewayd").stdout
 
 
 def tunnel_pid(host: Container) -> int:

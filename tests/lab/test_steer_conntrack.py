@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from ipaddress import ip_address, ip_network
 
 import pytest
 from pyroute2 import Conntrack
@@ -40,18 +41,48 @@ def test_an_entry_that_ended_meanwhile_does_not_stop_the_others(
     the rest are still deleted."""
     first = unanswered(netns, 40001)
     unanswered(netns, 40002)
-    delete = Conntrack.delete
+    change = Conntrack.entry
     calls = []
 
-    def ended_first(self: Conntrack, entry: object) -> object:
+    def ended_first(self: Conntrack, command: str, **entry: object) -> object:
         if not calls:
             run(["conntrack", "-D", *first], netns)  # it ends just before we delete it
         calls.append(entry)
-        return delete(self, entry)
+        return change(self, command, **entry)
 
-    monkeypatch.setattr(Conntrack, "delete", ended_first)
+    monkeypatch.setattr(Conntrack, "entry", ended_first)
     with entered(netns):
         assert steer_conntrack.forget_unanswered(MARK, MASK) == 1
     assert len(calls) == 2
     listed = run(["conntrack", "-L", "--mark", f"{MARK}/{MASK}"], netns, check=False)
     assert "40002" not in listed.stdout and "40001" not in listed.stdout
+
+
+def flow(netns: str, port: int, state: str, mark: int = MARK, answered: bool = True) -> None:
+    run(["conntrack", "-I", "-p", "tcp", "-s", "10.244.1.10", "-d", "198.51.100.10",
+         "--sport", str(port), "--dport", "8080", "--state", state, "--timeout", "120",
+         *(["--status", "SEEN_REPLY,ASSURED"] if answered else []), "--mark", str(mark)],
+        netns)
+
+
+def marks(netns: str) -> dict[int, int]:
+    listed = run(["conntrack", "-L", "-o", "extended"], netns, check=False).stdout
+    return {f.ports[0]: f.mark for f in steer_conntrack.parse_flows(listed) if f.ports}
+
+
+def test_live_answered_connections_move_and_ended_ones_keep_their_mark(netns: str) -> None:
+    """A failover moves what still carries traffic; a TIME_WAIT or CLOSE entry only waits to
+    expire (a client reusing its port gets a new entry), and an unanswered one starts over
+    instead. Moving the ended ones cost seconds with a busy client's thousands of them."""
+    flow(netns, 40001, "ESTABLISHED")
+    flow(netns, 40002, "FIN_WAIT")
+    flow(netns, 40003, "TIME_WAIT")
+    flow(netns, 40004, "CLOSE")
+    flow(netns, 40005, "SYN_SENT", answered=False)
+    flow(netns, 40006, "ESTABLISHED", mark=0x10)  # another gateway's
+    move = steer_conntrack.MarkMove(MARK, 0x30, frozenset({ip_address("10.244.1.10")}),
+                                    (ip_network("198.51.100.0/24"),))
+    with entered(netns):
+        assert steer_conntrack.move_answered([move], MASK) == 2
+    assert marks(netns) == {40001: 0x30, 40002: 0x30, 40003: MARK, 40004: MARK, 40005: MARK,
+                            40006: 0x10}

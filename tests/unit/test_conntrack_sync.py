@@ -3,12 +3,13 @@ mark a node gives an established connection of a failed-over rule."""
 
 from __future__ import annotations
 
+import socket
 from ipaddress import IPv4Address, ip_address, ip_network
 from pathlib import Path
 
 from gatewayd.dataplane.conntrackd import SyncSettings, render_conntrackd_config
 from gatewayd.policy.model import SteerAction, SteerRule
-from gatewayd.steer.conntrack import MarkMove, connection_moves, moved_mark
+from gatewayd.steer.conntrack import MarkMove, connection_moves, moved_mark, parse_flows
 
 MASK = 0xFF00
 
@@ -90,3 +91,43 @@ def test_connections_stay_where_they_are_still_served_or_have_nowhere_to_go() ->
                                    GATEWAYS)
     unknown = connection_moves([rule("pay", "gw2")], {"gw2": True}, {}, GATEWAYS)
     assert (still_served, target_down, unknown) == (set(), set(), set())
+
+
+LISTING = """\
+ipv4     2 tcp      6 431999 ESTABLISHED src=10.244.1.10 dst=198.51.100.10 sport=37040 \
+dport=9000 src=198.51.100.10 dst=10.244.1.10 sport=9000 dport=37040 [ASSURED] mark=32 use=1
+ipv4     2 tcp      6 119 TIME_WAIT src=10.244.1.10 dst=198.51.100.10 sport=41000 dport=8080 \
+src=198.51.100.10 dst=10.244.1.10 sport=8080 dport=41000 [ASSURED] mark=288 use=1
+ipv4     2 tcp      6 119 SYN_SENT src=10.244.1.11 dst=198.51.100.10 sport=41001 dport=8080 \
+[UNREPLIED] src=198.51.100.10 dst=10.244.1.11 sport=8080 dport=41001 mark=32 use=1
+ipv4     2 udp      17 29 src=10.244.1.10 dst=198.51.100.53 sport=5353 dport=53 [UNREPLIED] \
+src=198.51.100.53 dst=10.244.1.10 sport=53 dport=5353 mark=32 use=1
+ipv4     2 icmp     1 29 src=10.244.1.10 dst=198.51.100.10 type=8 code=0 id=7 \
+src=198.51.100.10 dst=10.244.1.10 type=0 code=0 id=7 mark=32 use=1
+ipv6     10 tcp      6 99 CLOSE src=fd00::10 dst=2001:db8::10 sport=5 dport=80 \
+src=2001:db8::10 dst=fd00::10 sport=80 dport=5 mark=32 use=1
+"""
+
+
+def test_a_listing_gives_each_flows_original_direction_state_and_answer() -> None:
+    flows = parse_flows(LISTING)
+    assert [(f.protocol, f.number, str(f.source), str(f.destination), f.ports, f.icmp, f.state,
+             f.answered, f.mark) for f in flows] == [
+        ("tcp", 6, "10.244.1.10", "198.51.100.10", (37040, 9000), None, "ESTABLISHED", True, 32),
+        ("tcp", 6, "10.244.1.10", "198.51.100.10", (41000, 8080), None, "TIME_WAIT", True, 288),
+        ("tcp", 6, "10.244.1.11", "198.51.100.10", (41001, 8080), None, "SYN_SENT", False, 32),
+        ("udp", 17, "10.244.1.10", "198.51.100.53", (5353, 53), None, "", False, 32),
+        ("icmp", 1, "10.244.1.10", "198.51.100.10", None, (8, 0, 7), "", True, 32),
+        ("tcp", 6, "fd00::10", "2001:db8::10", (5, 80), None, "CLOSE", True, 32),
+    ]
+    assert [f.ended for f in flows] == [False, True, False, False, False, True]
+
+
+def test_a_flows_tuple_names_it_for_ctnetlink() -> None:
+    tcp, _, _, _, icmp, v6 = parse_flows(LISTING)
+    orig = tcp.tuple_orig()
+    assert (orig.family, orig.saddr, orig.daddr, orig.proto, orig.sport, orig.dport) == (
+        socket.AF_INET, "10.244.1.10", "198.51.100.10", 6, 37040, 9000)
+    ping = icmp.tuple_orig()
+    assert (ping.proto, ping.icmp_type, ping.icmp_code, ping.icmp_id) == (1, 8, 0, 7)
+    assert v6.tuple_orig().family == socket.AF_INET6

@@ -62,7 +62,8 @@ def test_the_root_file_system_runs_both_commands_and_has_steers_tools(rootfs: Pa
     chroot(rootfs, "/opt/gatewayd/bin/python3.11", "-c",
            "import gatewayd.controller.daemon, kubernetes.client", user="65532:65532")
     assert "steer" in chroot(rootfs, "gatewayd", "steer", "--help")
-    # ... and steer's tools are there: wg, ip, nft, wireguard-go, conntrack, libnftables from Python.
+    # ... and steer's tools are there: wg, ip, nft, wireguard-go, conntrack, and libnftables
+    # from Python.
     for tool in ("wg", "ip", "nft", "wireguard-go", "conntrack"):
         chroot(rootfs, "sh", "-c", f"command -v {tool}")
     chroot(rootfs, "/opt/gatewayd/bin/python3.11", "-c",

@@ -42,6 +42,7 @@ class ImageRoot:
             f"mount --rbind {shlex.quote(path)} {shlex.quote(str(self.root) + path)}\n"
             for path in mounts
         ) + 'exec "$@"\n'
+        # Unbuffered: the lab's tests read the daemons' logs while they run.
         return ["sh", "-c", script, "image", "chroot", f"--userspec={user or self.user}",
                 str(self.root), "env", "-i", *self.env, "PYTHONUNBUFFERED=1",
                 *self.entrypoint, *args]

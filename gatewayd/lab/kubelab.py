@@ -209,8 +209,9 @@ class KubeLab(Lab):
 
     @property
     def controller_pid(self) -> int | None:
-        running = self._controller is not None and self._controller.poll() is None
-        return self._controller.pid if running and self._controller else None
+        if self._controller is None or self._controller.poll() is not None:
+            return None
+        return self._controller.pid
 
     def stop_controller(self) -> None:
         if self._controller is not None:

@@ -219,6 +219,12 @@ class Lab:
         return [sys.executable, "-m", "gatewayd.cli.gatewayd", role,
                 "--config", str(self.config_path(host))]
 
+    def start(self, timeout: float = 60) -> None:
+        """Start every daemon and wait until the lab carries traffic: each daemon ready and
+        each node tunnel through its first handshake."""
+        self.start_daemons(timeout)
+        self.wait_tunnels(timeout)
+
     def start_daemons(self, timeout: float = 60) -> None:
         """Start every daemon and wait until all of them report ready."""
         started = time.time()
@@ -454,8 +460,7 @@ def lab_up(
         raise
     box.release()  # from here on lab.json owns it
     if start_daemons:
-        lab.start_daemons(ready_timeout)
-        lab.wait_tunnels(ready_timeout)
+        lab.start(ready_timeout)
     return lab
 
 
@@ -641,8 +646,7 @@ def lab_session(
     lab = lab_up(directory, snapshot, start_daemons=False)
     try:
         if start_daemons:
-            lab.start_daemons()
-            lab.wait_tunnels(60)
+            lab.start()
         yield lab
     finally:
         lab.down(remove_directory=False)

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from fixtures.image import build_image
 
-from gatewayd.lab.image import ImageRoot, unpack_image
 from gatewayd.lab.topology import Lab, lab_session
 
 
@@ -25,11 +22,3 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     with lab_session(tmp_path_factory.mktemp("lab")) as running:
         yield running
 
-
-@pytest.fixture(scope="session")
-def image_root(tmp_path_factory: pytest.TempPathFactory, deb: Path) -> ImageRoot:
-    """The cluster side's container image (scripts/build-image, cached), unpacked: the
-    Kubernetes lab runs the controller and steer from it."""
-    if os.geteuid() != 0:
-        pytest.skip("the image is built and run as root")
-    return unpack_image(build_image(deb), tmp_path_factory.mktemp("image") / "rootfs")

@@ -96,9 +96,11 @@ API_OUTAGE_SECONDS = float(os.environ.get("GATEWAYD_LAB_API_OUTAGE_SECONDS", "10
 
 
 @pytest.fixture(scope="module")
-def klab(tmp_path_factory: pytest.TempPathFactory, image_root: ImageRoot) -> Iterator[KubeLab]:
+def klab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+         ) -> Iterator[KubeLab]:
     if os.geteuid() != 0:
         pytest.skip("the lab needs root (network namespaces)")
+    image_root: ImageRoot = request.getfixturevalue("image_root")  # root builds it
     # Every daemon with its own identity, RBAC and admission from packaging/kubernetes; the
     # controller and steer run from the container image, as a cluster runs them.
     fake = FakeApiServer(auth=ClusterAuth())

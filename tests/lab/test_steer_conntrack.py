@@ -26,12 +26,19 @@ def netns() -> Iterator[str]:
         yield box.netns("node")
 
 
+def flow(netns: str, port: int, state: str, mark: int = MARK, answered: bool = True
+         ) -> list[str]:
+    """A TCP entry from the pod's `port`; returns what names it to `conntrack`."""
+    names = ["-p", "tcp", "-s", "10.244.1.10", "-d", "198.51.100.10", "--sport", str(port),
+             "--dport", "8080"]
+    run(["conntrack", "-I", *names, "--state", state, "--timeout", "120",
+         *(["--status", "SEEN_REPLY,ASSURED"] if answered else []), "--mark", str(mark)],
+        netns)
+    return names
+
+
 def unanswered(netns: str, port: int) -> list[str]:
-    flow = ["-p", "tcp", "-s", "10.244.1.10", "-d", "198.51.100.10", "--sport", str(port),
-            "--dport", "8080"]
-    run(["conntrack", "-I", *flow, "--state", "SYN_SENT", "--timeout", "120",
-         "--mark", str(MARK)], netns)
-    return flow
+    return flow(netns, port, "SYN_SENT", answered=False)
 
 
 def test_an_entry_that_ended_meanwhile_does_not_stop_the_others(
@@ -58,13 +65,6 @@ def test_an_entry_that_ended_meanwhile_does_not_stop_the_others(
     assert "40002" not in listed.stdout and "40001" not in listed.stdout
 
 
-def flow(netns: str, port: int, state: str, mark: int = MARK, answered: bool = True) -> None:
-    run(["conntrack", "-I", "-p", "tcp", "-s", "10.244.1.10", "-d", "198.51.100.10",
-         "--sport", str(port), "--dport", "8080", "--state", state, "--timeout", "120",
-         *(["--status", "SEEN_REPLY,ASSURED"] if answered else []), "--mark", str(mark)],
-        netns)
-
-
 def marks(netns: str) -> dict[int, int]:
     listed = run(["conntrack", "-L", "-o", "extended"], netns, check=False).stdout
     return {f.ports[0]: f.mark for f in steer_conntrack.parse_flows(listed) if f.ports}
@@ -78,7 +78,7 @@ def test_live_answered_connections_move_and_ended_ones_keep_their_mark(netns: st
     flow(netns, 40002, "FIN_WAIT")
     flow(netns, 40003, "TIME_WAIT")
     flow(netns, 40004, "CLOSE")
-    flow(netns, 40005, "SYN_SENT", answered=False)
+    unanswered(netns, 40005)
     flow(netns, 40006, "ESTABLISHED", mark=0x10)  # another gateway's
     move = steer_conntrack.MarkMove(MARK, 0x30, frozenset({ip_address("10.244.1.10")}),
                                     (ip_network("198.51.100.0/24"),))

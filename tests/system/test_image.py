@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from fixtures.image import VERSION, build_image
+from fixtures.image import VERSION
 
-from gatewayd.lab.image import unpack_image
+from gatewayd.lab.image import ImageRoot
 
 pytestmark = pytest.mark.system
 
@@ -25,20 +25,8 @@ def run(*argv: str, timeout: float = 120) -> str:
     return proc.stdout
 
 
-@pytest.fixture(scope="module")
-def image(deb: Path) -> Path:
-    path = build_image(deb)
-    assert path == REPO / f"dist/gatewayd-{VERSION}.oci.tar"
-    return path
-
-
-@pytest.fixture(scope="module")
-def rootfs(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The image's layers unpacked in order, as a runtime would."""
-    return unpack_image(image, tmp_path_factory.mktemp("image") / "rootfs").root
-
-
 def test_skopeo_shows_the_entrypoint_the_user_and_the_labels(image: Path) -> None:
+    assert image == REPO / f"dist/gatewayd-{VERSION}.oci.tar"
     inspected = json.loads(run("skopeo", "inspect", f"oci-archive:{image}"))
     labels = inspected["Labels"]
     assert labels["org.opencontainers.image.version"] == VERSION
@@ -56,7 +44,10 @@ def chroot(root: Path, *argv: str, user: str = "0:0") -> str:
     return run("chroot", f"--userspec={user}", str(root), *argv)
 
 
-def test_the_root_file_system_runs_both_commands_and_has_steers_tools(rootfs: Path) -> None:
+def test_the_root_file_system_runs_both_commands_and_has_steers_tools(
+    image_root: ImageRoot,
+) -> None:
+    rootfs = image_root.root
     # The controller's user can run it (its imports, the kubernetes client) ...
     assert chroot(rootfs, "gatewayd", "--version", user="65532:65532") == f"gatewayd {VERSION}\n"
     chroot(rootfs, "/opt/gatewayd/bin/python3.11", "-c",

@@ -7,12 +7,14 @@ builds one in a temporary directory and removes it afterwards. Prints a Markdown
 
 * Throughput through the gateway: iperf3 from a selected pod (WireGuard to the gateway, SNAT
   there) to the external host, as a ratio to an unselected pod on the same node (plain routing
-  and the node's masquerade over the same namespaces).
+  and the node's masquerade over the same namespaces); for IPv6 the same pod to the external
+  host's address its policy selects and to one it does not.
 * SNAT-only overhead: iperf3 from a cloud node to the external host through the router, with an
   nft SNAT rule on the router vs plain forwarding. Expect a ratio >= 0.95.
-* Latency from a snapshot change of one pod (a new checkout pod added, then removed again) to
-  the data plane updated: the pod's IP appears in (disappears from) a set of the gateway's
-  table `inet gatewayd` and of the node's steer table, read with the nft binding.
+* Latency from a snapshot change of one pod (a new dual-stack checkout pod added, then removed
+  again) to the data plane updated: each of the pod's IPs appears in (disappears from) a set
+  of the gateway's table `inet gatewayd` and of the node's steer table, read with the nft
+  binding.
 """
 
 from __future__ import annotations
@@ -70,9 +72,9 @@ def iperf_server() -> Iterator[None]:
         stop_process(server)
 
 
-def iperf(netns: str, seconds: float) -> float:
-    """Gbit/s received by the server from a TCP stream started in `netns`."""
-    proc = run(["iperf3", "-c", EXTERNAL.addresses[0], "-p", str(IPERF_PORT),
+def iperf(netns: str, destination: str, seconds: float) -> float:
+    """Gbit/s received by the server at `destination` from a TCP stream started in `netns`."""
+    proc = run(["iperf3", "-c", destination, "-p", str(IPERF_PORT),
                 "-t", str(seconds), "--connect-timeout", "5000", "-J"], netns,
                timeout=seconds + 30)
     bits: float = json.loads(proc.stdout)["end"]["sum_received"]["bits_per_second"]
@@ -109,25 +111,29 @@ table ip {BENCH_SNAT_TABLE} {{
 def throughput(seconds: float, repeats: int) -> dict[str, float]:
     selected, _, unselected = NODES[0].pods
     node = NODES[0]
+    # checkout's policy selects the first IPv6 address, not the second (see examples/lab)
+    payment, _, payment6, other6 = EXTERNAL.addresses
 
     def through_router(snat: bool) -> float:
         if not snat:
-            return iperf(node.netns, seconds)
+            return iperf(node.netns, payment, seconds)
         with router_snat():
-            return iperf(node.netns, seconds)
+            return iperf(node.netns, payment, seconds)
 
     with iperf_server():
         return alternating({
-            "gateway": lambda: iperf(selected.netns, seconds),
-            "plain": lambda: iperf(unselected.netns, seconds),
+            "gateway": lambda: iperf(selected.netns, payment, seconds),
+            "plain": lambda: iperf(unselected.netns, payment, seconds),
+            "gateway6": lambda: iperf(selected.netns, payment6, seconds),
+            "plain6": lambda: iperf(selected.netns, other6, seconds),
             "forwarding": lambda: through_router(snat=False),
             "snat": lambda: through_router(snat=True),
         }, repeats)
 
 
-def bench_pod(number: int) -> tuple[str, str]:
-    """(address, YAML) of one more checkout pod on node1."""
-    address = f"10.244.1.{100 + number}"
+def bench_pod(number: int) -> tuple[tuple[str, str], str]:
+    """(its IPv4 and IPv6 address, YAML) of one more checkout pod on node1."""
+    addresses = (f"10.244.1.{100 + number}", f"fd00:10:244:1::{100 + number:x}")
     text = f"""apiVersion: v1
 kind: Pod
 metadata:
@@ -137,9 +143,9 @@ metadata:
   labels: {{app: checkout}}
 spec: {{nodeName: {NODES[0].name}}}
 status:
-  podIPs: [{{ip: {address}}}]
+  podIPs: [{{ip: {addresses[0]}}}, {{ip: "{addresses[1]}"}}]
 """
-    return address, text
+    return addresses, text
 
 
 class SetWatch:
@@ -160,32 +166,35 @@ class SetWatch:
         return covers(iter(self.elements() - self.baseline), address)
 
 
-def change_latency(lab: Lab, changes: int) -> dict[str, list[float]]:
-    """Seconds from a snapshot file replaced to each table updated, per change."""
+def change_latency(lab: Lab, changes: int) -> dict[tuple[str, str], list[float]]:
+    """Seconds from a snapshot file replaced to each table updated for each of the pod's
+    addresses, per change; keyed by (table, family)."""
     watches = {
         "gateway": SetWatch(GATEWAYS[0].netns, GATEWAY_TABLE),
         "node": SetWatch(NODES[0].netns, STEER_TABLE),
     }
-    latencies: dict[str, list[float]] = {name: [] for name in watches}
+    latencies: dict[tuple[str, str], list[float]] = {
+        (name, family): [] for name in watches for family in ("IPv4", "IPv6")}
     target = lab.snapshot_dir / BENCH_POD_FILE
     try:
         for number in range(changes):
-            address, text = bench_pod(number // 2)
+            addresses, text = bench_pod(number // 2)
             adding = number % 2 == 0
             start = time.monotonic()
             if adding:
                 lab.write_snapshot_file(BENCH_POD_FILE, text)
             else:
                 target.unlink()
-            pending = dict(watches)
+            pending = {(name, family): (watch, address) for name, watch in watches.items()
+                       for family, address in zip(("IPv4", "IPv6"), addresses, strict=True)}
             while pending:
-                for name, watch in list(pending.items()):
+                for key, (watch, address) in list(pending.items()):
                     if watch.holds(address) == adding:
-                        latencies[name].append(time.monotonic() - start)
-                        del pending[name]
+                        latencies[key].append(time.monotonic() - start)
+                        del pending[key]
                 if time.monotonic() - start > 30:
-                    raise TimeoutError(f"{', '.join(pending)} did not see change {number} "
-                                       f"({'add' if adding else 'remove'} {address}) in 30s")
+                    raise TimeoutError(f"{pending} did not see change {number} "
+                                       f"({'add' if adding else 'remove'} {addresses}) in 30s")
                 time.sleep(0.002)
     finally:
         target.unlink(missing_ok=True)
@@ -214,12 +223,18 @@ def main() -> int:
         ("throughput, plain routing (unselected pod, same namespaces)",
          f"{rates['plain']:.2f} Gbit/s"),
         ("gateway / plain", f"{rates['gateway'] / rates['plain']:.3f}"),
+        ("IPv6 throughput through the gateway (selected destination)",
+         f"{rates['gateway6']:.2f} Gbit/s"),
+        ("IPv6 throughput, plain routing (same pod, unselected destination)",
+         f"{rates['plain6']:.2f} Gbit/s"),
+        ("IPv6 gateway / plain", f"{rates['gateway6'] / rates['plain6']:.3f}"),
         ("router forwarding only", f"{rates['forwarding']:.2f} Gbit/s"),
         ("router with nft SNAT", f"{rates['snat']:.2f} Gbit/s"),
         ("SNAT / forwarding (expect >= 0.95)", f"{rates['snat'] / rates['forwarding']:.3f}"),
     ]
-    for name, values in latencies.items():
-        rows.append((f"snapshot change -> {name} nft updated, p50 / p99 ({len(values)} changes)",
+    for (name, family), values in latencies.items():
+        rows.append((f"snapshot change -> {name} nft updated, {family}, p50 / p99 "
+                     f"({len(values)} changes)",
                      f"{percentile(values, 0.5) * 1000:.0f} ms / "
                      f"{percentile(values, 0.99) * 1000:.0f} ms"))
     print(f"\niperf3 {args.seconds:g} s x {args.repeats} (median); "

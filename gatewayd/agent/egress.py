@@ -2,11 +2,12 @@
 
 The agent answers the nodes' probes (`answer`, in the responder's thread) and remembers what
 each node said. The keeper thread then holds exactly the provisioned egress IPs that
-`gatewayd.probe.egress_ips_to_hold` asks for: a new one only after an ARP probe found no other
-holder (AddressDriver's conflict probe), then announced with gratuitous ARP / unsolicited NA;
-one that is no longer wanted at once. When another host claims an address this gateway holds
-(its gratuitous ARP reaches the ArpWatcher), the gateway yields unless
-`keep_when_contested` says otherwise, in which case it announces itself again.
+`gatewayd.probe.egress_ips_to_hold` asks for: a new one only after a probe found no other
+holder (AddressDriver's conflict probe: ARP, or IPv6 duplicate address detection), then
+announced with gratuitous ARP / unsolicited NA; one that is no longer wanted at once. When
+another host claims an address this gateway holds (its gratuitous ARP or neighbour
+advertisement reaches the ClaimWatcher), the gateway yields unless `keep_when_contested` says
+otherwise, in which case it announces itself again.
 
 Restarts: for `egressIPHoldSeconds` after the keeper starts it removes nothing, so the first
 probes can say what to keep; and a stopping agent hands over (`hand_over`): it listens to the
@@ -25,11 +26,10 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address
 
 from gatewayd.agent.config import FailoverSettings
 from gatewayd.dataplane.addresses import AddressConflict, AddressDriver
-from gatewayd.dataplane.probe import ArpWatcher
+from gatewayd.dataplane.probe import ClaimWatcher
 from gatewayd.policy.model import EgressIPPool, IPAddress, Role, SnatRule
 from gatewayd.probe import (
     Demand,
@@ -89,7 +89,7 @@ class EgressIPKeeper:
         self._held: frozenset[IPAddress] = frozenset()
         self._wanted: frozenset[IPAddress] = frozenset()
         self._conflicts: tuple[AddressConflict, ...] = ()
-        self._contested: dict[IPv4Address, str] = {}  # address -> the other host's MAC
+        self._contested: dict[IPAddress, str] = {}  # address -> the other host's MAC
         self._announced: dict[IPAddress, float] = {}
         self._reannounce: dict[IPAddress, list[float]] = {}  # address -> when (monotonic)
         self._wake = threading.Event()
@@ -98,8 +98,8 @@ class EgressIPKeeper:
         self._started_at = 0.0
         self._passes = 0  # keeper passes completed (under the lock)
         self._thread = threading.Thread(target=self._run, name="egress-ips", daemon=True)
-        self._watcher = ArpWatcher(
-            {p.interface for p in pools}, self._held_ipv4, self._claimed_elsewhere
+        self._watcher = ClaimWatcher(
+            {p.interface for p in pools}, self._held_addresses, self._claimed_elsewhere
         )
 
     # --- from other threads ------------------------------------------------------------------
@@ -212,11 +212,11 @@ class EgressIPKeeper:
             if p in ips and all(ip in self._held or not self.provisioned(ip) for ip in ips[p])
         )
 
-    def _held_ipv4(self) -> frozenset[IPv4Address]:
+    def _held_addresses(self) -> frozenset[IPAddress]:
         with self._lock:
-            return frozenset(a for a in self._held if isinstance(a, IPv4Address))
+            return self._held
 
-    def _claimed_elsewhere(self, address: IPv4Address, interface: str, mac: str) -> None:
+    def _claimed_elsewhere(self, address: IPAddress, interface: str, mac: str) -> None:
         with self._lock:
             self._contested[address] = mac
         self._wake.set()
@@ -263,7 +263,7 @@ class EgressIPKeeper:
     def _settle_contests(
         self,
         wanted: frozenset[IPAddress],
-        contested: dict[IPv4Address, str],
+        contested: dict[IPAddress, str],
         rules: tuple[SnatRule, ...],
         here: set[str],
     ) -> frozenset[IPAddress]:

@@ -76,13 +76,13 @@ class GatewayFootprint:
                        *([self.tunnel] if self.tunnel else [])})
 
     def observe(self) -> dict[str, Any]:
-        from gatewayd.dataplane.addresses import AddressDriver
+        """The addresses on the egress interfaces, provisioned or not: an egress IP taken
+        from an interface (`interface`, or the other family of an `egressIP`) is the
+        interface's own address."""
+        from gatewayd.dataplane.addresses import held_addresses
 
-        addresses = AddressDriver()
-        present: set[str] = set()
-        for interface in self.egress_interfaces:
-            present |= {str(ip) for ip in addresses.observe(interface)}
-        return {"egressIPsPresent": sorted(present)}
+        present = held_addresses(self.egress_interfaces)
+        return {"egressIPsPresent": sorted(str(ip) for ip in present)}
 
     def teardown(self) -> list[str]:
         """First the tunnels, so that no more traffic arrives, then the table (filter and

@@ -4,12 +4,13 @@ The driver owns only the addresses it added: they carry OWNER_PROTOCOL as their 
 protocol (IFA_PROTO, kernel >= 5.18), so ownership survives a daemon restart and an address
 someone else configured is never removed, even when it is also desired.
 
-Before an IPv4 address is used, an ARP probe asks the segment whether another host has it;
-IPv6 addresses go through the kernel's duplicate address detection. An address another host
-answers for is refused and reported in `AddressChanges.conflicts`, and not tried again for
-`retry_conflicts_after` seconds, doubled after each refusal in a row up to 8 times as long (a
-probe costs `probe_seconds` of the reconcile pass). Added addresses are announced: gratuitous
-ARP, unsolicited neighbour advertisement.
+Before an address is used, a probe asks the segment whether another host has it (ARP probe,
+IPv6 duplicate address detection; both families in one window, see `announce.probe`); the
+address is then added without the kernel's own DAD, which would take up to two seconds more.
+An address another host answers for is refused and reported in `AddressChanges.conflicts`, and
+not tried again for `retry_conflicts_after` seconds, doubled after each refusal in a row up to
+8 times as long (a probe costs `probe_seconds` of the reconcile pass). Added addresses are
+announced: gratuitous ARP, unsolicited neighbour advertisement.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gatewayd.dataplane.announce import probe_ipv4, send_gratuitous_arp, send_unsolicited_na
+from gatewayd.dataplane.announce import probe, send_gratuitous_arp, send_unsolicited_na
 from gatewayd.dataplane.netlink import OWNER_PROTOCOL, link_index, link_names
 from gatewayd.policy.model import IPAddress
 
@@ -77,13 +78,11 @@ class AddressDriver:
         self,
         protocol: int = OWNER_PROTOCOL,
         probe_seconds: float = 1.0,
-        dad_timeout: float = 5.0,
         retry_conflicts_after: float = 60.0,
     ) -> None:
-        """`probe_seconds` = 0 turns conflict probing off (IPv6 addresses then skip DAD)."""
+        """`probe_seconds` = 0 turns conflict probing off."""
         self.protocol = protocol
         self.probe_seconds = probe_seconds
-        self.dad_timeout = dad_timeout
         self.retry_conflicts_after = retry_conflicts_after
         # (interface, address) -> (when to ask again, the conflict); refusals in a row
         self._conflicts: dict[tuple[str, IPAddress], tuple[float, AddressConflict]] = {}
@@ -101,48 +100,29 @@ class AddressDriver:
             mac, can_arp = _mac(link)
             present = {p.address: p for p in self._present(ipr, index)}
             for item in list(present.values()):
-                if item.owned and item.flags & IFA_F_DADFAILED:  # found on an earlier pass
+                # The kernel refused it (an earlier version left DAD to the kernel): probe
+                # and add it again like a missing one.
+                if item.owned and item.flags & IFA_F_DADFAILED:
                     self._delete(ipr, index, item)
                     del present[item.address]
-                    removed.append(item.address)
-                    conflicts.append(self._refuse(interface, item.address,
-                                                  "duplicate address detection failed"))
-            missing: set[IPAddress] = set()
-            for address in wanted - set(present):
+            missing: list[IPAddress] = []
+            for address in sorted(wanted - set(present), key=_order):
                 refused = self._refused_recently(interface, address)
                 if refused:
                     conflicts.append(refused)
                 else:
-                    missing.add(address)
+                    missing.append(address)
 
-            # IPv6 first: the kernel's DAD then runs while we probe for the IPv4 addresses.
-            probing = self.probe_seconds > 0
-            v6 = sorted(a for a in missing if isinstance(a, IPv6Address))
-            for address in v6:
-                self._add(ipr, index, address, dad=probing)
-            v4 = sorted(a for a in missing if isinstance(a, IPv4Address))
-            taken = probe_ipv4(interface, mac, v4, self.probe_seconds) if (
-                probing and can_arp and v4) else {}
-            for address, owner in sorted(taken.items()):
+            taken = probe(interface, mac, missing, self.probe_seconds) if (
+                self.probe_seconds > 0 and can_arp and missing) else {}
+            for address, owner in sorted(taken.items(), key=lambda item: _order(item[0])):
                 conflicts.append(self._refuse(interface, address, f"answered by {owner}"))
-            added: list[IPAddress] = []
-            for address in v4:
-                if address not in taken:
-                    self._add(ipr, index, address, dad=False)
-                    self._refusals.pop((interface, address), None)
-                    if can_arp:
-                        send_gratuitous_arp(interface, mac, address)
-                    added.append(address)
-            for address6, outcome in self._wait_for_dad(ipr, index, v6).items():
-                if outcome == "failed":
-                    self._delete(ipr, index, _Present(address6, 128, True, 0))
-                    conflicts.append(self._refuse(interface, address6,
-                                                  "duplicate address detection failed"))
-                    continue
-                added.append(address6)
-                self._refusals.pop((interface, address6), None)
-                if outcome == "done" and can_arp:
-                    send_unsolicited_na(index, mac, address6, _forwarding(interface))
+            added = [a for a in missing if a not in taken]
+            for address in added:
+                self._add(ipr, index, address)
+                self._refusals.pop((interface, address), None)
+            if can_arp:
+                self._announce(interface, index, mac, added)
 
             # Stale ones last: add before remove, as everywhere in the reconcile.
             for item in sorted(present.values(), key=lambda p: _order(p.address)):
@@ -160,13 +140,8 @@ class AddressDriver:
         with IPRoute() as ipr:
             index = link_index(ipr, interface)
             mac, can_arp = _mac(ipr.get_links(index)[0])
-        if not can_arp:
-            return
-        for address in addresses:
-            if isinstance(address, IPv4Address):
-                send_gratuitous_arp(interface, mac, address)
-            else:
-                send_unsolicited_na(index, mac, address, _forwarding(interface))
+        if can_arp:
+            self._announce(interface, index, mac, addresses)
 
     def observe(self, interface: str) -> frozenset[IPAddress]:
         """The owned addresses present on `interface`."""
@@ -188,6 +163,15 @@ class AddressDriver:
 
     # --- internals ----------------------------------------------------------------------------
 
+    @staticmethod
+    def _announce(interface: str, index: int, mac: bytes, addresses: Iterable[IPAddress]
+                  ) -> None:
+        for address in addresses:
+            if isinstance(address, IPv4Address):
+                send_gratuitous_arp(interface, mac, address)
+            else:
+                send_unsolicited_na(index, mac, address, _forwarding(interface))
+
     def _present(self, ipr: IPRoute, index: int) -> list[_Present]:
         return [
             _Present(
@@ -199,12 +183,12 @@ class AddressDriver:
             for msg in ipr.get_addr(index=index)
         ]
 
-    def _add(self, ipr: IPRoute, index: int, address: IPAddress, dad: bool) -> None:
+    def _add(self, ipr: IPRoute, index: int, address: IPAddress) -> None:
         spec: dict[str, Any] = {
             "index": index, "address": str(address), "prefixlen": address.max_prefixlen,
             "proto": self.protocol,
         }
-        if isinstance(address, IPv6Address) and not dad:
+        if isinstance(address, IPv6Address):  # probed already (or probing is off)
             spec["flags"] = IFA_F_NODAD
         ipr.addr("add", **spec)
         mine = [p for p in self._present(ipr, index) if p.address == address]
@@ -224,25 +208,6 @@ class AddressDriver:
             if exc.code != errno.EADDRNOTAVAIL:  # already gone is fine
                 raise
 
-    def _wait_for_dad(
-        self, ipr: IPRoute, index: int, addresses: list[IPv6Address]
-    ) -> dict[IPv6Address, str]:
-        """"done", "failed", or "pending" (still tentative at the deadline: kept, and a
-        later pass removes it if DAD fails then)."""
-        outcome: dict[IPv6Address, str] = {}
-        deadline = time.monotonic() + self.dad_timeout
-        while True:
-            flags = {p.address: p.flags for p in self._present(ipr, index)}
-            for address in addresses:
-                current = flags.get(address)
-                if current is None or current & IFA_F_DADFAILED:
-                    outcome[address] = "failed"
-                elif not current & IFA_F_TENTATIVE:
-                    outcome[address] = "done"
-            if len(outcome) == len(addresses) or time.monotonic() > deadline:
-                return {a: outcome.get(a, "pending") for a in addresses}
-            time.sleep(0.05)
-
     def _refuse(self, interface: str, address: IPAddress, detail: str) -> AddressConflict:
         conflict = AddressConflict(address, interface, detail)
         key = (interface, address)
@@ -261,14 +226,16 @@ class AddressDriver:
         return entry[1]
 
 
-def held_addresses() -> frozenset[IPAddress]:
-    """Every address this host holds now, on any interface, whoever added it. IPv6 addresses
-    still in duplicate address detection, or refused by it, are not held."""
+def held_addresses(interfaces: Collection[str] | None = None) -> frozenset[IPAddress]:
+    """Every address this host holds now, on any interface (or on `interfaces`), whoever added
+    it. IPv6 addresses still in duplicate address detection, or refused by it, are not held."""
     with IPRoute() as ipr:
+        names = link_names(ipr)
         return frozenset(
             ipaddress.ip_address(msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS"))
             for msg in ipr.get_addr()
             if not (msg.get("IFA_FLAGS") or msg["flags"]) & (IFA_F_TENTATIVE | IFA_F_DADFAILED)
+            and (interfaces is None or names.get(msg["index"]) in interfaces)
         )
 
 

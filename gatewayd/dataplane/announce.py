@@ -1,16 +1,26 @@
 """Telling the segment about an address, and asking it whether someone else has it.
 
-- IPv4: ARP probe before use (sender address 0.0.0.0, RFC 5227): any ARP from another MAC
-  claiming the address is a conflict. After use: gratuitous ARP (a request whose sender and
-  target address are both ours), which neighbours use to update existing cache entries.
-- IPv6: the kernel runs duplicate address detection itself; afterwards we send an unsolicited
-  neighbour advertisement (override flag set) to all nodes.
+Before use, both families are probed the same way, in one window with two rounds:
+- IPv4: ARP probe (sender address 0.0.0.0, RFC 5227): any ARP from another MAC claiming the
+  address is a conflict.
+- IPv6: duplicate address detection (RFC 4862): a neighbour solicitation from the unspecified
+  address to the target's solicited-node group. A neighbour advertisement for the target, or
+  another host's solicitation for it from the unspecified address (it probes at the same time),
+  is a conflict. We send it ourselves rather than leave it to the kernel, whose DAD waits up
+  to a second before its probe and a second after it: a failover would wait that long for an
+  IPv6 egress IP while an IPv4 one is taken after the probe window.
+
+After use: gratuitous ARP (a request whose sender and target address are both ours), and an
+unsolicited neighbour advertisement (override flag set) to all nodes; neighbours update their
+caches from them.
 
 Raw sockets, opened in the calling thread's network namespace.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import select
 import socket
 import struct
@@ -19,16 +29,25 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
+from gatewayd.policy.model import IPAddress
+
 ETH_P_ARP = 0x0806
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
 ARP_REQUEST = 1
 ARP_REPLY = 2
 BROADCAST = b"\xff" * 6
 ZERO_MAC = b"\x00" * 6
+UNSPECIFIED = IPv4Address(0)
 MIN_FRAME = 60  # Ethernet minimum without FCS; short frames are padded
+ICMPV6_NEIGHBOUR_SOLICITATION = 135
 ICMPV6_NEIGHBOUR_ADVERTISEMENT = 136
+IPPROTO_ICMPV6 = 58
+ND_HOP_LIMIT = 255  # neighbour discovery messages from anywhere but the link carry less
 NA_ROUTER, NA_OVERRIDE = 0x80000000, 0x20000000
 ALL_NODES = "ff02::1"
+SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_MULTICAST = 263, 1, 0
+SO_ATTACH_FILTER = 26
 
 
 @dataclass(frozen=True)
@@ -67,45 +86,124 @@ def format_mac(mac: bytes) -> str:
 
 def send_gratuitous_arp(interface: str, mac: bytes, address: IPv4Address) -> None:
     packet = ArpPacket(ARP_REQUEST, mac, address, ZERO_MAC, address)
-    with _arp_socket(interface) as sock:
+    with packet_socket(interface, ETH_P_ARP) as sock:
         sock.send(arp_frame(packet))
 
 
-def probe_ipv4(
-    interface: str, mac: bytes, addresses: Collection[IPv4Address], seconds: float
-) -> dict[IPv4Address, str]:
-    """ARP-probe `addresses` for `seconds` (two rounds of probes); return each address that
-    another host claims, with that host's MAC.
+@dataclass(frozen=True)
+class NeighbourMessage:
+    """A neighbour solicitation or advertisement, as far as duplicate detection needs it."""
+
+    kind: int  # ICMPV6_NEIGHBOUR_SOLICITATION or ICMPV6_NEIGHBOUR_ADVERTISEMENT
+    sender_mac: bytes  # the Ethernet source
+    source: IPv6Address
+    target: IPv6Address
+
+
+def solicited_node(address: IPv6Address) -> IPv6Address:
+    """The multicast group a host joins for each of its addresses (ff02::1:ffXX:XXXX)."""
+    return IPv6Address(b"\xff\x02" + bytes(9) + b"\x01\xff" + address.packed[13:])
+
+
+def multicast_mac(group: IPv6Address) -> bytes:
+    return b"\x33\x33" + group.packed[12:]
+
+
+def dad_frame(mac: bytes, target: IPv6Address) -> bytes:
+    """A duplicate address detection probe: a neighbour solicitation for `target` from the
+    unspecified address, to its solicited-node group, without a link-layer option."""
+    source, group = IPv6Address(0), solicited_node(target)
+    message = struct.pack("!BBHI16s", ICMPV6_NEIGHBOUR_SOLICITATION, 0, 0, 0, target.packed)
+    checksum = _icmpv6_checksum(source, group, message)
+    message = message[:2] + struct.pack("!H", checksum) + message[4:]
+    header = struct.pack("!IHBB16s16s", 6 << 28, len(message), IPPROTO_ICMPV6, ND_HOP_LIMIT,
+                         source.packed, group.packed)
+    ethernet = multicast_mac(group) + mac + struct.pack("!H", ETH_P_IPV6)
+    return ethernet + header + message
+
+
+def parse_neighbour(frame: bytes) -> NeighbourMessage | None:
+    """The neighbour solicitation or advertisement in an Ethernet frame, None for anything
+    else, and for messages that did not start on this link (hop limit below 255)."""
+    if len(frame) < 14 + 40 + 24 or frame[12:14] != struct.pack("!H", ETH_P_IPV6):
+        return None
+    first_word, _, next_header, hop_limit, src, _dst = struct.unpack(
+        "!IHBB16s16s", frame[14:54])
+    kind = frame[54]
+    if (first_word >> 28 != 6 or next_header != IPPROTO_ICMPV6 or hop_limit != ND_HOP_LIMIT
+            or kind not in (ICMPV6_NEIGHBOUR_SOLICITATION, ICMPV6_NEIGHBOUR_ADVERTISEMENT)):
+        return None
+    return NeighbourMessage(kind, frame[6:12], IPv6Address(src), IPv6Address(frame[62:78]))
+
+
+def _icmpv6_checksum(source: IPv6Address, destination: IPv6Address, message: bytes) -> int:
+    data = source.packed + destination.packed + struct.pack("!IxxxB", len(message),
+                                                            IPPROTO_ICMPV6) + message
+    if len(data) % 2:
+        data += b"\x00"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def probe(
+    interface: str, mac: bytes, addresses: Collection[IPAddress], seconds: float
+) -> dict[IPAddress, str]:
+    """Probe `addresses` of both families for `seconds` (two rounds of probes: ARP for IPv4,
+    duplicate address detection for IPv6); return each address that another host claims,
+    with that host's MAC.
 
     Only what arrives after the second round counts: a holder that answered the first round
     and then gave the address up (a gateway handing it over) does not answer the second, and
     the address is free at the end of this probe instead of after a refusal and a retry."""
     wanted = set(addresses)
-    conflicts: dict[IPv4Address, str] = {}
-    unspecified = IPv4Address(0)
-    with _arp_socket(interface) as sock:
+    v4 = sorted(a for a in wanted if isinstance(a, IPv4Address))
+    v6 = sorted(a for a in wanted if isinstance(a, IPv6Address))
+    conflicts: dict[IPAddress, str] = {}
+    with contextlib.ExitStack() as stack:
+        arp = stack.enter_context(packet_socket(interface, ETH_P_ARP)) if v4 else None
+        nd = stack.enter_context(neighbour_socket(interface)) if v6 else None
+        if nd is not None:  # to hear another host probing for the same address
+            for group in {solicited_node(a) for a in v6}:
+                _join(nd, interface, multicast_mac(group))
+        listening = [sock for sock in (arp, nd) if sock is not None]
         start = time.monotonic()
         rounds = 0
         while (elapsed := time.monotonic() - start) < seconds:
             if rounds < 2 and elapsed >= rounds * seconds / 2:
                 conflicts.clear()
-                for address in sorted(wanted):
-                    probe = ArpPacket(ARP_REQUEST, mac, unspecified, ZERO_MAC, address)
-                    sock.send(arp_frame(probe))
+                for address4 in v4:
+                    assert arp is not None
+                    arp.send(arp_frame(ArpPacket(ARP_REQUEST, mac, UNSPECIFIED, ZERO_MAC,
+                                                 address4)))
+                for address6 in v6:
+                    assert nd is not None
+                    nd.send(dad_frame(mac, address6))
                 rounds += 1
             next_step = rounds * seconds / 2 if rounds < 2 else seconds
-            if not select.select([sock], [], [], max(next_step - elapsed, 0))[0]:
-                continue
-            packet = parse_arp(sock.recv(2048))
-            if packet is None or packet.sender_mac == mac:
-                continue
-            # Someone using the address, or probing for it at the same time.
-            claimed = packet.sender_ip
-            if claimed == unspecified and packet.operation == ARP_REQUEST:
-                claimed = packet.target_ip
-            if claimed in wanted:
-                conflicts[claimed] = format_mac(packet.sender_mac)
+            for sock in select.select(listening, [], [], max(next_step - elapsed, 0))[0]:
+                claim = _claim(sock.recv(2048), mac)
+                if claim is not None and claim[0] in wanted:
+                    conflicts[claim[0]] = format_mac(claim[1])
     return conflicts
+
+
+def _claim(frame: bytes, mac: bytes) -> tuple[IPAddress, bytes] | None:
+    """The address another host claims in `frame` (using it, or probing for it at the same
+    time), with that host's MAC."""
+    packet = parse_arp(frame)
+    if packet is not None and packet.sender_mac != mac:
+        if packet.sender_ip == UNSPECIFIED and packet.operation == ARP_REQUEST:
+            return packet.target_ip, packet.sender_mac
+        return packet.sender_ip, packet.sender_mac
+    message = parse_neighbour(frame)
+    if message is not None and message.sender_mac != mac:
+        if message.kind == ICMPV6_NEIGHBOUR_ADVERTISEMENT:
+            return message.target, message.sender_mac
+        if message.source == IPv6Address(0):  # another host probing for it at the same time
+            return message.target, message.sender_mac
+    return None
 
 
 def send_unsolicited_na(
@@ -122,11 +220,47 @@ def send_unsolicited_na(
         sock.sendto(message, (ALL_NODES, 0, 0, interface_index))
 
 
-def _arp_socket(interface: str) -> socket.socket:
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+def packet_socket(interface: str, ethertype: int) -> socket.socket:
+    """A raw socket for the frames of one ethertype on `interface`."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
     try:
-        sock.bind((interface, ETH_P_ARP))
+        sock.bind((interface, ethertype))
     except OSError:
         sock.close()
         raise
     return sock
+
+
+# Classic BPF: accept IPv6 frames carrying ICMPv6 neighbour solicitations or advertisements
+# (no extension headers: neighbour discovery has none), drop the rest in the kernel. Without
+# it the socket would copy every IPv6 packet the uplink forwards.
+_BPF_LDH_ABS, _BPF_LDB_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x28, 0x30, 0x15, 0x06
+_NEIGHBOUR_FILTER = (
+    (_BPF_LDH_ABS, 0, 0, 12), (_BPF_JEQ_K, 0, 6, ETH_P_IPV6),  # ethertype
+    (_BPF_LDB_ABS, 0, 0, 20), (_BPF_JEQ_K, 0, 4, IPPROTO_ICMPV6),  # next header
+    (_BPF_LDB_ABS, 0, 0, 54),  # ICMPv6 type
+    (_BPF_JEQ_K, 1, 0, ICMPV6_NEIGHBOUR_SOLICITATION),
+    (_BPF_JEQ_K, 0, 1, ICMPV6_NEIGHBOUR_ADVERTISEMENT),
+    (_BPF_RET_K, 0, 0, 0xFFFF), (_BPF_RET_K, 0, 0, 0),
+)
+
+
+def neighbour_socket(interface: str) -> socket.socket:
+    """A raw socket for the neighbour solicitations and advertisements on `interface`."""
+    sock = packet_socket(interface, ETH_P_IPV6)
+    program = ctypes.create_string_buffer(
+        b"".join(struct.pack("HBBI", *instruction) for instruction in _NEIGHBOUR_FILTER))
+    fprog = struct.pack("HL", len(_NEIGHBOUR_FILTER), ctypes.addressof(program))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _join(sock: socket.socket, interface: str, group_mac: bytes) -> None:
+    """Receive frames to a multicast MAC: a NIC filters groups nobody asked for."""
+    request = struct.pack("iHH8s", socket.if_nametoindex(interface), PACKET_MR_MULTICAST,
+                          len(group_mac), group_mac)
+    sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, request)

@@ -7,8 +7,9 @@ Bytes in, bytes out: the message format and what the probes decide are in `gatew
 - `ProbeSockets` (cloud node): one UDP socket per gateway, bound to the node's tunnel address
   and marked with the gateway's fwmark (SO_MARK, CAP_NET_ADMIN), so policy routing sends each
   probe into that gateway's tunnel.
-- `ArpWatcher` (gateway): reports ARP packets from other hosts that claim one of the watched
-  addresses (a gratuitous ARP after another gateway took an egress IP, or its answers).
+- `ClaimWatcher` (gateway): reports ARP packets and neighbour advertisements from other hosts
+  that claim one of the watched addresses (a gratuitous ARP or an unsolicited neighbour
+  advertisement after another gateway took an egress IP, or its answers).
 
 Sockets bind with IP_FREEBIND: the tunnel address may not exist yet (or for a moment not at
 all, while an interface is re-created), and a bound socket keeps working once it does.
@@ -20,17 +21,25 @@ import contextlib
 import logging
 import select
 import socket
-import struct
 import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from gatewayd.dataplane.announce import (
+    ETH_P_ARP,
+    ICMPV6_NEIGHBOUR_ADVERTISEMENT,
+    format_mac,
+    neighbour_socket,
+    packet_socket,
+    parse_arp,
+    parse_neighbour,
+)
+from gatewayd.policy.model import IPAddress
+
 log = logging.getLogger(__name__)
 
 IP_FREEBIND = 15  # <linux/in.h>; not exported by every Python build
-ETH_P_ARP = 0x0806
-_ARP_HEADER = struct.Struct("!HHBBH6s4s6s4s")
 RECEIVE_BYTES = 65535
 
 
@@ -152,21 +161,22 @@ class ProbeSockets:
         self.update(())
 
 
-class ArpWatcher:
-    """Calls `claimed(address, interface, mac)` for every ARP packet from another MAC whose
-    sender address is one of `addresses()` (read at each packet, so it follows the caller)."""
+class ClaimWatcher:
+    """Calls `claimed(address, interface, mac)` for every packet from another MAC that claims
+    one of `addresses()` (read at each packet, so it follows the caller): an ARP packet whose
+    sender address it is, or a neighbour advertisement for it."""
 
     def __init__(
         self,
         interfaces: Collection[str],
-        addresses: Callable[[], Collection[IPv4Address]],
-        claimed: Callable[[IPv4Address, str, str], None],
+        addresses: Callable[[], Collection[IPAddress]],
+        claimed: Callable[[IPAddress, str, str], None],
     ) -> None:
         self._interfaces = sorted(set(interfaces))
         self._addresses = addresses
         self._claimed = claimed
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="arp-watcher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="claim-watcher", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -176,27 +186,32 @@ class ArpWatcher:
         self._thread.join(2)
 
     def _open(self) -> dict[socket.socket, tuple[str, bytes]]:
+        """Two sockets per interface (ARP, neighbour discovery), or none when one fails."""
         opened: dict[socket.socket, tuple[str, bytes]] = {}
         for interface in self._interfaces:
+            pair: list[socket.socket] = []
             try:
-                sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
-                sock.bind((interface, ETH_P_ARP))
-                mac = sock.getsockname()[4]
+                pair.append(packet_socket(interface, ETH_P_ARP))
+                pair.append(neighbour_socket(interface))
             except OSError as exc:
-                log.warning("cannot watch ARP on %s (%s); retrying", interface, exc)
+                log.warning("cannot watch ARP and neighbour discovery on %s (%s); retrying",
+                            interface, exc)
+                for sock in pair:
+                    sock.close()
                 continue
-            opened[sock] = (interface, bytes(mac))
+            mac = bytes(pair[0].getsockname()[4])
+            opened.update({sock: (interface, mac) for sock in pair})
         return opened
 
     def _run(self) -> None:
         sockets: dict[socket.socket, tuple[str, bytes]] = {}
         try:
             while not self._stopping.is_set():
-                if len(sockets) < len(self._interfaces):
+                if len(sockets) < 2 * len(self._interfaces):
                     for sock in sockets:
                         sock.close()
                     sockets = self._open()
-                    if len(sockets) < len(self._interfaces):
+                    if len(sockets) < 2 * len(self._interfaces):
                         self._stopping.wait(1.0)
                         continue
                 try:
@@ -217,13 +232,11 @@ class ArpWatcher:
                 sock.close()
 
     def _handle(self, frame: bytes, interface: str, own_mac: bytes) -> None:
-        if len(frame) < 42 or frame[12:14] != struct.pack("!H", ETH_P_ARP):
-            return
-        htype, ptype, hlen, plen, _op, sender_mac, sender_ip, _tmac, _tip = _ARP_HEADER.unpack(
-            frame[14:42]
-        )
-        if (htype, ptype, hlen, plen) != (1, 0x0800, 6, 4) or sender_mac == own_mac:
-            return
-        address = IPv4Address(sender_ip)
-        if address in self._addresses():
-            self._claimed(address, interface, ":".join(f"{b:02x}" for b in sender_mac))
+        claim: tuple[IPAddress, bytes] | None = None
+        if (packet := parse_arp(frame)) is not None:
+            claim = packet.sender_ip, packet.sender_mac
+        elif ((message := parse_neighbour(frame)) is not None
+              and message.kind == ICMPV6_NEIGHBOUR_ADVERTISEMENT):
+            claim = message.target, message.sender_mac
+        if claim is not None and claim[1] != own_mac and claim[0] in self._addresses():
+            self._claimed(claim[0], interface, format_mac(claim[1]))

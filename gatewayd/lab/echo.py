@@ -11,15 +11,26 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import IPv6Address, ip_address
 from types import FrameType
+
+
+def client_source(client_address: tuple[str, int]) -> bytes:
+    """The client's address as it sent it: the servers listen on both families at once, and
+    an IPv4 client arrives as an IPv4-mapped IPv6 address."""
+    address = ip_address(client_address[0])
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address).encode()
 
 
 class SourceAddressHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        body = self.client_address[0].encode()
+        body = client_source(self.client_address)
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
@@ -32,18 +43,20 @@ class SourceAddressHandler(BaseHTTPRequestHandler):
 
 class LineEchoHandler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
-        source = self.client_address[0].encode()
+        source = client_source(self.client_address)
         for line in self.rfile:
             self.wfile.write(source + b" " + line)
             self.wfile.flush()
 
 
 class LineEchoServer(socketserver.ThreadingTCPServer):
+    address_family = socket.AF_INET6  # with IPV6_V6ONLY off (Linux's default): both families
     daemon_threads = True
     allow_reuse_address = True
 
 
 class SourceAddressServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
     daemon_threads = True
     # Probing clients open many connections a second; with the default backlog of 5 a busy
     # moment drops SYNs, which would look like lost traffic.
@@ -52,8 +65,8 @@ class SourceAddressServer(ThreadingHTTPServer):
 
 def serve(http_port: int, line_port: int) -> None:
     """Serve both until SIGTERM or SIGINT."""
-    http_server = SourceAddressServer(("0.0.0.0", http_port), SourceAddressHandler)
-    line_server = LineEchoServer(("0.0.0.0", line_port), LineEchoHandler)
+    http_server = SourceAddressServer(("::", http_port), SourceAddressHandler)
+    line_server = LineEchoServer(("::", line_port), LineEchoHandler)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

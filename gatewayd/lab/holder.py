@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gatewayd.lab.pinger import stopped_by_signals
+from gatewayd.lab.pinger import split_host_port, stopped_by_signals
 
 WRITE_EVERY = 0.5
 
@@ -105,12 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--give-up", type=float, default=30.0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    host, port = args.target.rsplit(":", 1)
+    host, port = split_host_port(args.target)
     stopping = stopped_by_signals()
     lock = threading.Lock()
     records = [Held(i) for i in range(args.connections)]
     threads = [threading.Thread(target=hold, daemon=True, args=(
-        r, host, int(port), args.interval, args.give_up, stopping, lock)) for r in records]
+        r, host, port, args.interval, args.give_up, stopping, lock)) for r in records]
     for thread in threads:
         thread.start()
     while not stopping.wait(WRITE_EVERY):

@@ -44,6 +44,7 @@ from gatewayd.lab.image import ImageRoot
 from gatewayd.lab.netns import entered, run, start_process, stop_process, wait_for
 from gatewayd.lab.topology import (
     API_SERVER,
+    EGRESS_IP_POOLS,
     EXAMPLE_SNAPSHOT,
     GATEWAY_LISTEN_PORT,
     GATEWAYS,
@@ -63,7 +64,6 @@ API_PORT = 6443
 NAMESPACE = "gatewayd-system"
 GROUP, VERSION = "egress.gatewayd.io", "v1alpha1"
 CLUSTER_FILES = ("00-cluster.yaml", "10-pods.yaml")  # what kubelets and the scheduler write
-EGRESS_IP_POOL = "198.51.100.64/27"
 API_NAT_TABLE = "gwdlab-api"
 
 # The controller's /healthz, /readyz and /metrics, in the api host's namespace.
@@ -475,7 +475,7 @@ def agent_config(lab: KubeLab, gateway: GatewayHost) -> dict[str, Any]:
         },
         "stateDirectory": str(lab.state_dir(gateway.name)),
         "uplink": "eth0",
-        "egressIPPools": [{"cidr": EGRESS_IP_POOL, "interface": "eth0"}],
+        "egressIPPools": [{"cidr": pool, "interface": "eth0"} for pool in EGRESS_IP_POOLS],
         "tunnel": {
             "interface": gateway.tunnel_interface,
             "listenPort": GATEWAY_LISTEN_PORT,

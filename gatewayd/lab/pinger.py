@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
@@ -37,8 +38,9 @@ def request(host: str, port: int, timeout: float) -> tuple[str | None, str | Non
     """(the source address the echo server reports, None) or (None, what went wrong and the
     local port, to find the connection in a capture)."""
     deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("0.0.0.0", 0))
+    v6 = ip_address(host).version == 6
+    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("::" if v6 else "0.0.0.0", 0))
         local_port = sock.getsockname()[1]
         try:
             source, error = _exchange(sock, host, port, timeout, deadline)
@@ -65,6 +67,17 @@ def _exchange(
         return None, "bad answer"
     source = body.decode(errors="replace").strip()
     return (source, None) if source else (None, "empty answer")
+
+
+def join_host_port(address: str, port: int) -> str:
+    """HOST:PORT, with an IPv6 address in brackets (as in a URL)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def split_host_port(target: str) -> tuple[str, int]:
+    """The address and port of HOST:PORT or [IPv6]:PORT."""
+    host, _, port = target.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 def stopped_by_signals() -> threading.Event:
@@ -147,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=0.3)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    host, _, port = args.target.rpartition(":")
+    host, port = split_host_port(args.target)
     with args.out.open("a") as out:
-        run(host, int(port), args.interval, args.timeout, out)
+        run(host, port, args.interval, args.timeout, out)
     return 0
 
 

@@ -3,9 +3,13 @@
     ext, api, gw1, gw2 ── br-onprem ── router ── br-cloud ── node1 ── cni0 ── 3 pods
                                                           └─ node2 ── cni0 ── 3 pods
                           198.51.100.0/24        192.0.2.0/24
+                          2001:db8:100::/64      2001:db8:200::/64
 
-Every host and every pod is a namespace of its own, `gwdlab-<name>`.
-The router knows only those two subnets: a pod IP that leaks un-NATed gets no reply, so a
+Every host and every pod is a namespace of its own, `gwdlab-<name>`. The lab is dual-stack:
+every link, pod and echo host has an address of each family, and the gateways have a pool of
+egress IPs of each. The WireGuard underlay is IPv4 only, like Cilium's (its gateway IP is the
+node's IPv4): IPv6 pod traffic rides inside IPv4 tunnels, which is what such clusters run.
+The router knows only those subnets: a pod IP that leaks un-NATed gets no reply, so a
 broken data plane makes the checks fail loudly instead of passing by accident. Each cloud node
 masquerades its pods like flannel does, so the lab also proves that steered traffic keeps the
 pod's source IP. Gateways run `gatewayd agent`, nodes `gatewayd steer`, both in standalone
@@ -29,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +52,10 @@ PREFIX = "gwdlab-"
 DEFAULT_DIRECTORY = Path("/run/gatewayd-lab")
 EXAMPLE_SNAPSHOT = Path(__file__).resolve().parents[2] / "examples" / "lab"
 
-ONPREM_BRIDGE, ONPREM_ROUTER = "br-onprem", "198.51.100.1"
-CLOUD_BRIDGE, CLOUD_ROUTER = "br-cloud", "192.0.2.1"
-EGRESS_IP_POOL = "198.51.100.64/27"
-POD_SUPERNET = "10.244.0.0/16"
+ONPREM_BRIDGE, ONPREM_ROUTER, ONPREM_ROUTER6 = "br-onprem", "198.51.100.1", "2001:db8:100::1"
+CLOUD_BRIDGE, CLOUD_ROUTER, CLOUD_ROUTER6 = "br-cloud", "192.0.2.1", "2001:db8:200::1"
+EGRESS_IP_POOLS = ("198.51.100.64/27", "2001:db8:100::40/122")
+POD_SUPERNET, POD_SUPERNET6 = "10.244.0.0/16", "fd00:10:244::/48"
 HTTP_PORT = 8080  # every echo host: GET answers with the client's source IP
 LINE_PORT = 9000  # every echo host: line echo, prefixed with the client's source IP
 GATEWAY_LISTEN_PORT = 51820
@@ -64,6 +69,7 @@ REPAIR_SECONDS = 1.0
 class GatewayHost:
     name: str  # the EgressGateway's name in the snapshot
     address: str  # on br-onprem, /24
+    address6: str  # on br-onprem, /64
     tunnel_interface: str  # unique on the machine: wireguard-go's sockets are shared
     tunnel_address: str
 
@@ -76,6 +82,10 @@ class GatewayHost:
 class PodHost:
     name: str  # the Pod's name in the snapshot
     address: str
+    address6: str
+
+    def address_of(self, version: int) -> str:
+        return self.address if version == 4 else self.address6
 
     @property
     def netns(self) -> str:
@@ -87,8 +97,11 @@ class CloudNode:
     name: str  # the Node's name in the snapshot
     number: int  # short tag for interface names
     address: str  # on br-cloud, /24
+    address6: str  # on br-cloud, /64
     pod_cidr: str
-    bridge_address: str  # cni0's address: the pods' default gateway
+    pod_cidr6: str
+    bridge_address: str  # cni0's addresses: the pods' default gateways
+    bridge_address6: str
     pods: tuple[PodHost, ...]
 
     @property
@@ -105,7 +118,7 @@ class CloudNode:
 @dataclass(frozen=True)
 class EchoHost:
     name: str
-    addresses: tuple[str, ...]  # on br-onprem, /24
+    addresses: tuple[str, ...]  # on br-onprem: IPv4 /24, IPv6 /64
 
     @property
     def netns(self) -> str:
@@ -113,25 +126,28 @@ class EchoHost:
 
 
 GATEWAYS = (
-    GatewayHost("gw1", "198.51.100.2", "wg-gw1", "100.64.1.1/24"),
-    GatewayHost("gw2", "198.51.100.3", "wg-gw2", "100.64.2.1/24"),
+    GatewayHost("gw1", "198.51.100.2", "2001:db8:100::2", "wg-gw1", "100.64.1.1/24"),
+    GatewayHost("gw2", "198.51.100.3", "2001:db8:100::3", "wg-gw2", "100.64.2.1/24"),
 )
 NODES = (
-    CloudNode("node1", 1, "192.0.2.21", "10.244.1.0/24", "10.244.1.1", (
-        PodHost("checkout-1", "10.244.1.10"),
-        PodHost("batch-1", "10.244.1.11"),
-        PodHost("web-1", "10.244.1.12"),
-    )),
-    CloudNode("node2", 2, "192.0.2.22", "10.244.2.0/24", "10.244.2.1", (
-        PodHost("checkout-2", "10.244.2.10"),
-        PodHost("batch-2", "10.244.2.11"),
-        PodHost("web-2", "10.244.2.12"),
-    )),
+    CloudNode("node1", 1, "192.0.2.21", "2001:db8:200::21", "10.244.1.0/24",
+              "fd00:10:244:1::/64", "10.244.1.1", "fd00:10:244:1::1", (
+                  PodHost("checkout-1", "10.244.1.10", "fd00:10:244:1::10"),
+                  PodHost("batch-1", "10.244.1.11", "fd00:10:244:1::11"),
+                  PodHost("web-1", "10.244.1.12", "fd00:10:244:1::12"),
+              )),
+    CloudNode("node2", 2, "192.0.2.22", "2001:db8:200::22", "10.244.2.0/24",
+              "fd00:10:244:2::/64", "10.244.2.1", "fd00:10:244:2::1", (
+                  PodHost("checkout-2", "10.244.2.10", "fd00:10:244:2::10"),
+                  PodHost("batch-2", "10.244.2.11", "fd00:10:244:2::11"),
+                  PodHost("web-2", "10.244.2.12", "fd00:10:244:2::12"),
+              )),
 )
 # The external world: the payment gateway (.10) and a host in an excluded CIDR (.11).
-EXTERNAL = EchoHost("ext", ("198.51.100.10", "198.51.100.11"))
-# Stands for the kube-apiserver endpoint in the snapshot's `kubernetes` EndpointSlice.
-API_SERVER = EchoHost("api", ("198.51.100.6",))
+EXTERNAL = EchoHost("ext", ("198.51.100.10", "198.51.100.11",
+                            "2001:db8:100::10", "2001:db8:100::11"))
+# Stands for the kube-apiserver endpoint in the snapshot's `kubernetes` EndpointSlices.
+API_SERVER = EchoHost("api", ("198.51.100.6", "2001:db8:100::6"))
 ECHO_HOSTS = (EXTERNAL, API_SERVER)
 PODS = tuple(pod for node in NODES for pod in node.pods)
 DAEMON_HOSTS = tuple(g.name for g in GATEWAYS) + tuple(n.name for n in NODES)
@@ -144,10 +160,11 @@ TUNNEL_INTERFACES = tuple(g.tunnel_interface for g in GATEWAYS) + tuple(
 )
 
 CNI_MASQUERADE = f"""
-table ip cni-nat {{
+table inet cni-nat {{
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
         ip saddr {POD_SUPERNET} ip daddr != {POD_SUPERNET} masquerade
+        ip6 saddr {POD_SUPERNET6} ip6 daddr != {POD_SUPERNET6} masquerade
     }}
 }}
 """
@@ -479,47 +496,60 @@ def _copy_snapshot(source: Path, target: Path) -> None:
 
 def _build_network(box: Sandbox, make_netns: Callable[[str], str]) -> None:
     router = make_netns("router")
-    for bridge, address in ((ONPREM_BRIDGE, ONPREM_ROUTER), (CLOUD_BRIDGE, CLOUD_ROUTER)):
+    for bridge, addresses in ((ONPREM_BRIDGE, (ONPREM_ROUTER, ONPREM_ROUTER6)),
+                              (CLOUD_BRIDGE, (CLOUD_ROUTER, CLOUD_ROUTER6))):
         run(["ip", "link", "add", bridge, "type", "bridge"], router)
+        _add_addresses(router, bridge, addresses, {4: 24, 6: 64})
         run(["ip", "link", "set", bridge, "up"], router)
-        run(["ip", "addr", "add", f"{address}/24", "dev", bridge], router)
     _forwarding(router)
 
-    def uplink(name: str, bridge: str, addresses: Iterable[str], via: str) -> str:
+    def uplink(name: str, bridge: str, addresses: Iterable[str], via: tuple[str, str]) -> str:
         ns = make_netns(name)
         box.veth(ns, "eth0", router, name)
         run(["ip", "link", "set", name, "master", bridge], router)
-        for address in addresses:
-            run(["ip", "addr", "add", f"{address}/24", "dev", "eth0"], ns)
-        run(["ip", "route", "add", "default", "via", via], ns)
+        _add_addresses(ns, "eth0", addresses, {4: 24, 6: 64})
+        for router_address in via:
+            run(["ip", "route", "add", "default", "via", router_address], ns)
         return ns
 
+    onprem, cloud = (ONPREM_ROUTER, ONPREM_ROUTER6), (CLOUD_ROUTER, CLOUD_ROUTER6)
     for echo in ECHO_HOSTS:
-        uplink(echo.name, ONPREM_BRIDGE, echo.addresses, ONPREM_ROUTER)
+        uplink(echo.name, ONPREM_BRIDGE, echo.addresses, onprem)
     # Forwarding on the gateways is the agent's job: the lab proves it does it.
     for gateway in GATEWAYS:
-        ns = uplink(gateway.name, ONPREM_BRIDGE, [gateway.address], ONPREM_ROUTER)
+        ns = uplink(gateway.name, ONPREM_BRIDGE, [gateway.address, gateway.address6], onprem)
         _loose_reverse_path_filter(ns)
     for node in NODES:
-        ns = uplink(node.name, CLOUD_BRIDGE, [node.address], CLOUD_ROUTER)
+        ns = uplink(node.name, CLOUD_BRIDGE, [node.address, node.address6], cloud)
         _loose_reverse_path_filter(ns)
         _forwarding(ns)
         run(["ip", "link", "add", "cni0", "type", "bridge"], ns)
+        prefixes = {4: int(node.pod_cidr.split("/")[1]), 6: int(node.pod_cidr6.split("/")[1])}
+        _add_addresses(ns, "cni0", [node.bridge_address, node.bridge_address6], prefixes)
         run(["ip", "link", "set", "cni0", "up"], ns)
-        prefixlen = node.pod_cidr.split("/")[1]
-        run(["ip", "addr", "add", f"{node.bridge_address}/{prefixlen}", "dev", "cni0"], ns)
         run(["nft", "-f", "-"], ns, input=CNI_MASQUERADE)
         for pod in node.pods:
             pod_ns = make_netns(pod.name)
             port = f"v{pod.name}"
             box.veth(pod_ns, "eth0", ns, port)
             run(["ip", "link", "set", port, "master", "cni0"], ns)
-            run(["ip", "addr", "add", f"{pod.address}/{prefixlen}", "dev", "eth0"], pod_ns)
-            run(["ip", "route", "add", "default", "via", node.bridge_address], pod_ns)
+            _add_addresses(pod_ns, "eth0", [pod.address, pod.address6], prefixes)
+            for router_address in (node.bridge_address, node.bridge_address6):
+                run(["ip", "route", "add", "default", "via", router_address], pod_ns)
+
+
+def _add_addresses(
+    ns: str, interface: str, addresses: Iterable[str], prefixes: Mapping[int, int]
+) -> None:
+    """The lab's own addresses skip duplicate address detection: in a segment it built
+    itself none can be taken, and DAD would keep an IPv6 address unusable for a second."""
+    for address in addresses:
+        prefix = prefixes[ip_address(address).version]
+        run(["ip", "addr", "add", f"{address}/{prefix}", "dev", interface, "nodad"], ns)
 
 
 def _forwarding(ns: str) -> None:
-    run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], ns)
+    run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"], ns)
 
 
 def _loose_reverse_path_filter(ns: str) -> None:
@@ -545,7 +575,7 @@ def agent_config(lab: Lab, gateway: GatewayHost, public_keys: Mapping[str, str])
         "snapshot": str(lab.snapshot_dir),
         "stateDirectory": str(lab.state_dir(gateway.name)),
         "uplink": "eth0",
-        "egressIPPools": [{"cidr": EGRESS_IP_POOL, "interface": "eth0"}],
+        "egressIPPools": [{"cidr": pool, "interface": "eth0"} for pool in EGRESS_IP_POOLS],
         "tunnel": {
             "interface": gateway.tunnel_interface,
             "listenPort": GATEWAY_LISTEN_PORT,
@@ -557,7 +587,7 @@ def agent_config(lab: Lab, gateway: GatewayHost, public_keys: Mapping[str, str])
                     "name": node.name,
                     "publicKey": public_keys[node.name],
                     "endpoint": f"{node.address}:{node.listen_port(gateway)}",
-                    "allowedIPs": [node.pod_cidr],
+                    "allowedIPs": [node.pod_cidr, node.pod_cidr6],
                     "persistentKeepalive": KEEPALIVE_SECONDS,
                 }
                 for node in NODES

@@ -1,9 +1,10 @@
 """`gatewayctl lab verify`: does every lab pod leave with the source IP the policies promise?
 
 Expectations come from the engine, not from a table written by hand: for each pod and each
-echo address the engine's verdict says which source the far end must see (the egress IP for
-snat; the pod's node IP otherwise, since the node masquerades its pods; nothing for a drop).
-The probe is what a user would run: curl inside the pod's namespace.
+echo address, in both families (the pod's address of the echo address's family), the engine's
+verdict says which source the far end must see (the egress IP for snat; the pod's node IP of
+that family otherwise, since the node masquerades its pods; nothing for a drop). The probe is
+what a user would run: curl -4 or -6 inside the pod's namespace.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from gatewayd.lab.netns import run
 from gatewayd.lab.topology import ECHO_HOSTS, HTTP_PORT, PODS, PodHost
 from gatewayd.policy.engine import build_plan
-from gatewayd.policy.model import Snapshot, Verdict
+from gatewayd.policy.model import Node, Snapshot, Verdict
 from gatewayd.policy.snapshot import load_snapshot
 
 CURL_SECONDS = 3
@@ -30,6 +31,7 @@ NO_REPLY = "no reply"
 class Expectation:
     pod: str
     netns: str
+    source: str  # the pod's address of the destination's family
     destination: str
     expected: str | None  # the source address the echo host must see; None: no reply
     why: str  # the engine's verdict and policy
@@ -55,16 +57,16 @@ def expectations(
     if destinations is None:
         destinations = [address for host in ECHO_HOSTS for address in host.addresses]
     plan = build_plan(snapshot)
-    node_ips = {
-        node.name: next((a.address for a in node.addresses if a.type == "InternalIP"), None)
-        for node in snapshot.nodes
-    }
+    nodes = {node.name: node for node in snapshot.nodes}
     result = []
     for pod in pods:
         known = next((p for p in snapshot.pods if ip_address(pod.address) in p.ips), None)
-        node_ip = node_ips.get(known.node_name) if known and known.node_name else None
+        node = nodes.get(known.node_name) if known and known.node_name else None
         for destination in destinations:
-            explanation = plan.explain(ip_address(pod.address), ip_address(destination))
+            version = ip_address(destination).version
+            source = pod.address_of(version)
+            node_ip = _internal_ip(node, version) if node else None
+            explanation = plan.explain(ip_address(source), ip_address(destination))
             expected: str | None
             if explanation.verdict is Verdict.SNAT:
                 expected = str(explanation.egress_ip) if explanation.egress_ip else None
@@ -77,8 +79,14 @@ def expectations(
                 why += f" ({explanation.policy})"
             elif explanation.reason:
                 why += f": {explanation.reason}"
-            result.append(Expectation(pod.name, pod.netns, destination, expected, why))
+            result.append(Expectation(pod.name, pod.netns, source, destination, expected, why))
     return result
+
+
+def _internal_ip(node: Node, version: int) -> str | None:
+    """The node's first InternalIP of the family: the source its masquerade gives pods."""
+    return next((a.address for a in node.addresses
+                 if a.type == "InternalIP" and ip_address(a.address).version == version), None)
 
 
 def probe(
@@ -88,9 +96,12 @@ def probe(
     """The source address the echo server at `destination` reports for a request from
     `netns` (from `local_port` if given), or None when no answer came back in `seconds`."""
     pinned = ["--local-port", str(local_port)] if local_port is not None else []
+    address = ip_address(destination)
+    host = str(address) if address.version == 4 else f"[{address}]"
     try:
         proc = run(
-            ["curl", "-s", *pinned, "--max-time", str(seconds), f"http://{destination}:{port}/"],
+            ["curl", "-s", f"-{address.version}", *pinned, "--max-time", str(seconds),
+             f"http://{host}:{port}/"],
             netns,
             check=False,
             timeout=seconds + 5,

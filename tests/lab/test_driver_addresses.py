@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from pyroute2 import IPRoute
 
 from gatewayd.dataplane import addresses
 from gatewayd.dataplane.addresses import AddressChanges, AddressDriver
+from gatewayd.dataplane.probe import ClaimWatcher
 from gatewayd.lab.netns import Sandbox, entered, run, wait_for
 
 pytestmark = pytest.mark.lab
@@ -41,9 +43,6 @@ def segment() -> Iterator[Segment]:
         for command in (
             # Addresses that are not ours: never to be removed.
             "ip addr add 192.0.2.1/24 dev upl", "ip addr add 2001:db8::1/64 dev upl nodad",
-            # Quick duplicate address detection (default: up to 1 s delay + 1 s per probe).
-            "sysctl -qw net.ipv6.conf.upl.router_solicitation_delay=0",
-            "sysctl -qw net.ipv6.neigh.upl.retrans_time_ms=100",
         ):
             run(command.split(), gateway)
         for command in (
@@ -90,10 +89,8 @@ def test_an_address_another_host_answers_for_is_refused(segment: Segment) -> Non
         changes = driver.ensure("upl", {TAKEN_V4, TAKEN_V6, EGRESS_V4})
         assert changes.added == (EGRESS_V4,) and changes.removed == ()
         refused = {c.address: c.detail for c in changes.conflicts}
-        assert refused == {
-            TAKEN_V4: f"answered by {mac_of(segment.peer, 'pl')}",
-            TAKEN_V6: "duplicate address detection failed",
-        }
+        peer = mac_of(segment.peer, "pl")
+        assert refused == {TAKEN_V4: f"answered by {peer}", TAKEN_V6: f"answered by {peer}"}
         # Still refused on the next pass, without probing again.
         again = driver.ensure("upl", {TAKEN_V4, TAKEN_V6, EGRESS_V4})
         assert not again and {c.address for c in again.conflicts} == {TAKEN_V4, TAKEN_V6}
@@ -102,52 +99,123 @@ def test_an_address_another_host_answers_for_is_refused(segment: Segment) -> Non
     assert str(TAKEN_V4) not in left and str(TAKEN_V6) not in left
 
 
-# In the peer's namespace: wait for the first ARP probe (sender 0.0.0.0) for the address, then
-# give the address up, as a gateway handing it over does; print when listening.
+# In the peer's namespace: wait for the first probe for the address (an ARP request from
+# 0.0.0.0, or a neighbour solicitation from ::), then give the address up, as a gateway handing
+# it over does; print when listening.
 GIVE_UP_ON_FIRST_PROBE = """
-import socket, subprocess, sys
-address = socket.inet_aton(sys.argv[1])
-sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
-sock.bind(("pl", 0x0806))
+import ipaddress, socket, subprocess, sys
+address = ipaddress.ip_address(sys.argv[1])
+ethertype = 0x0806 if address.version == 4 else 0x86DD
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
+sock.bind(("pl", ethertype))
 print("listening", flush=True)
 while True:
     frame = sock.recv(2048)
-    if frame[20:22] == b"\\x00\\x01" and frame[28:32] == bytes(4) and frame[38:42] == address:
+    if address.version == 4:
+        probe = frame[20:22] == b"\\x00\\x01" and frame[28:32] == bytes(4)
+        target = frame[38:42]
+    else:
+        probe = frame[20] == 58 and frame[22:38] == bytes(16) and frame[54] == 135
+        target = frame[62:78]
+    if probe and target == address.packed:
         break
-subprocess.run(["ip", "addr", "del", sys.argv[1] + "/32", "dev", "pl"], check=True)
+subprocess.run(["ip", "addr", "del", f"{address}/{address.max_prefixlen}", "dev", "pl"],
+               check=True)
 print("given up", flush=True)
 """
 
 
-def test_an_address_given_up_during_the_probe_is_taken_at_its_end(segment: Segment) -> None:
+@pytest.mark.parametrize("taken", [TAKEN_V4, TAKEN_V6], ids=["ipv4", "ipv6"])
+def test_an_address_given_up_during_the_probe_is_taken_at_its_end(
+    segment: Segment, taken: ipaddress.IPv4Address | ipaddress.IPv6Address
+) -> None:
     """The holder answers the first round of probes and gives the address up before the
     second: the address is free when the probe ends, with no refusal and retry."""
     giver = subprocess.Popen(
         ["ip", "netns", "exec", segment.peer, sys.executable, "-c", GIVE_UP_ON_FIRST_PROBE,
-         str(TAKEN_V4)], stdout=subprocess.PIPE, text=True)
+         str(taken)], stdout=subprocess.PIPE, text=True)
     try:
         assert giver.stdout is not None and giver.stdout.readline() == "listening\n"
         with entered(segment.gateway):
             # The rounds are 1 s apart: the holder has long given up by the second.
-            changes = AddressDriver(probe_seconds=2.0).ensure("upl", {TAKEN_V4})
+            changes = AddressDriver(probe_seconds=2.0).ensure("upl", {taken})
         assert giver.communicate(timeout=10)[0] == "given up\n"
-        assert changes.conflicts == () and changes.added == (TAKEN_V4,)
+        assert changes.conflicts == () and changes.added == (taken,)
     finally:
         giver.kill()
         giver.wait()
+
+
+def test_an_ipv6_address_is_usable_when_it_is_added(segment: Segment) -> None:
+    """The probe was the duplicate address detection: the kernel does not run its own, which
+    would keep the address tentative (unusable) for up to two more seconds."""
+    with entered(segment.gateway):
+        assert AddressDriver(probe_seconds=0.2).ensure("upl", {EGRESS_V6}).added == (EGRESS_V6,)
+    line = next(line for line in addresses_on(segment.gateway, "upl").splitlines()
+                if str(EGRESS_V6) in line)
+    assert "tentative" not in line, line
+    pinged = run(["ping", "-6", "-c", "1", "-W", "2", str(EGRESS_V6)], segment.peer, check=False)
+    assert pinged.returncode == 0, pinged.stdout
+
+
+# In the peer's namespace: probe for an IPv6 address every 20 ms, as a host claiming it at
+# the same time does; print when the first probe went out.
+KEEP_PROBING = """
+import ipaddress, socket, sys, time
+from gatewayd.dataplane.announce import dad_frame
+address = ipaddress.ip_address(sys.argv[1])
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
+sock.bind(("pl", 0x86DD))
+mac = open("/sys/class/net/pl/address").read().strip()
+while True:
+    sock.send(dad_frame(bytes.fromhex(mac.replace(":", "")), address))
+    print("probing", flush=True)
+    time.sleep(0.02)
+"""
+
+
+def test_another_host_probing_for_the_same_ipv6_address_is_a_conflict(segment: Segment
+                                                                      ) -> None:
+    """Two hosts claiming one address at once: neither may take it (RFC 4862, 5.4.3)."""
+    prober = subprocess.Popen(
+        ["ip", "netns", "exec", segment.peer, sys.executable, "-c", KEEP_PROBING,
+         str(EGRESS_V6)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert prober.stdout is not None and prober.stdout.readline() == "probing\n"
+        with entered(segment.gateway):
+            changes = AddressDriver(probe_seconds=0.4).ensure("upl", {EGRESS_V6})
+    finally:
+        prober.kill()
+        prober.wait()
+    assert changes.added == ()
+    assert changes.conflicts[0].detail == f"answered by {mac_of(segment.peer, 'pl')}"
+
+
+def test_an_owned_address_the_kernel_refused_is_probed_again(segment: Segment) -> None:
+    """An IPv6 egress IP an earlier version added with the kernel's DAD, which failed: it is
+    removed and asked for like a missing one."""
+    with entered(segment.gateway), IPRoute() as ipr:  # iproute2 6.1 cannot set a protocol
+        ipr.addr("add", index=ipr.link_lookup(ifname="upl")[0], address=str(TAKEN_V6),
+                 prefixlen=128, proto=addresses.OWNER_PROTOCOL)
+    wait_for(lambda: "dadfailed" in addresses_on(segment.gateway, "upl"), 10,
+             "the kernel's duplicate address detection to fail")
+    with entered(segment.gateway):
+        changes = AddressDriver(probe_seconds=0.2).ensure("upl", {TAKEN_V6})
+    assert [c.address for c in changes.conflicts] == [TAKEN_V6] and changes.added == ()
+    assert str(TAKEN_V6) not in addresses_on(segment.gateway, "upl")
 
 
 def test_a_refused_address_is_asked_for_again_less_and_less_often(
     segment: Segment, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     probes: list[float] = []
-    real_probe = addresses.probe_ipv4
+    real_probe = addresses.probe
 
     def counted(*args: Any) -> dict[Any, str]:
         probes.append(time.monotonic())
         return real_probe(*args)
 
-    monkeypatch.setattr(addresses, "probe_ipv4", counted)
+    monkeypatch.setattr(addresses, "probe", counted)
     driver = AddressDriver(probe_seconds=0.1, retry_conflicts_after=0.3)
     with entered(segment.gateway):
         deadline = time.monotonic() + 1.5
@@ -178,3 +246,36 @@ def test_added_addresses_are_announced(segment: Segment) -> None:
     assert changes == AddressChanges(added=(EGRESS_V4, EGRESS_V6))
     wait_for(lambda: peer_learned(EGRESS_V4), 5, "the gratuitous ARP to reach the peer")
     wait_for(lambda: peer_learned(EGRESS_V6), 5, "the neighbour advertisement to reach the peer")
+
+
+def test_another_host_announcing_a_held_address_is_reported_in_both_families(
+    segment: Segment,
+) -> None:
+    """The split-brain rule's ears: another gateway that took an egress IP announces it
+    (gratuitous ARP, unsolicited neighbour advertisement); the watcher reports both, and
+    not this host's own announcements."""
+    claims: list[tuple[str, str, str]] = []
+    with entered(segment.gateway):
+        held = {EGRESS_V4, EGRESS_V6}
+        watcher = ClaimWatcher(["upl"], lambda: held,
+                               lambda address, iface, mac: claims.append((str(address), iface,
+                                                                         mac)))
+        watcher.start()  # its thread opens its sockets in this namespace
+    try:
+        wait_for(lambda: watcher_listening(segment.gateway), 5, "the watcher's sockets")
+        with entered(segment.gateway):  # added and announced: our own is not a claim
+            assert AddressDriver(probe_seconds=0).ensure("upl", held).added
+        with entered(segment.peer):
+            AddressDriver(probe_seconds=0).ensure("pl", held)
+        peer = mac_of(segment.peer, "pl")
+        wait_for(lambda: {c[0] for c in claims} == {str(EGRESS_V4), str(EGRESS_V6)}, 5,
+                 "both claims to be reported")
+        assert {(iface, mac) for _, iface, mac in claims} == {("upl", peer)}
+    finally:
+        watcher.stop()
+
+
+def watcher_listening(netns: str) -> bool:
+    """Two packet sockets (ARP, neighbour discovery) are open in `netns`."""
+    sockets = run(["ss", "-H", "-0", "-a"], netns).stdout.splitlines()
+    return len(sockets) >= 2

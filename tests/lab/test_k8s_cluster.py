@@ -53,7 +53,7 @@ from gatewayd.lab.kubelab import (
 )
 from gatewayd.lab.netns import entered, run, wait_for
 from gatewayd.lab.observe import has_address
-from gatewayd.lab.pinger import Attempt, outage, read_attempts
+from gatewayd.lab.pinger import Attempt, join_host_port, outage, read_attempts
 from gatewayd.lab.scrape import METRICS_PORT, metrics_text, parse_samples, promtool_check, value
 from gatewayd.lab.topology import (
     API_SERVER,
@@ -72,11 +72,15 @@ from gatewayd.probe import PROBE_PORT
 
 pytestmark = pytest.mark.lab
 
-PAYMENT, BATCH = "payment-gateway", "batch-all"
-PAYMENT_IP, BATCH_IP = "198.51.100.70", "198.51.100.71"
+PAYMENT, BATCH, REPORTS = "payment-gateway", "batch-all", "reports-ipv6"
+PAYMENT_IP, BATCH_IP, REPORTS_IP6 = "198.51.100.70", "198.51.100.71", "2001:db8:100::72"
 CHECKOUT_1, BATCH_1, WEB_1 = NODES[0].pods
 CHECKOUT_2, BATCH_2, WEB_2 = NODES[1].pods
-TARGET = f"{EXTERNAL.addresses[0]}:8080"
+PAYMENT_HOST, _, PAYMENT_HOST6, _ = EXTERNAL.addresses
+TARGET = join_host_port(PAYMENT_HOST, 8080)
+TARGET6 = join_host_port(PAYMENT_HOST6, 8080)
+# Each policy with an explicit egress IP that moves with its active gateway.
+EGRESS_IPS = {PAYMENT: PAYMENT_IP, BATCH: BATCH_IP, REPORTS: REPORTS_IP6}
 NODE_IPS = {NODES[0].name: "192.0.2.21", NODES[1].name: "192.0.2.22"}
 HOLD_DOWN = 3.0
 # The fast path's timing, scaled up from the product's (3 probes of 0.1 s, 0.4 s hold, 0.2 s
@@ -109,11 +113,14 @@ def klab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReques
                                   "probe_misses": PROBE_MISSES, "egress_ip_hold": EGRESS_IP_HOLD,
                                   "arp_probe": ARP_PROBE, "handover": HANDOVER},
                           identities=LabIdentities(fake), image=image_root) as lab:
-        for name in ("30-policy-payment-gateway.yaml", "31-policy-batch-all.yaml"):
+        for name in ("30-policy-payment-gateway.yaml", "31-policy-batch-all.yaml",
+                     "32-policy-reports-ipv6.yaml"):
             lab.create(yaml.safe_load((EXAMPLE_SNAPSHOT / name).read_text()))
-        for pod, expected in ((CHECKOUT_1, PAYMENT_IP), (CHECKOUT_2, PAYMENT_IP),
-                              (BATCH_1, BATCH_IP), (BATCH_2, BATCH_IP)):
-            wait_for(lambda p=pod, e=expected: probe(p.netns, EXTERNAL.addresses[0]) == e,
+        for pod, destination, expected in (
+                (CHECKOUT_1, PAYMENT_HOST, PAYMENT_IP), (CHECKOUT_2, PAYMENT_HOST, PAYMENT_IP),
+                (BATCH_1, PAYMENT_HOST, BATCH_IP), (BATCH_2, PAYMENT_HOST, BATCH_IP),
+                (WEB_1, PAYMENT_HOST6, REPORTS_IP6), (WEB_2, PAYMENT_HOST6, REPORTS_IP6)):
+            wait_for(lambda p=pod, d=destination, e=expected: probe(p.netns, d) == e,
                      TIMEOUT, f"{pod.name} to leave with {expected}", interval=0.2)
         yield lab
 
@@ -196,7 +203,12 @@ def test_a_policy_created_through_the_api_gives_selected_pods_the_egress_ip(
              and not has_address("gwdlab-gw2", "eth0", PAYMENT_IP), TIMEOUT,
              "gw1 alone to hold the payment egress IP")
     wait_for(lambda: sorted(klab.object("egressgateways", "gw1")["status"]["egressIPs"])
-             == [PAYMENT_IP, BATCH_IP], TIMEOUT, "gw1 to report both egress IPs")
+             == [PAYMENT_IP, BATCH_IP, REPORTS_IP6], TIMEOUT, "gw1 to report its egress IPs")
+    # a policy with destinations of both families and an IPv4 egressIP: IPv6 traffic leaves
+    # with the IPv6 address of the egress IP's interface, IPv4 is not black-holed
+    for pod in (CHECKOUT_1, CHECKOUT_2):
+        assert probe(pod.netns, PAYMENT_HOST) == PAYMENT_IP
+        assert probe(pod.netns, PAYMENT_HOST6) == GATEWAYS[0].address6
 
 
 def test_the_controller_and_steer_run_from_the_image(klab: KubeLab, image_root: ImageRoot
@@ -220,13 +232,14 @@ def check_failover(lab: KubeLab, power_loss: bool, directory: Path) -> None:
     """Cut the payment policy's active gateway; the standby takes over with the same egress
     IPs; bring the gateway back; nothing flaps; the controller converges."""
     old = active(lab, PAYMENT)
-    assert old is not None and active(lab, BATCH) == old
+    assert old is not None and active(lab, BATCH) == old and active(lab, REPORTS) == old
     new = next(g.name for g in GATEWAYS if g.name != old)
     with ExitStack() as stack:
-        watch = stack.enter_context(EgressIPWatch([PAYMENT_IP, BATCH_IP]))
+        watch = stack.enter_context(EgressIPWatch(EGRESS_IPS.values()))
         files = {
-            pod.name: stack.enter_context(pinging(pod.netns, TARGET, directory / pod.name))
-            for pod in (CHECKOUT_1, BATCH_2, WEB_1)
+            pod.name: stack.enter_context(pinging(pod.netns, target, directory / pod.name))
+            for pod, target in ((CHECKOUT_1, TARGET), (BATCH_2, TARGET), (WEB_1, TARGET),
+                                (WEB_2, TARGET6))
         }
         time.sleep(1.0)  # a stretch of normal traffic first
         cut = lab.cut(gateway_host(old), power_loss=power_loss)
@@ -239,11 +252,11 @@ def check_failover(lab: KubeLab, power_loss: bool, directory: Path) -> None:
         def answered_after(pod: str) -> bool:
             return any(a.ok and a.start > cut for a in read_attempts(files[pod]))
 
-        for pod in (CHECKOUT_1, BATCH_2):
+        for pod in (CHECKOUT_1, BATCH_2, WEB_2):
             wait_for(lambda p=pod.name: answered_after(p), TIMEOUT,
                      f"{pod.name}'s traffic to come back")
         # the slow path: the controller promotes the standby, the nodes' plans follow
-        wait_for(lambda: active(lab, PAYMENT) == new and active(lab, BATCH) == new, TIMEOUT,
+        wait_for(lambda: all(active(lab, policy) == new for policy in EGRESS_IPS), TIMEOUT,
                  "the controller to promote the standby")
         for node in NODES:
             wait_for(lambda n=node.name: {g for g, _ in node_routes(lab, n, PAYMENT)} == {new},
@@ -265,7 +278,8 @@ def check_failover(lab: KubeLab, power_loss: bool, directory: Path) -> None:
         answer, error = pending.communicate(timeout=10)
         assert answer == PAYMENT_IP, f"curl started at the cut: {error.strip()}"
 
-    for client, expected in ((CHECKOUT_1.name, PAYMENT_IP), (BATCH_2.name, BATCH_IP)):
+    for client, expected in ((CHECKOUT_1.name, PAYMENT_IP), (BATCH_2.name, BATCH_IP),
+                             (WEB_2.name, REPORTS_IP6)):
         gap = outage(attempts[client], cut)
         assert gap is not None, f"{client}: no answer after the cut"
         print(f"{client}: {'power loss' if power_loss else 'partition'} of {old}: no answers "
@@ -279,8 +293,9 @@ def check_failover(lab: KubeLab, power_loss: bool, directory: Path) -> None:
     assert web and all(a.ok and a.source == NODE_IPS[NODES[0].name] for a in web), \
         failures(web, cut)
     assert watch.samples > 100 and watch.overlaps == [], watch.overlaps[:5]
-    assert has_address(gateway_host(new).netns, "eth0", PAYMENT_IP)
-    assert not has_address(gateway_host(old).netns, "eth0", PAYMENT_IP)
+    for egress_ip in (PAYMENT_IP, REPORTS_IP6):
+        assert has_address(gateway_host(new).netns, "eth0", egress_ip)
+        assert not has_address(gateway_host(old).netns, "eth0", egress_ip)
 
 
 def failures(attempts: list[Attempt], since: float) -> str:
@@ -447,7 +462,7 @@ def test_stopping_the_active_agent_hands_its_traffic_and_egress_ip_over(
     assert old is not None
     new = next(g.name for g in GATEWAYS if g.name != old)
     with ExitStack() as stack:
-        watch = stack.enter_context(EgressIPWatch([PAYMENT_IP, BATCH_IP]))
+        watch = stack.enter_context(EgressIPWatch(EGRESS_IPS.values()))
         held_path = stack.enter_context(holding(
             CHECKOUT_1.netns, f"{EXTERNAL.addresses[0]}:{LINE_PORT}", tmp_path / "held.json",
             connections=5))
@@ -590,7 +605,7 @@ def test_a_node_that_cannot_reach_the_active_gateway_never_makes_two_holders(
     block = (f"table inet gwdlab-block {{\n chain output {{ type filter hook output priority 0; "
              f"ip daddr {blocked.address} udp dport 51820 drop; }}\n}}\n")
     with ExitStack() as stack:
-        watch = stack.enter_context(EgressIPWatch([PAYMENT_IP, BATCH_IP]))
+        watch = stack.enter_context(EgressIPWatch(EGRESS_IPS.values()))
         other = stack.enter_context(pinging(CHECKOUT_2.netns, TARGET, tmp_path / "checkout-2"))
         run(["nft", "-f", "-"], NODES[0].netns, input=block)
         try:
@@ -626,7 +641,7 @@ def test_a_failover_every_node_made_becomes_the_controllers_plan(
     new = next(g.name for g in GATEWAYS if g.name != old)
     lose_probes = (f"table inet gwdlab-block {{\n chain input {{ type filter hook input "
                    f"priority 0; udp dport {PROBE_PORT} drop; }}\n}}\n")
-    with EgressIPWatch([PAYMENT_IP, BATCH_IP]) as watch:
+    with EgressIPWatch(EGRESS_IPS.values()) as watch:
         run(["nft", "-f", "-"], gateway_host(old).netns, input=lose_probes)
         try:
             wait_for(lambda: all((PAYMENT, old, new) in node_failovers(klab, n.name)
@@ -647,7 +662,7 @@ def test_gateways_that_cannot_see_each_other_change_nothing(
     isolate = ("table bridge gwdlab-l2 {\n chain forward { type filter hook forward priority 0; "
                'iifname "gw1" oifname "gw2" drop; iifname "gw2" oifname "gw1" drop; }\n}\n')
     with ExitStack() as stack:
-        watch = stack.enter_context(EgressIPWatch([PAYMENT_IP, BATCH_IP]))
+        watch = stack.enter_context(EgressIPWatch(EGRESS_IPS.values()))
         files = {pod.name: stack.enter_context(pinging(pod.netns, TARGET, tmp_path / pod.name))
                  for pod in (CHECKOUT_1, BATCH_2)}
         run(["nft", "-f", "-"], ROUTER, input=isolate)
@@ -716,7 +731,7 @@ def settled(lab: KubeLab) -> None:
     """Each policy has one active and one standby gateway, and only the active holds its
     egress IP; every node reaches every gateway and has no failover in force."""
     def steady() -> bool:
-        for policy, egress_ip in ((PAYMENT, PAYMENT_IP), (BATCH, BATCH_IP)):
+        for policy, egress_ip in EGRESS_IPS.items():
             if sorted(r for _, r in roles(lab, policy)) != ["active", "standby"]:
                 return False
             holders = {g.name for g in GATEWAYS if has_address(g.netns, "eth0", egress_ip)}
@@ -729,7 +744,7 @@ def settled(lab: KubeLab) -> None:
         wait_for(steady, TIMEOUT, "the cluster to settle")
     except TimeoutError as error:
         state = {n.name: (reachable(lab, n.name), node_failovers(lab, n.name)) for n in NODES}
-        raise AssertionError(f"{error}: roles {roles(lab, PAYMENT)} {roles(lab, BATCH)}, "
+        raise AssertionError(f"{error}: roles {[roles(lab, p) for p in EGRESS_IPS]}, "
                              f"nodes {state}") from None
 
 

@@ -15,6 +15,7 @@ from pyroute2 import netns as pyroute2_netns
 from gatewayd.lab.topology import (
     DAEMON_HOSTS,
     ECHO_HOSTS,
+    NODES,
     PODS,
     PREFIX,
     TUNNEL_INTERFACES,
@@ -71,10 +72,12 @@ def test_without_daemons_only_the_rows_the_gateway_must_serve_fail(lab_dir: Path
     assert result.returncode == 1, result.stderr
     rows = json.loads(result.stdout)["rows"]
     snat = [r for r in rows if r["why"].startswith("snat")]
-    assert len(snat) == 4  # checkout-* and batch-* to the payment gateway
+    # to the payment gateway's addresses: checkout-* and batch-* (IPv4 and IPv6), web-* (IPv6)
+    assert len(snat) == 10
     for row in rows:
         assert row["ok"] is (row not in snat), row
-    assert {r["seen"] for r in snat} == {"192.0.2.21", "192.0.2.22"}  # leaked, masqueraded
+    leaked = {node.address for node in NODES} | {node.address6 for node in NODES}
+    assert {r["seen"] for r in snat} == leaked  # masqueraded by the node
 
 
 def test_up_verify_down_each_from_its_own_process(lab_dir: Path, tmp_path: Path) -> None:

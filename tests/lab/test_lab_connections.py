@@ -49,8 +49,8 @@ def agent_sigkill(lab: Lab, conn: LineConnection) -> None:
 
 def unrelated_policy_change(lab: Lab, conn: LineConnection) -> None:
     original = (lab.snapshot_dir / BATCH_POLICY_FILE).read_text()
-    changed = original.replace("excludedCIDRs: [198.51.100.11/32]",
-                               "excludedCIDRs: [198.51.100.11/32, 198.51.100.12/32]")
+    changed = original.replace("excludedCIDRs: [198.51.100.11/32,",
+                               "excludedCIDRs: [198.51.100.11/32, 198.51.100.12/32,")
     assert changed != original
     before = lab.generations([ACTIVE.name])
     lab.write_snapshot_file(BATCH_POLICY_FILE, changed)

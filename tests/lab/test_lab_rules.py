@@ -52,11 +52,11 @@ def test_the_kernels_agree_with_every_pods_expectation(lab: Lab) -> None:
     gateways = {g.name: gateway_rules(lab, g) for g in GATEWAYS}
     assert all(r.matches_plan for rules in gateways.values() for r in rules)
     nodes = {node.name: node_table(lab, node) for node in NODES}
-    node_of = {pod.name: (node.name, pod.address) for node in NODES for pod in node.pods}
+    node_of = {pod.name: node.name for node in NODES for pod in node.pods}
     wanted = expectations(load_snapshot([lab.snapshot_dir]).snapshot)
     assert wanted
     for expectation in wanted:
-        node, source = node_of[expectation.pod]
+        node, source = node_of[expectation.pod], expectation.source
         steer = nodes[node].decide(source, expectation.destination)
         if steer is None:
             outcome: str | None = "not steered"

@@ -13,6 +13,7 @@ import json
 import stat
 import sys
 from collections.abc import Callable, Iterator
+from ipaddress import ip_address, ip_network
 
 import pytest
 
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.lab
 ACTIVE = GATEWAYS[0]
 NODE = NODES[0]
 CHECKOUT, BATCH, WEB = NODE.pods
-PAYMENT_GATEWAY, EXCLUDED_HOST = EXTERNAL.addresses
+PAYMENT_GATEWAY, EXCLUDED_HOST, PAYMENT_GATEWAY6, EXCLUDED_HOST6 = EXTERNAL.addresses
 FORCED_TABLE = "4242"  # a routing table of our own on the node
 
 
@@ -57,48 +58,58 @@ def forced_into_tunnel(source: str, destination: str) -> Iterator[None]:
     pod's own address (exempt from the node's masquerade), whatever steer decided."""
     tunnel = NODE.tunnel_interface(ACTIVE)
     ns = NODE.netns
+    family = f"-{ip_address(source).version}"
+    ip = "ip" if family == "-4" else "ip6"
     rule = ["from", source, "to", destination, "lookup", FORCED_TABLE, "priority", "10"]
-    run(["ip", "route", "add", "default", "dev", tunnel, "table", FORCED_TABLE], ns)
-    run(["ip", "rule", "add", *rule], ns)
-    added = json.loads(run(["nft", "-j", "-e", "-a", "insert", "rule", "ip", "cni-nat",
-                            "postrouting", "ip", "saddr", source, "ip", "daddr", destination,
+    route = ["default", "dev", tunnel, "table", FORCED_TABLE]
+    run(["ip", family, "route", "add", *route], ns)
+    run(["ip", family, "rule", "add", *rule], ns)
+    added = json.loads(run(["nft", "-j", "-e", "-a", "insert", "rule", "inet", "cni-nat",
+                            "postrouting", ip, "saddr", source, ip, "daddr", destination,
                             "accept"], ns).stdout)
     handle = added["nftables"][0]["insert"]["rule"]["handle"]
     try:
         yield
     finally:
-        run(["nft", "delete", "rule", "ip", "cni-nat", "postrouting", "handle", str(handle)], ns)
-        run(["ip", "rule", "del", *rule], ns)
-        run(["ip", "route", "del", "default", "table", FORCED_TABLE], ns)
+        run(["nft", "delete", "rule", "inet", "cni-nat", "postrouting", "handle", str(handle)],
+            ns)
+        run(["ip", family, "rule", "del", *rule], ns)
+        run(["ip", family, "route", "del", *route], ns)
 
 
 @contextlib.contextmanager
 def routed_via_gateway(prefix: str) -> Iterator[None]:
     """On the external host, use the gateway's uplink address as a router to `prefix`."""
-    route = [prefix, "via", ACTIVE.address]
-    run(["ip", "route", "add", *route], EXTERNAL.netns)
+    version = ip_network(prefix).version
+    route = [prefix, "via", ACTIVE.address if version == 4 else ACTIVE.address6]
+    run(["ip", f"-{version}", "route", "add", *route], EXTERNAL.netns)
     try:
         yield
     finally:
-        run(["ip", "route", "del", *route], EXTERNAL.netns)
+        run(["ip", f"-{version}", "route", "del", *route], EXTERNAL.netns)
 
 
 @pytest.mark.parametrize(("pod", "destination"), [
     (WEB, PAYMENT_GATEWAY),  # a source no policy selects
     (CHECKOUT, EXCLUDED_HOST),  # a selected source, to a destination outside its policy
-], ids=["unselected-source", "destination-outside-policy"])
+    (CHECKOUT, EXCLUDED_HOST6),
+    (BATCH, EXCLUDED_HOST6),  # excluded from the source's policy
+], ids=["unselected-source", "destination-outside-policy", "ipv6-destination-outside-policy",
+        "ipv6-excluded-destination"])
 def test_tunnel_traffic_outside_every_policy_is_dropped(lab: Lab, pod: PodHost,
                                                         destination: str) -> None:
     assert probe(CHECKOUT.netns, PAYMENT_GATEWAY) == "198.51.100.70"  # the tunnel works
+    assert probe(CHECKOUT.netns, PAYMENT_GATEWAY6) == ACTIVE.address6
     before = gateway_drops(DROP_TUNNEL_UNKNOWN)
-    with forced_into_tunnel(pod.address, destination):
+    with forced_into_tunnel(pod.address_of(ip_address(destination).version), destination):
         assert probe(pod.netns, destination) is None
     assert gateway_drops(DROP_TUNNEL_UNKNOWN) > before
 
 
 @pytest.mark.parametrize(("prefix", "target"), [
     (NODE.pod_cidr, CHECKOUT.address), ("192.0.2.0/24", NODE.address),
-], ids=["to-pod-cidr", "to-cloud-subnet"])
+    (NODE.pod_cidr6, CHECKOUT.address6), ("2001:db8:200::/64", NODE.address6),
+], ids=["to-pod-cidr", "to-cloud-subnet", "to-ipv6-pod-cidr", "to-ipv6-cloud-subnet"])
 def test_the_uplink_cannot_use_the_gateway_as_a_router(lab: Lab, prefix: str,
                                                        target: str) -> None:
     """Without the forward filter, ping would succeed: the gateway has a route to the pod

@@ -40,8 +40,11 @@ def test_active_gateway_status_shows_policies_ips_peers_and_counters(lab: Lab) -
     report = status(lab, ACTIVE.name)
     assert report["ready"] is True and report["running"] is True
     assert report["version"] == VERSION  # the daemon's own, from status.json
-    assert report["policies"] == ["batch-all (active)", "payment-gateway (active)"]
-    assert report["egressIPs"] == ["198.51.100.70", "198.51.100.71"]
+    assert report["policies"] == ["batch-all (active)", "payment-gateway (active)",
+                                  "reports-ipv6 (active)"]
+    # the IPv6 traffic of the policies with an IPv4 egressIP leaves with the uplink's address
+    assert report["egressIPs"] == ["198.51.100.70", "198.51.100.71", ACTIVE.address6,
+                                   "2001:db8:100::72"]
     assert set(report["egressIPs"]) <= set(report["egressIPsPresent"])
     handshakes = [p["latestHandshake"] for p in report["peers"]]
     assert len(handshakes) == len(NODES) and any(handshakes)
@@ -55,7 +58,8 @@ def test_active_gateway_status_shows_policies_ips_peers_and_counters(lab: Lab) -
 
 def test_standby_gateway_holds_rules_but_not_the_explicit_egress_ips(lab: Lab) -> None:
     report = status(lab, STANDBY.name)
-    assert report["policies"] == ["batch-all (standby)", "payment-gateway (standby)"]
+    assert report["policies"] == ["batch-all (standby)", "payment-gateway (standby)",
+                                  "reports-ipv6 (standby)"]
     assert report["egressIPs"] == []
     assert not has_address(STANDBY.netns, "eth0", "198.51.100.70")
 
@@ -63,7 +67,7 @@ def test_standby_gateway_holds_rules_but_not_the_explicit_egress_ips(lab: Lab) -
 def test_steer_status(lab: Lab) -> None:
     report = status(lab, NODES[0].name)
     assert report["role"] == "steer" and report["ready"] is True
-    assert report["policies"] == ["batch-all", "payment-gateway"]
+    assert report["policies"] == ["batch-all", "payment-gateway", "reports-ipv6"]
     assert {p["interface"] for p in report["peers"]} == {
         NODES[0].tunnel_interface(g) for g in GATEWAYS
     }

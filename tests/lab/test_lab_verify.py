@@ -13,6 +13,8 @@ from gatewayd.policy.snapshot import load_snapshot
 pytestmark = pytest.mark.lab
 
 PAYMENT_GATEWAY, EXCLUDED_HOST, API_SERVER = "198.51.100.10", "198.51.100.11", "198.51.100.6"
+PAYMENT_GATEWAY6, EXCLUDED_HOST6, API_SERVER6 = "2001:db8:100::10", "2001:db8:100::11", \
+    "2001:db8:100::6"
 
 
 def test_every_pod_sees_the_source_ip_the_engine_expects(lab: Lab) -> None:
@@ -38,11 +40,20 @@ def test_the_expected_table_holds_every_case_the_lab_is_meant_to_show() -> None:
         for pod, destination in ((f"checkout-{n}", EXCLUDED_HOST), (f"batch-{n}", EXCLUDED_HOST),
                                  (f"batch-{n}", API_SERVER), (f"web-{n}", PAYMENT_GATEWAY)):
             assert expected[(pod, destination)] == node.address, (pod, destination)
+        # IPv6: an IPv4 egressIP takes the IPv6 address of its interface on the active
+        # gateway; an IPv6 egressIP is used as it is
+        active = GATEWAYS[0].address6
+        assert expected[(f"checkout-{n}", PAYMENT_GATEWAY6)] == active
+        assert expected[(f"batch-{n}", PAYMENT_GATEWAY6)] == active
+        assert expected[(f"web-{n}", PAYMENT_GATEWAY6)] == egress_ip["reports-ipv6"]
+        for pod, destination in ((f"checkout-{n}", EXCLUDED_HOST6),
+                                 (f"batch-{n}", EXCLUDED_HOST6), (f"batch-{n}", API_SERVER6)):
+            assert expected[(pod, destination)] == node.address6, (pod, destination)
 
 
 def test_egress_ips_are_held_by_the_active_gateway_only(lab: Lab) -> None:
     active, standby = GATEWAYS
-    for address in ("198.51.100.70", "198.51.100.71"):
+    for address in ("198.51.100.70", "198.51.100.71", "2001:db8:100::72"):
         assert has_address(active.netns, "eth0", address)
         assert not has_address(standby.netns, "eth0", address)
 

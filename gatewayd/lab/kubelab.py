@@ -51,6 +51,7 @@ from gatewayd.lab.topology import (
     KEEPALIVE_SECONDS,
     NODES,
     ONPREM_ROUTER,
+    ONPREM_ROUTER6,
     POLL_SECONDS,
     REPAIR_SECONDS,
     WIREGUARD_MTU,
@@ -257,7 +258,8 @@ class KubeLab(Lab):
         else:
             run(["ip", "link", "set", gateway.tunnel_interface, "up"], gateway.netns)
         run(["ip", "link", "set", "eth0", "up"], gateway.netns)
-        run(["ip", "route", "replace", "default", "via", ONPREM_ROUTER], gateway.netns)
+        for router in (ONPREM_ROUTER, ONPREM_ROUTER6):  # a link that went down lost them
+            run(["ip", "route", "replace", "default", "via", router], gateway.netns)
 
     # --- removing ---------------------------------------------------------------------------
 

@@ -518,6 +518,9 @@ def _build_network(box: Sandbox, make_netns: Callable[[str], str]) -> None:
     # Forwarding on the gateways is the agent's job: the lab proves it does it.
     for gateway in GATEWAYS:
         ns = uplink(gateway.name, ONPREM_BRIDGE, [gateway.address, gateway.address6], onprem)
+        # The lab cuts a gateway off by setting its uplink down, which would remove its IPv6
+        # addresses; a pulled cable (or a dead switch port) keeps them.
+        run(["sysctl", "-q", "-w", "net.ipv6.conf.eth0.keep_addr_on_down=1"], ns)
         _loose_reverse_path_filter(ns)
     for node in NODES:
         ns = uplink(node.name, CLOUD_BRIDGE, [node.address, node.address6], cloud)

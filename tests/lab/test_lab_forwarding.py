@@ -138,7 +138,10 @@ def test_forwarding_is_off_while_the_table_cannot_be_installed(lab: Lab) -> None
             error = (lab.status(ACTIVE.name) or {}).get("lastError") or ""
             return sysctl("net.ipv4.ip_forward") == "0" and "forwarding: off" in error
 
-        wait_for(forwarding_off_and_reported, WAIT, "forwarding off, reported")
+        try:
+            wait_for(forwarding_off_and_reported, WAIT, "forwarding off, reported")
+        except TimeoutError as error:
+            raise AssertionError(f"{error}: {lab.describe_daemon(ACTIVE.name)}") from None
         assert sysctl("net.ipv6.conf.all.forwarding") == "0"
     finally:
         owner.kill()  # the kernel removes an owned table with its owner

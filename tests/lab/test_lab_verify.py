@@ -13,6 +13,7 @@ from gatewayd.policy.snapshot import load_snapshot
 pytestmark = pytest.mark.lab
 
 PAYMENT_GATEWAY, EXCLUDED_HOST, API_SERVER = "198.51.100.10", "198.51.100.11", "198.51.100.6"
+GATEWAYS_FILE = "20-gateways.yaml"
 PAYMENT_GATEWAY6, EXCLUDED_HOST6, API_SERVER6 = "2001:db8:100::10", "2001:db8:100::11", \
     "2001:db8:100::6"
 
@@ -65,3 +66,30 @@ def test_steered_traffic_reaches_the_gateway_with_the_pod_ip(lab: Lab) -> None:
     flows = run(["conntrack", "-L", "-p", "tcp", "--orig-src", pod.address,
                  "--orig-dst", PAYMENT_GATEWAY], GATEWAYS[0].netns).stdout
     assert f"src={pod.address}" in flows
+
+
+def test_a_family_missing_on_the_egress_interface_drops_only_that_family(lab: Lab) -> None:
+    """gw1's uplink without an IPv6 address: the policies with an IPv4 egressIP have no IPv6
+    egress IP there, so their IPv6 traffic is dropped, while their IPv4 traffic and the IPv6
+    egressIP of another policy are not touched (Cilium >= 1.20 with the #48660 fix)."""
+    gateways = (lab.snapshot_dir / GATEWAYS_FILE).read_text()
+    without_v6 = gateways.replace(f', "{GATEWAYS[0].address6}/64"', "", 1)
+    assert without_v6 != gateways
+    before = lab.generations()
+    lab.write_snapshot_file(GATEWAYS_FILE, without_v6)
+    try:
+        lab.wait_applied(before)
+        rows = {(r.pod, r.destination): r for r in verify(lab.snapshot_dir)}
+        print(render_text(list(rows.values())))
+        assert [row for row in rows.values() if not row.ok] == []
+        for node in NODES:
+            n = node.number
+            assert rows[(f"checkout-{n}", PAYMENT_GATEWAY6)].expected is None  # dropped
+            assert rows[(f"batch-{n}", PAYMENT_GATEWAY6)].expected is None
+            assert rows[(f"checkout-{n}", PAYMENT_GATEWAY)].seen == "198.51.100.70"
+            assert rows[(f"batch-{n}", PAYMENT_GATEWAY)].seen == "198.51.100.71"
+            assert rows[(f"web-{n}", PAYMENT_GATEWAY6)].seen == "2001:db8:100::72"
+    finally:
+        before = lab.generations()
+        lab.write_snapshot_file(GATEWAYS_FILE, gateways)
+        lab.wait_applied(before)

@@ -36,10 +36,10 @@ from gatewayd.lab.topology import (
     GATEWAYS,
     NODES,
     POLL_SECONDS,
-    ROUTER,
     Lab,
     LabError,
     lab_session,
+    router_netns,
 )
 
 STEER_TABLE = ("inet", "gatewayd-steer")
@@ -101,11 +101,11 @@ table ip {BENCH_SNAT_TABLE} {{
     }}
 }}
 """
-    run(["nft", "-f", "-"], ROUTER, input=ruleset)
+    run(["nft", "-f", "-"], router_netns(), input=ruleset)
     try:
         yield
     finally:
-        run(["nft", "delete", "table", "ip", BENCH_SNAT_TABLE], ROUTER)
+        run(["nft", "delete", "table", "ip", BENCH_SNAT_TABLE], router_netns())
 
 
 def throughput(seconds: float, repeats: int) -> dict[str, float]:

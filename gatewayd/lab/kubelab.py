@@ -55,6 +55,7 @@ from gatewayd.lab.topology import (
     POLL_SECONDS,
     REPAIR_SECONDS,
     WIREGUARD_MTU,
+    CloudNode,
     GatewayHost,
     Lab,
     LabError,
@@ -491,19 +492,19 @@ def agent_config(lab: KubeLab, gateway: GatewayHost) -> dict[str, Any]:
     }
 
 
-def steer_config(lab: KubeLab, node_name: str, number: int) -> dict[str, Any]:
+def steer_config(lab: KubeLab, node: CloudNode) -> dict[str, Any]:
     return {
-        "node": node_name,
+        "node": node.name,
         "kubernetes": {
-            "kubeconfig": str(lab.daemon_kubeconfig(node_name)),
+            "kubeconfig": str(lab.daemon_kubeconfig(node.name)),
             "namespace": NAMESPACE,
         },
-        "stateDirectory": str(lab.state_dir(node_name)),
+        "stateDirectory": str(lab.state_dir(node.name)),
         "tunnel": {
-            "privateKeyFile": str(lab.key_path(node_name)),
+            "privateKeyFile": str(lab.key_path(node.name)),
             "mtu": WIREGUARD_MTU,
             # wireguard-go's sockets are shared by every namespace: names unique per node
-            "interfacePrefix": f"n{number}-",
+            "interfacePrefix": node.tunnel_prefix,
             "listenPort": GATEWAY_LISTEN_PORT + 1,
             "persistentKeepalive": KEEPALIVE_SECONDS,
         },
@@ -515,7 +516,7 @@ def steer_config(lab: KubeLab, node_name: str, number: int) -> dict[str, Any]:
 
 def _write_configs(lab: KubeLab) -> None:
     configs = {g.name: agent_config(lab, g) for g in GATEWAYS}
-    configs.update({n.name: steer_config(lab, n.name, n.number) for n in NODES})
+    configs.update({n.name: steer_config(lab, n) for n in NODES})
     for host, config in configs.items():
         lab.config_path(host).write_text(yaml.safe_dump(config, sort_keys=False))
 

@@ -5,7 +5,11 @@
                           198.51.100.0/24        192.0.2.0/24
                           2001:db8:100::/64      2001:db8:200::/64
 
-Every host and every pod is a namespace of its own, `gwdlab-<name>`. The lab is dual-stack:
+Every host and every pod is a namespace of its own, `gwdlab-<name>`; a lab built while
+another runs on the machine takes the next free prefix (`gwdlabb-`, `gwdlabc-`, ...) and tags
+its WireGuard interfaces likewise, since their control sockets are shared by all namespaces.
+A process works on one lab at a time: building or opening a lab makes its names the ones the
+hosts below answer with. The lab is dual-stack:
 every link, pod and echo host has an address of each family, and the gateways have a pool of
 egress IPs of each. The WireGuard underlay is IPv4 only, like Cilium's (its gateway IP is the
 node's IPv4): IPv6 pod traffic rides inside IPv4 tunnels, which is what such clusters run.
@@ -23,6 +27,7 @@ processes, so `gatewayctl lab down` works from any process.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -48,7 +53,10 @@ from gatewayd.lab.netns import (
     wait_for,
 )
 
-PREFIX = "gwdlab-"
+NAMESPACE_STEM = "gwdlab"
+# A lab's tag makes its names unique on the machine: "" for the first, then one letter each.
+TAGS: tuple[str, ...] = ("", *"bcdefghijklmnopqrstuvwxyz")
+NAMES_LOCK = Path("/run/gatewayd-lab.lock")  # held while a lab picks its tag and builds
 DEFAULT_DIRECTORY = Path("/run/gatewayd-lab")
 EXAMPLE_SNAPSHOT = Path(__file__).resolve().parents[2] / "examples" / "lab"
 
@@ -65,17 +73,36 @@ POLL_SECONDS = 0.2
 REPAIR_SECONDS = 1.0
 
 
+@dataclass
+class _Names:
+    """The tag of the lab this process works on (see the module docstring)."""
+
+    tag: str = ""
+
+
+_names = _Names()
+
+
+def lab_prefix() -> str:
+    """The namespace prefix of this process's lab."""
+    return f"{NAMESPACE_STEM}{_names.tag}-"
+
+
 @dataclass(frozen=True)
 class GatewayHost:
     name: str  # the EgressGateway's name in the snapshot
     address: str  # on br-onprem, /24
     address6: str  # on br-onprem, /64
-    tunnel_interface: str  # unique on the machine: wireguard-go's sockets are shared
     tunnel_address: str
 
     @property
     def netns(self) -> str:
-        return PREFIX + self.name
+        return lab_prefix() + self.name
+
+    @property
+    def tunnel_interface(self) -> str:
+        """Unique on the machine: wireguard-go's sockets are shared."""
+        return f"wg{_names.tag}-{self.name}"
 
 
 @dataclass(frozen=True)
@@ -89,7 +116,7 @@ class PodHost:
 
     @property
     def netns(self) -> str:
-        return PREFIX + self.name
+        return lab_prefix() + self.name
 
 
 @dataclass(frozen=True)
@@ -106,10 +133,15 @@ class CloudNode:
 
     @property
     def netns(self) -> str:
-        return PREFIX + self.name
+        return lab_prefix() + self.name
+
+    @property
+    def tunnel_prefix(self) -> str:
+        """Its tunnel interfaces are this and the gateway's name."""
+        return f"n{_names.tag}{self.number}-"
 
     def tunnel_interface(self, gateway: GatewayHost) -> str:
-        return f"n{self.number}-{gateway.name}"
+        return self.tunnel_prefix + gateway.name
 
     def listen_port(self, gateway: GatewayHost) -> int:
         return GATEWAY_LISTEN_PORT + 1 + GATEWAYS.index(gateway)
@@ -122,12 +154,12 @@ class EchoHost:
 
     @property
     def netns(self) -> str:
-        return PREFIX + self.name
+        return lab_prefix() + self.name
 
 
 GATEWAYS = (
-    GatewayHost("gw1", "198.51.100.2", "2001:db8:100::2", "wg-gw1", "100.64.1.1/24"),
-    GatewayHost("gw2", "198.51.100.3", "2001:db8:100::3", "wg-gw2", "100.64.2.1/24"),
+    GatewayHost("gw1", "198.51.100.2", "2001:db8:100::2", "100.64.1.1/24"),
+    GatewayHost("gw2", "198.51.100.3", "2001:db8:100::3", "100.64.2.1/24"),
 )
 NODES = (
     CloudNode("node1", 1, "192.0.2.21", "2001:db8:200::21", "10.244.1.0/24",
@@ -151,13 +183,17 @@ API_SERVER = EchoHost("api", ("198.51.100.6", "2001:db8:100::6"))
 ECHO_HOSTS = (EXTERNAL, API_SERVER)
 PODS = tuple(pod for node in NODES for pod in node.pods)
 DAEMON_HOSTS = tuple(g.name for g in GATEWAYS) + tuple(n.name for n in NODES)
-ROUTER = PREFIX + "router"
-
 # wireguard-go leaves its control socket behind when killed; the names are ours.
 WIREGUARD_SOCKETS = Path("/var/run/wireguard")
-TUNNEL_INTERFACES = tuple(g.tunnel_interface for g in GATEWAYS) + tuple(
-    n.tunnel_interface(g) for n in NODES for g in GATEWAYS
-)
+
+
+def router_netns() -> str:
+    return lab_prefix() + "router"
+
+
+def tunnel_interfaces() -> tuple[str, ...]:
+    return tuple(g.tunnel_interface for g in GATEWAYS) + tuple(
+        n.tunnel_interface(g) for n in NODES for g in GATEWAYS)
 
 CNI_MASQUERADE = f"""
 table inet cni-nat {{
@@ -178,10 +214,17 @@ class Lab:
     """A lab directory: the record of what was created, configs, state, logs, pid files."""
 
     def __init__(self, directory: Path) -> None:
+        """Opening an existing lab makes its names this process's (see the module)."""
         self.directory = directory.absolute()  # configs name files by absolute path
         # Daemons this process started: waiting on them reaps them and gives the exit code.
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._echo_servers: list[subprocess.Popen[bytes]] = []
+        if self.exists():
+            self.use_names()
+
+    def use_names(self) -> None:
+        """Make this lab's names the ones the hosts answer with."""
+        _names.tag = self.record().get("tag", "")
 
     # --- paths ------------------------------------------------------------------------------
 
@@ -275,7 +318,7 @@ class Lab:
         """Start the host's daemon, detached, logging to its daemon.log (appended)."""
         if self.daemon_pid(host) is not None:
             raise LabError(f"the daemon of {host} is already running")
-        proc = start_process(PREFIX + host, self.daemon_argv(host), self.log_path(host),
+        proc = start_process(lab_prefix() + host, self.daemon_argv(host), self.log_path(host),
                              {"PYTHONUNBUFFERED": "1"})
         self._children[host] = proc
         self.pid_path(host).write_text(f"{proc.pid}\n")
@@ -395,6 +438,7 @@ class Lab:
         """
         if not self.exists():
             return []
+        self.use_names()
         for host in DAEMON_HOSTS:
             try:
                 self.stop_daemon(host, timeout=10)
@@ -410,7 +454,7 @@ class Lab:
             proc.wait(5)  # reap: they ended with their namespace
         self._children.clear()
         self._echo_servers.clear()
-        for name in TUNNEL_INTERFACES:
+        for name in tunnel_interfaces():
             (WIREGUARD_SOCKETS / f"{name}.sock").unlink(missing_ok=True)
         self.record_path.unlink()
         if remove_directory:
@@ -430,18 +474,15 @@ def lab_up(
 ) -> Lab:
     """Build the lab in `directory` and start its daemons; wait until all report ready.
 
-    `directory` must be new or empty. A failure while building removes everything built so
-    far. A daemon that does not become ready leaves the lab in place for inspection (the
-    LabError names it and its log; `lab_down` removes the lab).
+    `directory` must be new or empty. The lab takes the first tag no other lab on the machine
+    uses. A failure while building removes everything built so far. A daemon that does not
+    become ready leaves the lab in place for inspection (the LabError names it and its log;
+    `lab_down` removes the lab).
     """
     lab = Lab(directory)
     if lab.exists():
         raise LabError(f"a lab already exists in {directory}; remove it first with "
                        f"`gatewayctl lab down --dir {directory}`")
-    taken = sorted(n for n in pyroute2_netns.listnetns() if n.startswith(PREFIX))
-    if taken:
-        raise LabError(f"network namespaces {', '.join(taken)} already exist (another lab?); "
-                       "remove that lab first with `gatewayctl lab down --dir ITS_DIR`")
     if not snapshot.exists():
         raise LabError(f"snapshot {snapshot} does not exist")
     if directory.exists() and any(directory.iterdir()):
@@ -453,16 +494,21 @@ def lab_up(
         "namespaces": [],
     }
     lab._write_record(record)
-    box = Sandbox(PREFIX)
+    box: Sandbox | None = None
     try:
         def make_netns(name: str) -> str:
+            assert box is not None
             full = box.netns(name)
             record["namespaces"].append(full)
             lab._write_record(record)
             return full
 
         _copy_snapshot(snapshot, lab.snapshot_dir)
-        _build_network(box, make_netns)
+        with _names_lock():  # until its namespaces exist, another lab could take the tag
+            record["tag"] = _names.tag = _free_tag()
+            lab._write_record(record)
+            box = Sandbox(lab_prefix())
+            _build_network(box, make_netns)
         for host in ECHO_HOSTS:
             lab.start_echo(host)
         public_keys = {host: _generate_key(lab.key_path(host)) for host in DAEMON_HOSTS}
@@ -471,7 +517,8 @@ def lab_up(
             _wait_listening(host)
     except BaseException:
         try:
-            box.close()
+            if box is not None:
+                box.close()
         finally:
             shutil.rmtree(lab.directory, ignore_errors=True)  # it was new or empty
         raise
@@ -479,6 +526,24 @@ def lab_up(
     if start_daemons:
         lab.start(ready_timeout)
     return lab
+
+
+@contextlib.contextmanager
+def _names_lock() -> Iterator[None]:
+    with NAMES_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _free_tag() -> str:
+    """The first tag whose namespaces do not exist: no other lab uses it."""
+    existing = pyroute2_netns.listnetns()
+    for tag in TAGS:
+        prefix = f"{NAMESPACE_STEM}{tag}-"
+        if not any(name.startswith(prefix) for name in existing):
+            return tag
+    raise LabError(f"{len(TAGS)} labs run on this machine already; remove one with "
+                   "`gatewayctl lab down --dir ITS_DIR`")
 
 
 def lab_down(directory: Path = DEFAULT_DIRECTORY) -> list[str]:

@@ -62,10 +62,10 @@ from gatewayd.lab.topology import (
     GATEWAYS,
     LINE_PORT,
     NODES,
-    ROUTER,
     CloudNode,
     GatewayHost,
     PodHost,
+    router_netns,
 )
 from gatewayd.lab.verify import probe
 from gatewayd.probe import PROBE_PORT
@@ -199,8 +199,8 @@ def test_a_policy_created_through_the_api_gives_selected_pods_the_egress_ip(
     assert probe(BATCH_2.netns, "198.51.100.6") == NODE_IPS[NODES[1].name]
     # the active gateway holds both egress IPs, the standby none, and reports them (the
     # status is written after the addresses change)
-    wait_for(lambda: has_address("gwdlab-gw1", "eth0", PAYMENT_IP)
-             and not has_address("gwdlab-gw2", "eth0", PAYMENT_IP), TIMEOUT,
+    wait_for(lambda: has_address(GATEWAYS[0].netns, "eth0", PAYMENT_IP)
+             and not has_address(GATEWAYS[1].netns, "eth0", PAYMENT_IP), TIMEOUT,
              "gw1 alone to hold the payment egress IP")
     wait_for(lambda: sorted(klab.object("egressgateways", "gw1")["status"]["egressIPs"])
              == [PAYMENT_IP, BATCH_IP, REPORTS_IP6], TIMEOUT, "gw1 to report its egress IPs")
@@ -665,11 +665,11 @@ def test_gateways_that_cannot_see_each_other_change_nothing(
         watch = stack.enter_context(EgressIPWatch(EGRESS_IPS.values()))
         files = {pod.name: stack.enter_context(pinging(pod.netns, TARGET, tmp_path / pod.name))
                  for pod in (CHECKOUT_1, BATCH_2)}
-        run(["nft", "-f", "-"], ROUTER, input=isolate)
+        run(["nft", "-f", "-"], router_netns(), input=isolate)
         try:
             time.sleep(5.0)
         finally:
-            run(["nft", "delete", "table", "bridge", "gwdlab-l2"], ROUTER)
+            run(["nft", "delete", "table", "bridge", "gwdlab-l2"], router_netns())
         attempts = {pod: read_attempts(path) for pod, path in files.items()}
     for pod, found in attempts.items():
         assert found and all(a.ok for a in found), f"{pod}: {failures(found, found[0].start)}"

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,9 +17,8 @@ from gatewayd.lab.topology import (
     ECHO_HOSTS,
     NODES,
     PODS,
-    PREFIX,
-    TUNNEL_INTERFACES,
     Lab,
+    tunnel_interfaces,
 )
 
 pytestmark = pytest.mark.lab
@@ -30,8 +29,15 @@ def gatewayctl(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=180)
 
 
-def lab_namespaces() -> list[str]:
-    return [n for n in pyroute2_netns.listnetns() if n.startswith(PREFIX)]
+def gatewayctl_started(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "gatewayd.cli.gatewayctl", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def lab_namespaces(directory: Path) -> list[str]:
+    """The namespaces the lab in `directory` created that exist now."""
+    existing = set(pyroute2_netns.listnetns())
+    return [n for n in Lab(directory).record()["namespaces"] if n in existing]
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -48,9 +54,9 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def lab_tunnel_processes() -> list[str]:
+def tunnel_processes(names: Iterable[str]) -> list[str]:
     return [c for c in processes_mentioning("wireguard-go")
-            if any(c.endswith(f" {name}") for name in TUNNEL_INTERFACES)]
+            if any(c.endswith(f" {name}") for name in names)]
 
 
 @pytest.fixture
@@ -62,6 +68,15 @@ def lab_dir(tmp_path: Path) -> Iterator[Path]:
         yield directory
     finally:
         Lab(directory).down(remove_directory=False)  # after a failed test; no-op otherwise
+
+
+@pytest.fixture
+def second_lab_dir(lab_dir: Path) -> Iterator[Path]:
+    directory = lab_dir.with_name("second")
+    try:
+        yield directory
+    finally:
+        Lab(directory).down(remove_directory=False)
 
 
 def test_without_daemons_only_the_rows_the_gateway_must_serve_fail(lab_dir: Path) -> None:
@@ -80,31 +95,54 @@ def test_without_daemons_only_the_rows_the_gateway_must_serve_fail(lab_dir: Path
     assert {r["seen"] for r in snat} == leaked  # masqueraded by the node
 
 
-def test_up_verify_down_each_from_its_own_process(lab_dir: Path, tmp_path: Path) -> None:
-    up = gatewayctl("lab", "up", "--dir", str(lab_dir))
-    assert up.returncode == 0, up.stderr
-    created = lab_namespaces()
-    assert len(created) == 1 + len(ECHO_HOSTS) + len(DAEMON_HOSTS) + len(PODS)  # 1: router
+def test_two_labs_run_side_by_side_each_step_from_its_own_process(
+    lab_dir: Path, second_lab_dir: Path,
+) -> None:
+    """Two developers' labs (or a test run and the demo) on one machine: each takes names of
+    its own, both verify at the same time, and removing one leaves the other working."""
+    dirs = (lab_dir, second_lab_dir)
+    ups = [gatewayctl_started("lab", "up", "--dir", str(d)) for d in dirs]
+    for up in ups:
+        out, err = up.communicate(timeout=180)
+        assert up.returncode == 0, err
+    tags = [Lab(d).record()["tag"] for d in dirs]
+    assert len(set(tags)) == 2
+    namespaces = {d: lab_namespaces(d) for d in dirs}
+    for created in namespaces.values():
+        assert len(created) == 1 + len(ECHO_HOSTS) + len(DAEMON_HOSTS) + len(PODS)  # router
+    assert not set(namespaces[lab_dir]) & set(namespaces[second_lab_dir])
 
-    second = gatewayctl("lab", "up", "--dir", str(tmp_path / "second"))
-    assert second.returncode == 1
-    assert "already exist" in second.stderr
-    assert lab_namespaces() == created
-
-    verified = gatewayctl("lab", "verify", "--dir", str(lab_dir))
-    assert verified.returncode == 0, verified.stdout + verified.stderr
     rows = len(PODS) * sum(len(host.addresses) for host in ECHO_HOSTS)
-    assert f"{rows}/{rows} OK" in verified.stdout
+    verifies = [gatewayctl_started("lab", "verify", "--dir", str(d)) for d in dirs]
+    for verify in verifies:
+        out, err = verify.communicate(timeout=180)
+        assert verify.returncode == 0, out + err
+        assert f"{rows}/{rows} OK" in out
 
+    tunnels = {}
+    for directory in dirs:
+        Lab(directory)  # its names
+        tunnels[directory] = tunnel_interfaces()
+        assert tunnel_processes(tunnels[directory])
+    assert not set(tunnels[lab_dir]) & set(tunnels[second_lab_dir])
     daemon_configs = [str(lab_dir / host / "config.yaml") for host in DAEMON_HOSTS]
     assert all(processes_mentioning(config) for config in daemon_configs)
-    assert lab_tunnel_processes()
+
     down = gatewayctl("lab", "down", "--dir", str(lab_dir))
     assert down.returncode == 0, down.stderr
-    assert lab_namespaces() == []
+    existing = set(pyroute2_netns.listnetns())
+    assert not set(namespaces[lab_dir]) & existing
+    assert set(namespaces[second_lab_dir]) <= existing
     assert [processes_mentioning(config) for config in daemon_configs] == [[]] * 4
-    assert lab_tunnel_processes() == []
+    assert tunnel_processes(tunnels[lab_dir]) == []
     assert not lab_dir.exists()
+    still = gatewayctl("lab", "verify", "--dir", str(second_lab_dir))
+    assert still.returncode == 0, still.stdout + still.stderr
+
+    down = gatewayctl("lab", "down", "--dir", str(second_lab_dir))
+    assert down.returncode == 0, down.stderr
+    assert not set(namespaces[second_lab_dir]) & set(pyroute2_netns.listnetns())
+    assert tunnel_processes(tunnels[second_lab_dir]) == []
 
     again = gatewayctl("lab", "down", "--dir", str(lab_dir))
     assert again.returncode == 0

@@ -19,7 +19,7 @@ import pytest
 
 from gatewayd.lab.netns import Sandbox, run, wait_for
 from gatewayd.lab.observe import GATEWAY_TABLE, nft_table
-from gatewayd.lab.topology import EXTERNAL, GATEWAYS, NODES, Lab
+from gatewayd.lab.topology import EXTERNAL, GATEWAYS, NODES, Lab, lab_prefix
 
 pytestmark = pytest.mark.lab
 
@@ -85,7 +85,7 @@ def test_a_flushed_ruleset_forwards_no_pod_packet(lab: Lab, tmp_path: Path) -> N
 
     events = TableEvents()
     try:
-        with Sandbox("gwdlab-t") as sandbox:
+        with Sandbox(lab_prefix() + "t") as sandbox:
             # On-prem: every datagram that reaches the payment gateway, with its source.
             sandbox.spawn(EXTERNAL.netns, ["tcpdump", "-n", "-l", "-i", "eth0",
                                            f"udp and dst port {PORT}"], log=capture)

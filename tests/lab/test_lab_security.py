@@ -26,7 +26,15 @@ from gatewayd.dataplane.nft_render import (
 )
 from gatewayd.lab.netns import Sandbox, run, wait_for
 from gatewayd.lab.observe import GATEWAY_TABLE, drop_counters, nft_table
-from gatewayd.lab.topology import DAEMON_HOSTS, EXTERNAL, GATEWAYS, NODES, Lab, PodHost
+from gatewayd.lab.topology import (
+    DAEMON_HOSTS,
+    EXTERNAL,
+    GATEWAYS,
+    NODES,
+    Lab,
+    PodHost,
+    lab_prefix,
+)
 from gatewayd.lab.verify import probe
 
 pytestmark = pytest.mark.lab
@@ -175,7 +183,7 @@ def test_pod_traffic_routed_out_another_interface_is_dropped(lab: Lab) -> None:
     route to it, and it is not the uplink. Without the output-interface match the pod's
     packets would leave there, with the pod's own address."""
     management = "203.0.113.2"
-    with Sandbox("gwdlab-t") as sandbox:
+    with Sandbox(lab_prefix() + "t") as sandbox:
         lan = sandbox.netns("mgmt")
         sandbox.veth(ACTIVE.netns, "mgmt0", lan, "eth0")
         run(["ip", "addr", "add", "203.0.113.1/24", "dev", "mgmt0"], ACTIVE.netns)
@@ -193,7 +201,7 @@ def test_pod_traffic_routed_out_another_interface_is_dropped(lab: Lab) -> None:
 def test_a_tunnel_peer_cannot_reach_a_service_on_the_gateway_host(lab: Lab) -> None:
     """Like sshd: a TCP service listening on every address of the gateway host."""
     port = 2222
-    with Sandbox("gwdlab-t") as sandbox:
+    with Sandbox(lab_prefix() + "t") as sandbox:
         sandbox.spawn(ACTIVE.netns, [sys.executable, "-m", "gatewayd.lab.echo",
                                      "--http-port", str(port), "--line-port", str(port + 1)])
         wait_for(lambda: bool(run(["ss", "-Htln", f"sport = :{port}"], ACTIVE.netns).stdout),

@@ -59,13 +59,16 @@ def test_egress_ips_are_held_by_the_active_gateway_only(lab: Lab) -> None:
         assert not has_address(standby.netns, "eth0", address)
 
 
-def test_steered_traffic_reaches_the_gateway_with_the_pod_ip(lab: Lab) -> None:
+@pytest.mark.parametrize("version", [4, 6], ids=["ipv4", "ipv6"])
+def test_steered_traffic_reaches_the_gateway_with_the_pod_ip(lab: Lab, version: int) -> None:
     """The node masquerades its pods (like flannel); steered flows must not be masqueraded."""
     pod = NODES[0].pods[0]
+    source = pod.address_of(version)
+    destination = PAYMENT_GATEWAY if version == 4 else PAYMENT_GATEWAY6
     verify(lab.snapshot_dir, [pod])
-    flows = run(["conntrack", "-L", "-p", "tcp", "--orig-src", pod.address,
-                 "--orig-dst", PAYMENT_GATEWAY], GATEWAYS[0].netns).stdout
-    assert f"src={pod.address}" in flows
+    flows = run(["conntrack", "-L", "-f", f"ipv{version}", "-p", "tcp", "--orig-src", source,
+                 "--orig-dst", destination], GATEWAYS[0].netns).stdout
+    assert f"src={source}" in flows
 
 
 def test_a_family_missing_on_the_egress_interface_drops_only_that_family(lab: Lab) -> None:

@@ -6,9 +6,10 @@ the first reply through the standby, as a client in a selected pod sees it.
 
 Builds the Kubernetes-mode lab (tests' fake API server, the controller, two gateways, two
 cloud nodes) in a temporary directory, creates the `payment-gateway` policy (explicit egress
-IP 198.51.100.70), and then, `--runs` times, cuts the policy's active gateway off (eth0 and its
-tunnel down; every other run a power loss, which also kills its agent and wireguard-go),
-measures, brings it back and waits for the steady state (the standby active, the returned
+IP 198.51.100.70) and `reports-ipv6` (explicit IPv6 egress IP 2001:db8:100::72, measured by a
+client in web-1 beside the IPv4 one), and then, `--runs` times, cuts the policy's active
+gateway off (eth0 and its tunnel down; every other run a power loss, which also kills its
+agent and wireguard-go), measures, brings it back and waits for the steady state (the standby active, the returned
 gateway its standby, both reached by every node), alternating between the two gateways. A
 client in checkout-1 starts one HTTP request (a new connection) every 20 ms with a 0.9 s
 timeout. Also measured: the time from the cut to the controller's promotion of the standby
@@ -56,7 +57,7 @@ from gatewayd.lab.kubelab import (
     policy_status,
 )
 from gatewayd.lab.netns import wait_for
-from gatewayd.lab.pinger import Attempt, outage, read_attempts
+from gatewayd.lab.pinger import Attempt, join_host_port, outage, read_attempts
 from gatewayd.lab.topology import EXAMPLE_SNAPSHOT, EXTERNAL, GATEWAYS, LINE_PORT, NODES
 
 POLICY = "payment-gateway"
@@ -64,13 +65,18 @@ EGRESS_IP = "198.51.100.70"
 CLIENT = NODES[0].pods[0]  # checkout-1
 TARGET = f"{EXTERNAL.addresses[0]}:8080"
 LINE_TARGET = f"{EXTERNAL.addresses[0]}:{LINE_PORT}"
+# An IPv6 egress IP moves beside the IPv4 one: web-1 to the payment gateway's IPv6 address.
+POLICY6 = "reports-ipv6"
+EGRESS_IP6 = "2001:db8:100::72"
+CLIENT6 = NODES[0].pods[2]  # web-1
+TARGET6 = join_host_port(EXTERNAL.addresses[2], 8080)
 HELD_CONNECTIONS = 20
 HOLD_DOWN = 3.0
 TIMEOUT = 60.0
 
 
-def roles(lab: KubeLab) -> set[tuple[str, str]]:
-    return {(g["name"], g["role"]) for g in policy_status(lab, POLICY).get("gateways", [])}
+def roles(lab: KubeLab, policy: str = POLICY) -> set[tuple[str, str]]:
+    return {(g["name"], g["role"]) for g in policy_status(lab, policy).get("gateways", [])}
 
 
 def active(lab: KubeLab) -> str:
@@ -111,23 +117,33 @@ def one_run(lab: KubeLab, number: int, power_loss: bool, directory: Path) -> dic
     new = next(g.name for g in GATEWAYS if g.name != old)
     gateway = next(g for g in GATEWAYS if g.name == old)
     with ExitStack() as stack:
-        watch = stack.enter_context(EgressIPWatch([EGRESS_IP]))
+        watch = stack.enter_context(EgressIPWatch([EGRESS_IP, EGRESS_IP6]))
         held = stack.enter_context(holding(CLIENT.netns, LINE_TARGET,
                                            directory / f"held{number}.json", HELD_CONNECTIONS))
         path = stack.enter_context(pinging(CLIENT.netns, TARGET, directory / f"run{number}"))
+        path6 = stack.enter_context(pinging(CLIENT6.netns, TARGET6,
+                                            directory / f"run{number}-ipv6"))
         time.sleep(1.0)
         cut = lab.cut(gateway, power_loss=power_loss)
-        wait_for(lambda: any(a.ok and a.start > cut for a in read_attempts(path)), TIMEOUT,
-                 "traffic to come back")
+        for client in (path, path6):
+            wait_for(lambda c=client: any(a.ok and a.start > cut for a in read_attempts(c)),
+                     TIMEOUT, "traffic to come back")
         wait_for(lambda: active(lab) == new, TIMEOUT, "the controller to promote the standby")
         promoted = time.time() - cut
         lab.restore(gateway)
         wait_steady(lab, new, f"run {number + 1}")
         time.sleep(1.0)
-        attempts = read_attempts(path)
+        attempts, attempts6 = read_attempts(path), read_attempts(path6)
         connections = read_held(held)
-    return {**tally(attempts, cut, cut, watch, f"run {number + 1}"), "promoted": promoted,
-            **kept(connections, cut, f"run {number + 1}")}
+    what = f"run {number + 1}"
+    return {**tally(attempts, cut, cut, watch, what), "promoted": promoted,
+            **kept(connections, cut, what), **ipv6(tally(attempts6, cut, cut, watch, what,
+                                                         EGRESS_IP6))}
+
+
+def ipv6(results: dict[str, float]) -> dict[str, float]:
+    """The IPv6 client's figures, beside the IPv4 client's."""
+    return {f"{key}6": value for key, value in results.items() if key != "overlaps"}
 
 
 def kept(connections: list[Held], since: float, what: str) -> dict[str, float]:
@@ -141,7 +157,8 @@ def kept(connections: list[Held], since: float, what: str) -> dict[str, float]:
 
 
 def tally(
-    attempts: list[Attempt], failed_at: float, since: float, watch: EgressIPWatch, what: str
+    attempts: list[Attempt], failed_at: float, since: float, watch: EgressIPWatch, what: str,
+    egress_ip: str = EGRESS_IP,
 ) -> dict[str, float]:
     """The outage around `failed_at`, and what went wrong after traffic resumed."""
     gap = outage(attempts, failed_at)
@@ -154,7 +171,7 @@ def tally(
     return {
         "outage": gap.seconds,
         "failed_after": float(sum(not a.ok for a in after)),
-        "wrong_source": float(sum(a.ok and a.source != EGRESS_IP for a in attempts)),
+        "wrong_source": float(sum(a.ok and a.source != egress_ip for a in attempts)),
         "overlaps": float(len(watch.overlaps)),
     }
 
@@ -163,7 +180,7 @@ def one_stop(lab: KubeLab, number: int, directory: Path) -> dict[str, float]:
     old = active(lab)
     new = next(g.name for g in GATEWAYS if g.name != old)
     with ExitStack() as stack:
-        watch = stack.enter_context(EgressIPWatch([EGRESS_IP]))
+        watch = stack.enter_context(EgressIPWatch([EGRESS_IP, EGRESS_IP6]))
         held = stack.enter_context(holding(CLIENT.netns, LINE_TARGET,
                                            directory / f"held-stop{number}.json",
                                            HELD_CONNECTIONS))
@@ -240,19 +257,23 @@ def print_connections(results: list[dict[str, float]]) -> None:
 
 def print_failovers(results: list[dict[str, float]]) -> None:
     outages = [r["outage"] for r in results]
+    outages6 = [r["outage6"] for r in results]
     promoted = [r["promoted"] for r in results]
     print(f"\n{len(results)} failovers (power loss and partition alternating), client request "
           "every 20 ms\n")
     print("| measure | p50 | p90 | max |\n|---|---|---|---|")
     for name, values in (("last reply via the failed gateway -> first via the standby", outages),
+                         ("the same for the IPv6 client (IPv6 egress IP)", outages6),
                          ("cut -> controller promotes the standby (Lease 4 s)", promoted)):
         print(f"| {name} | {percentile(values, 0.5):.3f} s | {percentile(values, 0.9):.3f} s "
               f"| {max(values):.3f} s |")
     print(f"\nmean outage {statistics.mean(outages):.3f} s; under 1 s: "
           f"{sum(v < 1.0 for v in outages)}/{len(outages)}; requests failed after traffic "
-          f"resumed (flaps): {sum(r['failed_after'] for r in results):.0f}; replies with "
-          f"another source IP: {sum(r['wrong_source'] for r in results):.0f}; samples with "
-          f"the egress IP on both gateways: {sum(r['overlaps'] for r in results):.0f}")
+          f"resumed (flaps): {sum(r['failed_after'] for r in results):.0f} "
+          f"(IPv6: {sum(r['failed_after6'] for r in results):.0f}); replies with "
+          f"another source IP: {sum(r['wrong_source'] + r['wrong_source6'] for r in results):.0f};"
+          f" samples with an egress IP on both gateways: "
+          f"{sum(r['overlaps'] for r in results):.0f}")
 
 
 def main() -> int:
@@ -278,8 +299,10 @@ def main() -> int:
             tmp = str(args.keep)
         lab = stack.enter_context(kube_lab_session(Path(tmp) / "lab", FakeApiServer(),
                                                    timing={"hold_down": HOLD_DOWN}))
-        lab.create(yaml.safe_load((EXAMPLE_SNAPSHOT / f"30-policy-{POLICY}.yaml").read_text()))
-        wait_for(lambda: len(roles(lab)) == 2, TIMEOUT, "the policy to be planned")
+        for name in (f"30-policy-{POLICY}.yaml", f"32-policy-{POLICY6}.yaml"):
+            lab.create(yaml.safe_load((EXAMPLE_SNAPSHOT / name).read_text()))
+        wait_for(lambda: len(roles(lab)) == 2 and len(roles(lab, POLICY6)) == 2, TIMEOUT,
+                 "the policies to be planned")
         time.sleep(2.0)
         for number in range(args.runs):
             power_loss = number % 2 == 0

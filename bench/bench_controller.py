@@ -31,7 +31,6 @@ import gc
 import hashlib
 import json
 import multiprocessing
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -401,8 +400,7 @@ def _serve(fake: Any, connection: Connection) -> None:
 
 def filled_fake_api(cluster: Cluster) -> Any:
     """A fake API server (not started) holding `cluster`, its Leases renewed now."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from fixtures.fakeapi import FakeApiServer
+    from fakecluster.fakeapi import FakeApiServer
 
     fake = FakeApiServer()
     for obj in [
@@ -616,7 +614,7 @@ def bench_end_to_end(cluster: Cluster, planned: Cluster) -> None:
     `planned` as the in-memory run left it (to pick a pod that policies select)."""
     print("end to end: the controller against the fake API server in another process (HTTP)")
     fake = filled_fake_api(cluster)
-    from fixtures.fakeapi import wait_until
+    from fakecluster.fakeapi import wait_until
     from kubernetes.client import CoreV1Api, CustomObjectsApi
     from kubernetes.config import new_client_from_config_dict
 

@@ -4,19 +4,20 @@ the first reply through the standby, as a client in a selected pod sees it.
     .venv/bin/python bench/bench_failover.py [--runs 20] [--stops 10] [--api-outage 60]
                                              [--keep DIR]
 
-Builds the Kubernetes-mode lab (tests' fake API server, the controller, two gateways, two
-cloud nodes) in a temporary directory, creates the `payment-gateway` policy (explicit egress
-IP 198.51.100.70) and `reports-ipv6` (explicit IPv6 egress IP 2001:db8:100::72, measured by a
-client in web-1 beside the IPv4 one), and then, `--runs` times, cuts the policy's active
-gateway off (eth0 and its tunnel down; every other run a power loss, which also kills its
-agent and wireguard-go), measures, brings it back and waits for the steady state (the standby active, the returned
-gateway its standby, both reached by every node), alternating between the two gateways. A
-client in checkout-1 starts one HTTP request (a new connection) every 20 ms with a 0.9 s
-timeout. Also measured: the time from the cut to the controller's promotion of the standby
-(at once when every node failed over; else the slow path, Lease expiry, 4 s here), and
-whether the egress IP was ever on both gateways' live uplinks (sampled every 10 ms).
-During every failover and stop, 20 long-lived TCP connections from checkout-1 echo a line
-every 50 ms (`gatewayd.lab.holder`): how many survived, and their longest stall.
+Builds the Kubernetes-mode lab (the fake API server of testkit/fakecluster, the controller, two
+gateways, two cloud nodes) in a temporary directory, creates the `payment-gateway` policy
+(explicit egress IP 198.51.100.70) and `reports-ipv6` (explicit IPv6 egress IP
+2001:db8:100::72, measured by a client in web-1 beside the IPv4 one), and then, `--runs` times,
+cuts the policy's active gateway off (eth0 and its tunnel down; every other run a power loss,
+which also kills its agent and wireguard-go), measures, brings it back and waits for the steady
+state (the standby active, the returned gateway its standby, both reached by every node),
+alternating between the two gateways. A client in checkout-1 starts one HTTP request (a new
+connection) every 20 ms with a 0.9 s timeout. Also measured: the time from the cut to the
+controller's promotion of the standby (at once when every node failed over; else the slow path,
+Lease expiry, 4 s here), and whether the egress IP was ever on both gateways' live uplinks
+(sampled every 10 ms). During every failover and stop, 20 long-lived TCP connections from
+checkout-1 echo a line every 50 ms (`gatewayd.lab.holder`): how many survived, and their
+longest stall.
 
 With `--stops N` it then stops the active gateway's agent N times as `systemctl stop` does
 (SIGTERM; the agent hands its egress IP over) and starts it again: measured from the last
@@ -41,10 +42,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from fixtures.fakeapi import FakeApiServer
+from fakecluster.fakeapi import FakeApiServer
 
 from gatewayd.lab.holder import Held, read_held
 from gatewayd.lab.kubelab import (

@@ -8,13 +8,9 @@ part it owns), so that sizes and parse costs are those of a real cluster.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from fixtures.fakeapi import fields_v1  # as the fake API server writes it
+from fakecluster.fakeapi import fields_v1  # as the fake API server writes it
 
 Obj = dict[str, Any]
 MANAGED_METADATA = ("labels", "annotations", "ownerReferences", "finalizers")

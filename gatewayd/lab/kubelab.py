@@ -5,7 +5,7 @@ the daemons follow the API instead of snapshot files.
     gw1, gw2:           `gatewayd agent` in Kubernetes mode
     node1, node2:       `gatewayd steer` in Kubernetes mode
 
-The API server is an object the caller provides (the tests' in-repo fake, `FakeApiServer`),
+The API server is an object the caller provides (the in-repo fake, `FakeApiServer`),
 served from the caller's process: its listening socket is opened inside the `api` host's
 namespace, on its loopback, and the lab DNATs 198.51.100.6:6443 there. Nothing listens
 outside the lab's namespaces, and the caller keeps direct control of the server (it can take
@@ -14,7 +14,7 @@ Nodes, Pods, the `kubernetes` EndpointSlice, from the lab's example snapshot); a
 steer create their EgressGateway and EgressNode; the controller (`gatewayd controller`, a
 process in the `api` host) plans. Policies are created through the API, as `kubectl` would.
 
-Only tests and benchmarks build it (the fake API server lives in the source tree's tests/).
+Only tests and benchmarks build it (the fake API server is testkit/fakecluster, not shipped).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class ApiServer(Protocol):
 
 class Identities(Protocol):
     """Who each daemon is, on an API server that authenticates and authorizes (the tests'
-    fake with tests/fixtures/fakeauth.py): the cluster's RBAC and admission objects, and a
+    fake with testkit/fakecluster/fakeauth.py): the cluster's RBAC and admission objects, and a
     token per daemon, as a real cluster hands them out."""
 
     def install(self, gateways: Iterable[str]) -> None:

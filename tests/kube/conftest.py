@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from fixtures.fakeapi import FakeApiServer
+from fakecluster.fakeapi import FakeApiServer
 from kubernetes.client import ApiClient
 
 

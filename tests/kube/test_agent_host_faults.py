@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.fakeapi import FakeApiServer
+from fakecluster.fakeapi import FakeApiServer
 from test_agent_kubernetes import PEER
 
 from gatewayd.dataplane.addresses import AddressDriver
 from gatewayd.lab.netns import entered
 from gatewayd.lab.sandboxed import HOST_ADDRESS, DaemonSandbox
 
-pytestmark = pytest.mark.kube
+pytestmark = [pytest.mark.kube, pytest.mark.lab]  # the daemons run in network namespaces
 
 NAME = "gw-faults"
 TUNNEL = "kfgw0"  # unique on the machine: wireguard-go's sockets are shared by namespaces

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.fakeapi import FakeApiServer
+from fakecluster.fakeapi import FakeApiServer
 from test_controller_harness import public_key
 
 from gatewayd.lab.netns import entered
@@ -33,7 +33,7 @@ from gatewayd.probe import (
     encode_request,
 )
 
-pytestmark = pytest.mark.kube
+pytestmark = [pytest.mark.kube, pytest.mark.lab]  # the daemons run in network namespaces
 
 NAME = "gw-kube"
 NAMESPACE = "gatewayd-system"

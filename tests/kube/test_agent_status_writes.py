@@ -25,7 +25,7 @@ from gatewayd.lab.sandboxed import DaemonSandbox
 
 __all__ = ["sandbox"]  # the fixture, used by name
 
-pytestmark = pytest.mark.kube
+pytestmark = [pytest.mark.kube, pytest.mark.lab]  # the daemons run in network namespaces
 
 NODE_TUNNEL = "ktnode0"  # a second WireGuard interface in the sandbox plays the cloud node
 NODE_PORT = 51899

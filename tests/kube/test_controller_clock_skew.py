@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from fixtures.fakeapi import FakeApiServer, wait_until
+from fakecluster.fakeapi import FakeApiServer, wait_until
 from kubernetes.client import ApiClient, CoordinationV1Api, CustomObjectsApi
 from kubernetes.config import new_client_from_config_dict
 from test_controller_harness import (

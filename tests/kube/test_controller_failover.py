@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from fixtures.fakeapi import FakeApiServer, wait_until
+from fakecluster.fakeapi import FakeApiServer, wait_until
 from kubernetes.client import ApiClient, CustomObjectsApi
 from test_controller_harness import (
     GROUP,

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from fixtures.fakeapi import FakeApiServer, RecordedRequest, wait_until
+from fakecluster.fakeapi import FakeApiServer, RecordedRequest, wait_until
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from fixtures.fakeapi import FakeApiServer, wait_until
+from fakecluster.fakeapi import FakeApiServer, wait_until
 from kubernetes.client import ApiClient
 from test_controller_harness import (
     TIMEOUT,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from fixtures.crdcheck import CustomResourceValidator
+from fakecluster.crdcheck import CustomResourceValidator
 
 from gatewayd.controller.generations import GenerationLog
 from gatewayd.controller.health import GatewaySignals, Health, HealthTracker, read_signals

@@ -8,7 +8,7 @@ import time
 from datetime import datetime
 
 import pytest
-from fixtures.fakeapi import FakeApiServer, wait_until
+from fakecluster.fakeapi import FakeApiServer, wait_until
 from kubernetes.client import ApiClient
 from test_controller_harness import (
     LEASE_SECONDS,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from fixtures.fakeapi import FakeApiServer, wait_until
+from fakecluster.fakeapi import FakeApiServer, wait_until
 from kubernetes.client import ApiClient
 from prometheus_client.parser import text_string_to_metric_families
 from test_controller_harness import (

@@ -4,7 +4,7 @@ controller against the fake API server, which plays the kubelet's and the API se
 from __future__ import annotations
 
 import pytest
-from fixtures.fakeapi import FakeApiServer, wait_until
+from fakecluster.fakeapi import FakeApiServer, wait_until
 from kubernetes.client import ApiClient, CoreV1Api, V1DeleteOptions
 from test_controller_harness import TIMEOUT, Agents, World, basic_cluster, options, running
 

@@ -4,7 +4,7 @@ Event, the last valid version stays in force, and a policy never valid has no ef
 from __future__ import annotations
 
 import pytest
-from fixtures.fakeapi import FakeApiServer, wait_until
+from fakecluster.fakeapi import FakeApiServer, wait_until
 from kubernetes.client import ApiClient
 from test_controller_harness import (
     TIMEOUT,

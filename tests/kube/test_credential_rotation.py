@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
-from fixtures.fakeapi import FakeApiServer, TlsFiles, make_test_certificates
-from fixtures.fakeauth import (
+from fakecluster.fakeapi import FakeApiServer, TlsFiles, make_test_certificates
+from fakecluster.fakeauth import (
     ClusterAuth,
     gateway_credentials,
     install,
@@ -142,6 +142,7 @@ def sandbox(tmp_path: Path) -> Iterator[DaemonSandbox]:
         yield box
 
 
+@pytest.mark.lab  # the agent runs in network namespaces
 def test_the_agent_keeps_renewing_and_reporting_across_a_token_rotation(
     sandbox: DaemonSandbox,
 ) -> None:

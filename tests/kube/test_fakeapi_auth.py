@@ -1,5 +1,5 @@
 """The fake API server's authentication, RBAC, admission and size limits behave as a real API
-server's (tests/fixtures/fakeauth.py): what the identity tests rely on."""
+server's (testkit/fakecluster/fakeauth.py): what the identity tests rely on."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from fixtures.fakeapi import MAX_OBJECT_BYTES, MAX_REQUEST_BODY_BYTES, FakeApiServer
-from fixtures.fakeauth import ClusterAuth, client_as, install, service_account_user
+from fakecluster.fakeapi import MAX_OBJECT_BYTES, MAX_REQUEST_BODY_BYTES, FakeApiServer
+from fakecluster.fakeauth import ClusterAuth, client_as, install, service_account_user
 from kubernetes.client import CoreV1Api, CustomObjectsApi, DiscoveryV1Api
 from kubernetes.client.exceptions import ApiException
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fixtures.fakeapi import FakeApiServer
+from fakecluster.fakeapi import FakeApiServer
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from fixtures.fakeapi import FakeApiServer
+from fakecluster.fakeapi import FakeApiServer
 from kubernetes.client import (
     ApiClient,
     CoordinationV1Api,

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
-from fixtures.fakeapi import FakeApiServer, wait_until
-from fixtures.fakeauth import (
+from fakecluster.fakeapi import FakeApiServer, wait_until
+from fakecluster.fakeauth import (
     ClusterAuth,
     client_as,
     gateway_credentials,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import urllib3
-from fixtures.fakeapi import FakeApiServer, TlsFiles, make_test_certificates
+from fakecluster.fakeapi import FakeApiServer, TlsFiles, make_test_certificates
 from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fixtures.fakeapi import FakeApiServer
+from fakecluster.fakeapi import FakeApiServer
 from kubernetes.client import ApiClient
 
 from gatewayd.clusterlink import CustomObject

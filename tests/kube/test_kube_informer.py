@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from fixtures.fakeapi import FakeApiServer, wait_until
+from fakecluster.fakeapi import FakeApiServer, wait_until
 from kubernetes.client import ApiClient
 
 from gatewayd.kube import resources

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from fixtures.fakeapi import FakeApiServer, RecordedRequest
+from fakecluster.fakeapi import FakeApiServer, RecordedRequest
 from kubernetes.client import ApiClient
 
 from gatewayd.kube.leases import SKEW_SAMPLES, LeaseObserver, micro_time, renew_lease

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fixtures.fakeapi import FakeApiServer, RecordedRequest, wait_until
+from fakecluster.fakeapi import FakeApiServer, RecordedRequest, wait_until
 from kubernetes.client import ApiClient
 from test_kube_informer import FAST, Dirty, running
 

@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from fixtures.fakeapi import FakeApiServer, wait_until
+from fakecluster.fakeapi import FakeApiServer, wait_until
 from kubernetes.client import CoreV1Api
 from test_kube_informer import FAST, Dirty, obj, running
 

@@ -16,8 +16,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from fixtures.fakeapi import FakeApiServer
-from fixtures.fakeauth import MANIFESTS, ClusterAuth, client_as, install, service_account_user
+from fakecluster.fakeapi import FakeApiServer
+from fakecluster.fakeauth import MANIFESTS, ClusterAuth, client_as, install, service_account_user
 from kubernetes.client import CoordinationV1Api, CustomObjectsApi, DiscoveryV1Api, V1Lease
 from kubernetes.client.exceptions import ApiException
 from kubernetes_validate.utils import all_versions

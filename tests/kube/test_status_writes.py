@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from fixtures.fakeapi import FakeApiServer, RecordedRequest, wait_until
+from fakecluster.fakeapi import FakeApiServer, RecordedRequest, wait_until
 from kubernetes.client import ApiClient
 from test_controller_harness import (
     GROUP,

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.fakeapi import FakeApiServer
+from fakecluster.fakeapi import FakeApiServer
 from test_controller_harness import public_key
 
 from gatewayd.lab.sandboxed import HOST_ADDRESS, DaemonSandbox
 
-pytestmark = pytest.mark.kube
+pytestmark = [pytest.mark.kube, pytest.mark.lab]  # the daemons run in network namespaces
 
 NODE = "node-kube"
 PREFIX = "kt1-"

@@ -33,8 +33,8 @@ from typing import Any, cast
 
 import pytest
 import yaml
-from fixtures.fakeapi import FakeApiServer
-from fixtures.fakeauth import MANIFESTS, ClusterAuth, LabIdentities
+from fakecluster.fakeapi import FakeApiServer
+from fakecluster.fakeauth import MANIFESTS, ClusterAuth, LabIdentities
 from kubernetes.client.exceptions import ApiException
 
 from gatewayd.clusterlink import CustomObject

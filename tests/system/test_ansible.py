@@ -3,7 +3,7 @@
 ansible-playbook runs on this host, as an operator's controller would, with an inventory and
 an SSH key made by the test; the gateways are containers from the shared rootfs, reachable on
 their veths. Both run in Kubernetes mode and really join a cluster: the in-repo fake API server
-(tests/fixtures/fakeapi.py) serves HTTPS on this host's end of gw1's veth, and the real
+(testkit/fakecluster/fakeapi.py) serves HTTPS on this host's end of gw1's veth, and the real
 `gatewayd controller` runs here against it. gw1 installs the .deb shipped from here and joins
 with a token, the API server's URL and its CA; gw2 installs from an apt repository (a flat one,
 bind-mounted) and joins with a kubeconfig. The tests after the lint checks are one rollout
@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 import yaml
-from fixtures.fakeapi import FakeApiServer, make_test_certificates
+from fakecluster.fakeapi import FakeApiServer, make_test_certificates
 from nspawn import Container
 
 from gatewayd.lab.netns import Sandbox, run, wait_for

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import re2
-from fixtures.crdcheck import CustomResourceValidator, load_documents
+from fakecluster.crdcheck import CustomResourceValidator, load_documents
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 

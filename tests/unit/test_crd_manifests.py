@@ -19,7 +19,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from fixtures.crdcheck import (
+from fakecluster.crdcheck import (
     CustomResourceValidator,
     cel_functions,
     cel_rules,

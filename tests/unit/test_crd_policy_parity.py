@@ -1,6 +1,6 @@
 """The EgressGatewayPolicy CRD rejects what `gatewayctl validate` rejects, and accepts what it
 accepts: one table of cases (tests/fixtures/policy_cases.yaml) through `parse_policy` and
-through the CRD as the API server checks a create (tests/fixtures/crdcheck.py)."""
+through the CRD as the API server checks a create (testkit/fakecluster/crdcheck.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.crdcheck import CustomResourceValidator, load_documents
+from fakecluster.crdcheck import CustomResourceValidator, load_documents
 
 from gatewayd.policy.validation import parse_policy
 

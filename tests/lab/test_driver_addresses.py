@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import secrets
@@ -131,19 +132,27 @@ def test_an_address_given_up_during_the_probe_is_taken_at_its_end(
 ) -> None:
     """The holder answers the first round of probes and gives the address up before the
     second: the address is free when the probe ends, with no refusal and retry."""
-    giver = subprocess.Popen(
-        ["ip", "netns", "exec", segment.peer, sys.executable, "-c", GIVE_UP_ON_FIRST_PROBE,
-         str(taken)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert giver.stdout is not None and giver.stdout.readline() == "listening\n"
+    with in_peer(segment, GIVE_UP_ON_FIRST_PROBE, str(taken), "listening") as giver:
         with entered(segment.gateway):
             # The rounds are 1 s apart: the holder has long given up by the second.
             changes = AddressDriver(probe_seconds=2.0).ensure("upl", {taken})
         assert giver.communicate(timeout=10)[0] == "given up\n"
-        assert changes.conflicts == () and changes.added == (taken,)
+    assert changes.conflicts == () and changes.added == (taken,)
+
+
+@contextlib.contextmanager
+def in_peer(segment: Segment, script: str, argument: str, ready: str
+            ) -> Iterator[subprocess.Popen[str]]:
+    """`script` running in the peer's namespace, once it printed the line `ready`."""
+    process = subprocess.Popen(
+        ["ip", "netns", "exec", segment.peer, sys.executable, "-c", script, argument],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == ready + "\n"
+        yield process
     finally:
-        giver.kill()
-        giver.wait()
+        process.kill()
+        process.wait()
 
 
 def test_an_ipv6_address_is_usable_when_it_is_added(segment: Segment) -> None:
@@ -177,16 +186,8 @@ while True:
 def test_another_host_probing_for_the_same_ipv6_address_is_a_conflict(segment: Segment
                                                                       ) -> None:
     """Two hosts claiming one address at once: neither may take it (RFC 4862, 5.4.3)."""
-    prober = subprocess.Popen(
-        ["ip", "netns", "exec", segment.peer, sys.executable, "-c", KEEP_PROBING,
-         str(EGRESS_V6)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert prober.stdout is not None and prober.stdout.readline() == "probing\n"
-        with entered(segment.gateway):
-            changes = AddressDriver(probe_seconds=0.4).ensure("upl", {EGRESS_V6})
-    finally:
-        prober.kill()
-        prober.wait()
+    with in_peer(segment, KEEP_PROBING, str(EGRESS_V6), "probing"), entered(segment.gateway):
+        changes = AddressDriver(probe_seconds=0.4).ensure("upl", {EGRESS_V6})
     assert changes.added == ()
     assert changes.conflicts[0].detail == f"answered by {mac_of(segment.peer, 'pl')}"
 

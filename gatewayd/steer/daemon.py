@@ -54,12 +54,7 @@ from gatewayd.policy.model import NodePlan, SteerAction, SteerRule
 from gatewayd.probe import GATEWAY_TUNNEL_ADDRESS, PROBE_PORT, Failover, effective_rules
 from gatewayd.runtime import rfc3339
 from gatewayd.steer.config import GatewayTunnelEnd, SteerConfig, load_steer_config
-from gatewayd.steer.conntrack import (
-    MarkMove,
-    connection_moves,
-    forget_unanswered,
-    move_answered,
-)
+from gatewayd.steer.connections import ConnectionFollower
 from gatewayd.steer.failover import FastFailover
 from gatewayd.steer.footprint import NodeFootprint
 from gatewayd.steer.kubernetes import NodeState, SteerCluster, node_status
@@ -114,10 +109,7 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
         self._health: HealthServer | None = None
         self._rehandshaken: dict[str, float] = {}  # gateway -> when its session was dropped
         self._reported_failovers: dict[tuple[str, str], Failover] = {}
-        self._steered: dict[str, set[str]] = {}  # policy -> gateways its rules tunnel to now
-        self._marks: dict[str, int] = {}  # gateway -> fwmark, as last programmed
-        # (gateway, policy, gateway) whose established connections were moved, while it holds
-        self._followed: set[tuple[str, str, str]] = set()
+        self.connections = ConnectionFollower(config.mark_mask)
 
     def make_source(self) -> PlanSource[NodeTarget]:
         if self.cluster is not None:
@@ -316,29 +308,6 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
             self._follow_policies(self._steerable(target.plan, self.ends), failovers)
         self.publish_status()
 
-    def _steering_changed(self, rules: tuple[SteerRule, ...],
-                          ends: tuple[GatewayTunnelEnd, ...]) -> None:
-        """After the table changed: if a policy's new connections left a gateway (a failover,
-        or the controller's plan), that gateway's unanswered connections start over. A
-        handshake under way keeps its conntrack mark, and so does a client that reuses its
-        port while the entry lives (2 minutes for an unanswered SYN): both would go on into
-        the gateway the policy left, whose replies no longer come back here."""
-        steered: dict[str, set[str]] = {}
-        for rule in rules:
-            if rule.action is SteerAction.TUNNEL and rule.gateway is not None:
-                steered.setdefault(rule.policy, set()).add(rule.gateway)
-        left = {g for policy, before in self._steered.items()
-                for g in before - steered.get(policy, set())}
-        now_marks = {e.name: e.mark for e in ends}
-        marks = {**self._marks, **now_marks}  # a departed gateway's mark too
-        self._steered, self._marks = steered, now_marks
-        forget = sorted(marks[g] for g in left if g in marks)
-        if forget:
-            # Its own thread: a gateway's many connection entries take a while to read, and
-            # the probes (the fast failover's thread may be the caller) must not wait.
-            threading.Thread(target=self._forget_unanswered, args=(forget,),
-                             name="forget-unanswered", daemon=True).start()
-
     def _failovers_applied(self, failovers: dict[tuple[str, str], Failover]) -> None:
         """After the table changed: new and ended failovers are reported."""
         before = self._reported_failovers
@@ -366,48 +335,12 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
     def _follow_policies(
         self, rules: tuple[SteerRule, ...], failovers: dict[tuple[str, str], Failover]
     ) -> None:
-        """Established connections go where their policy's new connections go when the
-        gateway they are on is down or no longer serves the policy (the gateways share
-        connection state, so the new one continues them): their conntrack mark is rewritten,
-        once per (gateway, policy, new gateway) while that holds."""
+        """Established connections follow their policy (see `ConnectionFollower`)."""
         if self.failover is None:
             return
-        marks = {e.name: e.mark for e in self.ends}
-        steered = effective_rules(rules, failovers)
-        wanted = connection_moves(steered, self.failover.reachable(), self.failover.serving(),
-                                  frozenset(marks))
-        new = wanted - self._followed
-        self._followed = wanted
-        moves = [
-            MarkMove(marks[gone], marks[rule.gateway], rule.sources, rule.destinations)
-            for gone, policy, to in sorted(new)
-            for rule in steered
-            if rule.policy == policy and rule.gateway == to
-            and rule.action is SteerAction.TUNNEL
-        ]
-        if moves:
-            # Its own thread, like forgetting: the probes' thread may be the caller.
-            threading.Thread(target=self._move_connections, args=(moves,),
-                             name="follow-policies", daemon=True).start()
-
-    def _move_connections(self, moves: list[MarkMove]) -> None:
-        try:
-            moved = move_answered(moves, self.config.mark_mask)
-        except Exception:
-            log.exception("moving established connections to the standby failed")
-            return
-        if moved:
-            log.info("%d established connections follow their policy to the standby", moved)
-
-    def _forget_unanswered(self, marks: list[int]) -> None:
-        for mark in marks:
-            try:
-                forgotten = forget_unanswered(mark, self.config.mark_mask)
-            except Exception:
-                log.exception("forgetting unanswered connections marked %#x failed", mark)
-                continue
-            if forgotten:
-                log.info("%d unanswered connections marked %#x start over", forgotten, mark)
+        self.connections.follow_policies(effective_rules(rules, failovers),
+                                         self.failover.reachable(), self.failover.serving(),
+                                         self.ends)
 
     # --- status -----------------------------------------------------------------------------
 
@@ -531,7 +464,7 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
                                        verify=self.repairing)
         if result.drift:
             self.drift(f"nftables table {TABLE_FAMILY} {TABLE_NAME}", result)
-        self._steering_changed(steered.rules, ends)
+        self.connections.steering_changed(steered.rules, ends)
 
 
 def run_steer(config_path: Path, metrics: MetricsSettings | None = None) -> int:

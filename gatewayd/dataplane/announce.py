@@ -162,48 +162,51 @@ def probe(
     v6 = sorted(a for a in wanted if isinstance(a, IPv6Address))
     conflicts: dict[IPAddress, str] = {}
     with contextlib.ExitStack() as stack:
-        arp = stack.enter_context(packet_socket(interface, ETH_P_ARP)) if v4 else None
-        nd = stack.enter_context(neighbour_socket(interface)) if v6 else None
-        if nd is not None:  # to hear another host probing for the same address
-            for group in {solicited_node(a) for a in v6}:
+        listening: list[socket.socket] = []
+        round_frames: list[tuple[socket.socket, bytes]] = []
+        if v4:
+            arp = stack.enter_context(packet_socket(interface, ETH_P_ARP))
+            listening.append(arp)
+            round_frames += [
+                (arp, arp_frame(ArpPacket(ARP_REQUEST, mac, UNSPECIFIED, ZERO_MAC, a)))
+                for a in v4]
+        if v6:
+            nd = stack.enter_context(neighbour_socket(interface))
+            listening.append(nd)
+            for group in {solicited_node(a) for a in v6}:  # hear others probing for them
                 _join(nd, interface, multicast_mac(group))
-        listening = [sock for sock in (arp, nd) if sock is not None]
+            round_frames += [(nd, dad_frame(mac, a)) for a in v6]
         start = time.monotonic()
         rounds = 0
         while (elapsed := time.monotonic() - start) < seconds:
             if rounds < 2 and elapsed >= rounds * seconds / 2:
                 conflicts.clear()
-                for address4 in v4:
-                    assert arp is not None
-                    arp.send(arp_frame(ArpPacket(ARP_REQUEST, mac, UNSPECIFIED, ZERO_MAC,
-                                                 address4)))
-                for address6 in v6:
-                    assert nd is not None
-                    nd.send(dad_frame(mac, address6))
+                for sock, frame in round_frames:
+                    sock.send(frame)
                 rounds += 1
             next_step = rounds * seconds / 2 if rounds < 2 else seconds
             for sock in select.select(listening, [], [], max(next_step - elapsed, 0))[0]:
-                claim = _claim(sock.recv(2048), mac)
+                claim = claimed_in(sock.recv(2048), mac, probes=True)
                 if claim is not None and claim[0] in wanted:
                     conflicts[claim[0]] = format_mac(claim[1])
     return conflicts
 
 
-def _claim(frame: bytes, mac: bytes) -> tuple[IPAddress, bytes] | None:
-    """The address another host claims in `frame` (using it, or probing for it at the same
-    time), with that host's MAC."""
-    packet = parse_arp(frame)
-    if packet is not None and packet.sender_mac != mac:
-        if packet.sender_ip == UNSPECIFIED and packet.operation == ARP_REQUEST:
-            return packet.target_ip, packet.sender_mac
-        return packet.sender_ip, packet.sender_mac
-    message = parse_neighbour(frame)
-    if message is not None and message.sender_mac != mac:
-        if message.kind == ICMPV6_NEIGHBOUR_ADVERTISEMENT:
-            return message.target, message.sender_mac
-        if message.source == IPv6Address(0):  # another host probing for it at the same time
-            return message.target, message.sender_mac
-    return None
+def claimed_in(frame: bytes, own_mac: bytes, *, probes: bool) -> tuple[IPAddress, bytes] | None:
+    """The address another host claims in `frame`, with that host's MAC: one it uses (the
+    sender of an ARP packet, the target of a neighbour advertisement) and, with `probes`, one
+    it probes for at the same time (the target of an ARP probe or of a DAD solicitation)."""
+    claim: tuple[IPAddress, bytes] | None = None
+    if (packet := parse_arp(frame)) is not None:
+        if probes and packet.sender_ip == UNSPECIFIED and packet.operation == ARP_REQUEST:
+            claim = packet.target_ip, packet.sender_mac
+        else:
+            claim = packet.sender_ip, packet.sender_mac
+    elif (message := parse_neighbour(frame)) is not None and (
+            message.kind == ICMPV6_NEIGHBOUR_ADVERTISEMENT
+            or (probes and message.source == IPv6Address(0))):
+        claim = message.target, message.sender_mac
+    return claim if claim is not None and claim[1] != own_mac else None
 
 
 def send_unsolicited_na(

@@ -28,12 +28,10 @@ from ipaddress import IPv4Address
 
 from gatewayd.dataplane.announce import (
     ETH_P_ARP,
-    ICMPV6_NEIGHBOUR_ADVERTISEMENT,
+    claimed_in,
     format_mac,
     neighbour_socket,
     packet_socket,
-    parse_arp,
-    parse_neighbour,
 )
 from gatewayd.policy.model import IPAddress
 
@@ -232,11 +230,7 @@ class ClaimWatcher:
                 sock.close()
 
     def _handle(self, frame: bytes, interface: str, own_mac: bytes) -> None:
-        claim: tuple[IPAddress, bytes] | None = None
-        if (packet := parse_arp(frame)) is not None:
-            claim = packet.sender_ip, packet.sender_mac
-        elif ((message := parse_neighbour(frame)) is not None
-              and message.kind == ICMPV6_NEIGHBOUR_ADVERTISEMENT):
-            claim = message.target, message.sender_mac
-        if claim is not None and claim[1] != own_mac and claim[0] in self._addresses():
+        # Another host probing for a held address is no claim: the kernel answers it.
+        claim = claimed_in(frame, own_mac, probes=False)
+        if claim is not None and claim[0] in self._addresses():
             self._claimed(claim[0], interface, format_mac(claim[1]))

@@ -44,7 +44,6 @@ from gatewayd.lab.image import ImageRoot
 from gatewayd.lab.netns import entered, run, start_process, stop_process, wait_for
 from gatewayd.lab.topology import (
     API_SERVER,
-    EGRESS_IP_POOLS,
     EXAMPLE_SNAPSHOT,
     GATEWAY_LISTEN_PORT,
     GATEWAYS,
@@ -59,6 +58,7 @@ from gatewayd.lab.topology import (
     GatewayHost,
     Lab,
     LabError,
+    egress_ip_pools,
     lab_up,
 )
 
@@ -478,7 +478,7 @@ def agent_config(lab: KubeLab, gateway: GatewayHost) -> dict[str, Any]:
         },
         "stateDirectory": str(lab.state_dir(gateway.name)),
         "uplink": "eth0",
-        "egressIPPools": [{"cidr": pool, "interface": "eth0"} for pool in EGRESS_IP_POOLS],
+        "egressIPPools": egress_ip_pools(),
         "tunnel": {
             "interface": gateway.tunnel_interface,
             "listenPort": GATEWAY_LISTEN_PORT,

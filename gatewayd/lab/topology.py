@@ -9,15 +9,16 @@ Every host and every pod is a namespace of its own, `gwdlab-<name>`; a lab built
 another runs on the machine takes the next free prefix (`gwdlabb-`, `gwdlabc-`, ...) and tags
 its WireGuard interfaces likewise, since their control sockets are shared by all namespaces.
 A process works on one lab at a time: building or opening a lab makes its names the ones the
-hosts below answer with. The lab is dual-stack:
-every link, pod and echo host has an address of each family, and the gateways have a pool of
-egress IPs of each. The WireGuard underlay is IPv4 only, like Cilium's (its gateway IP is the
-node's IPv4): IPv6 pod traffic rides inside IPv4 tunnels, which is what such clusters run.
-The router knows only those subnets: a pod IP that leaks un-NATed gets no reply, so a
-broken data plane makes the checks fail loudly instead of passing by accident. Each cloud node
-masquerades its pods like flannel does, so the lab also proves that steered traffic keeps the
-pod's source IP. Gateways run `gatewayd agent`, nodes `gatewayd steer`, both in standalone
-mode from a copy of the snapshot kept in the lab directory (tests edit that copy).
+hosts below answer with.
+
+The lab is dual-stack: every link, pod and echo host has an address of each family, and the
+gateways have a pool of egress IPs of each. The WireGuard underlay is IPv4 only, like Cilium's
+(its gateway IP is the node's IPv4): IPv6 pod traffic rides inside IPv4 tunnels, which is what
+such clusters run. The router knows only those subnets: a pod IP that leaks un-NATed gets no
+reply, so a broken data plane makes the checks fail loudly instead of passing by accident. Each
+cloud node masquerades its pods like flannel does, so the lab also proves that steered traffic
+keeps the pod's source IP. Gateways run `gatewayd agent`, nodes `gatewayd steer`, both in
+standalone mode from a copy of the snapshot kept in the lab directory (tests edit that copy).
 
 A lab outlives the process that built it (`gatewayctl lab up` returns). Everything needed to
 remove it again is on disk: `lab.json` lists the namespaces it created, pid files name its
@@ -194,6 +195,12 @@ def router_netns() -> str:
 def tunnel_interfaces() -> tuple[str, ...]:
     return tuple(g.tunnel_interface for g in GATEWAYS) + tuple(
         n.tunnel_interface(g) for n in NODES for g in GATEWAYS)
+
+
+def egress_ip_pools() -> list[dict[str, str]]:
+    """The gateways' `egressIPPools`, in either mode."""
+    return [{"cidr": pool, "interface": "eth0"} for pool in EGRESS_IP_POOLS]
+
 
 CNI_MASQUERADE = f"""
 table inet cni-nat {{
@@ -643,7 +650,7 @@ def agent_config(lab: Lab, gateway: GatewayHost, public_keys: Mapping[str, str])
         "snapshot": str(lab.snapshot_dir),
         "stateDirectory": str(lab.state_dir(gateway.name)),
         "uplink": "eth0",
-        "egressIPPools": [{"cidr": pool, "interface": "eth0"} for pool in EGRESS_IP_POOLS],
+        "egressIPPools": egress_ip_pools(),
         "tunnel": {
             "interface": gateway.tunnel_interface,
             "listenPort": GATEWAY_LISTEN_PORT,

@@ -18,6 +18,7 @@ from ipaddress import ip_address
 from pathlib import Path
 
 from gatewayd.lab.netns import run
+from gatewayd.lab.pinger import join_host_port
 from gatewayd.lab.topology import ECHO_HOSTS, HTTP_PORT, PODS, PodHost
 from gatewayd.policy.engine import build_plan
 from gatewayd.policy.model import Node, Snapshot, Verdict
@@ -96,12 +97,11 @@ def probe(
     """The source address the echo server at `destination` reports for a request from
     `netns` (from `local_port` if given), or None when no answer came back in `seconds`."""
     pinned = ["--local-port", str(local_port)] if local_port is not None else []
-    address = ip_address(destination)
-    host = str(address) if address.version == 4 else f"[{address}]"
+    family = f"-{ip_address(destination).version}"
     try:
         proc = run(
-            ["curl", "-s", f"-{address.version}", *pinned, "--max-time", str(seconds),
-             f"http://{host}:{port}/"],
+            ["curl", "-s", family, *pinned, "--max-time", str(seconds),
+             f"http://{join_host_port(destination, port)}/"],
             netns,
             check=False,
             timeout=seconds + 5,

@@ -99,12 +99,14 @@ class AddressDriver:
             link = ipr.get_links(index)[0]
             mac, can_arp = _mac(link)
             present = {p.address: p for p in self._present(ipr, index)}
+            refused_by_kernel = []
             for item in list(present.values()):
                 # The kernel refused it (an earlier version left DAD to the kernel): probe
                 # and add it again like a missing one.
                 if item.owned and item.flags & IFA_F_DADFAILED:
                     self._delete(ipr, index, item)
                     del present[item.address]
+                    refused_by_kernel.append(item.address)
             missing: list[IPAddress] = []
             for address in sorted(wanted - set(present), key=_order):
                 refused = self._refused_recently(interface, address)
@@ -123,6 +125,7 @@ class AddressDriver:
                 self._refusals.pop((interface, address), None)
             if can_arp:
                 self._announce(interface, index, mac, added)
+            removed += [a for a in refused_by_kernel if a not in added]
 
             # Stale ones last: add before remove, as everywhere in the reconcile.
             for item in sorted(present.values(), key=lambda p: _order(p.address)):

@@ -203,6 +203,7 @@ def test_an_owned_address_the_kernel_refused_is_probed_again(segment: Segment) -
     with entered(segment.gateway):
         changes = AddressDriver(probe_seconds=0.2).ensure("upl", {TAKEN_V6})
     assert [c.address for c in changes.conflicts] == [TAKEN_V6] and changes.added == ()
+    assert changes.removed == (TAKEN_V6,)
     assert str(TAKEN_V6) not in addresses_on(segment.gateway, "upl")
 
 

@@ -34,6 +34,7 @@ import multiprocessing
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from ipaddress import IPv4Network, ip_network
 from multiprocessing.connection import Connection
@@ -42,6 +43,7 @@ from typing import Any, TypeVar
 
 from bench_engine import make_snapshot
 
+from gatewayd.api.sourceslices import GATEWAY_LABEL
 from gatewayd.controller.reconcile import Decisions, Reconciler
 from gatewayd.controller.snapshots import Cluster
 from gatewayd.kube.leases import micro_time
@@ -256,14 +258,24 @@ def written(cluster: Cluster, decisions: Decisions) -> tuple[Cluster, int]:
         changed = p.get("status") != status
         count += changed
         policies.append(_bump(p, "status", status, False) if changed else p)
-    return Cluster(
-        policies=policies,
-        pods=cluster.pods,
-        namespaces=cluster.namespaces,
-        nodes=cluster.nodes,
-        gateways=gateways,
-        egress_nodes=nodes,
-        leases=cluster.leases,
+    slices = {}
+    for name, piece in decisions.source_slices.items():
+        cached = cluster.source_slices.get(name)
+        if cached is not None and cached["spec"] == piece.spec():
+            slices[name] = cached
+            continue
+        count += 1
+        version = int(cached["metadata"]["resourceVersion"]) + 1 if cached is not None else 1
+        slices[name] = {
+            "apiVersion": "egress.gatewayd.io/v1alpha1",
+            "kind": "EgressSourceSlice",
+            "metadata": {"name": name, "resourceVersion": str(version),
+                         "labels": {GATEWAY_LABEL: piece.gateway}},
+            "spec": piece.spec(),
+        }
+    count += len(cluster.source_slices.keys() - slices.keys())  # deleted
+    return replace(
+        cluster, policies=policies, gateways=gateways, egress_nodes=nodes, source_slices=slices
     ), count
 
 
@@ -313,15 +325,7 @@ def one_pod_changes(cluster: Cluster) -> tuple[list[Obj], Obj]:
 
 
 def with_pods(cluster: Cluster, pods: list[Obj]) -> Cluster:
-    return Cluster(
-        policies=cluster.policies,
-        pods=pods,
-        namespaces=cluster.namespaces,
-        nodes=cluster.nodes,
-        gateways=cluster.gateways,
-        egress_nodes=cluster.egress_nodes,
-        leases=cluster.leases,
-    )
+    return replace(cluster, pods=pods)
 
 
 def relisted(cluster: Cluster) -> Cluster:
@@ -335,14 +339,15 @@ def relisted(cluster: Cluster) -> Cluster:
             result.append(new)
         return result
 
-    return Cluster(
+    return replace(
+        cluster,
         policies=fresh(cluster.policies),
         pods=fresh(cluster.pods),
         namespaces=fresh(cluster.namespaces),
         nodes=fresh(cluster.nodes),
         gateways=fresh(cluster.gateways),
         egress_nodes=fresh(cluster.egress_nodes),
-        leases=cluster.leases,
+        source_slices={o["metadata"]["name"]: o for o in fresh(cluster.source_slices.values())},
     )
 
 

@@ -73,7 +73,10 @@ def generated(pods: int, policies: int, nodes: int, gateways: int, seed: int) ->
 
 def largest_kib(cluster: Cluster) -> float:
     """The largest object of ours in `cluster`, in KiB of JSON (which one: on stderr)."""
-    objects: list[Any] = [*cluster.gateways, *cluster.egress_nodes, *cluster.policies]
+    objects: list[Any] = [
+        *cluster.gateways, *cluster.egress_nodes, *cluster.policies,
+        *cluster.source_slices.values(),
+    ]
     size, kind, name = max(
         (len(json.dumps(o, separators=(",", ":"))), o["kind"], o["metadata"]["name"])
         for o in objects

@@ -69,6 +69,7 @@ _INPUT_ERROR_KINDS = {
     "policy-invalid": "policy",
     "plan-invalid": "spec",
     "egressgateway-missing": "spec",
+    "sources-missing": "spec",
     "egressnode-missing": "spec",
     "state-invalid": "state",
 }

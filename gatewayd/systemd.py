@@ -166,6 +166,7 @@ EVENT_MESSAGE_IDS: dict[str, str] = {
     "policy-invalid": "5747e5c9017b45119ed25ac09589464d",
     "plan-invalid": "f08933c346a146568bf449745aca6256",
     "egressgateway-missing": "88a05e9f749240c587735c77bd31b3c2",
+    "sources-missing": "e55332b2a19b43dab4a2db0d3e8ac44d",
     "egressnode-missing": "953f2339ae1b4cec9b3a6cbf32f26f06",
     "state-invalid": "1a8784faf7084533bbc6b408c893aec8",
     "state-write-failed": "4cbc3077254447e9bf056bb6ccd0ebd9",

@@ -28,11 +28,13 @@ from http import HTTPStatus
 from ipaddress import IPv4Address, ip_interface
 from typing import Any
 
+from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from gatewayd.agent.config import AgentConfig
 from gatewayd.agent.egress import EgressIPKeeper, EgressIPReport
 from gatewayd.agent.target import GatewayTarget, usable_peers
+from gatewayd.api.sourceslices import GATEWAY_LABEL, SLICES_FEATURE, with_sources
 from gatewayd.clusterlink import (
     Condition,
     CustomObject,
@@ -47,14 +49,16 @@ from gatewayd.clusterlink import (
 from gatewayd.dataplane.host import first_ipv4, observe_interfaces
 from gatewayd.dataplane.probe import ProbeResponder
 from gatewayd.follower import InputError, Part, StepFailure, failures_of
+from gatewayd.kube.informer import Informer
 from gatewayd.kube.leases import LeaseObserver, renew_lease
-from gatewayd.kube.resources import EGRESS_GATEWAYS
+from gatewayd.kube.resources import EGRESS_GATEWAYS, EGRESS_SOURCE_SLICES
 from gatewayd.policy.model import GatewayInterface
 from gatewayd.policy.planio import PlanFormatError, gateway_plan_from_dict
 from gatewayd.probe import PROBE_PORT
 from gatewayd.version import VERSION
 
 log = logging.getLogger("gatewayd.agent")
+SliceLookup = Callable[[str], Mapping[str, Any] | None]
 
 LEASE_PREFIX = "egressgateway-"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
@@ -64,8 +68,12 @@ def object_labels(config: AgentConfig) -> dict[str, str]:
     return {HOSTNAME_LABEL: config.name, **config.labels}
 
 
-def target_from_object(obj: Mapping[str, Any]) -> GatewayTarget:
-    """The plan an EgressGateway's spec holds; InputError names the field that is wrong."""
+def target_from_object(
+    obj: Mapping[str, Any], slice_named: SliceLookup = lambda name: None
+) -> GatewayTarget:
+    """The plan an EgressGateway's spec holds, its rules' sources read from their
+    EgressSourceSlices (`slice_named`); InputError names the field that is wrong, or says that
+    a slice the spec names is not there yet."""
     metadata = obj.get("metadata") or {}
     name = str(metadata.get("name"))
     spec = obj.get("spec") or {}
@@ -73,18 +81,74 @@ def target_from_object(obj: Mapping[str, Any]) -> GatewayTarget:
         raise InputError("plan-invalid", f"EgressGateway {name}: spec must be a mapping, keeping "
                          "the last applied plan", object=f"EgressGateway/{name}")
     try:
+        rules, waiting = with_sources(_rules(spec), slice_named)
+        if waiting:
+            raise InputError(
+                "sources-missing", f"EgressGateway {name}: {len(waiting)} EgressSourceSlices the "
+                f"spec names are missing or not yet as it names them ({', '.join(waiting[:3])}), "
+                "keeping the last applied plan", object=f"EgressGateway/{name}")
         plan = gateway_plan_from_dict({
             "gateway": name,
             "generation": int(metadata.get("generation") or 0),
-            "rules": spec.get("rules") or [],
+            "rules": rules,
         })
         peers, problems = usable_peers(spec.get("peers") or [], "spec.peers")
-    except PlanFormatError as exc:
+    except (PlanFormatError, ValueError) as exc:
         raise InputError("plan-invalid", f"EgressGateway {name}: spec unusable, keeping the "
                          f"last applied plan: {exc}", object=f"EgressGateway/{name}") from exc
     for problem in problems:
         log.warning("EgressGateway %s: peer left out, the others are applied: %s", name, problem)
     return GatewayTarget(plan, peers)
+
+
+def _rules(spec: Mapping[str, Any]) -> list[object]:
+    rules = spec.get("rules") or []
+    if not isinstance(rules, list):
+        raise ValueError("spec.rules must be a list")
+    return rules
+
+
+class GatewaySpecSource(OwnObjectSource[GatewayTarget]):
+    """The agent's EgressGateway, and the EgressSourceSlices labelled with its name that hold
+    its rules' sources. A spec whose slices have not all arrived is not news yet: the agent
+    keeps its plan until they have (the watches of the two types are not ordered)."""
+
+    def __init__(self, api: ApiClient, name: str) -> None:
+        super().__init__(api, EGRESS_GATEWAYS, name, self._parse)
+        self.slices = Informer(api, EGRESS_SOURCE_SLICES, self._changed,
+                               label_selector=f"{GATEWAY_LABEL}={name}")
+        self._waiting_for: object = None  # the spec generation a wait was logged for
+
+    def start(self, wake: Callable[[], None]) -> None:
+        super().start(wake)
+        self.slices.start()
+
+    def stop(self) -> None:
+        super().stop()
+        self.slices.stop(timeout=2)
+
+    def changed(self) -> bool:
+        if not self.slices.synced or not super().changed():
+            return False
+        obj = self.informer.get(self.name)
+        spec = obj.get("spec") if obj is not None else None
+        try:
+            _, waiting = with_sources(_rules(spec) if isinstance(spec, Mapping) else [],
+                                      self.slices.get)
+        except ValueError:
+            return True  # malformed: desired() reports it
+        if not waiting:
+            return True
+        generation = (obj or {}).get("metadata", {}).get("generation")
+        if self._waiting_for != generation:
+            self._waiting_for = generation
+            log.info("EgressGateway %s generation %s: waiting for %d of its EgressSourceSlices",
+                     self.name, generation, len(waiting))
+        self._dirty.set()  # looked at again when a slice arrives
+        return False
+
+    def _parse(self, obj: Mapping[str, Any]) -> GatewayTarget:
+        return target_from_object(obj, self.slices.get)
 
 
 @dataclass(frozen=True)
@@ -140,6 +204,7 @@ def gateway_status(state: AgentState, previous: Mapping[str, Any], now: str) -> 
     status: Status = {
         "observedGeneration": state.generation,
         "version": VERSION,
+        "features": [SLICES_FEATURE],
         "publicKey": state.public_key,
         "endpoint": endpoint,
         "addresses": [{"type": "InternalIP", "address": uplink_ip}] if uplink_ip else [],
@@ -180,7 +245,7 @@ class AgentCluster:
         self.config = config
         self.api = api_client(settings)
         self.object = CustomObject(self.api, "egressgateways", "EgressGateway", config.name)
-        self.source = OwnObjectSource(self.api, EGRESS_GATEWAYS, config.name, target_from_object)
+        self.source = GatewaySpecSource(self.api, config.name)
         self._lease_observer = LeaseObserver()
         self.keeper = EgressIPKeeper(config.name, config.egress_ip_pools, config.failover,
                                      changed, released)
@@ -219,15 +284,17 @@ class AgentCluster:
             self._responder.stop()
 
     def connection(self) -> dict[str, Any]:
-        """Whether this gateway is in touch with the API server: its EgressGateway listed and
-        watched, joined, and the last write and Lease renewal went through. For status.json,
-        where the rollout's health check reads it: a gateway that serves its saved plan but
-        cannot reach the API server is ready, and still must not pass a rollout."""
+        """Whether this gateway is in touch with the API server: its EgressGateway and its
+        source slices listed and watched, joined, and the last write and Lease renewal went
+        through. For status.json, where the rollout's health check reads it: a gateway that
+        serves its saved plan but cannot reach the API server is ready, and still must not
+        pass a rollout."""
         settings = self.config.kubernetes
         assert settings is not None
-        informer = self.source.informer
-        error = informer.last_error or self.reporter.failing
-        if error is None and not informer.synced:
+        informers = (self.source.informer, self.source.slices)
+        error = next((i.last_error for i in informers if i.last_error), None)
+        error = error or self.reporter.failing
+        if error is None and not all(i.synced for i in informers):
             error = "no answer yet"
         return {
             "server": settings.server or f"kubeconfig {settings.kubeconfig}",

@@ -28,6 +28,7 @@ from typing import Any
 from kubernetes.client import ApiClient
 
 from gatewayd import metrics
+from gatewayd.api.sourceslices import GATEWAY_LABEL, SourceSlice
 from gatewayd.clustersettings import DEFAULT_NAMESPACE
 from gatewayd.controller.cached import pod_fields, without_managed_fields
 from gatewayd.controller.leader import LEASE_DURATION, LeaderElector
@@ -46,6 +47,7 @@ from gatewayd.kube.resources import (
     EGRESS_GATEWAY_POLICIES,
     EGRESS_GATEWAYS,
     EGRESS_NODES,
+    EGRESS_SOURCE_SLICES,
     ENDPOINT_SLICES,
     LEASES,
     NAMESPACES,
@@ -127,6 +129,7 @@ class Controller:
         self._nodes = informer(NODES)
         self._gateways = informer(EGRESS_GATEWAYS)
         self._egress_nodes = informer(EGRESS_NODES)
+        self._source_slices = informer(EGRESS_SOURCE_SLICES)
         self._endpoint_slices = informer(
             ENDPOINT_SLICES, namespace="default", field_selector=API_SERVER_SLICE
         )
@@ -145,6 +148,7 @@ class Controller:
             self._nodes,
             self._gateways,
             self._egress_nodes,
+            self._source_slices,
             self._endpoint_slices,
             self._leases,
         ]
@@ -331,13 +335,26 @@ class Controller:
             egress_nodes=[writer.current(EGRESS_NODES, o) for o in self._egress_nodes.objects()],
             leases={o["metadata"]["name"]: o for o in self._leases.objects()},
             endpoint_slices=self._endpoint_slices.objects(),
+            source_slices={_name(o): o for o in self._source_slices.objects()},
         )
 
     def _apply(self, cluster: Cluster, decisions: Decisions) -> tuple[int, int]:
-        """Write what differs: gateways first (make-before-break: nodes only ever name gateways
-        already programmed), then nodes, statuses and Events; stop at the first write the API
-        does not answer. (failed, conflicts)."""
+        """Write what differs: the gateways' source slices, then their specs (make-before-break:
+        nodes only ever name gateways already programmed), then nodes, statuses and Events, and
+        last delete the slices no spec names any more; stop at the first write the API does not
+        answer. (failed, conflicts)."""
         outcomes: list[Outcome] = []
+        for name, wanted in decisions.source_slices.items():
+            if not self._elector.is_leader:
+                break
+            outcome = self._writer.write_object(
+                EGRESS_SOURCE_SLICES, cluster.source_slices.get(name), _slice_object(wanted)
+            )
+            outcomes.append(outcome)
+            if outcome in (Outcome.FAILED, Outcome.UNREACHABLE):
+                metrics.API_ERRORS.labels(EGRESS_SOURCE_SLICES.plural, "write").inc()
+            if outcome is Outcome.UNREACHABLE:
+                return 1, 0
         writes: list[tuple[Resource, Any, str, Any]] = [
             *(
                 (EGRESS_GATEWAYS, o, "spec", decisions.gateway_specs.get(_name(o)))
@@ -388,6 +405,13 @@ class Controller:
                 self._writer.record_event(event.involved, event.type, event.reason, event.message)
         if self._elector.is_leader:
             self._writer.events.flush()  # repeats counted since the last write of their series
+        if all(o in (Outcome.UNCHANGED, Outcome.WRITTEN) for o in outcomes):
+            # Only once every spec names its new slices: a gateway whose spec still named an
+            # old one would wait for it.
+            for name, obj in cluster.source_slices.items():
+                if name not in decisions.source_slices and self._elector.is_leader:
+                    outcomes.append(self._writer.delete(EGRESS_SOURCE_SLICES, obj))
+            self._writer.forget_deleted(EGRESS_SOURCE_SLICES, cluster.source_slices)
         failed = sum(1 for o in outcomes if o is Outcome.FAILED)
         conflicts = sum(1 for o in outcomes if o is Outcome.CONFLICT)
         return failed, conflicts
@@ -395,6 +419,15 @@ class Controller:
 
 def _name(obj: Any) -> str:
     return str(obj["metadata"]["name"])
+
+
+def _slice_object(piece: SourceSlice) -> dict[str, Any]:
+    return {
+        "apiVersion": EGRESS_SOURCE_SLICES.api_version,
+        "kind": EGRESS_SOURCE_SLICES.kind,
+        "metadata": {"name": piece.name, "labels": {GATEWAY_LABEL: piece.gateway}},
+        "spec": piece.spec(),
+    }
 
 
 def probe_server(controller: Controller, host: str, port: int) -> HealthServer:

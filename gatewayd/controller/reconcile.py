@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from gatewayd.api.sourceslices import SourceSlice
 from gatewayd.controller.generations import GenerationLog, ObjectId
 from gatewayd.controller.health import (
     GatewaySignals,
@@ -33,6 +34,7 @@ from gatewayd.controller.health import (
     read_signals,
 )
 from gatewayd.controller.skew import skew_reports
+from gatewayd.controller.slicing import Slicer, inline_rules, reads_slices
 from gatewayd.controller.snapshots import Cluster, SnapshotCache, resource_version
 from gatewayd.controller.specs import (
     PeerProblem,
@@ -92,6 +94,8 @@ class Decisions:
     """What the controller wants the cluster to hold after one reconcile."""
 
     gateway_specs: dict[str, Spec] = field(default_factory=dict)  # by EgressGateway name
+    # The EgressSourceSlices the gateway specs name, by name; the cluster's others go.
+    source_slices: dict[str, SourceSlice] = field(default_factory=dict)
     node_specs: dict[str, Spec] = field(default_factory=dict)  # by EgressNode name
     # The controller's PeerAccepted condition per EgressNode (None: it has none).
     node_conditions: dict[str, Condition | None] = field(default_factory=dict)
@@ -160,6 +164,7 @@ class Reconciler:
         self._rendered: dict[tuple[str, str], tuple[object, ...]] = {}
         self._stale: dict[tuple[str, str], tuple[object, ...]] = {}
         self._forms = SpecForms()
+        self._slicer = Slicer()
         # Each node's rules after `hold_back_moves`, while its planned rules (the same list),
         # its object and the gateways' programmed policies and usability stay.
         self._held_for: tuple[Mapping[str, frozenset[str]], Mapping[str, bool]] = ({}, {})
@@ -244,10 +249,12 @@ class Reconciler:
         node_specs = self._node_specs_of(cluster, plan, tunnel, programmed, usable)
         skews = self._skews(cluster)
         bad_peers = peer_problems(cluster.egress_nodes)
+        gateway_specs, source_slices = self._gateway_specs_of(
+            cluster, plan, snapshot, tunnel, node_specs, bad_peers
+        )
         return Decisions(
-            gateway_specs=self._gateway_specs_of(
-                cluster, plan, snapshot, tunnel, node_specs, bad_peers
-            ),
+            gateway_specs=gateway_specs,
+            source_slices=source_slices,
             node_specs=node_specs,
             node_conditions={
                 _name(n): peer_condition(n, bad_peers.get(_name(n)), now_text)
@@ -553,7 +560,8 @@ class Reconciler:
         tunnel: Mapping[str, IPv4Address],
         node_specs: Mapping[str, Spec],
         bad_peers: Mapping[str, PeerProblem],
-    ) -> dict[str, Spec]:
+    ) -> tuple[dict[str, Spec], dict[str, SourceSlice]]:
+        """The gateways' specs, and the EgressSourceSlices they name."""
         # (policy, gateway) pairs nodes may send traffic along, now or once their new plans
         # are written; None when some node's is unknown, so anything may be in use.
         pairs: set[tuple[str, str]] = set()
@@ -584,14 +592,22 @@ class Reconciler:
         }
         elsewhere = active_egress_ips(planned)
         specs = {}
+        slices: dict[str, SourceSlice] = {}
+        self._slicer.next_round()
         for gateway in cluster.gateways:
             name = _name(gateway)
-            rules = retained_rules(
-                name, planned[name], spec_rules(gateway), may_send, elsewhere[name]
-            )
+            current = spec_rules(gateway)
+            rules = retained_rules(name, planned[name], current, may_send, elsewhere[name])
+            if reads_slices(gateway):
+                rules, made = self._slicer.spec_rules(
+                    name, rules, current, cluster.source_slices
+                )
+                slices.update((s.name, s) for s in made)
+            else:
+                rules = inline_rules(rules, cluster.source_slices)
             gateway_peers = peers(cluster.egress_nodes, pod_cidrs, tunnel, name, bad_peers.keys())
             specs[name] = {"peers": gateway_peers, "rules": rules}
-        return specs
+        return specs, slices
 
     # --- policy status -----------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ class Cluster:
     egress_nodes: Sequence[Object] = ()
     leases: Mapping[str, Object] = field(default_factory=dict)  # by name, in our namespace
     endpoint_slices: Sequence[Object] = ()  # the `kubernetes` Service's, in `default`
+    source_slices: Mapping[str, Object] = field(default_factory=dict)  # EgressSourceSlices
 
 
 def object_key(obj: Object) -> tuple[str, str, str]:

@@ -17,13 +17,13 @@ again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from enum import Enum
 from http import HTTPStatus
 from typing import Any
 
 import urllib3
-from kubernetes.client import ApiClient, CustomObjectsApi
+from kubernetes.client import ApiClient, CustomObjectsApi, V1DeleteOptions, V1Preconditions
 from kubernetes.client.exceptions import ApiException
 
 from gatewayd.kube.events import EventRecorder
@@ -56,6 +56,8 @@ class Writer:
         self.events = EventRecorder(api, component, instance)
         # (plural, name) -> (resourceVersion written against, the API's answer)
         self._written: dict[tuple[str, str], tuple[str, Object]] = {}
+        # (plural, name) -> the resourceVersion deleted, until the cache no longer has it
+        self._deleted: dict[tuple[str, str], str] = {}
         self.writes = 0  # successful writes of specs and statuses (Events: `events.writes`)
 
     def current(self, resource: Resource, obj: Object) -> Object:
@@ -77,6 +79,89 @@ class Writer:
 
     def write_status(self, resource: Resource, obj: Object, status: Mapping[str, Any]) -> Outcome:
         return self._patch(resource, obj, "status", status)
+
+    def write_object(
+        self, resource: Resource, cached: Object | None, wanted: Mapping[str, Any]
+    ) -> Outcome:
+        """Make an object that is wholly the controller's (`wanted`: apiVersion, kind,
+        metadata.name and labels, spec) exist as wanted: create it when the cache has none
+        (`cached` None), else write its spec."""
+        name = str(_metadata(wanted).get("name"))
+        if cached is None:
+            created = self._written.get((resource.plural, name))
+            if created is not None and created[0] == "" and created[1].get("spec") == wanted.get(
+                    "spec"):
+                return Outcome.UNCHANGED  # created, and the cache has not seen it yet
+            return self._create(resource, wanted)
+        return self.write_spec(resource, cached, wanted["spec"])
+
+    def delete(self, resource: Resource, cached: Object) -> Outcome:
+        """Delete an object of the controller's, as cached (only the version cached: one
+        changed meanwhile is left for the next reconcile)."""
+        metadata = _metadata(cached)
+        name = str(metadata.get("name"))
+        key = (resource.plural, name)
+        version = str(metadata.get("resourceVersion"))
+        if self._deleted.get(key) == version:
+            return Outcome.UNCHANGED  # deleted, and the cache has not seen it yet
+        body = V1DeleteOptions(preconditions=V1Preconditions(resource_version=version))
+        outcome, _ = self._call(
+            f"{resource.kind} {name}",
+            lambda: self._objects.delete_cluster_custom_object(
+                resource.group, resource.version, resource.plural, name, body=body,
+                _request_timeout=REQUEST_TIMEOUT,
+            ),
+        )
+        if outcome in (Outcome.WRITTEN, Outcome.GONE):
+            log.info("%s %s deleted", resource.kind, name)
+            self._deleted[key] = version
+            self._written.pop(key, None)
+        return outcome
+
+    def forget_deleted(self, resource: Resource, cached: Iterable[str]) -> None:
+        """Forget the deletions the cache has seen (`cached`: the names it holds)."""
+        present = set(cached)
+        self._deleted = {
+            key: version for key, version in self._deleted.items()
+            if key[0] != resource.plural or key[1] in present
+        }
+
+    def _create(self, resource: Resource, wanted: Mapping[str, Any]) -> Outcome:
+        name = str(_metadata(wanted).get("name"))
+        outcome, answer = self._call(
+            f"{resource.kind} {name}",
+            lambda: self._objects.create_cluster_custom_object(
+                resource.group, resource.version, resource.plural, dict(wanted),
+                _request_timeout=REQUEST_TIMEOUT,
+            ),
+        )
+        if outcome is Outcome.WRITTEN:
+            log.info("%s %s created", resource.kind, name)
+            self._written[(resource.plural, name)] = ("", answer)
+            self._deleted.pop((resource.plural, name), None)
+        return outcome
+
+    def _call(self, what: str, request: Callable[[], Any]) -> tuple[Outcome, Object]:
+        """Send one request; its outcome, and the API's answer ({} unless WRITTEN)."""
+        try:
+            answer = request()
+        except ApiException as error:
+            if error.status == HTTPStatus.CONFLICT:
+                log.info("%s: changed meanwhile (409 Conflict); retrying from fresh caches", what)
+                return Outcome.CONFLICT, {}
+            if error.status == HTTPStatus.NOT_FOUND:
+                log.info("%s: deleted meanwhile", what)
+                return Outcome.GONE, {}
+            log.warning("%s: the API refused the write: %s %s", what, error.status, error.reason)
+            return Outcome.FAILED, {}
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            log.warning("%s: the API is unreachable: %s", what, error)
+            return Outcome.UNREACHABLE, {}
+        if not isinstance(answer, Mapping):
+            log.warning("%s: unexpected answer from the API: %r", what, type(answer))
+            return Outcome.FAILED, {}
+        self.writes += 1
+        return Outcome.WRITTEN, answer
 
     def merge_status(self, resource: Resource, obj: Object, fields: Mapping[str, Any]) -> Outcome:
         """Set `fields` in the status of `obj` (as cached) with a JSON merge patch of just those
@@ -125,33 +210,19 @@ class Writer:
             "_request_timeout": REQUEST_TIMEOUT,
             "_content_type": MERGE_PATCH,
         }
-        try:
-            if part == "status":
-                answer = self._objects.patch_cluster_custom_object_status(*args, **options)
-            else:
-                answer = self._objects.patch_cluster_custom_object(*args, **options)
-        except ApiException as error:
-            if error.status == HTTPStatus.CONFLICT:
-                log.info("%s: changed meanwhile (409 Conflict); retrying from fresh caches", what)
-                return Outcome.CONFLICT
-            if error.status == HTTPStatus.NOT_FOUND:
-                log.info("%s: deleted meanwhile", what)
-                return Outcome.GONE
-            log.warning("%s: the API refused the write: %s %s", what, error.status, error.reason)
-            return Outcome.FAILED
-        except (urllib3.exceptions.HTTPError, OSError) as error:
-            log.warning("%s: the API is unreachable: %s", what, error)
-            return Outcome.UNREACHABLE
-        if not isinstance(answer, Mapping):
-            log.warning("%s: unexpected answer from the API: %r", what, type(answer))
-            return Outcome.FAILED
-        self._written[(resource.plural, name)] = (
-            str(_metadata(cached).get("resourceVersion")),
-            answer,
+        patch = (
+            self._objects.patch_cluster_custom_object_status
+            if part == "status"
+            else self._objects.patch_cluster_custom_object
         )
-        self.writes += 1
-        log.info("%s written (generation %s)", what, _metadata(answer).get("generation"))
-        return Outcome.WRITTEN
+        outcome, answer = self._call(what, lambda: patch(*args, **options))
+        if outcome is Outcome.WRITTEN:
+            self._written[(resource.plural, name)] = (
+                str(_metadata(cached).get("resourceVersion")),
+                answer,
+            )
+            log.info("%s written (generation %s)", what, _metadata(answer).get("generation"))
+        return outcome
 
     def record_event(self, involved: Object, event_type: str, reason: str, message: str) -> bool:
         """An Event about `involved`, through the controller's one recorder (repeats become

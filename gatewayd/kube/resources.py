@@ -36,6 +36,9 @@ EGRESS_GATEWAYS = Resource(
     EGRESS_GROUP, EGRESS_VERSION, "egressgateways", "EgressGateway", namespaced=False
 )
 EGRESS_NODES = Resource(EGRESS_GROUP, EGRESS_VERSION, "egressnodes", "EgressNode", namespaced=False)
+EGRESS_SOURCE_SLICES = Resource(
+    EGRESS_GROUP, EGRESS_VERSION, "egresssourceslices", "EgressSourceSlice", namespaced=False
+)
 CILIUM_EGRESS_GATEWAY_POLICIES = Resource(
     "cilium.io", "v2", "ciliumegressgatewaypolicies", "CiliumEgressGatewayPolicy", namespaced=False
 )
@@ -53,5 +56,6 @@ CUSTOM_RESOURCES = (
     EGRESS_GATEWAY_POLICIES,
     EGRESS_GATEWAYS,
     EGRESS_NODES,
+    EGRESS_SOURCE_SLICES,
     CILIUM_EGRESS_GATEWAY_POLICIES,
 )

@@ -23,6 +23,7 @@ import pytest
 from fakecluster.fakeapi import FakeApiServer
 from test_controller_harness import public_key
 
+from gatewayd.api.sourceslices import GATEWAY_LABEL, SourceSlice, shard_rule
 from gatewayd.lab.netns import entered
 from gatewayd.lab.sandboxed import HOST_ADDRESS, DaemonSandbox
 from gatewayd.probe import (
@@ -189,6 +190,60 @@ def test_an_unusable_spec_keeps_the_plan_in_force(sandbox: DaemonSandbox) -> Non
                  "the bad spec to be reported")
     assert status(sandbox)["observedGeneration"] == 2
     assert "snat ip to 198.51.100.70" in sandbox.nft("list", "table", "inet", "gatewayd")
+
+
+def put_slices(box: DaemonSandbox, slices: list[SourceSlice], gateway: str = NAME) -> None:
+    for piece in slices:
+        box.api.put({
+            "apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressSourceSlice",
+            "metadata": {"name": piece.name, "labels": {GATEWAY_LABEL: gateway}},
+            "spec": piece.spec(),
+        })
+
+
+def test_sources_in_slices_are_applied_once_every_slice_the_spec_names_is_there(
+    sandbox: DaemonSandbox,
+) -> None:
+    sandbox.start("agent", config(sandbox))
+    sandbox.wait(lambda: applied(sandbox), TIMEOUT, "the agent to report generation 1")
+    set_spec(sandbox, {"rules": [RULE]})  # the form before slices
+    sandbox.wait(lambda: status(sandbox).get("observedGeneration") == 2, TIMEOUT,
+                 "generation 2")
+    assert status(sandbox)["features"] == ["sourceSlices"]
+    # The same plan with its sources in a slice (the controller's next spec after an upgrade):
+    # reported, nothing programmed again.
+    programmed = sandbox.events("plan-applied")
+    same, (piece,) = shard_rule(NAME, RULE, previous=0)
+    put_slices(sandbox, [piece])
+    set_spec(sandbox, {"rules": [same]})
+    sandbox.wait(lambda: status(sandbox).get("observedGeneration") == 3, TIMEOUT,
+                 "generation 3")
+    assert sandbox.events("plan-applied") == programmed
+
+    sources = [f"10.244.1.{i}" for i in range(10, 250)] + [f"10.244.2.{i}" for i in range(2, 250)]
+    compact, slices = shard_rule(NAME, {**RULE, "sources": sources}, previous=2)
+    assert len(slices) == 2
+    # The spec arrives first, one slice is there, the other is another gateway's or stale.
+    put_slices(sandbox, slices[:1])
+    put_slices(sandbox, slices[1:], gateway="gw-other")
+    set_spec(sandbox, {"rules": [compact]})
+    sandbox.wait(lambda: "generation 4: waiting for" in sandbox.log(), TIMEOUT,
+                 "the agent to wait for the slices")
+    assert status(sandbox)["observedGeneration"] == 3
+    assert "10.244.2.2" not in sandbox.nft("list", "table", "inet", "gatewayd")
+    put_slices(sandbox, slices[1:])
+    sandbox.wait(lambda: status(sandbox).get("observedGeneration") == 4, TIMEOUT,
+                 "generation 4, once both slices are there")
+    table = sandbox.nft("list", "table", "inet", "gatewayd")
+    assert "10.244.2.249" in table and "10.244.1.10" in table
+    # One pod less: one slice changes, then the spec names its new digest.
+    fewer = [s for s in sources if s != "10.244.2.249"]
+    compact, changed = shard_rule(NAME, {**RULE, "sources": fewer}, previous=2)
+    put_slices(sandbox, [c for c, s in zip(changed, slices, strict=True) if c != s])
+    set_spec(sandbox, {"rules": [compact]})
+    sandbox.wait(lambda: status(sandbox).get("observedGeneration") == 5, TIMEOUT,
+                 "generation 5")
+    assert "10.244.2.249" not in sandbox.nft("list", "table", "inet", "gatewayd")
 
 
 def test_renews_its_lease(sandbox: DaemonSandbox) -> None:

@@ -23,6 +23,7 @@ from fakecluster.fakeapi import FakeApiServer, RecordedRequest, wait_until
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
+from gatewayd.api.sourceslices import SLICES_FEATURE, with_sources
 from gatewayd.controller.daemon import Controller, ControllerOptions
 from gatewayd.kube.informer import Backoff
 from gatewayd.kube.leases import micro_time
@@ -105,9 +106,13 @@ class World:
         )
         return ip
 
-    def gateway(self, index: int, ready: bool = True, **labels: str) -> str:
+    def gateway(
+        self, index: int, ready: bool = True, features: tuple[str, ...] = (SLICES_FEATURE,),
+        **labels: str,
+    ) -> str:
         """EgressGateway `gw-<index>` at 192.0.2.<index>, default route on eth0, as its agent
-        publishes it; labelled `role=gateway` and `labels`."""
+        publishes it (`features`: () for an agent from before source slices); labelled
+        `role=gateway` and `labels`."""
         name = f"gw-{index}"
         address = f"192.0.2.{index}"
         obj = self.fake.get("egressgateways", name)
@@ -122,6 +127,10 @@ class World:
             "egressIPPools": [{"cidr": "203.0.113.0/28", "interface": "eth0"}],
             "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
         }
+        if features:
+            status["features"] = list(features)
+        else:
+            status.pop("features", None)
         metadata = {**(obj or {}).get("metadata", {}), "name": name}
         metadata["labels"] = {"role": "gateway", "kubernetes.io/hostname": name, **labels}
         self.fake.put(
@@ -168,8 +177,29 @@ class World:
             }
         )
 
-    def spec(self, resource: str, name: str) -> JsonObject:
+    def raw_spec(self, resource: str, name: str) -> JsonObject:
         return (self.fake.get(resource, name) or {}).get("spec") or {}
+
+    def spec(self, resource: str, name: str) -> JsonObject:
+        """The object's spec; an EgressGateway's with its rules' sources read back from their
+        EgressSourceSlices, as the agent reads them (all of them must be there)."""
+        spec: JsonObject = (self.fake.get(resource, name) or {}).get("spec") or {}
+        if resource != "egressgateways":
+            return spec
+        assembled: JsonObject = {}
+
+        def read_back() -> bool:
+            # The controller writes a rule's slices just before the spec that names them.
+            nonlocal spec
+            spec = (self.fake.get(resource, name) or {}).get("spec") or {}
+            rules, waiting = with_sources(
+                spec.get("rules", []), lambda piece: self.fake.get("egresssourceslices", piece)
+            )
+            assembled.update({**spec, "rules": rules} if "rules" in spec else spec)
+            return not waiting
+
+        wait_until(read_back, 5.0, f"EgressGateway {name}'s slices as its spec names them")
+        return assembled
 
     def status(self, name: str) -> JsonObject:
         return (self.fake.get("egressgatewaypolicies", name) or {}).get("status") or {}

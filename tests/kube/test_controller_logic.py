@@ -5,6 +5,7 @@ in-memory caches. (Unit tests; they live beside the controller's other tests.)""
 from __future__ import annotations
 
 import copy
+import json
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -373,6 +374,7 @@ def gateway_object(index: int, generation: int = 1, observed: int | None = None)
         "addresses": [{"type": "InternalIP", "address": address}],
         "interfaces": [{"name": "eth0", "addresses": [f"{address}/24"], "defaultRouteV4": True}],
         "conditions": [{"type": "Ready", "status": "True"}],
+        "features": ["sourceSlices"],
     }
     if observed is not None:
         status["observedGeneration"] = observed
@@ -529,6 +531,10 @@ def test_what_the_controller_writes_fits_the_crds() -> None:
     ]
     checks.append(("egressnodes", node, {"spec": decisions.node_specs["node-1"]}, False))
     checks += [
+        ("egresssourceslices", {"metadata": {"name": s.name}}, {"spec": s.spec()}, False)
+        for s in decisions.source_slices.values()
+    ]
+    checks += [
         ("egressgatewaypolicies", p, {"status": decisions.policy_statuses[p["metadata"]["name"]]},
          True)
         for p in state.policies
@@ -585,6 +591,30 @@ def web_pod(name: str, ip: str, app: str = "web", node: str = "node-1") -> dict[
     }
 
 
+def test_no_object_written_grows_with_the_selected_pods() -> None:
+    """12,000 selected pods: once in one EgressGateway spec, 190 KiB; a real cluster's etcd
+    refuses an object over 1.5 MiB, about 100,000 pods. Their addresses go to slices of at most
+    1,000, which hold each of them once; the spec names the slices."""
+    pods = [web_pod(f"w{i}", str(IPv4Address("10.244.0.0") + 1 + i)) for i in range(12_000)]
+    policy = copy.deepcopy(cluster().policies[0])
+    del policy["spec"]["egressGateway"]["egressIP"]  # SNAT to the gateways' own address
+    reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR, leases=LeaseObserver(lambda: NOW))
+    decisions = reconciler.plan(cluster(pods=pods, policies=[policy]), NOW, float("-inf"),
+                                NOW_TEXT)
+    assert max(len(json.dumps(spec)) for spec in decisions.gateway_specs.values()) < 8 * 1024
+    slices = decisions.source_slices.values()
+    assert max(len(s.addresses) for s in slices) <= 1000
+    expected = sorted(p["status"]["podIP"] for p in pods)
+    for gateway in ("gw-1", "gw-2"):
+        (rule,) = decisions.gateway_specs[gateway]["rules"]
+        assert "sources" not in rule
+        held = [a for s in slices if s.gateway == gateway for a in s.addresses]
+        assert sorted(held) == expected
+        assert {e["name"] for e in rule["sourceSlices"]} == {
+            s.name for s in slices if s.gateway == gateway
+        }
+
+
 def test_a_reconciler_kept_current_pod_by_pod_decides_what_a_fresh_one_decides() -> None:
     """Pod events take the incremental path (the plan kept current, only touched specs
     rendered again); a fresh reconciler plans the same caches whole."""
@@ -615,4 +645,5 @@ def test_a_reconciler_kept_current_pod_by_pod_decides_what_a_fresh_one_decides()
         whole = fresh.plan(caches, NOW, float("-inf"), NOW_TEXT)
         assert got.node_specs == whole.node_specs, [p["metadata"]["name"] for p in pods]
         assert got.gateway_specs == whole.gateway_specs
+        assert got.source_slices == whole.source_slices
         assert got.policy_statuses == whole.policy_statuses

@@ -105,6 +105,53 @@ def test_a_policy_with_pods_and_two_gateways(fake_api: FakeApiServer, api: ApiCl
         assert promoted["note"] == "entry 0: gw-1 is active"
 
 
+def slices_of(fake: FakeApiServer, gateway: str) -> list[dict[str, Any]]:
+    return [
+        s for s in fake.list("egresssourceslices")
+        if s["metadata"]["labels"]["egress.gatewayd.io/gateway"] == gateway
+    ]
+
+
+def test_the_sources_move_to_slices_when_the_agent_reads_them(
+    fake_api: FakeApiServer, api: ApiClient
+) -> None:
+    """An upgrade: the controller of this version takes over specs an older one wrote (sources
+    in the rules) and an agent from before slices; it goes on writing sources in the spec to
+    that agent, and moves them to slices once its status says it reads them (the new agent's
+    first status), then deletes the slices of a rule that went away."""
+    world = World(fake_api)
+    basic_cluster(world)
+    world.pod("web-2", 1, 11, app="web")
+    world.gateway(1, features=())
+    old_form = {
+        "policy": "pay", "role": "active", "egressIP": "192.0.2.1",
+        "sources": ["10.244.1.10", "10.244.1.11"], "destinations": ["198.51.100.0/24"],
+    }
+    gateway = fake_api.get("egressgateways", "gw-1")
+    assert gateway is not None
+    fake_api.put({**gateway, "spec": {"rules": [old_form]}})  # the old controller's
+    with Agents(fake_api, api), running(api, options()) as controller:
+        wait_until(lambda: world.condition("pay", "Ready").get("status") == "True", TIMEOUT,
+                   "Ready")
+        settled(fake_api, controller)
+        assert world.raw_spec("egressgateways", "gw-1")["rules"] == [old_form]
+        assert slices_of(fake_api, "gw-1") == []
+
+        world.gateway(1)  # the upgraded agent's status
+        wait_until(lambda: "sourceSlices" in str(world.raw_spec("egressgateways", "gw-1")),
+                   TIMEOUT, "the spec to name slices")
+        (rule,) = world.raw_spec("egressgateways", "gw-1")["rules"]
+        assert "sources" not in rule
+        assert [s["spec"] for s in slices_of(fake_api, "gw-1")] == [
+            {"gateway": "gw-1", "policy": "pay", "addresses": ["10.244.1.10", "10.244.1.11"]}
+        ]
+        assert world.spec("egressgateways", "gw-1")["rules"] == [old_form]
+
+        fake_api.delete("egressgatewaypolicies", "pay")
+        wait_until(lambda: slices_of(fake_api, "gw-1") == [], TIMEOUT, "the slice deleted")
+        assert world.raw_spec("egressgateways", "gw-1")["rules"] == []
+
+
 def test_ready_waits_for_the_gateway_to_report_the_plan(
     fake_api: FakeApiServer, api: ApiClient
 ) -> None:
@@ -231,12 +278,15 @@ def test_a_pod_change_rewrites_only_what_it_touches(
         written = sorted(
             r.path.removeprefix(f"/apis/{API_VERSION}/") for r in controller_writes(fake_api, start)
         )
-    # node-1 and the policy "other" are untouched; pay's pod count changed.
+    # node-1 and the policy "other" are untouched; pay's pod count changed; of each gateway
+    # one source slice and the digest its spec names.
     assert written == [
         "egressgatewaypolicies/pay/status",
         "egressgateways/gw-1",
         "egressgateways/gw-2",
         "egressnodes/node-2",
+        "egresssourceslices/gw-1.pay.ipv4.0",
+        "egresssourceslices/gw-2.pay.ipv4.0",
     ]
     assert world.status("pay")["selectedPods"] == 3
 

@@ -29,11 +29,13 @@ from fakecluster.crdcheck import (
 from kubernetes_validate.utils import all_versions
 from packaging.version import Version
 
+from gatewayd.api.sourceslices import shard_rule
 from gatewayd.cli.gatewayd import build_parser
 from gatewayd.kube.resources import (
     EGRESS_GATEWAY_POLICIES,
     EGRESS_GATEWAYS,
     EGRESS_NODES,
+    EGRESS_SOURCE_SLICES,
     Resource,
 )
 from gatewayd.policy.model import (
@@ -205,7 +207,9 @@ def test_namespaced_objects_live_in_gatewayd_system() -> None:
 # --- the CRDs -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("resource", [EGRESS_GATEWAY_POLICIES, EGRESS_GATEWAYS, EGRESS_NODES])
+@pytest.mark.parametrize(
+    "resource", [EGRESS_GATEWAY_POLICIES, EGRESS_GATEWAYS, EGRESS_NODES, EGRESS_SOURCE_SLICES]
+)
 def test_crds_match_the_names_the_code_uses(resource: Resource) -> None:
     definition = crd(f"{resource.plural}.{resource.group}")
     spec = definition["spec"]
@@ -218,7 +222,9 @@ def test_crds_match_the_names_the_code_uses(resource: Resource) -> None:
     (version,) = spec["versions"]
     assert version["name"] == resource.version
     assert version["served"] is version["storage"] is True
-    assert version["subresources"] == {"status": {}}
+    # A slice is the controller's alone: no status for anyone else to write.
+    expected = {} if resource is EGRESS_SOURCE_SLICES else {"status": {}}
+    assert version.get("subresources", {}) == expected
 
 
 def test_policy_short_name_and_printer_columns() -> None:
@@ -340,11 +346,18 @@ def test_plans_fit_the_gateway_and_node_crds() -> None:
             ),
         ),
     )
-    for plan, kind, name in (
-        (gateway_plan_to_dict(gateway_plan), "EgressGateway", "gw-east-1"),
+    gateway_spec = gateway_plan_to_dict(gateway_plan)
+    sharded, slices = shard_rule("gw-east-1", gateway_spec["rules"][0], previous=0)
+    documents = [
+        ({**gateway_spec, "rules": [sharded]}, "EgressGateway", "gw-east-1"),
+        ({**gateway_spec, "rules": gateway_spec["rules"]}, "EgressGateway", "gw-east-1"),
         (node_plan_to_dict(node_plan), "EgressNode", "node-1"),
-    ):
-        spec = {k: v for k, v in plan.items() if k not in ("gateway", "node", "generation")}
+        *((s.spec(), "EgressSourceSlice", s.name) for s in slices),
+    ]
+    for plan, kind, name in documents:
+        spec = {k: v for k, v in plan.items() if k not in ("node", "generation")}
+        if kind != "EgressSourceSlice":
+            spec.pop("gateway", None)
         obj = {
             "apiVersion": "egress.gatewayd.io/v1alpha1",
             "kind": kind,
@@ -457,6 +470,7 @@ EGW = ("egress.gatewayd.io", "egressgateways")
 EGW_STATUS = ("egress.gatewayd.io", "egressgateways/status")
 EGN = ("egress.gatewayd.io", "egressnodes")
 EGN_STATUS = ("egress.gatewayd.io", "egressnodes/status")
+EGSS = ("egress.gatewayd.io", "egresssourceslices")
 EGP = ("egress.gatewayd.io", "egressgatewaypolicies")
 EGP_STATUS = ("egress.gatewayd.io", "egressgatewaypolicies/status")
 CEGP = ("cilium.io", "ciliumegressgatewaypolicies")
@@ -496,6 +510,10 @@ GATEWAY_ACCESS = [
     ("get", EGN, "node-1", None, False),
     ("list", PODS, None, NAMESPACE, False),
     ("get", SECRETS, "gateway-gw-a-token", NAMESPACE, False),
+    ("watch", EGSS, None, None, True),  # its rules' sources (RBAC cannot narrow to its label)
+    ("create", EGSS, None, None, False),
+    ("patch", EGSS, "gw-a.pay.ipv4.0", None, False),
+    ("delete", EGSS, "gw-a.pay.ipv4.0", None, False),
 ]
 
 
@@ -518,6 +536,10 @@ CONTROLLER_ACCESS = [
     ("patch", EGN_STATUS, "node-1", None, True),  # its PeerAccepted condition
     ("update", EGN_STATUS, "node-1", None, False),
     ("delete", EGW, "gw-a", None, False),
+    ("watch", EGSS, None, None, True),
+    ("create", EGSS, None, None, True),
+    ("patch", EGSS, "gw-a.pay.ipv4.0", None, True),
+    ("delete", EGSS, "gw-a.pay.ipv4.0", None, True),
     ("list", CEGP, None, None, True),
     ("patch", CEGP, "pay", None, False),
     ("watch", PODS, None, None, True),
@@ -551,6 +573,7 @@ STEER_ACCESS = [
     ("delete", EGN, "node-1", None, False),
     ("get", EGW, "gw-a", None, False),
     ("get", EGP, "pay", None, False),
+    ("list", EGSS, None, None, False),
     ("list", PODS, None, None, False),
     ("get", NODES, "node-1", None, True),
     ("list", NODES, None, None, False),

@@ -12,6 +12,8 @@ from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
+import yaml
+from fakecluster.crdcheck import CustomResourceValidator
 
 from gatewayd.agent.config import load_agent_config
 from gatewayd.agent.egress import EgressIPReport
@@ -295,6 +297,14 @@ def test_gateway_status(tmp_path: Path) -> None:
                                   "StateSaved": "True"}
     # Up or down, never the handshake time: that changes at every rekey (every 2 minutes).
     assert status["peers"] == [{"name": "node1", "up": True}, {"name": "node2", "up": False}]
+    # It reads rules whose sources are in slices (the controller writes them only then).
+    assert status["features"] == ["sourceSlices"]
+    # Every field is in the CRD's schema: a real API server drops one that is not.
+    crd = yaml.safe_load((Path(__file__).parents[2] / "packaging/kubernetes/crds"
+                          / "egressgateways.yaml").read_text())
+    obj = {"apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGateway",
+           "metadata": {"name": "gw1"}, "status": status}
+    assert CustomResourceValidator(crd).errors(obj, status_update=True) == []
 
 
 def test_gateway_status_when_stopping_or_failing(tmp_path: Path) -> None:

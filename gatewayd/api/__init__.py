@@ -1,0 +1,1 @@
+"""What crosses the boundary between the controller and the daemons, beside the plans."""

@@ -1,0 +1,175 @@
+"""EgressSourceSlices: the pod addresses of a gateway's SNAT rules, in objects of bounded size.
+
+A rule of an EgressGateway spec does not list its sources: it names the EgressSourceSlices that
+hold them, each with a digest of its addresses (`sourceSlices: [{name, digest}]`). A slice holds
+at most `MAX_ADDRESSES`, so no object grows with the cluster: etcd refuses objects over 1.5 MiB,
+and one gateway's sources at 100,000 pods were 7.9 MiB. The gateway reads its slices (labelled
+with its name) and applies a spec once every slice it names has the named digest; until then it
+keeps the plan it has, and its observedGeneration keeps saying so.
+
+Addresses are spread over a rule's slices by a hash of their text, so one pod's change rewrites
+one slice per rule, not every slice after it (as cutting a sorted list would). The number of
+slices is a power of two: it doubles when a slice would exceed the bound and halves when they
+are less than an eighth full; otherwise it stays what the spec had, so a slice's contents move
+only when the count changes.
+
+Why slices written by the controller, not sources each gateway derives from a watch of the
+pods: a gateway would then cache every pod of the cluster (about 100 MiB at 100,000 pods) and
+run the policy engine itself, and the make-before-break guarantee (a node moves traffic only to
+a gateway whose observedGeneration covers the rules) would no longer be one generation number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+MAX_ADDRESSES = 1000
+GATEWAY_LABEL = "egress.gatewayd.io/gateway"
+# In an EgressGateway's `status.features`: its agent reads rules that name slices. One that
+# does not (an agent from before slices, during an upgrade) gets its sources in the spec.
+SLICES_FEATURE = "sourceSlices"
+_MAX_NAME = 253
+
+Rule = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SourceSlice:
+    """One EgressSourceSlice: some of the sources of one rule of `gateway`."""
+
+    name: str
+    gateway: str
+    policy: str
+    addresses: tuple[str, ...]  # in the rule's order
+
+    @property
+    def digest(self) -> str:
+        return addresses_digest(self.addresses)
+
+    def spec(self) -> dict[str, Any]:
+        return {"gateway": self.gateway, "policy": self.policy, "addresses": list(self.addresses)}
+
+
+def addresses_digest(addresses: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(addresses).encode()).hexdigest()[:16]
+
+
+def _bucket(address: str, count: int) -> int:
+    return zlib.crc32(address.encode()) % count
+
+
+def _fits(addresses: Sequence[str], count: int) -> bool:
+    sizes = [0] * count
+    for address in addresses:
+        sizes[_bucket(address, count)] += 1
+    return max(sizes, default=0) <= MAX_ADDRESSES
+
+
+def slice_count(addresses: Sequence[str], previous: int) -> int:
+    """How many slices hold `addresses`, given that the rule had `previous` (0: a new rule)."""
+    count = previous if previous > 0 and previous & (previous - 1) == 0 else 1
+    if previous <= 0:
+        while len(addresses) > count * MAX_ADDRESSES // 2:
+            count *= 2
+    while count > 1 and len(addresses) < count * MAX_ADDRESSES // 8:
+        count //= 2
+    while not _fits(addresses, count):
+        count *= 2
+    return count
+
+
+def _family(rule: Rule) -> str:
+    return "ipv6" if ":" in str(rule.get("egressIP", "")) else "ipv4"
+
+
+def rule_slice_prefix(gateway: str, rule: Rule, ordinal: int = 0) -> str:
+    """The name its slices share, but for the index: `GATEWAY.POLICY.FAMILY[-ORDINAL]`, with
+    the policy's name hashed when the whole would be longer than an object name may be."""
+    family = _family(rule) + (f"-{ordinal}" if ordinal else "")
+    policy = str(rule["policy"])
+    prefix = f"{gateway}.{policy}.{family}"
+    if len(prefix) + 6 > _MAX_NAME:
+        prefix = f"{gateway}.{hashlib.sha256(policy.encode()).hexdigest()[:20]}.{family}"
+    return prefix
+
+
+def shard_rule(
+    gateway: str, rule: Rule, previous: int, ordinal: int = 0
+) -> tuple[dict[str, Any], list[SourceSlice]]:
+    """A rule with inline `sources` as the spec holds it (naming its slices), and the slices.
+    `previous`: how many slices the spec's rule of that name had; `ordinal`: which of the
+    gateway's rules of that policy and family this is (0 for the first)."""
+    sources: Sequence[str] = rule["sources"]
+    count = slice_count(sources, previous)
+    buckets: list[list[str]] = [[] for _ in range(count)]
+    for address in sources:
+        buckets[_bucket(address, count)].append(address)
+    prefix = rule_slice_prefix(gateway, rule, ordinal)
+    slices = [
+        SourceSlice(f"{prefix}.{index}", gateway, str(rule["policy"]), tuple(bucket))
+        for index, bucket in enumerate(buckets)
+    ]
+    compact = {key: value for key, value in rule.items() if key != "sources"}
+    compact["sourceSlices"] = [{"name": s.name, "digest": s.digest} for s in slices]
+    return compact, slices
+
+
+def referenced(rule: Rule) -> list[tuple[str, str]]:
+    """(name, digest) of each slice a spec rule names; [] for a malformed or inline rule."""
+    listed = rule.get("sourceSlices")
+    found = []
+    for item in listed if isinstance(listed, list) else ():
+        if isinstance(item, Mapping):
+            name, digest = item.get("name"), item.get("digest")
+            if isinstance(name, str) and isinstance(digest, str):
+                found.append((name, digest))
+    return found
+
+
+def slice_addresses(obj: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The addresses an EgressSourceSlice object holds; None when it is malformed."""
+    spec = obj.get("spec")
+    addresses = spec.get("addresses") if isinstance(spec, Mapping) else None
+    if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+        return None
+    return tuple(addresses)
+
+
+def with_sources(
+    rules: Sequence[object], slice_named: Callable[[str], Mapping[str, Any] | None]
+) -> tuple[list[object], list[str]]:
+    """The spec's rules with `sources` put back from their slices (`slice_named`: the
+    EgressSourceSlice object of that name, None when there is none), and the names
+    of the slices missing or not yet at the digest the spec names. A rule that lists its
+    sources inline (the form before slices) is taken as it is. ValueError names a malformed
+    `sourceSlices` (the rest of a rule is left for the plan reader to check)."""
+    assembled: list[object] = []
+    waiting = []
+    for index, rule in enumerate(rules):
+        if not isinstance(rule, Mapping) or "sourceSlices" not in rule:
+            assembled.append(rule)
+            continue
+        listed = rule["sourceSlices"]
+        where = f"rules[{index}].sourceSlices"
+        if not isinstance(listed, list):
+            raise ValueError(f"{where}: must be a list")
+        for position, item in enumerate(listed):
+            if not (isinstance(item, Mapping) and isinstance(item.get("name"), str)
+                    and isinstance(item.get("digest"), str)):
+                raise ValueError(f"{where}[{position}]: must have a name and a digest (strings)")
+        sources: list[str] = []
+        for name, digest in referenced(rule):
+            obj = slice_named(name)
+            addresses = slice_addresses(obj) if obj is not None else None
+            if addresses is None or addresses_digest(addresses) != digest:
+                waiting.append(name)
+                continue
+            sources.extend(addresses)
+        plain = {key: value for key, value in rule.items() if key != "sourceSlices"}
+        plain["sources"] = sources
+        assembled.append(plain)
+    return assembled, waiting

@@ -591,6 +591,7 @@ class Reconciler:
             _name(g): self._gateway_rules(plan, _name(g)) for g in cluster.gateways
         }
         elsewhere = active_egress_ips(planned)
+        gateway_peers = peers(cluster.egress_nodes, pod_cidrs, tunnel, planned, bad_peers.keys())
         specs = {}
         slices: dict[str, SourceSlice] = {}
         self._slicer.next_round()
@@ -605,8 +606,7 @@ class Reconciler:
                 slices.update((s.name, s) for s in made)
             else:
                 rules = inline_rules(rules, cluster.source_slices)
-            gateway_peers = peers(cluster.egress_nodes, pod_cidrs, tunnel, name, bad_peers.keys())
-            specs[name] = {"peers": gateway_peers, "rules": rules}
+            specs[name] = {"peers": gateway_peers[name], "rules": rules}
         return specs, slices
 
     # --- policy status -----------------------------------------------------------------------

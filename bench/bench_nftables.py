@@ -3,8 +3,9 @@
 For each size: render a gateway plan with N sources (one policy, plus D destination /24s),
 apply it to an empty namespace (one transaction), replace it while it is loaded (a change to
 the rules: full replace, one transaction), read it back, then apply C one-source changes
-through the fast path (element add / delete), reported as p50/p99 of `ensure()` alone and of
-render + `ensure()` (what the agent pays for one pod).
+through the fast path (element add / delete), reported as p50/p99 of `ensure()` alone, of
+render + `ensure()`, and of the agent's whole path in Kubernetes mode (one EgressSourceSlice
+changed: the spec and slices read into a plan, rendered, applied): what it pays for one pod.
 
     sudo .venv/bin/python bench/bench_nftables.py [--sizes 10000 100000] [--changes 200]
 """
@@ -21,6 +22,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from gatewayd.agent.kubernetes import target_from_object
+from gatewayd.api.sourceslices import ParsedSlices, addresses_digest, shard_rule
 from gatewayd.dataplane.nft_render import (
     GatewayTableSettings,
     RenderedTable,
@@ -29,6 +32,7 @@ from gatewayd.dataplane.nft_render import (
 from gatewayd.dataplane.nftables import NftablesDriver
 from gatewayd.lab.netns import Sandbox, entered
 from gatewayd.policy.model import GatewayPlan, IPAddress, Role, SnatRule
+from gatewayd.policy.planio import gateway_plan_to_dict
 
 T = TypeVar("T")
 SETTINGS = GatewayTableSettings("egress0", ("eth0",))
@@ -47,9 +51,11 @@ def plan(source_set: frozenset[IPAddress], destinations: int) -> GatewayPlan:
         SnatRule("bench", Role.ACTIVE, source_set, dests, EGRESS),))
 
 
-def held_table(plan: GatewayPlan, settings: GatewayTableSettings) -> RenderedTable:
+def held_table(
+    plan: GatewayPlan, settings: GatewayTableSettings, previous: RenderedTable | None = None
+) -> RenderedTable:
     """The table of a host that holds the egress IP."""
-    return render_gateway_table(plan, settings, held={EGRESS})
+    return render_gateway_table(plan, settings, held={EGRESS}, previous=previous)
 
 
 def timed(action: Callable[[], T]) -> tuple[float, T]:
@@ -88,6 +94,30 @@ def bench(size: int, destinations: int, changes: int) -> dict[str, float]:
         assert result.action == "elements", result
     verify_s, verified = timed(lambda: driver.ensure(desired, verify=True))
     assert verified.action == "none" and not verified.drift
+
+    # The agent's own path in Kubernetes mode: the EgressGateway spec and its source slices
+    # (one of them changed) -> the plan -> the table -> the kernel.
+    spec_rule = gateway_plan_to_dict(plan(base, destinations))["rules"][0]
+    compact, slices = shard_rule("bench", spec_rule, previous=0)
+    objects = {p.name: {"metadata": {"name": p.name}, "spec": p.spec()} for p in slices}
+    first_slice = slices[0].name
+    agent_path: list[float] = []
+    parsed = ParsedSlices()  # what the agent keeps between two reads of its spec
+    rendered = held_table(plan(base, destinations), other)
+    for i in range(changes):
+        start = time.perf_counter()
+        piece = objects[first_slice]["spec"]
+        piece["addresses"] = (piece["addresses"] + [str(extra)] if i % 2 == 0
+                              else [a for a in piece["addresses"] if a != str(extra)])
+        rule = {**compact, "sourceSlices": [
+            {**ref, "digest": addresses_digest(objects[ref["name"]]["spec"]["addresses"])}
+            if ref["name"] == first_slice else ref for ref in compact["sourceSlices"]]}
+        gateway = {"metadata": {"name": "bench", "generation": i + 2}, "spec": {"rules": [rule]}}
+        target = target_from_object(gateway, objects.get, parsed)
+        rendered = held_table(target.plan, other, rendered)
+        result = driver.ensure(rendered)
+        agent_path.append(time.perf_counter() - start)
+        assert result.action == "elements", result
     driver.delete()
     return {
         "render": render_s, "apply to empty": first_s, "full replace": replace_s,
@@ -96,6 +126,8 @@ def bench(size: int, destinations: int, changes: int) -> dict[str, float]:
         "one source, ensure p99": percentile(ensure_only, 0.99),
         "one source, render+ensure p50": statistics.median(end_to_end),
         "one source, render+ensure p99": percentile(end_to_end, 0.99),
+        "one source, agent path p50": statistics.median(agent_path),
+        "one source, agent path p99": percentile(agent_path, 0.99),
     }
 
 

@@ -37,7 +37,11 @@ from gatewayd.dataplane.addresses import AddressConflict, AddressDriver, held_ad
 from gatewayd.dataplane.conntrackd import ConntrackdDriver, SyncSettings, config_path
 from gatewayd.dataplane.forward_guard import ensure_forward_guard
 from gatewayd.dataplane.host import observe_interfaces
-from gatewayd.dataplane.nft_render import GatewayTableSettings, render_gateway_table
+from gatewayd.dataplane.nft_render import (
+    GatewayTableSettings,
+    RenderedTable,
+    render_gateway_table,
+)
 from gatewayd.dataplane.nftables import NftablesDriver, TableWatcher
 from gatewayd.dataplane.sysctl import ensure_sysctls, observe_sysctls
 from gatewayd.dataplane.wireguard import (
@@ -87,6 +91,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
                 raise ConfigError([f"{config.path}: kubernetes: {exc}"]) from exc
         super().__init__(config)
         self.nftables = NftablesDriver(TABLE_FAMILY, TABLE_NAME)
+        self._rendered: RenderedTable | None = None  # the base of the next render
         self._table_changed = threading.Event()  # another process touched the table
         self.table_watcher = TableWatcher(TABLE_FAMILY, TABLE_NAME, self._on_table_changed)
         self._forwarding: bool | None = None  # as this agent last set it
@@ -497,8 +502,8 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             probe_port=PROBE_PORT,
         )
         held = self._held_egress_ips(plan)
-        result = self.nftables.ensure(render_gateway_table(plan, settings, held=held),
-                                       verify=self.repairing)
+        self._rendered = render_gateway_table(plan, settings, held=held, previous=self._rendered)
+        result = self.nftables.ensure(self._rendered, verify=self.repairing)
         self._held_in_table = held
         if result.drift:
             self.drift(f"nftables table {TABLE_FAMILY} {TABLE_NAME}", result)

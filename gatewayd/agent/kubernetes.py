@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from ipaddress import IPv4Address, ip_interface
 from typing import Any
@@ -34,7 +34,12 @@ from kubernetes.client.exceptions import ApiException
 from gatewayd.agent.config import AgentConfig
 from gatewayd.agent.egress import EgressIPKeeper, EgressIPReport
 from gatewayd.agent.target import GatewayTarget, usable_peers
-from gatewayd.api.sourceslices import GATEWAY_LABEL, SLICES_FEATURE, with_sources
+from gatewayd.api.sourceslices import (
+    GATEWAY_LABEL,
+    SLICES_FEATURE,
+    ParsedSlices,
+    with_sources,
+)
 from gatewayd.clusterlink import (
     Condition,
     CustomObject,
@@ -69,29 +74,40 @@ def object_labels(config: AgentConfig) -> dict[str, str]:
 
 
 def target_from_object(
-    obj: Mapping[str, Any], slice_named: SliceLookup = lambda name: None
+    obj: Mapping[str, Any],
+    slice_named: SliceLookup = lambda name: None,
+    parsed: ParsedSlices | None = None,
 ) -> GatewayTarget:
     """The plan an EgressGateway's spec holds, its rules' sources read from their
-    EgressSourceSlices (`slice_named`); InputError names the field that is wrong, or says that
-    a slice the spec names is not there yet."""
+    EgressSourceSlices (`slice_named`; `parsed`: the slices parsed before, reused); InputError
+    names the field that is wrong, or says that a slice the spec names is not there yet."""
     metadata = obj.get("metadata") or {}
     name = str(metadata.get("name"))
     spec = obj.get("spec") or {}
     if not isinstance(spec, Mapping):
         raise InputError("plan-invalid", f"EgressGateway {name}: spec must be a mapping, keeping "
                          "the last applied plan", object=f"EgressGateway/{name}")
+    parsed = parsed if parsed is not None else ParsedSlices()
+    parsed.next_spec()
     try:
-        rules, waiting = with_sources(_rules(spec), slice_named)
+        rules = _rules(spec)
+        _, waiting = with_sources(rules, slice_named)
         if waiting:
             raise InputError(
                 "sources-missing", f"EgressGateway {name}: {len(waiting)} EgressSourceSlices the "
                 f"spec names are missing or not yet as it names them ({', '.join(waiting[:3])}), "
                 "keeping the last applied plan", object=f"EgressGateway/{name}")
+        sliced = [isinstance(r, Mapping) and "sourceSlices" in r for r in rules]
         plan = gateway_plan_from_dict({
             "gateway": name,
             "generation": int(metadata.get("generation") or 0),
-            "rules": rules,
+            "rules": [{**r, "sources": []} if s else r  # type: ignore[dict-item]
+                      for r, s in zip(rules, sliced, strict=True)],
         })
+        plan = replace(plan, rules=tuple(
+            replace(rule, sources=parsed.sources(raw, slice_named)) if s else rule  # type: ignore[arg-type]
+            for rule, raw, s in zip(plan.rules, rules, sliced, strict=True)
+        ))
         peers, problems = usable_peers(spec.get("peers") or [], "spec.peers")
     except (PlanFormatError, ValueError) as exc:
         raise InputError("plan-invalid", f"EgressGateway {name}: spec unusable, keeping the "
@@ -118,6 +134,7 @@ class GatewaySpecSource(OwnObjectSource[GatewayTarget]):
         self.slices = Informer(api, EGRESS_SOURCE_SLICES, self._changed,
                                label_selector=f"{GATEWAY_LABEL}={name}")
         self._waiting_for: object = None  # the spec generation a wait was logged for
+        self._parsed = ParsedSlices()
 
     def start(self, wake: Callable[[], None]) -> None:
         super().start(wake)
@@ -148,7 +165,7 @@ class GatewaySpecSource(OwnObjectSource[GatewayTarget]):
         return False
 
     def _parse(self, obj: Mapping[str, Any]) -> GatewayTarget:
-        return target_from_object(obj, self.slices.get)
+        return target_from_object(obj, self.slices.get, self._parsed)
 
 
 @dataclass(frozen=True)

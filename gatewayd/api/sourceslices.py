@@ -25,7 +25,10 @@ import hashlib
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from ipaddress import ip_address
 from typing import Any
+
+from gatewayd.policy.model import IPAddress
 
 MAX_ADDRESSES = 1000
 GATEWAY_LABEL = "egress.gatewayd.io/gateway"
@@ -134,7 +137,7 @@ def slice_addresses(obj: Mapping[str, Any]) -> tuple[str, ...] | None:
     """The addresses an EgressSourceSlice object holds; None when it is malformed."""
     spec = obj.get("spec")
     addresses = spec.get("addresses") if isinstance(spec, Mapping) else None
-    if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+    if not isinstance(addresses, list) or not set(map(type, addresses)) <= {str}:
         return None
     return tuple(addresses)
 
@@ -173,3 +176,39 @@ def with_sources(
         plain["sources"] = sources
         assembled.append(plain)
     return assembled, waiting
+
+
+class ParsedSlices:
+    """The addresses of each slice parsed once per content (name and digest), for the agent:
+    one pod's change parses one slice, and the slices that did not change give the same
+    address objects as before, so the plan's set operations over them stay fast."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[str, str], frozenset[IPAddress]] = {}
+        self._used: dict[tuple[str, str], frozenset[IPAddress]] = {}
+
+    def next_spec(self) -> None:
+        """Forget the slices the last spec read did not name."""
+        self._kept, self._used = self._used, {}
+
+    def sources(
+        self, rule: Rule, slice_named: Callable[[str], Mapping[str, Any] | None]
+    ) -> frozenset[IPAddress]:
+        """The sources of a rule that names its slices, all of them there and as named
+        (`with_sources` said so); ValueError names a slice with something but an address."""
+        parts = []
+        for name, digest in referenced(rule):
+            key = (name, digest)
+            part = self._used.get(key) or self._kept.get(key)
+            if part is None:
+                obj = slice_named(name)
+                addresses = slice_addresses(obj) if obj is not None else None
+                if addresses is None:
+                    raise ValueError(f"EgressSourceSlice {name}: spec.addresses is missing")
+                try:
+                    part = frozenset(map(ip_address, addresses))
+                except ValueError as error:
+                    raise ValueError(f"EgressSourceSlice {name}: {error}") from None
+            self._used[key] = part
+            parts.append(part)
+        return frozenset().union(*parts)

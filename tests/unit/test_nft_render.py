@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -440,3 +441,41 @@ def test_element_updates_delete_before_they_add() -> None:
         {"add": {"element": {"family": "inet", "table": "gatewayd", "name": "rule0_src",
                              "elem": ["10.244.8.8", "10.244.9.9"]}}},
     ]
+
+
+def test_a_table_rendered_from_the_previous_one_equals_one_rendered_whole() -> None:
+    """The agent renders each plan on the last table, writing only the addresses that changed
+    as text; random plans in a row (rules coming, going, changing family, sources and
+    destinations changing a little or a lot) must give exactly the table rendered alone."""
+    rng = random.Random(7)
+    v4 = [ip("10.244.0.0") + i for i in range(400)]
+    v6 = [ip("fd00:10:244::") + i for i in range(400)]
+    destinations = [net(f"198.51.{i}.0/24") for i in range(40)] + [net("2001:db8::/48")]
+
+    def random_plan() -> GatewayPlan:
+        rules = []
+        for index in range(rng.randint(0, 4)):
+            family = rng.choice((4, 6))
+            pool = v4 if family == 4 else v6
+            choices = [d for d in destinations if d.version == family]
+            rules.append(SnatRule(
+                policy=f"p{index}", role=rng.choice((Role.ACTIVE, Role.STANDBY)),
+                sources=frozenset(rng.sample(pool, rng.randint(0, 300))),
+                destinations=tuple(rng.sample(choices, rng.randint(1, min(4, len(choices))))),
+                egress_ip=ip("198.51.100.10") if family == 4 else ip("2001:db8:1::10"),
+            ))
+        return GatewayPlan("gw", tuple(rules))
+
+    previous = None
+    for _ in range(300):
+        if previous is None or rng.random() < 0.3:
+            plan = random_plan()
+        else:  # one pod more or less in each rule
+            plan = GatewayPlan("gw", tuple(
+                replace(r, sources=r.sources ^ {rng.choice(v4 if r.egress_ip.version == 4
+                                                           else v6)})
+                for r in plan.rules))
+        held = {ip("198.51.100.10"), ip("2001:db8:1::10")}
+        incremental = render_gateway_table(plan, SETTINGS, held=held, previous=previous)
+        assert incremental == render_gateway_table(plan, SETTINGS, held=held)
+        previous = incremental

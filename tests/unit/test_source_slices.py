@@ -9,8 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gatewayd.agent.kubernetes import target_from_object
 from gatewayd.api.sourceslices import (
     MAX_ADDRESSES,
+    ParsedSlices,
     addresses_digest,
     rule_slice_prefix,
     shard_rule,
@@ -205,3 +207,43 @@ def test_ipv6_addresses_are_sliced_too() -> None:
     compact, slices = shard_rule("gw-1", rule(sources, egress_ip="2001:db8::1"), previous=0)
     assert all(s.name.startswith("gw-1.pay.ipv6.") for s in slices)
     assert sorted(read_back(compact, slices)[0]) == sorted(sources)
+
+
+# --- the agent's side: slices parsed once per content --------------------------------------------
+
+
+def test_an_unchanged_slice_is_parsed_once_and_gives_the_same_addresses() -> None:
+    compact, slices = shard_rule("gw-1", rule(addresses(3_000)), previous=0)
+    found = objects(slices)
+    parsed = ParsedSlices()
+    first = parsed.sources(compact, found.get)
+    assert sorted(map(str, first)) == sorted(addresses(3_000))
+    parsed.next_spec()
+    # One slice changes: the others' address objects are the very same ones.
+    changed, after = shard_rule("gw-1", rule([*addresses(3_000), "10.9.9.9"]),
+                                previous=len(slices))
+    found = objects(after)
+    second = parsed.sources(changed, found.get)
+    assert second - first == {IPv4Address("10.9.9.9")}
+    unchanged = [s for s, a in zip(slices, after, strict=True) if s == a]
+    kept = {id(a) for a in first}
+    assert all(id(a) in kept for s in unchanged for a in second if str(a) in s.addresses)
+
+
+def test_a_slice_holding_something_but_an_address_is_named() -> None:
+    compact, slices = shard_rule("gw-1", rule(["10.244.1.10"]), previous=0)
+    bad = {"metadata": {"name": slices[0].name}, "spec": {"addresses": ["10.244.1.999"]}}
+    named = r"EgressSourceSlice gw-1\.pay\.ipv4\.0: .*10\.244\.1\.999"
+    with pytest.raises(ValueError, match=named):
+        ParsedSlices().sources(compact, {slices[0].name: bad}.get)
+
+
+def test_the_agent_reads_the_same_plan_with_or_without_the_parse_cache() -> None:
+    compact, slices = shard_rule("gw-1", rule(addresses(2_500)), previous=0)
+    gateway = {"metadata": {"name": "gw-1", "generation": 2}, "spec": {"rules": [compact]}}
+    found = objects(slices)
+    parsed = ParsedSlices()
+    cached = target_from_object(gateway, found.get, parsed)
+    assert target_from_object(gateway, found.get, parsed) == cached
+    assert target_from_object(gateway, found.get) == cached
+    assert target_from_object({**gateway, "spec": {"rules": [rule(addresses(2_500))]}}) == cached

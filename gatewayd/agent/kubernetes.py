@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from ipaddress import IPv4Address, ip_interface
-from typing import Any
+from typing import Any, TypeGuard
 
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
@@ -97,16 +97,16 @@ def target_from_object(
                 "sources-missing", f"EgressGateway {name}: {len(waiting)} EgressSourceSlices the "
                 f"spec names are missing or not yet as it names them ({', '.join(waiting[:3])}), "
                 "keeping the last applied plan", object=f"EgressGateway/{name}")
-        sliced = [isinstance(r, Mapping) and "sourceSlices" in r for r in rules]
+        # Sources that are in slices are put in after the rest of the rule is read.
         plan = gateway_plan_from_dict({
             "gateway": name,
             "generation": int(metadata.get("generation") or 0),
-            "rules": [{**r, "sources": []} if s else r  # type: ignore[dict-item]
-                      for r, s in zip(rules, sliced, strict=True)],
+            "rules": [{**r, "sources": []} if _names_slices(r) else r for r in rules],
         })
         plan = replace(plan, rules=tuple(
-            replace(rule, sources=parsed.sources(raw, slice_named)) if s else rule  # type: ignore[arg-type]
-            for rule, raw, s in zip(plan.rules, rules, sliced, strict=True)
+            replace(rule, sources=parsed.sources(raw, slice_named)) if _names_slices(raw)
+            else rule
+            for rule, raw in zip(plan.rules, rules, strict=True)
         ))
         peers, problems = usable_peers(spec.get("peers") or [], "spec.peers")
     except (PlanFormatError, ValueError) as exc:
@@ -115,6 +115,10 @@ def target_from_object(
     for problem in problems:
         log.warning("EgressGateway %s: peer left out, the others are applied: %s", name, problem)
     return GatewayTarget(plan, peers)
+
+
+def _names_slices(rule: object) -> TypeGuard[Mapping[str, Any]]:
+    return isinstance(rule, Mapping) and "sourceSlices" in rule
 
 
 def _rules(spec: Mapping[str, Any]) -> list[object]:

@@ -27,6 +27,7 @@ from gatewayd.agent.config import load_agent_config
 from gatewayd.agent.kubernetes import target_from_object as gateway_target_from_object
 from gatewayd.agent.target import target_from_dict as gateway_target_from_dict
 from gatewayd.agent.target import target_to_dict as gateway_target_to_dict
+from gatewayd.api.sourceslices import addresses_digest
 from gatewayd.cli.host import load_host_config
 from gatewayd.configfile import ConfigError
 from gatewayd.follower import InputError
@@ -277,7 +278,19 @@ gateway_rules = st.lists(st.fixed_dictionaries({}, optional={
     "sources": st.lists(st.sampled_from(["10.244.1.5", "fd00::5"]) | scalars, max_size=3),
     "destinations": st.lists(st.sampled_from(["0.0.0.0/0", "10.0.0.0/8"]) | scalars,
                              max_size=3),
+    "sourceSlices": st.lists(st.fixed_dictionaries({}, optional={
+        "name": st.sampled_from(["s0", "s1"]) | scalars,
+        "digest": st.sampled_from([addresses_digest(["10.244.1.5"]), addresses_digest([])])
+        | scalars,
+    }) | values, max_size=3) | values,
 }) | values, max_size=3)
+# EgressSourceSlices as a gateway's watch may hold them, by name.
+source_slices = st.dictionaries(st.sampled_from(["s0", "s1"]), st.fixed_dictionaries({}, optional={
+    "spec": st.fixed_dictionaries({}, optional={
+        "addresses": st.lists(st.sampled_from(["10.244.1.5", "fd00::5"]) | scalars, max_size=2)
+        | values,
+    }) | values,
+}) | values, max_size=2)
 peers = st.lists(st.fixed_dictionaries({}, optional={
     "name": st.sampled_from(["node1", "node2"]) | scalars,
     "publicKey": st.sampled_from([KEY, KEY2]) | scalars,
@@ -306,14 +319,15 @@ node_specs = st.fixed_dictionaries({}, optional={
 
 
 @FUZZ
-@given(spec=gateway_specs, generation=st.integers(0, 2**63 - 1))
-def test_any_egress_gateway_spec_is_a_target_or_an_input_error(spec: Any,
-                                                                generation: int) -> None:
+@given(spec=gateway_specs, generation=st.integers(0, 2**63 - 1), slices=source_slices)
+def test_any_egress_gateway_spec_is_a_target_or_an_input_error(
+    spec: Any, generation: int, slices: dict[str, Any]
+) -> None:
     obj = {"metadata": {"name": "gw1", "generation": generation}, "spec": spec}
     try:
-        target = gateway_target_from_object(obj)
+        target = gateway_target_from_object(obj, slices.get)
     except InputError as error:
-        assert error.event == "plan-invalid"
+        assert error.event in ("plan-invalid", "sources-missing")
     else:  # what is saved reads back the same
         assert gateway_target_from_dict(gateway_target_to_dict(target)) == target
 

@@ -90,13 +90,18 @@ def _family(rule: Rule) -> str:
 
 
 def rule_slice_prefix(gateway: str, rule: Rule, ordinal: int = 0) -> str:
-    """The name its slices share, but for the index: `GATEWAY.POLICY.FAMILY[-ORDINAL]`, with
-    the policy's name hashed when the whole would be longer than an object name may be."""
-    family = _family(rule) + (f"-{ordinal}" if ordinal else "")
+    """The name its slices share, but for the index: `GATEWAY.POLICY.FAMILY-TAG`. Names may
+    hold dots (a gateway named after its FQDN), so `gw.pay` + `x` and `gw` + `pay.x` would
+    read alike: the tag, a hash of the parts and of `ordinal` (which of the gateway's rules of
+    that policy and family), tells them apart. The policy's name is left out when the whole
+    would be longer than an object name may be."""
+    family = _family(rule)
     policy = str(rule["policy"])
-    prefix = f"{gateway}.{policy}.{family}"
+    parts = "\0".join((gateway, policy, family, str(ordinal)))
+    tag = hashlib.sha256(parts.encode()).hexdigest()
+    prefix = f"{gateway}.{policy}.{family}-{tag[:8]}"
     if len(prefix) + 6 > _MAX_NAME:
-        prefix = f"{gateway}.{hashlib.sha256(policy.encode()).hexdigest()[:20]}.{family}"
+        prefix = f"{gateway}.{family}-{tag[:24]}"
     return prefix
 
 

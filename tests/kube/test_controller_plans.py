@@ -27,6 +27,7 @@ from test_controller_harness import (
     settled,
 )
 
+from gatewayd.api.sourceslices import rule_slice_prefix
 from gatewayd.controller.daemon import probe_server
 from gatewayd.healthz import HealthServer
 
@@ -280,13 +281,14 @@ def test_a_pod_change_rewrites_only_what_it_touches(
         )
     # node-1 and the policy "other" are untouched; pay's pod count changed; of each gateway
     # one source slice and the digest its spec names.
+    touched = [f"{rule_slice_prefix(g, {'policy': 'pay', 'egressIP': '192.0.2.1'})}.0"
+               for g in ("gw-1", "gw-2")]
     assert written == [
         "egressgatewaypolicies/pay/status",
         "egressgateways/gw-1",
         "egressgateways/gw-2",
         "egressnodes/node-2",
-        "egresssourceslices/gw-1.pay.ipv4.0",
-        "egresssourceslices/gw-2.pay.ipv4.0",
+        *sorted(f"egresssourceslices/{name}" for name in touched),
     ]
     assert world.status("pay")["selectedPods"] == 3
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
@@ -45,10 +46,11 @@ def read_back(compact: dict[str, Any], slices: list[Any]) -> tuple[list[str], li
 
 def test_a_small_rule_is_one_slice_named_after_gateway_policy_and_family() -> None:
     compact, slices = shard_rule("gw-1", rule(["10.244.1.10", "10.244.1.11"]), previous=0)
-    assert [s.name for s in slices] == ["gw-1.pay.ipv4.0"]
+    (name,) = [s.name for s in slices]
+    assert re.fullmatch(r"gw-1\.pay\.ipv4-[0-9a-f]{8}\.0", name)
     assert "sources" not in compact
     assert compact["sourceSlices"] == [
-        {"name": "gw-1.pay.ipv4.0", "digest": addresses_digest(["10.244.1.10", "10.244.1.11"])}
+        {"name": name, "digest": addresses_digest(["10.244.1.10", "10.244.1.11"])}
     ]
     assert slices[0].spec() == {"gateway": "gw-1", "policy": "pay",
                                 "addresses": ["10.244.1.10", "10.244.1.11"]}
@@ -62,9 +64,17 @@ def test_an_empty_rule_names_one_empty_slice() -> None:
 
 
 def test_ipv6_rules_and_second_rules_of_a_policy_have_their_own_names() -> None:
-    v6 = rule(["fd00::1"], egress_ip="2001:db8::1")
-    assert rule_slice_prefix("gw-1", v6) == "gw-1.pay.ipv6"
-    assert rule_slice_prefix("gw-1", v6, ordinal=1) == "gw-1.pay.ipv6-1"
+    v4, v6 = rule(["10.0.0.1"]), rule(["fd00::1"], egress_ip="2001:db8::1")
+    assert rule_slice_prefix("gw-1", v6).startswith("gw-1.pay.ipv6-")
+    names = {rule_slice_prefix("gw-1", v4), rule_slice_prefix("gw-1", v6),
+             rule_slice_prefix("gw-1", v6, ordinal=1), rule_slice_prefix("gw-2", v6)}
+    assert len(names) == 4
+
+
+def test_names_with_dots_do_not_run_into_each_other() -> None:
+    """A gateway named after its FQDN: `gw.pay` with policy `x` is not `gw` with `pay.x`."""
+    assert rule_slice_prefix("gw.pay", rule([], policy="x")) != rule_slice_prefix(
+        "gw", rule([], policy="pay.x"))
 
 
 def test_a_name_too_long_for_kubernetes_hashes_the_policy() -> None:
@@ -148,8 +158,9 @@ def test_a_rule_with_inline_sources_is_read_as_it_is() -> None:
 @pytest.mark.parametrize(
     ("listed", "error"),
     [
-        ("gw-1.pay.ipv4.0", r"rules\[0\]\.sourceSlices: must be a list"),
-        ([{"name": "gw-1.pay.ipv4.0"}], r"rules\[0\]\.sourceSlices\[0\]: must have a name"),
+        ("gw-1.pay.ipv4-0a0a0a0a.0", r"rules\[0\]\.sourceSlices: must be a list"),
+        ([{"name": "gw-1.pay.ipv4-0a0a0a0a.0"}],
+         r"rules\[0\]\.sourceSlices\[0\]: must have a name"),
         ([{"name": 1, "digest": "x"}], r"rules\[0\]\.sourceSlices\[0\]"),
     ],
 )
@@ -198,14 +209,15 @@ def test_a_rule_kept_from_the_spec_keeps_its_slices_as_the_cluster_has_them() ->
 def test_two_rules_of_one_policy_and_family_get_two_names() -> None:
     first, second = rule(addresses(3)), rule(addresses(3, start=100), egress_ip="192.0.2.2")
     rules, slices = Slicer().spec_rules("gw-1", [first, second], [], {})
-    assert [s.name for s in slices] == ["gw-1.pay.ipv4.0", "gw-1.pay.ipv4-1.0"]
-    assert len(rules) == 2
+    assert [s.name for s in slices] == [f"{rule_slice_prefix('gw-1', first)}.0",
+                                        f"{rule_slice_prefix('gw-1', second, ordinal=1)}.0"]
+    assert len(rules) == 2 and slices[0].name != slices[1].name
 
 
 def test_ipv6_addresses_are_sliced_too() -> None:
     sources = [str(IPv6Address("fd00::") + i) for i in range(2_500)]
     compact, slices = shard_rule("gw-1", rule(sources, egress_ip="2001:db8::1"), previous=0)
-    assert all(s.name.startswith("gw-1.pay.ipv6.") for s in slices)
+    assert all(s.name.startswith("gw-1.pay.ipv6-") for s in slices)
     assert sorted(read_back(compact, slices)[0]) == sorted(sources)
 
 
@@ -233,7 +245,7 @@ def test_an_unchanged_slice_is_parsed_once_and_gives_the_same_addresses() -> Non
 def test_a_slice_holding_something_but_an_address_is_named() -> None:
     compact, slices = shard_rule("gw-1", rule(["10.244.1.10"]), previous=0)
     bad = {"metadata": {"name": slices[0].name}, "spec": {"addresses": ["10.244.1.999"]}}
-    named = r"EgressSourceSlice gw-1\.pay\.ipv4\.0: .*10\.244\.1\.999"
+    named = rf"EgressSourceSlice {re.escape(slices[0].name)}: .*10\.244\.1\.999"
     with pytest.raises(ValueError, match=named):
         ParsedSlices().sources(compact, {slices[0].name: bad}.get)
 

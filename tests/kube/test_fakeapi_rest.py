@@ -42,7 +42,7 @@ def gateway(name: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "EgressGateway",
         "metadata": {"name": name, "labels": {"site": "a"}},
-        "spec": spec if spec is not None else {"policies": []},
+        "spec": spec if spec is not None else {"rules": []},
     }
 
 
@@ -166,12 +166,12 @@ def test_cluster_scoped_custom_resources_are_not_served_in_a_namespace(api: ApiC
 def test_replace_with_a_stale_resource_version_is_409_conflict(api: ApiClient) -> None:
     created = create_gateway(api, "gw1")
     fresh = custom(api).replace_cluster_custom_object(
-        GROUP, VERSION, "egressgateways", "gw1", {**created, "spec": {"policies": ["p1"]}}
+        GROUP, VERSION, "egressgateways", "gw1", {**created, "spec": {"rules": ["p1"]}}
     )
     assert fresh["metadata"]["resourceVersion"] != created["metadata"]["resourceVersion"]
     error = api_error(
         lambda: custom(api).replace_cluster_custom_object(
-            GROUP, VERSION, "egressgateways", "gw1", {**created, "spec": {"policies": ["p2"]}}
+            GROUP, VERSION, "egressgateways", "gw1", {**created, "spec": {"rules": ["p2"]}}
         )
     )
     assert error.status == 409
@@ -212,7 +212,7 @@ def test_spec_changes_bump_generation_but_metadata_and_status_do_not(api: ApiCli
     )
     assert with_status["metadata"]["generation"] == 1
     respecced = objects.patch_cluster_custom_object(
-        GROUP, VERSION, "egressgateways", "gw1", {"spec": {"policies": ["p1"]}}
+        GROUP, VERSION, "egressgateways", "gw1", {"spec": {"rules": ["p1"]}}
     )
     assert respecced["metadata"]["generation"] == 2
     assert respecced["status"] == {"observedGeneration": 1}
@@ -229,18 +229,18 @@ def test_main_resource_writes_keep_status_and_status_writes_keep_the_rest(api: A
         VERSION,
         "egressgateways",
         "gw1",
-        {**current, "spec": {"policies": ["p1"]}, "status": {"publicKey": "forged"}},
+        {**current, "spec": {"rules": ["p1"]}, "status": {"publicKey": "forged"}},
     )
     assert replaced["status"] == {"publicKey": "real"}
-    assert replaced["spec"] == {"policies": ["p1"]}
+    assert replaced["spec"] == {"rules": ["p1"]}
     status_put = objects.replace_cluster_custom_object_status(
         GROUP,
         VERSION,
         "egressgateways",
         "gw1",
-        {**replaced, "spec": {"policies": []}, "status": {"publicKey": "new"}},
+        {**replaced, "spec": {"rules": []}, "status": {"publicKey": "new"}},
     )
-    assert status_put["spec"] == {"policies": ["p1"]}
+    assert status_put["spec"] == {"rules": ["p1"]}
     assert status_put["status"] == {"publicKey": "new"}
     assert status_put["metadata"]["generation"] == 2
 
@@ -265,38 +265,38 @@ def test_types_without_a_status_subresource_have_no_status_path(api: ApiClient) 
 
 
 def test_merge_patch_merges_maps_deletes_nulls_and_replaces_lists(api: ApiClient) -> None:
-    create_gateway(api, "gw1", spec={"policies": ["a", "b"], "peers": {"n1": 1, "n2": 2}})
+    create_gateway(api, "gw1", spec={"rules": ["a", "b"], "peers": {"n1": 1, "n2": 2}})
     patched = custom(api).patch_cluster_custom_object(
         GROUP,
         VERSION,
         "egressgateways",
         "gw1",
-        {"spec": {"policies": ["c"], "peers": {"n1": None}}},
+        {"spec": {"rules": ["c"], "peers": {"n1": None}}},
     )
-    assert patched["spec"] == {"policies": ["c"], "peers": {"n2": 2}}
+    assert patched["spec"] == {"rules": ["c"], "peers": {"n2": 2}}
 
 
 def test_json_patch_applies_operations_in_order(api: ApiClient) -> None:
-    create_gateway(api, "gw1", spec={"policies": ["a"]})
+    create_gateway(api, "gw1", spec={"rules": ["a"]})
     patched = custom(api).patch_cluster_custom_object(
         GROUP,
         VERSION,
         "egressgateways",
         "gw1",
         [
-            {"op": "test", "path": "/spec/policies/0", "value": "a"},
-            {"op": "add", "path": "/spec/policies/-", "value": "b"},
+            {"op": "test", "path": "/spec/rules/0", "value": "a"},
+            {"op": "add", "path": "/spec/rules/-", "value": "b"},
             {"op": "replace", "path": "/metadata/labels/site", "value": "z"},
-            {"op": "remove", "path": "/spec/policies/0"},
+            {"op": "remove", "path": "/spec/rules/0"},
         ],
         _content_type="application/json-patch+json",
     )
-    assert patched["spec"] == {"policies": ["b"]}
+    assert patched["spec"] == {"rules": ["b"]}
     assert patched["metadata"]["labels"] == {"site": "z"}
 
 
 def test_a_failed_json_patch_test_changes_nothing(api: ApiClient) -> None:
-    created = create_gateway(api, "gw1", spec={"policies": ["a"]})
+    created = create_gateway(api, "gw1", spec={"rules": ["a"]})
     error = api_error(
         lambda: custom(api).patch_cluster_custom_object(
             GROUP,
@@ -304,8 +304,8 @@ def test_a_failed_json_patch_test_changes_nothing(api: ApiClient) -> None:
             "egressgateways",
             "gw1",
             [
-                {"op": "replace", "path": "/spec/policies", "value": []},
-                {"op": "test", "path": "/spec/policies/0", "value": "x"},
+                {"op": "replace", "path": "/spec/rules", "value": []},
+                {"op": "test", "path": "/spec/rules/0", "value": "x"},
             ],
             _content_type="application/json-patch+json",
         )
@@ -318,9 +318,9 @@ def test_a_failed_json_patch_test_changes_nothing(api: ApiClient) -> None:
 def test_patch_with_a_stale_resource_version_is_409(api: ApiClient) -> None:
     created = create_gateway(api, "gw1")
     stale = created["metadata"]["resourceVersion"]
-    patch = {"metadata": {"resourceVersion": stale}, "spec": {"policies": ["p1"]}}
+    patch = {"metadata": {"resourceVersion": stale}, "spec": {"rules": ["p1"]}}
     custom(api).patch_cluster_custom_object(GROUP, VERSION, "egressgateways", "gw1", patch)
-    patch = {"metadata": {"resourceVersion": stale}, "spec": {"policies": ["p2"]}}
+    patch = {"metadata": {"resourceVersion": stale}, "spec": {"rules": ["p2"]}}
     error = api_error(
         lambda: custom(api).patch_cluster_custom_object(
             GROUP, VERSION, "egressgateways", "gw1", patch
@@ -420,3 +420,27 @@ def test_injected_errors_answer_the_next_requests(api: ApiClient, fake_api: Fake
     assert api_error(core.list_namespace).status == 500
     assert api_error(core.list_namespace).status == 500
     assert core.list_namespace().items == []
+
+
+def test_fields_the_crd_does_not_declare_are_dropped(api: ApiClient) -> None:
+    """As on a real server, where a client that asks for no Strict field validation (the
+    `kubernetes` client) gets unknown fields pruned: a daemon writing a field its CRD lacks
+    would lose it silently in a real cluster, so it does here."""
+    created = create_gateway(api, "gw1", spec={"rules": [], "madeUp": 1}, extra={"a": 1})
+    assert created["spec"] == {"rules": []} and "extra" not in created
+    patched = custom(api).patch_cluster_custom_object_status(
+        GROUP, VERSION, "egressgateways", "gw1",
+        {"status": {"version": "1", "madeUp": True,
+                    "conditions": [{"type": "Ready", "status": "True", "extra": 1}]}},
+    )
+    assert patched["status"] == {"version": "1", "conditions": [{"type": "Ready",
+                                                                  "status": "True"}]}
+    # A map the schema declares with additionalProperties keeps its keys.
+    policy = custom(api).create_cluster_custom_object(GROUP, VERSION, "egressgatewaypolicies", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "EgressGatewayPolicy",
+        "metadata": {"name": "pay"},
+        "spec": {"selectors": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                 "destinationCIDRs": ["0.0.0.0/0"], "madeUp": 1},
+    })
+    assert policy["spec"] == {"selectors": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                              "destinationCIDRs": ["0.0.0.0/0"]}

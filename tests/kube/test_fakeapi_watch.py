@@ -223,14 +223,14 @@ def test_a_custom_resource_watched_by_name(api: ApiClient, fake_api: FakeApiServ
             GROUP,
             VERSION,
             "egressgateways",
-            {"kind": "EgressGateway", "metadata": {"name": name}, "spec": {"policies": []}},
+            {"kind": "EgressGateway", "metadata": {"name": name}, "spec": {"rules": []}},
         )
     version = objects.list_cluster_custom_object(GROUP, VERSION, "egressgateways")["metadata"][
         "resourceVersion"
     ]
     for name in ("gw2", "gw1"):
         objects.patch_cluster_custom_object(
-            GROUP, VERSION, "egressgateways", name, {"spec": {"policies": ["p"]}}
+            GROUP, VERSION, "egressgateways", name, {"spec": {"rules": ["p"]}}
         )
     events = collect(
         objects.list_cluster_custom_object,
@@ -310,10 +310,10 @@ def test_history_replays_each_version_as_it_was(api: ApiClient) -> None:
         GROUP,
         VERSION,
         "egressgateways",
-        {"kind": "EgressGateway", "metadata": {"name": "gw1"}, "spec": {"policies": []}},
+        {"kind": "EgressGateway", "metadata": {"name": "gw1"}, "spec": {"rules": []}},
     )
     patched = objects.patch_cluster_custom_object(
-        GROUP, VERSION, "egressgateways", "gw1", {"spec": {"policies": ["p"]}}
+        GROUP, VERSION, "egressgateways", "gw1", {"spec": {"rules": ["p"]}}
     )
     events = collect(
         objects.list_cluster_custom_object,

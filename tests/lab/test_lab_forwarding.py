@@ -147,6 +147,13 @@ def test_forwarding_is_off_while_the_table_cannot_be_installed(lab: Lab) -> None
         owner.kill()  # the kernel removes an owned table with its owner
         owner.wait(5)
     started = time.time()
-    wait_for(lambda: sysctl("net.ipv4.ip_forward") == "1", WAIT, "forwarding back on")
+    try:
+        wait_for(lambda: sysctl("net.ipv4.ip_forward") == "1", WAIT, "forwarding back on")
+    except TimeoutError as error:
+        tables = run(["nft", "list", "tables"], ACTIVE.netns).stdout
+        log = lab.log_path(ACTIVE.name).read_text().splitlines()[-25:]
+        raise AssertionError(f"{error} (tables now: {tables.strip()!r}): "
+                             f"{lab.describe_daemon(ACTIVE.name)}; log:\n" + "\n".join(log)
+                             ) from None
     lab.wait_ready([ACTIVE.name], since=started)
     assert nft_table(ACTIVE.netns, *GATEWAY_TABLE) is not None

@@ -10,6 +10,7 @@ import textwrap
 from importlib import metadata
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -282,6 +283,15 @@ def conditions(status: dict[str, object]) -> dict[str, str]:
     return {c["type"]: c["status"] for c in status["conditions"]}  # type: ignore[attr-defined]
 
 
+def crd_errors(plural: str, kind: str, status: dict[str, Any]) -> list[str]:
+    """What the CRD's schema says of `status` written as the object's status."""
+    crd = yaml.safe_load((Path(__file__).parents[2] / "packaging/kubernetes/crds"
+                          / f"{plural}.yaml").read_text())
+    obj = {"apiVersion": "egress.gatewayd.io/v1alpha1", "kind": kind,
+           "metadata": {"name": "x"}, "status": status}
+    return CustomResourceValidator(crd).errors(obj, status_update=True)
+
+
 def test_gateway_status(tmp_path: Path) -> None:
     status = gateway_status(agent_state(tmp_path), {}, "2026-01-01T00:00:00Z")
     assert status["observedGeneration"] == 4
@@ -300,11 +310,7 @@ def test_gateway_status(tmp_path: Path) -> None:
     # It reads rules whose sources are in slices (the controller writes them only then).
     assert status["features"] == ["sourceSlices"]
     # Every field is in the CRD's schema: a real API server drops one that is not.
-    crd = yaml.safe_load((Path(__file__).parents[2] / "packaging/kubernetes/crds"
-                          / "egressgateways.yaml").read_text())
-    obj = {"apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGateway",
-           "metadata": {"name": "gw1"}, "status": status}
-    assert CustomResourceValidator(crd).errors(obj, status_update=True) == []
+    assert crd_errors("egressgateways", "EgressGateway", status) == []
 
 
 def test_gateway_status_when_stopping_or_failing(tmp_path: Path) -> None:
@@ -358,6 +364,8 @@ def test_node_status(tmp_path: Path) -> None:
     assert later["gatewayPorts"] == {"gw1": None, "gw2": 51822}
     assert conditions(status) == {"Ready": "True", "TunnelsUp": "True",
                                   "SteeringProgrammed": "True"}
+    # Every field is in the CRD's schema: a real API server drops one that is not.
+    assert crd_errors("egressnodes", "EgressNode", status) == []
     v6 = node_status(NodeState(**{**state.__dict__, "address": "2001:db8::21"}), {},
                      "2026-01-01T00:00:00Z")
     assert v6["endpoint"] == "[2001:db8::21]:51821"

@@ -346,7 +346,9 @@ def test_connections_held_open_survive_a_failover(
     new = next(g.name for g in GATEWAYS if g.name != old)
     target = f"{EXTERNAL.addresses[0]}:{LINE_PORT}"
     with holding(CHECKOUT_1.netns, target, tmp_path / "held.json", connections=5) as path:
-        time.sleep(1.0)  # the standby has their state by now
+        wait_for(lambda: synced_connections(gateway_host(new).netns, CHECKOUT_1.address,
+                                            EXTERNAL.addresses[0]) >= 5,
+                 TIMEOUT, f"{new}'s kernel to have the connections' state (conntrack sync)")
         cut = klab.cut(gateway_host(old), power_loss=power_loss)
 
         def all_echo_again_or_one_broke() -> bool:
@@ -369,6 +371,14 @@ def test_connections_held_open_survive_a_failover(
     for h in after:
         print(f"connection {h.index}: {h.echoes} echoes, longest stall {h.longest_gap:.3f}s "
               f"from {h.gap_from - cut:+.3f}s")
+
+
+def synced_connections(netns: str, source: str, destination: str) -> int:
+    """Established TCP connections from `source` to `destination`'s line port that the
+    kernel in `netns` has an entry for."""
+    listed = run(["conntrack", "-L", "-p", "tcp", "-s", source, "-d", destination,
+                  "--dport", str(LINE_PORT)], netns, check=False).stdout
+    return sum("ESTABLISHED" in line for line in listed.splitlines())
 
 
 def conntrack_id(netns: str, flow: list[str]) -> str | None:

@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from gatewayd.agent.kubernetes import target_from_object
@@ -153,6 +154,10 @@ def main() -> int:
     print(f"{'':34}" + "".join(f"{f'{size:,} src':>16}" for size in results))
     for name in names:
         print(f"{name:34}" + "".join(f"{results[s][name] * 1000:>13.1f} ms" for s in results))
+    # An upper bound of the agent's: this process also keeps the tables of the earlier steps.
+    status = Path("/proc/self/status").read_text().splitlines()
+    peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(f"{'peak RSS of this process':34}{peak / 1024:>13.0f} MiB")
     return 0
 
 

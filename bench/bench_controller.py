@@ -46,6 +46,7 @@ from bench_engine import make_snapshot
 
 from gatewayd.api.sourceslices import GATEWAY_LABEL, SLICES_FEATURE, with_sources
 from gatewayd.controller.reconcile import Decisions, Reconciler
+from gatewayd.controller.slicing import slice_object
 from gatewayd.controller.snapshots import Cluster
 from gatewayd.kube.leases import micro_time
 from gatewayd.policy.model import LabelSelector, Policy, Snapshot
@@ -268,13 +269,9 @@ def written(cluster: Cluster, decisions: Decisions) -> tuple[Cluster, int]:
             continue
         count += 1
         version = int(cached["metadata"]["resourceVersion"]) + 1 if cached is not None else 1
-        slices[name] = {
-            "apiVersion": "egress.gatewayd.io/v1alpha1",
-            "kind": "EgressSourceSlice",
-            "metadata": {"name": name, "resourceVersion": str(version),
-                         "labels": {GATEWAY_LABEL: piece.gateway}},
-            "spec": piece.spec(),
-        }
+        written = slice_object(piece)
+        written["metadata"]["resourceVersion"] = str(version)
+        slices[name] = written
     count += len(cluster.source_slices.keys() - slices.keys())  # deleted
     return replace(
         cluster, policies=policies, gateways=gateways, egress_nodes=nodes, source_slices=slices

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from ipaddress import IPv4Address, ip_interface
-from typing import Any, TypeGuard
+from typing import Any
 
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
@@ -38,7 +38,9 @@ from gatewayd.api.sourceslices import (
     GATEWAY_LABEL,
     SLICES_FEATURE,
     ParsedSlices,
-    with_sources,
+    SliceLookup,
+    names_slices,
+    waiting_slices,
 )
 from gatewayd.clusterlink import (
     Condition,
@@ -63,7 +65,6 @@ from gatewayd.probe import PROBE_PORT
 from gatewayd.version import VERSION
 
 log = logging.getLogger("gatewayd.agent")
-SliceLookup = Callable[[str], Mapping[str, Any] | None]
 
 LEASE_PREFIX = "egressgateway-"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
@@ -91,7 +92,7 @@ def target_from_object(
     parsed.next_spec()
     try:
         rules = _rules(spec)
-        _, waiting = with_sources(rules, slice_named)
+        waiting = waiting_slices(rules, slice_named)
         if waiting:
             raise InputError(
                 "sources-missing", f"EgressGateway {name}: {len(waiting)} EgressSourceSlices the "
@@ -101,10 +102,10 @@ def target_from_object(
         plan = gateway_plan_from_dict({
             "gateway": name,
             "generation": int(metadata.get("generation") or 0),
-            "rules": [{**r, "sources": []} if _names_slices(r) else r for r in rules],
+            "rules": [{**r, "sources": []} if names_slices(r) else r for r in rules],
         })
         plan = replace(plan, rules=tuple(
-            replace(rule, sources=parsed.sources(raw, slice_named)) if _names_slices(raw)
+            replace(rule, sources=parsed.sources(raw, slice_named)) if names_slices(raw)
             else rule
             for rule, raw in zip(plan.rules, rules, strict=True)
         ))
@@ -115,10 +116,6 @@ def target_from_object(
     for problem in problems:
         log.warning("EgressGateway %s: peer left out, the others are applied: %s", name, problem)
     return GatewayTarget(plan, peers)
-
-
-def _names_slices(rule: object) -> TypeGuard[Mapping[str, Any]]:
-    return isinstance(rule, Mapping) and "sourceSlices" in rule
 
 
 def _rules(spec: Mapping[str, Any]) -> list[object]:
@@ -154,8 +151,8 @@ class GatewaySpecSource(OwnObjectSource[GatewayTarget]):
         obj = self.informer.get(self.name)
         spec = obj.get("spec") if obj is not None else None
         try:
-            _, waiting = with_sources(_rules(spec) if isinstance(spec, Mapping) else [],
-                                      self.slices.get)
+            waiting = waiting_slices(_rules(spec) if isinstance(spec, Mapping) else [],
+                                     self.slices.get)
         except ValueError:
             return True  # malformed: desired() reports it
         if not waiting:

@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import ip_address
-from typing import Any
+from typing import Any, TypeGuard
 
 from gatewayd.policy.model import IPAddress
 
@@ -38,6 +38,7 @@ SLICES_FEATURE = "sourceSlices"
 _MAX_NAME = 253
 
 Rule = Mapping[str, Any]
+SliceLookup = Callable[[str], Mapping[str, Any] | None]
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,11 @@ def shard_rule(
     return compact, slices
 
 
+def names_slices(rule: object) -> TypeGuard[Mapping[str, Any]]:
+    """Whether a spec rule names slices (the other form lists its sources inline)."""
+    return isinstance(rule, Mapping) and "sourceSlices" in rule
+
+
 def referenced(rule: Rule) -> list[tuple[str, str]]:
     """(name, digest) of each slice a spec rule names; [] for a malformed or inline rule."""
     listed = rule.get("sourceSlices")
@@ -147,36 +153,63 @@ def slice_addresses(obj: Mapping[str, Any]) -> tuple[str, ...] | None:
     return tuple(addresses)
 
 
+def addresses_of(name: str, slice_named: SliceLookup) -> tuple[str, ...] | None:
+    """The addresses of the slice `name`; None when there is none or it is malformed."""
+    obj = slice_named(name)
+    return slice_addresses(obj) if obj is not None else None
+
+
+def _checked(rule: Rule, index: int) -> list[tuple[str, str]]:
+    """(name, digest) of each slice the rule names; ValueError names a malformed entry."""
+    listed = rule["sourceSlices"]
+    where = f"rules[{index}].sourceSlices"
+    if not isinstance(listed, list):
+        raise ValueError(f"{where}: must be a list")
+    for position, item in enumerate(listed):
+        if not (isinstance(item, Mapping) and isinstance(item.get("name"), str)
+                and isinstance(item.get("digest"), str)):
+            raise ValueError(f"{where}[{position}]: must have a name and a digest (strings)")
+    return [(item["name"], item["digest"]) for item in listed]
+
+
+def _as_named(name: str, digest: str, slice_named: SliceLookup) -> tuple[str, ...] | None:
+    """The slice's addresses if it is there with the digest the spec names."""
+    addresses = addresses_of(name, slice_named)
+    return addresses if addresses is not None and addresses_digest(addresses) == digest else None
+
+
+def waiting_slices(rules: Sequence[object], slice_named: SliceLookup) -> list[str]:
+    """The slices the spec's rules name that are missing or not yet at the named digest;
+    ValueError names a malformed `sourceSlices`."""
+    return [
+        name
+        for index, rule in enumerate(rules) if names_slices(rule)
+        for name, digest in _checked(rule, index)
+        if _as_named(name, digest, slice_named) is None
+    ]
+
+
 def with_sources(
-    rules: Sequence[object], slice_named: Callable[[str], Mapping[str, Any] | None]
+    rules: Sequence[object], slice_named: SliceLookup
 ) -> tuple[list[object], list[str]]:
     """The spec's rules with `sources` put back from their slices (`slice_named`: the
-    EgressSourceSlice object of that name, None when there is none), and the names
-    of the slices missing or not yet at the digest the spec names. A rule that lists its
-    sources inline (the form before slices) is taken as it is. ValueError names a malformed
-    `sourceSlices` (the rest of a rule is left for the plan reader to check)."""
+    EgressSourceSlice object of that name, None when there is none), and the names of the
+    slices missing or not yet at the digest the spec names (`waiting_slices`). A rule that
+    lists its sources inline (the form before slices) is taken as it is. ValueError names a
+    malformed `sourceSlices` (the rest of a rule is left for the plan reader to check)."""
     assembled: list[object] = []
     waiting = []
     for index, rule in enumerate(rules):
-        if not isinstance(rule, Mapping) or "sourceSlices" not in rule:
+        if not names_slices(rule):
             assembled.append(rule)
             continue
-        listed = rule["sourceSlices"]
-        where = f"rules[{index}].sourceSlices"
-        if not isinstance(listed, list):
-            raise ValueError(f"{where}: must be a list")
-        for position, item in enumerate(listed):
-            if not (isinstance(item, Mapping) and isinstance(item.get("name"), str)
-                    and isinstance(item.get("digest"), str)):
-                raise ValueError(f"{where}[{position}]: must have a name and a digest (strings)")
         sources: list[str] = []
-        for name, digest in referenced(rule):
-            obj = slice_named(name)
-            addresses = slice_addresses(obj) if obj is not None else None
-            if addresses is None or addresses_digest(addresses) != digest:
+        for name, digest in _checked(rule, index):
+            addresses = _as_named(name, digest, slice_named)
+            if addresses is None:
                 waiting.append(name)
-                continue
-            sources.extend(addresses)
+            else:
+                sources.extend(addresses)
         plain = {key: value for key, value in rule.items() if key != "sourceSlices"}
         plain["sources"] = sources
         assembled.append(plain)
@@ -196,18 +229,15 @@ class ParsedSlices:
         """Forget the slices the last spec read did not name."""
         self._kept, self._used = self._used, {}
 
-    def sources(
-        self, rule: Rule, slice_named: Callable[[str], Mapping[str, Any] | None]
-    ) -> frozenset[IPAddress]:
+    def sources(self, rule: Rule, slice_named: SliceLookup) -> frozenset[IPAddress]:
         """The sources of a rule that names its slices, all of them there and as named
-        (`with_sources` said so); ValueError names a slice with something but an address."""
+        (`waiting_slices` said so); ValueError names a slice with something but an address."""
         parts = []
         for name, digest in referenced(rule):
             key = (name, digest)
             part = self._used.get(key) or self._kept.get(key)
             if part is None:
-                obj = slice_named(name)
-                addresses = slice_addresses(obj) if obj is not None else None
+                addresses = addresses_of(name, slice_named)
                 if addresses is None:
                     raise ValueError(f"EgressSourceSlice {name}: spec.addresses is missing")
                 try:

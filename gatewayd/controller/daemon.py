@@ -28,13 +28,13 @@ from typing import Any
 from kubernetes.client import ApiClient
 
 from gatewayd import metrics
-from gatewayd.api.sourceslices import GATEWAY_LABEL, SourceSlice
 from gatewayd.clustersettings import DEFAULT_NAMESPACE
 from gatewayd.controller.cached import pod_fields, without_managed_fields
 from gatewayd.controller.leader import LEASE_DURATION, LeaderElector
 from gatewayd.controller.metrics import controller_samples
 from gatewayd.controller.reconcile import PEER_CONDITION, Decisions, Reconciler
 from gatewayd.controller.skew import SKEW_FIELD
+from gatewayd.controller.slicing import slice_object
 from gatewayd.controller.snapshots import Cluster
 from gatewayd.controller.tunnels import DEFAULT_TUNNEL_CIDR
 from gatewayd.controller.writer import Outcome, Writer
@@ -348,7 +348,7 @@ class Controller:
             if not self._elector.is_leader:
                 break
             outcome = self._writer.write_object(
-                EGRESS_SOURCE_SLICES, cluster.source_slices.get(name), _slice_object(wanted)
+                EGRESS_SOURCE_SLICES, cluster.source_slices.get(name), slice_object(wanted)
             )
             outcomes.append(outcome)
             if outcome in (Outcome.FAILED, Outcome.UNREACHABLE):
@@ -419,15 +419,6 @@ class Controller:
 
 def _name(obj: Any) -> str:
     return str(obj["metadata"]["name"])
-
-
-def _slice_object(piece: SourceSlice) -> dict[str, Any]:
-    return {
-        "apiVersion": EGRESS_SOURCE_SLICES.api_version,
-        "kind": EGRESS_SOURCE_SLICES.kind,
-        "metadata": {"name": piece.name, "labels": {GATEWAY_LABEL: piece.gateway}},
-        "spec": piece.spec(),
-    }
 
 
 def probe_server(controller: Controller, host: str, port: int) -> HealthServer:

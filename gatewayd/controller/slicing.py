@@ -6,22 +6,35 @@ to the next (the same spec form, see `SpecForms`) is not cut again while its sli
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gatewayd.api.sourceslices import (
+    GATEWAY_LABEL,
     SLICES_FEATURE,
     SourceSlice,
+    addresses_of,
     referenced,
     rule_slice_prefix,
     shard_rule,
-    slice_addresses,
     with_sources,
 )
+from gatewayd.kube.resources import EGRESS_SOURCE_SLICES
 
 Rule = Mapping[str, Any]
 Object = Mapping[str, Any]
-_Cut = tuple[Rule, str, int, dict[str, Any], list[SourceSlice]]
+_Cut = tuple[Rule, str, dict[str, Any], list[SourceSlice]]  # rule, prefix, spec form, slices
+
+
+def slice_object(piece: SourceSlice) -> dict[str, Any]:
+    """The EgressSourceSlice object the controller writes for `piece`."""
+    return {
+        "apiVersion": EGRESS_SOURCE_SLICES.api_version,
+        "kind": EGRESS_SOURCE_SLICES.kind,
+        "metadata": {"name": piece.name, "labels": {GATEWAY_LABEL: piece.gateway}},
+        "spec": piece.spec(),
+    }
 
 
 def reads_slices(gateway: Object) -> bool:
@@ -38,12 +51,10 @@ def inline_rules(rules: Sequence[Rule], cached: Mapping[str, Object]) -> list[Ru
     inline: list[Rule] = []
     for rule in rules:
         if "sources" not in rule:
-            try:
-                assembled, waiting = with_sources([rule], cached.get)
-            except ValueError:
-                waiting = ["malformed"]
-            if not waiting and isinstance(assembled[0], Mapping):
-                rule = assembled[0]
+            with contextlib.suppress(ValueError):  # malformed: stays as it was
+                (assembled,), waiting = with_sources([rule], cached.get)
+                if not waiting and isinstance(assembled, Mapping):
+                    rule = assembled
         inline.append(rule)
     return inline
 
@@ -94,21 +105,20 @@ class Slicer:
             key = (gateway, id(rule))
             cut = self._current.get(key) or self._previous.get(key)
             if cut is None or cut[0] is not rule or cut[1] != prefix or (
-                previous and previous != len(cut[4])
+                previous and previous != len(cut[3])
             ):
                 compact, made = shard_rule(gateway, rule, previous, ordinal)
-                cut = (rule, prefix, previous, compact, made)
+                cut = (rule, prefix, compact, made)
             self._current[key] = cut
-            out.append(cut[3])
-            slices += cut[4]
+            out.append(cut[2])
+            slices += cut[3]
         return out, slices
 
 
 def _kept_slices(gateway: str, rule: Rule, cached: Mapping[str, Object]) -> list[SourceSlice]:
     kept = []
     for name, _ in referenced(rule):
-        obj = cached.get(name)
-        addresses = slice_addresses(obj) if obj is not None else None
+        addresses = addresses_of(name, cached.get)
         if addresses is not None:
             kept.append(SourceSlice(name, gateway, str(rule["policy"]), addresses))
     return kept

@@ -471,10 +471,11 @@ class _TableBuilder:
         )
         self.rendered_from[f"{name}_src"] = sources
         destinations = tuple(destinations)
+        before = self._previous(f"{name}_dst")
         self.sets[f"{name}_dst"] = SetSpec(
             type=_addr_type(version), flags=("interval",),
-            elements=self._reused(f"{name}_dst", destinations)
-            or _network_elements(destinations),
+            elements=before[0] if before is not None and before[1] == destinations
+            else _network_elements(destinations),
         )
         self.rendered_from[f"{name}_dst"] = destinations
         return (
@@ -482,25 +483,23 @@ class _TableBuilder:
             _match_addr(version, "daddr", f"@{name}_dst"),
         )
 
-    def _reused(self, name: str, source: object) -> frozenset[str] | None:
-        """The previous render's elements of set `name` if it was rendered from `source`."""
+    def _previous(self, name: str) -> tuple[frozenset[str], object] | None:
+        """The previous render's elements of set `name`, and what they were rendered from."""
         previous = self.previous
         if previous is None or name not in previous.sets:
             return None
-        return previous.sets[name].elements if previous.rendered_from.get(name) == source \
-            else None
+        return previous.sets[name].elements, previous.rendered_from.get(name)
 
     def _as_text(self, name: str, sources: frozenset[IPAddress]) -> frozenset[str]:
         """The set's elements: the previous render's, with what changed since written anew."""
-        previous = self.previous
-        base = previous.rendered_from.get(name) if previous is not None else None
-        if previous is None or not isinstance(base, frozenset) or name not in previous.sets:
+        before = self._previous(name)
+        base = before[1] if before is not None else None
+        if before is None or not isinstance(base, frozenset):
             return frozenset(map(str, sources))
         gone, new = base - sources, sources - base
         if len(gone) + len(new) > len(sources) // 2:
             return frozenset(map(str, sources))
-        return (previous.sets[name].elements - frozenset(map(str, gone))) | frozenset(
-            map(str, new))
+        return (before[0] - frozenset(map(str, gone))) | frozenset(map(str, new))
 
     def build(self) -> RenderedTable:
         return RenderedTable(

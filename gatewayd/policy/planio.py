@@ -140,10 +140,10 @@ def _address(value: object) -> IPAddress:
     return ipaddress.ip_address(value)
 
 
-def _networks(values: object) -> tuple[IPNetwork, ...]:
+def _networks(values: Any) -> tuple[IPNetwork, ...]:
     if isinstance(values, list) and set(map(type, values)) <= {str}:
         return _parsed_networks(tuple(values))
-    return tuple(_network(d) for d in values)  # type: ignore[attr-defined]
+    return tuple(_network(d) for d in values)  # each entry's error named
 
 
 @functools.lru_cache(maxsize=4096)

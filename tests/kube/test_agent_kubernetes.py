@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ import pytest
 from fakecluster.fakeapi import FakeApiServer
 from test_controller_harness import public_key
 
-from gatewayd.api.sourceslices import GATEWAY_LABEL, SourceSlice, shard_rule
+from gatewayd.api.sourceslices import SourceSlice, shard_rule
+from gatewayd.controller.slicing import slice_object
 from gatewayd.lab.netns import entered
 from gatewayd.lab.sandboxed import HOST_ADDRESS, DaemonSandbox
 from gatewayd.probe import (
@@ -194,11 +196,7 @@ def test_an_unusable_spec_keeps_the_plan_in_force(sandbox: DaemonSandbox) -> Non
 
 def put_slices(box: DaemonSandbox, slices: list[SourceSlice], gateway: str = NAME) -> None:
     for piece in slices:
-        box.api.put({
-            "apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressSourceSlice",
-            "metadata": {"name": piece.name, "labels": {GATEWAY_LABEL: gateway}},
-            "spec": piece.spec(),
-        })
+        box.api.put(slice_object(replace(piece, gateway=gateway)))
 
 
 def test_sources_in_slices_are_applied_once_every_slice_the_spec_names_is_there(

@@ -20,7 +20,7 @@ from gatewayd.api.sourceslices import (
     slice_count,
     with_sources,
 )
-from gatewayd.controller.slicing import Slicer
+from gatewayd.controller.slicing import Slicer, slice_object
 
 
 def addresses(count: int, start: int = 0) -> list[str]:
@@ -33,7 +33,7 @@ def rule(sources: list[str], policy: str = "pay", egress_ip: str = "192.0.2.1") 
 
 
 def objects(slices: list[Any]) -> dict[str, dict[str, Any]]:
-    return {s.name: {"metadata": {"name": s.name}, "spec": s.spec()} for s in slices}
+    return {s.name: slice_object(s) for s in slices}
 
 
 def read_back(compact: dict[str, Any], slices: list[Any]) -> tuple[list[str], list[str]]:

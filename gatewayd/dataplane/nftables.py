@@ -1,14 +1,18 @@
 """Keeps one nftables table equal to a `RenderedTable`, through libnftables' JSON API.
 
-Every apply is ONE transaction. When only set elements differ from what we applied last, the
-transaction only adds and deletes those elements (a pod coming or going reaches the kernel in
-milliseconds). Anything else replaces the whole table in one transaction: deleting the table
-in a separate step would break established NAT flows and let new connections leak the pod IP.
+When only set elements differ from what we applied last, one transaction adds and deletes
+those elements (a pod coming or going reaches the kernel in milliseconds). When rules or
+counters change, the table is changed in place (`update_commands`): sets that stay are kept,
+new ones are filled in a first transaction, and a second one swaps the rules. Re-creating an
+interval set lets new connections miss it for a moment after the commit, and so leave without
+their gateway (see `replace_commands`). Only a missing table or a change of chains replaces
+the whole table, in one transaction: deleting the table in a separate step would break
+established NAT flows too.
 
 Drift: `ensure(verify=True)` re-reads the kernel. The body (chains, rules, counters) is
-compared with what the kernel listed right after our last full replace, not with our own JSON,
-so nft's way of printing an expression never looks like drift. A driver that has applied
-nothing yet (daemon start) therefore always replaces the table once.
+compared with what the kernel listed right after our last change, not with our own JSON, so
+nft's way of printing an expression never looks like drift. A driver that has applied nothing
+yet (daemon start) therefore always rewrites the rules once.
 
 The libnftables context is created per call: it binds to the network namespace of the calling
 thread when created, and the driver acts on the caller's namespace. Not thread-safe.
@@ -39,6 +43,7 @@ from gatewayd.dataplane.nft_render import (
     element_commands,
     element_from_json,
     replace_commands,
+    update_commands,
 )
 
 _MISSING = "No such file or directory"  # what nft says about a table that is not there
@@ -67,7 +72,7 @@ class ObservedTable:
 
 @dataclass(frozen=True)
 class ApplyResult:
-    action: Literal["none", "elements", "replace"]
+    action: Literal["none", "elements", "update", "replace"]
     seconds: float
     drift: bool  # the kernel differed from what this driver applied last
     added: int = 0  # set elements added (element updates only)
@@ -96,8 +101,8 @@ class NftablesDriver:
         if applied is None or verify:
             return self._reconcile(desired, start)
         if desired.body != applied.body or desired.declarations() != applied.declarations():
-            self._replace(desired)
-            return ApplyResult("replace", time.monotonic() - start, drift=False)
+            how = self._change(desired, applied.sets, applied.body)
+            return ApplyResult(how, time.monotonic() - start, drift=False)
         removed, added = _element_delta(applied.sets, desired.sets)
         if not removed and not added:
             return ApplyResult("none", time.monotonic() - start, drift=False)
@@ -157,15 +162,17 @@ class NftablesDriver:
             or observed.body != self._applied_body
             or dict(observed.sets) != dict(applied.sets)
         )
+        if observed is None:
+            self._replace(desired)
+            return ApplyResult("replace", time.monotonic() - start, drift=drift)
         if (
-            observed is None
-            or applied is None
+            applied is None
             or observed.body != self._applied_body
             or desired.body != applied.body
             or observed.declarations() != desired.declarations()
         ):
-            self._replace(desired)
-            return ApplyResult("replace", time.monotonic() - start, drift=drift)
+            how = self._change(desired, observed.sets, observed.body)
+            return ApplyResult(how, time.monotonic() - start, drift=drift)
         removed, added = _element_delta(observed.sets, desired.sets)
         if removed or added:
             self._run(element_commands(desired, removed, added), "set element update")
@@ -175,9 +182,29 @@ class NftablesDriver:
             added=_count(added), removed=_count(removed),
         )
 
+    def _change(
+        self, desired: RenderedTable, sets: Mapping[str, SetSpec], body: Iterable[JsonObject]
+    ) -> Literal["update", "replace"]:
+        """Bring the table from `sets` and `body` to `desired`: in place when its chains stay
+        (see `update_commands`), else by a replace."""
+        update = update_commands(desired, sets, body)
+        if update is None:
+            self._replace(desired)
+            return "replace"
+        self._applied = self._applied_body = None
+        if update.prepare:
+            self._run(list(update.prepare), "preparation")
+        self._run(list(update.swap), "update")
+        self._installed(desired)
+        return "update"
+
     def _replace(self, desired: RenderedTable) -> None:
         self._applied = self._applied_body = None
         self._run(replace_commands(desired)["nftables"], "table replace")
+        self._installed(desired)
+
+    def _installed(self, desired: RenderedTable) -> None:
+        """Remember `desired` and its body as the kernel lists it, right after applying it."""
         listed = self._list(f"list table {self.family} {self.name}", terse=True)
         if listed is None:
             raise NftablesError(f"table {self.family} {self.name} is missing right after apply")

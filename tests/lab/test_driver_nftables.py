@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import secrets
 import socket
 import threading
@@ -249,7 +250,7 @@ def test_gateway_table_snats_filters_and_counts(sandbox: Sandbox) -> None:
         second.close()
 
 
-def test_established_snat_connection_survives_a_full_replace(sandbox: Sandbox) -> None:
+def test_established_snat_connection_survives_a_change_of_the_rules(sandbox: Sandbox) -> None:
     lab = gateway_lab(sandbox)
     driver = NftablesDriver("inet", "gatewayd")
     plan = gateway_plan("10.99.0.5", "fd00:99::5")
@@ -261,7 +262,7 @@ def test_established_snat_connection_survives_a_full_replace(sandbox: Sandbox) -
         assert client.echo("before") == "before"
         changed = GatewayTableSettings("gwtun", ("gwup",), tunnel_mtu=1400)  # new rules
         with entered(lab.router):
-            assert driver.ensure(held_table(plan, changed)).action == "replace"
+            assert driver.ensure(held_table(plan, changed)).action == "update"
         assert client.echo("after") == "after"
         client.close()
         assert Client(lab.pod, "192.0.2.2").seen == "192.0.2.10"
@@ -280,6 +281,18 @@ def test_drift_is_detected_and_repaired(sandbox: Sandbox) -> None:
         assert (result.action, result.drift, result.added) == ("elements", True, 1)
 
         run(["nft", "flush chain inet gatewayd postrouting"], lab.router)
+        result = driver.ensure(table, verify=True)
+        assert (result.action, result.drift) == ("update", True)
+
+        run(["nft", "add set inet gatewayd stray { type ipv4_addr; }"], lab.router)
+        result = driver.ensure(table, verify=True)
+        assert (result.action, result.drift) == ("update", True)
+        observed = driver.observe()
+        assert observed is not None and set(observed.sets) == set(table.sets)
+
+        # A chain that is not ours any more: only a new table restores it.
+        run(["nft", "flush chain inet gatewayd postrouting; "
+             "delete chain inet gatewayd postrouting"], lab.router)
         result = driver.ensure(table, verify=True)
         assert (result.action, result.drift) == ("replace", True)
 
@@ -414,7 +427,7 @@ def test_steered_traffic_keeps_the_pod_ip_despite_the_cni_masquerade(sandbox: Sa
         assert Client(lab.pod, SERVICE).seen == "10.98.1.1"
         with entered(lab.node):
             result = driver.ensure(table, verify=True)
-        assert (result.action, result.drift) == ("replace", True)
+        assert (result.action, result.drift) == ("update", True)
         assert Client(lab.pod, SERVICE).seen == "10.244.1.5"
 
 
@@ -429,9 +442,68 @@ def test_failover_moves_new_connections_and_keeps_established_ones(sandbox: Sand
         assert established.seen == "198.51.100.1"
         with entered(lab.node):
             failover = render_steer_table(plan, NODE_SETTINGS, active={"team.payments": "gw-b"})
-            assert driver.ensure(failover).action == "replace"
+            assert driver.ensure(failover).action == "update"
         # gw-b has no conntrack entry for it: had it moved, gw-b would SNAT it anew and the
         # server would reset it.
         assert established.echo("still via gw-a") == "still via gw-a"
         assert Client(lab.pod, SERVICE).seen == "198.51.100.129"
         established.close()
+
+
+def test_no_new_connection_leaves_unsteered_while_the_rules_change(sandbox: Sandbox) -> None:
+    """Failovers back and forth under a stream of new flows (a UDP datagram from a new port
+    each): every one goes through a gateway, none leaves through the node's masquerade.
+    A table re-created per change let about one flow in two changes out with the node IP."""
+    lab = steer_lab(sandbox, gateway_snat=False)
+    driver = NftablesDriver("inet", "gatewayd-steer")
+    plan = node_plan(tunnel_rule("gw-a"))
+    tables = [render_steer_table(plan, NODE_SETTINGS, active={"team.payments": gateway})
+              for gateway in ("gw-a", "gw-b")]
+    with entered(lab.node):
+        driver.ensure(tables[0])
+    with flood(lab.pod, lab.server) as outcome, entered(lab.node):
+        for change in range(200):
+            assert driver.ensure(tables[(change + 1) % 2]).action == "update"
+    outcome.check()
+
+
+@dataclass
+class Flood:
+    """New flows from the pod to the service: how many were sent, and how many arrived
+    with the pod's address (through a gateway) or the node's (unsteered, masqueraded)."""
+
+    server: str
+    sent: int = 0
+
+    def check(self) -> None:
+        listed = run(["nft", "list table ip seen"], self.server).stdout
+        leaked, steered = (int(n) for n in re.findall(r"packets (\d+)", listed))
+        assert self.sent > 2_000 and steered > self.sent // 2, (self.sent, steered)
+        assert leaked == 0, f"{leaked} of {self.sent} new flows left with the node's address"
+
+
+@contextlib.contextmanager
+def flood(pod: str, server: str) -> Iterator[Flood]:
+    """UDP datagrams to the service, each from a new port (a new conntrack entry), from a
+    thread in `pod` until the block ends; the server's counters tell where they came from."""
+    run(["nft", "add table ip seen; add chain ip seen input { type filter hook prerouting "
+         "priority 0; }; add rule ip seen input udp dport 9999 ip saddr 192.0.2.1 counter; "
+         "add rule ip seen input udp dport 9999 ip saddr 10.244.1.5 counter"], server)
+    outcome = Flood(server)
+    stop = threading.Event()
+
+    def send() -> None:
+        with entered(pod):
+            while not stop.is_set():
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.sendto(b"x", (SERVICE, 9999))
+                outcome.sent += 1
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        yield outcome
+    finally:
+        stop.set()
+        sender.join()
+

@@ -20,6 +20,7 @@ from gatewayd.dataplane.nft_render import (
     COMMENT_MAX,
     DROP_EGRESS_IP_NOT_HELD,
     DROP_INVALID,
+    DROP_NOT_TRANSLATED,
     DROP_TUNNEL_INPUT,
     DROP_TUNNEL_NOT_UPLINK,
     DROP_TUNNEL_UNKNOWN,
@@ -36,6 +37,7 @@ from gatewayd.dataplane.nft_render import (
     render_gateway_table,
     render_steer_table,
     replace_commands,
+    update_commands,
 )
 from gatewayd.policy.model import (
     DropReason,
@@ -121,6 +123,13 @@ def rules(table: RenderedTable, chain: str) -> list[dict[str, Any]]:
     return [obj["rule"] for obj in table.body if obj.get("rule", {}).get("chain") == chain]
 
 
+def snat_rules(table: RenderedTable) -> list[dict[str, Any]]:
+    """The gateway's SNAT rules: its postrouting chain without the guard that ends it."""
+    nat = rules(table, "postrouting")
+    assert nat[-1]["expr"][-2:] == [{"counter": DROP_NOT_TRANSLATED}, {"drop": None}]
+    return nat[:-1]
+
+
 def counters(table: RenderedTable) -> dict[str, str]:
     return {o["counter"]["name"]: o["counter"]["comment"] for o in table.body if "counter" in o}
 
@@ -147,11 +156,12 @@ def test_gateway_rules_get_indexed_sets_counters_and_snat() -> None:
         DROP_TUNNEL_NOT_UPLINK: "from the tunnel to an interface that is no uplink",
         DROP_EGRESS_IP_NOT_HELD: "the rule's egress IP is not held by this host",
         DROP_TUNNEL_INPUT: "from the tunnel to the host, not the probe port",
+        DROP_NOT_TRANSLATED: "from the tunnel to an uplink, no SNAT rule matched",
         "rule0": "payments (active) via 198.51.100.10",
         "rule1": "payments (active) via 2001:db8:1::10",
         "rule2": "reports.nightly (standby) via 198.51.100.11",
     }
-    nat = rules(table, "postrouting")
+    nat = snat_rules(table)
     assert [r["expr"][-1]["snat"] for r in nat] == [
         {"family": "ip", "addr": "198.51.100.10"},
         {"family": "ip6", "addr": "2001:db8:1::10"},
@@ -187,10 +197,19 @@ def test_forward_chain_is_no_open_relay() -> None:
     assert forward[-1]["expr"] == [{"counter": DROP_UPLINK_FORWARD}, {"drop": None}]
 
 
+def test_no_pod_address_leaves_untranslated() -> None:
+    """Whatever the forward chain let through: a new connection from the tunnel that reaches
+    an uplink without an SNAT is dropped, after every SNAT rule."""
+    for plan in (GATEWAY_PLAN, GatewayPlan("gw")):
+        guard = rules(gateway_table(plan, SETTINGS), "postrouting")[-1]
+        assert guard["expr"] == [TUNNEL, TO_UPLINK, {"counter": DROP_NOT_TRANSLATED},
+                                 {"drop": None}]
+
+
 def test_a_rule_whose_egress_ip_is_not_held_drops_instead_of_snat() -> None:
     held = {ip("198.51.100.10")}  # not 2001:db8:1::10, not the standby's 198.51.100.11
     table = render_gateway_table(GATEWAY_PLAN, SETTINGS, held=held)
-    assert [r["expr"][-1]["snat"]["addr"] for r in rules(table, "postrouting")] == [
+    assert [r["expr"][-1]["snat"]["addr"] for r in snat_rules(table)] == [
         "198.51.100.10"]
     forward = rules(table, "forward")[5:8]
     assert [(r["expr"][-2], verdict(r)) for r in forward] == [
@@ -255,14 +274,14 @@ def test_mss_is_clamped_to_the_tunnel_mtu_both_ways(mtu: int) -> None:
 ])
 def test_snat_leaves_through_the_uplinks(uplinks: tuple[str, ...], expected: Any) -> None:
     table = gateway_table(GATEWAY_PLAN, GatewayTableSettings("egress0", uplinks))
-    assert {json.dumps(r["expr"][0]["match"]) for r in rules(table, "postrouting")} == {
+    assert {json.dumps(r["expr"][0]["match"]) for r in snat_rules(table)} == {
         json.dumps(expected)}
 
 
 def test_empty_gateway_plan_still_filters() -> None:
     table = gateway_table(GatewayPlan("gw"), SETTINGS)
     assert table.sets == {}
-    assert rules(table, "postrouting") == []
+    assert snat_rules(table) == []
     assert [verdict(r) for r in rules(table, "forward")] == (
         ["drop"] + ["mangle"] * 4 + ["accept", "drop", "drop", "drop"])
 
@@ -427,6 +446,78 @@ def test_replace_is_one_batch_that_swaps_the_table() -> None:
     elements = [c["add"]["element"] for c in commands if "element" in c.get("add", {})]
     assert {e["name"] for e in elements} == set(table.sets)
     assert {"prefix": {"addr": "192.0.2.0", "len": 24}} in elements[0]["elem"]
+
+
+def verbs(commands: Any) -> list[tuple[str, str, str]]:
+    """(verb, kind, name or chain) of each command."""
+    result = []
+    for command in commands:
+        ((verb, value),) = command.items()
+        ((kind, obj),) = value.items()
+        result.append((verb, kind, obj.get("chain") if kind == "rule" else obj["name"]))
+    return result
+
+
+def test_a_failover_changes_rules_and_counters_in_place_and_keeps_every_set() -> None:
+    before = render_steer_table(NODE_PLAN, STEER)
+    after = render_steer_table(NODE_PLAN, STEER, active={"payments": "gw-b"})
+    update = update_commands(after, before.sets, before.body)
+    assert update is not None and update.prepare == ()
+    steps = verbs(update.swap)
+    assert steps[:2] == [("flush", "chain", "prerouting"), ("flush", "chain", "postrouting")]
+    assert not any(kind in ("set", "element") for _, kind, _ in steps)
+    # the counters whose comment names the gateway are made anew, after the flush
+    changed = {obj["counter"]["name"] for obj in after.body
+               if "counter" in obj and obj not in before.body}
+    assert changed and [s for s in steps if s[1] == "counter"] == [
+        *(("delete", "counter", n) for n in sorted(changed)),
+        *(("add", "counter", n) for n in sorted(changed))]
+    rules = [c["add"] for c in update.swap if "rule" in c.get("add", {})]
+    assert rules == [obj for obj in after.body if "rule" in obj]
+
+
+def test_new_sets_are_filled_before_the_rules_that_use_them() -> None:
+    one = render_steer_table(replace(NODE_PLAN, rules=NODE_PLAN.rules[:1]), STEER)
+    two = render_steer_table(NODE_PLAN, STEER)
+    update = update_commands(two, one.sets, one.body)
+    assert update is not None
+    new_sets = set(two.sets) - set(one.sets)
+    assert new_sets and {n for v, k, n in verbs(update.prepare) if k == "set"} == new_sets
+    filled = {c["add"]["element"]["name"] for c in update.prepare if "element" in c["add"]}
+    assert filled == {n for n in new_sets if two.sets[n].elements}
+    assert not any(k == "set" for _, k, _ in verbs(update.swap))
+    # and back: the rules that used them go first (the flush), then the sets
+    back = update_commands(one, two.sets, two.body)
+    assert back is not None and back.prepare == ()
+    steps = verbs(back.swap)
+    deleted = [i for i, (v, k, n) in enumerate(steps) if (v, k) == ("delete", "set")]
+    assert {steps[i][2] for i in deleted} == new_sets
+    assert max(i for i, s in enumerate(steps) if s[0] == "flush") < min(deleted)
+
+
+def test_kept_sets_get_element_changes_and_redeclared_ones_are_made_anew() -> None:
+    table = gateway_table(GATEWAY_PLAN, SETTINGS)
+    current = dict(table.sets)
+    current["rule0_src"] = replace(current["rule0_src"],
+                                   elements=frozenset({"10.244.1.5", "10.244.9.9"}))
+    current["rule1_dst"] = replace(current["rule1_dst"], flags=())
+    update = update_commands(table, current, table.body)
+    assert update is not None and update.prepare == ()
+    steps = verbs(update.swap)
+    assert ("delete", "element", "rule0_src") in steps and ("add", "element", "rule0_src") \
+        in steps
+    assert steps.index(("delete", "set", "rule1_dst")) < steps.index(("add", "set", "rule1_dst"))
+    assert ("add", "element", "rule1_dst") in steps
+
+
+def test_a_change_of_chains_needs_a_new_table() -> None:
+    table = gateway_table(GATEWAY_PLAN, SETTINGS)
+    body = [obj for obj in table.body if obj.get("chain", {}).get("name") != "postrouting"]
+    assert update_commands(table, table.sets, body) is None
+    other = [{"chain": {**obj["chain"], "prio": 5}} if "chain" in obj else obj
+             for obj in table.body]
+    assert update_commands(table, table.sets, other) is None
+    assert update_commands(table, table.sets, table.body) is not None
 
 
 def test_element_updates_delete_before_they_add() -> None:

@@ -6,7 +6,8 @@ place: the sets stay, the chains are flushed and filled again in one transaction
 back, then apply C one-source changes through the fast path (element add / delete), reported
 as p50/p99 of `ensure()` alone, of render + `ensure()`, and of the agent's whole path in
 Kubernetes mode (one EgressSourceSlice changed: the spec and slices read into a plan,
-rendered, applied): what it pays for one pod.
+rendered, applied): what it pays for one pod. Then, per size, the memory of the agent's data
+path in a fresh process (bench/agent_memory.py).
 
     sudo .venv/bin/python bench/bench_nftables.py [--sizes 10000 100000] [--changes 200]
 """
@@ -15,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import secrets
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +30,7 @@ from typing import TypeVar
 
 from gatewayd.agent.kubernetes import target_from_object
 from gatewayd.api.sourceslices import ParsedSlices, addresses_digest, shard_rule
+from gatewayd.controller.slicing import slice_object
 from gatewayd.dataplane.nft_render import (
     GatewayTableSettings,
     RenderedTable,
@@ -149,17 +154,38 @@ def main() -> int:
         for size in args.sizes:
             with entered(netns):
                 results[size] = bench(size, args.destinations, args.changes)
-    names = list(next(iter(results.values())))
-    print(f"gateway table, {args.destinations} destination /24s, {args.changes} one-source "
-          "changes")
-    print(f"{'':34}" + "".join(f"{f'{size:,} src':>16}" for size in results))
-    for name in names:
-        print(f"{name:34}" + "".join(f"{results[s][name] * 1000:>13.1f} ms" for s in results))
-    # An upper bound of the agent's: this process also keeps the tables of the earlier steps.
-    status = Path("/proc/self/status").read_text().splitlines()
-    peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    print(f"{'peak RSS of this process':34}{peak / 1024:>13.0f} MiB")
+        names = list(next(iter(results.values())))
+        print(f"gateway table, {args.destinations} destination /24s, {args.changes} one-source "
+              "changes")
+        print(f"{'':34}" + "".join(f"{f'{size:,} src':>16}" for size in results))
+        for name in names:
+            print(f"{name:34}"
+                  + "".join(f"{results[s][name] * 1000:>13.1f} ms" for s in results))
+        for size in args.sizes:
+            print(f"the agent's data path at {size:,} sources, RSS (bench/agent_memory.py):")
+            with entered(netns):
+                print(agent_memory(size, args.destinations), end="")
     return 0
+
+
+def agent_memory(size: int, destinations: int) -> str:
+    """What bench/agent_memory.py prints for a gateway of `size` sources: run in a fresh
+    process (in the caller's namespace), on the spec and slices the controller would write."""
+    spec_rule = gateway_plan_to_dict(plan(sources(size), destinations))["rules"][0]
+    compact, slices = shard_rule("bench", spec_rule, previous=0)
+    objects = {
+        "gateway": {"apiVersion": "egress.gatewayd.io/v1alpha1", "kind": "EgressGateway",
+                    "metadata": {"name": "bench", "generation": 1},
+                    "spec": {"rules": [compact]}},
+        "slices": [slice_object(piece) for piece in slices],
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
+        json.dump(objects, file)
+        file.flush()
+        return subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("agent_memory.py")), file.name],
+            check=True, capture_output=True, text=True,
+        ).stdout
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The controller at the size of a large cluster: 100,000 pods, 2,000 policies, 1,000 nodes.
 
 Usage: .venv/bin/python bench/bench_scale.py [--pods N] [--policies N] [--nodes N] [--seed N]
+                                             [--profile]
 
 The cluster of bench_engine.py's generator (20 pods per Deployment, 500 pods per namespace, 8
 gateways, one of them not Ready) written as the API serves it: real-sized pods (containers,
@@ -16,16 +17,23 @@ one reconcile function) plus comparing its result with what the cluster holds:
 
 Then the largest object the controller wrote (its JSON, as etcd stores it, status included)
 and this process's peak RSS (VmHWM), which includes the generator's objects (about a tenth).
-Prints exactly five lines; progress goes to stderr.
+Prints exactly five lines; progress goes to stderr, with the RSS after each step (where the
+memory goes). `--profile` also prints, to stderr, where the cold and the one-pod reconciles
+spend their time (cProfile, the functions with the most time of their own and the most time
+below them); profiling slows them, so their figures are then not the ones to record.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
 import json
+import pstats
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from bench_controller import (
@@ -46,7 +54,26 @@ from gatewayd.controller.snapshots import Cluster
 
 
 def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    rss = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+               if line.startswith("VmRSS:"))
+    print(f"[{time.strftime('%H:%M:%S')}] {message} (RSS {rss / 1024:,.0f} MiB)",
+          file=sys.stderr, flush=True)
+
+
+def profiled(profile: bool, what: str, reconciler: Reconciler, cluster: Cluster
+             ) -> tuple[Cluster, int, float]:
+    """`reconcile`, under cProfile when `profile`: the top functions go to stderr."""
+    if not profile:
+        return reconcile(reconciler, cluster)
+    profiler = cProfile.Profile()
+    result = profiler.runcall(reconcile, reconciler, cluster)
+    for order in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(15)
+        listing = out.getvalue()
+        table = listing[listing.index("   ncalls"):].rstrip()
+        progress(f"profile of {what}, by {order}:\n{table}\n")
+    return result
 
 
 def generated(pods: int, policies: int, nodes: int, gateways: int, seed: int) -> Cluster:
@@ -92,12 +119,15 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1_000)
     parser.add_argument("--gateways", type=int, default=8)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--profile", action="store_true",
+                        help="where the cold and one-pod reconciles spend their time (stderr)")
     args = parser.parse_args()
 
     cluster = generated(args.pods, args.policies, args.nodes, args.gateways, args.seed)
     gc.collect()
+    progress("caches filled")
     reconciler = Reconciler(hold_down=30, tunnel_cidr=CIDR)
-    cluster, writes, cold = reconcile(reconciler, cluster)
+    cluster, writes, cold = profiled(args.profile, "the cold reconcile", reconciler, cluster)
     largest = largest_kib(cluster)
     progress(f"cold reconcile {cold:.2f} s, {writes} objects to write")
     gc.freeze()  # as the daemon does after its first reconcile
@@ -109,7 +139,8 @@ def main() -> None:
         pods, new_pod = one_pod_changes(cluster)
     except ValueError as error:
         parser.error(str(error))
-    cluster, writes, one_pod = reconcile(reconciler, with_pods(cluster, pods))
+    cluster, writes, one_pod = profiled(args.profile, "one pod's labels change", reconciler,
+                                        with_pods(cluster, pods))
     largest = max(largest, largest_kib(cluster))
     progress(f"one pod's labels change: {writes} objects to write")
 

@@ -635,6 +635,7 @@ class TableUpdate:
 
     prepare: tuple[JsonObject, ...]  # sets and counters no rule uses yet; may be empty
     swap: tuple[JsonObject, ...]
+    unprepare: tuple[JsonObject, ...]  # removes what `prepare` made, if `swap` is refused
 
 
 def update_commands(
@@ -658,8 +659,10 @@ def update_commands(
     new_sets = {n: s for n, s in table.sets.items() if n not in current_sets}
     new_counters = [c for n, c in counters.items() if n not in have_counters]
     prepare = [*_set_commands(table, new_sets), *({"add": {"counter": c}} for c in new_counters)]
-
     ref = {"family": table.family, "table": table.name}
+    unprepare = [*({"delete": {"set": {**ref, "name": n}}} for n in new_sets),
+                 *({"delete": {"counter": {**ref, "name": c["name"]}}} for c in new_counters)]
+
     swap: list[JsonObject] = [{"flush": {"chain": {**ref, "name": n}}} for n in chains]
     redeclared = {
         n: s for n, s in table.sets.items()
@@ -682,7 +685,7 @@ def update_commands(
             added[name] = new
     swap += element_commands(table, removed, added)
     swap += [{"add": obj} for obj in table.body if "rule" in obj]
-    return TableUpdate(tuple(prepare), tuple(swap))
+    return TableUpdate(tuple(prepare), tuple(swap), tuple(unprepare))
 
 
 def _set_commands(table: RenderedTable, sets: Mapping[str, SetSpec]) -> list[JsonObject]:

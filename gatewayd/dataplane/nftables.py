@@ -194,7 +194,13 @@ class NftablesDriver:
         self._applied = self._applied_body = None
         if update.prepare:
             self._run(list(update.prepare), "preparation")
-        self._run(list(update.swap), "update")
+        try:
+            self._run(list(update.swap), "update")
+        except NftablesError:
+            # The rules in force stay; so does the table `intact()` compares with.
+            if update.unprepare:
+                self._run(list(update.unprepare), "clean-up of a refused update")
+            raise
         self._installed(desired)
         return "update"
 

@@ -16,7 +16,7 @@ import secrets
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -29,7 +29,7 @@ from gatewayd.dataplane.nft_render import (
     render_gateway_table,
     render_steer_table,
 )
-from gatewayd.dataplane.nftables import NftablesDriver
+from gatewayd.dataplane.nftables import NftablesDriver, NftablesError
 from gatewayd.dataplane.routing import PolicyRoutingDriver
 from gatewayd.lab.netns import Sandbox, entered, run, wait_for
 from gatewayd.policy.model import (
@@ -314,6 +314,33 @@ def test_drift_is_detected_and_repaired(sandbox: Sandbox) -> None:
         assert driver.delete() is False
     with source_server(lab.server):  # without the table the router forwards as it likes
         assert Client(lab.pod, "192.0.2.2").seen == "10.99.0.5"
+
+
+def test_an_update_the_kernel_refuses_leaves_the_table_in_force(sandbox: Sandbox) -> None:
+    """A new rule that needs a new set, and one the kernel refuses (its counter does not
+    exist): nothing of the update stays, the sets made for it neither, and the table the
+    driver installed last still filters (`intact`)."""
+    lab = gateway_lab(sandbox)
+    driver = NftablesDriver("inet", "gatewayd")
+    plan = gateway_plan("10.99.0.5", "fd00:99::5")
+    table = held_table(plan, SETTINGS)
+    bigger = held_table(replace(plan, rules=(*plan.rules, SnatRule(
+        "team.reports", Role.ACTIVE, frozenset({ip("10.99.0.6")}), (net("192.0.2.0/24"),),
+        ip("192.0.2.10")))), SETTINGS)
+    assert set(bigger.sets) > set(table.sets)
+    refused = replace(bigger, body=(*bigger.body, {"rule": {
+        "family": "inet", "table": "gatewayd", "chain": "forward",
+        "expr": [{"counter": "no_such_counter"}, {"drop": None}]}}))
+    with entered(lab.router):
+        driver.ensure(table)
+        with pytest.raises(NftablesError, match="refused the update"):
+            driver.ensure(refused)
+        observed = driver.observe()
+        assert observed is not None and set(observed.sets) == set(table.sets)
+        assert driver.intact()
+        assert driver.ensure(bigger).action == "update"
+    with source_server(lab.server):
+        assert Client(lab.pod, "192.0.2.2").seen == "192.0.2.10"
 
 
 # --- steer table -------------------------------------------------------------------------------

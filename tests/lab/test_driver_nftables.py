@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import pytest
+from pyroute2.netns import setns
 
 from gatewayd.dataplane.nft_render import (
     DROP_TUNNEL_UNKNOWN,
@@ -520,11 +521,14 @@ def flood(pod: str, server: str) -> Iterator[Flood]:
     stop = threading.Event()
 
     def send() -> None:
-        with entered(pod):
-            while not stop.is_set():
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                    sock.sendto(b"x", (SERVICE, 9999))
-                outcome.sent += 1
+        # This thread alone moves into the pod's namespace, for good: `entered` keeps one
+        # stack of saved namespaces for the whole process, which two threads would mix up
+        # (the main thread left in a namespace its sandbox then kills every process of).
+        setns(pod)
+        while not stop.is_set():
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.sendto(b"x", (SERVICE, 9999))
+            outcome.sent += 1
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()

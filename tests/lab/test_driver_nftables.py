@@ -22,6 +22,7 @@ import pytest
 from pyroute2.netns import setns
 
 from gatewayd.dataplane.nft_render import (
+    DROP_NOT_TRANSLATED,
     DROP_TUNNEL_UNKNOWN,
     DROP_UPLINK_FORWARD,
     GatewayTableSettings,
@@ -249,6 +250,27 @@ def test_gateway_table_snats_filters_and_counts(sandbox: Sandbox) -> None:
         second = Client(lab.pod, "192.0.2.2", source="10.99.0.6")
         assert second.seen == "192.0.2.10"
         second.close()
+
+
+def test_a_connection_let_through_untranslated_is_dropped_at_the_uplink(
+        sandbox: Sandbox) -> None:
+    """The forward chain and the SNAT rules look into the sets at two moments. Should the
+    forward chain let a connection through that no SNAT rule translates (here a rule added by
+    hand stands in for that), it is dropped before the uplink, never sent with the pod's
+    address."""
+    lab = gateway_lab(sandbox)
+    driver = NftablesDriver("inet", "gatewayd")
+    with entered(lab.router):
+        driver.ensure(held_table(gateway_plan("10.99.0.5"), SETTINGS))
+        before = driver.counters()[DROP_NOT_TRANSLATED][0]
+    run(["nft", "insert rule inet gatewayd forward iifname gwtun accept"], lab.router)
+    run(["nft", "add table ip seen; add chain ip seen input { type filter hook prerouting "
+         "priority 0; }; add rule ip seen input ip saddr 10.99.0.6 counter"], lab.server)
+    stray = syn_only(lab.pod, "192.0.2.2", source="10.99.0.6")
+    counter_rises(driver, lab.router, DROP_NOT_TRANSLATED, before)
+    stray.close()
+    listed = run(["nft", "list table ip seen"], lab.server).stdout
+    assert re.findall(r"packets (\d+)", listed) == ["0"], listed
 
 
 def test_established_snat_connection_survives_a_change_of_the_rules(sandbox: Sandbox) -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from gatewayd.agent.config import FailoverSettings
 from gatewayd.dataplane.addresses import AddressConflict, AddressDriver
 from gatewayd.dataplane.probe import ClaimWatcher
-from gatewayd.policy.model import EgressIPPool, IPAddress, Role, SnatRule
+from gatewayd.policy.model import EgressIPPool, IPAddress, Role, SnatRule, address_order
 from gatewayd.probe import (
     Demand,
     ProbeFormatError,
@@ -133,7 +133,7 @@ class EgressIPKeeper:
             # may be adding an address it has not recorded yet.
             settled = passes > started + 1 and not held
             if settled or time.monotonic() >= deadline or not self._thread.is_alive():
-                return tuple(sorted(held, key=_order))
+                return tuple(sorted(held, key=address_order))
             self._stopping.wait(PASS_SECONDS)
 
     def stop(self) -> None:
@@ -175,7 +175,7 @@ class EgressIPKeeper:
         recent = [d for d in demands if now - d.received_at <= self.settings.egress_ip_hold_seconds]
         active = {r.egress_ip for r in rules if r.role is Role.ACTIVE and self.provisioned(
             r.egress_ip)}
-        ordered = tuple(sorted(held, key=_order))
+        ordered = tuple(sorted(held, key=address_order))
         if conflicts:
             return EgressIPReport(ordered, False, "AddressConflict",
                                   "; ".join(str(c) for c in conflicts))
@@ -187,7 +187,7 @@ class EgressIPKeeper:
             )
         missing = wanted - held
         if missing:
-            waiting = ", ".join(map(str, sorted(missing, key=_order)))
+            waiting = ", ".join(map(str, sorted(missing, key=address_order)))
             return EgressIPReport(ordered, False, "Claiming", f"not yet held: {waiting}")
         return EgressIPReport(ordered, True, "Held",
                               f"{len(held)} egress IPs held" if held else "none needed here")
@@ -344,6 +344,3 @@ class EgressIPKeeper:
                     except OSError as exc:
                         log.warning("announcing %s again failed: %s", address, exc)
 
-
-def _order(address: IPAddress) -> tuple[int, int]:
-    return address.version, int(address)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from gatewayd.dataplane.natstats import NatFlow, snat_flows
 from gatewayd.dataplane.nft_render import snat_counter_rules
 from gatewayd.metrics import Sample
-from gatewayd.policy.model import GatewayPlan, IPAddress
+from gatewayd.policy.model import GatewayPlan, IPAddress, address_order
 
 
 def egress_ip_samples(expected: Iterable[IPAddress], held: Iterable[IPAddress],
@@ -23,7 +23,7 @@ def egress_ip_samples(expected: Iterable[IPAddress], held: Iterable[IPAddress],
     and whether another host answers for it."""
     expected, held, conflicts = set(expected), set(held), set(conflicts)
     samples: list[Sample] = []
-    for ip in sorted(expected | held, key=lambda a: (a.version, int(a))):
+    for ip in sorted(expected | held, key=address_order):
         labels = {"egress_ip": str(ip)}
         samples += [
             Sample("gatewayd_egress_ip_expected", "1 when the applied plan has this gateway "

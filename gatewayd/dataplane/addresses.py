@@ -29,7 +29,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from gatewayd.dataplane.announce import probe, send_gratuitous_arp, send_unsolicited_na
 from gatewayd.dataplane.netlink import OWNER_PROTOCOL, link_index, link_names
-from gatewayd.policy.model import IPAddress
+from gatewayd.policy.model import IPAddress, address_order
 
 IFA_F_NODAD = 0x02
 IFA_F_DADFAILED = 0x08
@@ -108,7 +108,7 @@ class AddressDriver:
                     del present[item.address]
                     refused_by_kernel.append(item.address)
             missing: list[IPAddress] = []
-            for address in sorted(wanted - set(present), key=_order):
+            for address in sorted(wanted - set(present), key=address_order):
                 refused = self._refused_recently(interface, address)
                 if refused:
                     conflicts.append(refused)
@@ -117,7 +117,7 @@ class AddressDriver:
 
             taken = probe(interface, mac, missing, self.probe_seconds) if (
                 self.probe_seconds > 0 and can_arp and missing) else {}
-            for address, owner in sorted(taken.items(), key=lambda item: _order(item[0])):
+            for address, owner in sorted(taken.items(), key=lambda item: address_order(item[0])):
                 conflicts.append(self._refuse(interface, address, f"answered by {owner}"))
             added = [a for a in missing if a not in taken]
             for address in added:
@@ -128,13 +128,13 @@ class AddressDriver:
             removed += [a for a in refused_by_kernel if a not in added]
 
             # Stale ones last: add before remove, as everywhere in the reconcile.
-            for item in sorted(present.values(), key=lambda p: _order(p.address)):
+            for item in sorted(present.values(), key=lambda p: address_order(p.address)):
                 if item.owned and item.address not in wanted:
                     self._delete(ipr, index, item)
                     removed.append(item.address)
         return AddressChanges(
-            added=tuple(sorted(added, key=_order)),
-            removed=tuple(sorted(removed, key=_order)),
+            added=tuple(sorted(added, key=address_order)),
+            removed=tuple(sorted(removed, key=address_order)),
             conflicts=tuple(conflicts),
         )
 
@@ -162,7 +162,7 @@ class AddressDriver:
                         self._delete(ipr, index, item)
                         removed.append(item.address)
         self._conflicts.clear()
-        return AddressChanges(removed=tuple(sorted(removed, key=_order)))
+        return AddressChanges(removed=tuple(sorted(removed, key=address_order)))
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -256,6 +256,3 @@ def _forwarding(interface: str) -> bool:
     except OSError:
         return False
 
-
-def _order(address: IPAddress) -> tuple[int, int]:
-    return address.version, int(address)

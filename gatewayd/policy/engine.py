@@ -58,6 +58,7 @@ from gatewayd.policy.model import (
     SteerAction,
     SteerRule,
     Verdict,
+    address_order,
 )
 
 # --- results -----------------------------------------------------------------------------------
@@ -666,7 +667,7 @@ class EgressPlan:
             ):
                 if server != gateway or egress_ip is None:
                     continue
-                key = (outcome.policy, role, _address_key(egress_ip), _spans_key(group))
+                key = (outcome.policy, role, address_order(egress_ip), _spans_key(group))
                 entry = rules.get(key)
                 if step > 0:
                     if entry is None:
@@ -883,9 +884,6 @@ def _anchor(requirements: Iterable[Requirement]) -> list[tuple[str, str]] | None
                 best = pairs
     return best
 
-
-def _address_key(ip: IPAddress) -> tuple[int, int]:
-    return (ip.version, int(ip))
 
 
 def _spans_key(group: _Destinations) -> _Spans:

@@ -14,6 +14,11 @@ IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 
 
+def address_order(address: IPAddress) -> tuple[int, int]:
+    """Sort key of addresses of both families: IPv4 first, then by number."""
+    return (address.version, int(address))
+
+
 # --- label selectors -------------------------------------------------------------------------
 
 

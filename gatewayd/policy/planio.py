@@ -23,6 +23,7 @@ from gatewayd.policy.model import (
     SnatRule,
     SteerAction,
     SteerRule,
+    address_order,
 )
 from gatewayd.policy.safeload import describe
 
@@ -171,8 +172,5 @@ def _address_texts(addresses: Iterable[IPAddress]) -> list[str]:
     """The addresses as text, IPv4 first, each family in numeric order (sorted as objects:
     100,000 of them parsed back from text took seconds of a cold reconcile). Interned: a pod's
     address is in its node's spec and its gateways' once per policy, one string for all."""
-    return [sys.intern(str(a)) for a in sorted(addresses, key=_address_order)]
+    return [sys.intern(str(a)) for a in sorted(addresses, key=address_order)]
 
-
-def _address_order(address: IPAddress) -> tuple[int, int]:
-    return (address.version, int(address))

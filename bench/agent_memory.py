@@ -18,13 +18,12 @@ import json
 import sys
 from pathlib import Path
 
+from procstatus import status_kib
+
 
 def memory(key: str = "VmRSS") -> float:
     """This process's `key` line of /proc/self/status, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
+    return status_kib(key) / 1024
 
 
 def main(path: str) -> None:

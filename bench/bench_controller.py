@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench_engine import make_snapshot
+from procstatus import status_kib
 
 from gatewayd.api.sourceslices import GATEWAY_LABEL, SLICES_FEATURE, with_sources
 from gatewayd.controller.reconcile import Decisions, Reconciler
@@ -562,16 +563,7 @@ def _controller_peak_rss(kubeconfig: str, connection: Connection) -> None:
             time.sleep(15)
     finally:
         controller.stop()
-    connection.send((peak_rss_kib(), first, controller.writes))
-
-
-def peak_rss_kib() -> int:
-    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that over an
-    exec, so a spawned child would report the forking parent's size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    connection.send((status_kib("VmHWM"), first, controller.writes))
 
 
 def bench_memory(seed: int, pods_wanted: int) -> None:

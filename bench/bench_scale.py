@@ -36,19 +36,18 @@ import pstats
 import sys
 import time
 import tracemalloc
-from pathlib import Path
 from typing import Any
 
 from bench_controller import (
     CIDR,
     cluster_objects,
     one_pod_changes,
-    peak_rss_kib,
     real_sized,
     reconcile,
     with_pods,
 )
 from bench_engine import make_snapshot
+from procstatus import status_kib
 from realistic import with_managed_fields
 
 from gatewayd.controller.cached import pod_fields
@@ -57,8 +56,7 @@ from gatewayd.controller.snapshots import Cluster
 
 
 def progress(message: str) -> None:
-    rss = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-               if line.startswith("VmRSS:"))
+    rss = status_kib("VmRSS")
     print(f"[{time.strftime('%H:%M:%S')}] {message} (RSS {rss / 1024:,.0f} MiB)",
           file=sys.stderr, flush=True)
 
@@ -165,7 +163,7 @@ def main() -> None:
     print(f"one pod's labels change: {one_pod * 1000:.0f} ms")
     print(f"one new pod: {added * 1000:.0f} ms")
     print(f"largest object written: {largest:.0f} KiB")
-    print(f"controller peak RSS: {peak_rss_kib() / 1024:.0f} MiB")
+    print(f"controller peak RSS: {status_kib('VmHWM') / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import re
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -264,13 +264,20 @@ def test_a_connection_let_through_untranslated_is_dropped_at_the_uplink(
         driver.ensure(held_table(gateway_plan("10.99.0.5"), SETTINGS))
         before = driver.counters()[DROP_NOT_TRANSLATED][0]
     run(["nft", "insert rule inet gatewayd forward iifname gwtun accept"], lab.router)
-    run(["nft", "add table ip seen; add chain ip seen input { type filter hook prerouting "
-         "priority 0; }; add rule ip seen input ip saddr 10.99.0.6 counter"], lab.server)
+    arrived = arrivals(lab.server, "10.99.0.6")
     stray = syn_only(lab.pod, "192.0.2.2", source="10.99.0.6")
     counter_rises(driver, lab.router, DROP_NOT_TRANSLATED, before)
     stray.close()
-    listed = run(["nft", "list table ip seen"], lab.server).stdout
-    assert re.findall(r"packets (\d+)", listed) == ["0"], listed
+    assert arrived() == [0]
+
+
+def arrivals(netns: str, *sources: str) -> Callable[[], list[int]]:
+    """Count the packets that reach `netns` from each of `sources`; returns the reader."""
+    rules = "".join(f"; add rule ip seen input ip saddr {s} counter" for s in sources)
+    run(["nft", "add table ip seen; add chain ip seen input { type filter hook prerouting "
+         f"priority 0; }}{rules}"], netns)
+    return lambda: [int(n) for n in re.findall(
+        r"packets (\d+)", run(["nft", "list table ip seen"], netns).stdout)]
 
 
 def test_established_snat_connection_survives_a_change_of_the_rules(sandbox: Sandbox) -> None:
@@ -522,12 +529,11 @@ class Flood:
     """New flows from the pod to the service: how many were sent, and how many arrived
     with the pod's address (through a gateway) or the node's (unsteered, masqueraded)."""
 
-    server: str
+    arrived: Callable[[], list[int]]  # from the node's address, from the pod's
     sent: int = 0
 
     def check(self) -> None:
-        listed = run(["nft", "list table ip seen"], self.server).stdout
-        leaked, steered = (int(n) for n in re.findall(r"packets (\d+)", listed))
+        leaked, steered = self.arrived()
         assert self.sent > 2_000 and steered > self.sent // 2, (self.sent, steered)
         assert leaked == 0, f"{leaked} of {self.sent} new flows left with the node's address"
 
@@ -536,10 +542,7 @@ class Flood:
 def flood(pod: str, server: str) -> Iterator[Flood]:
     """UDP datagrams to the service, each from a new port (a new conntrack entry), from a
     thread in `pod` until the block ends; the server's counters tell where they came from."""
-    run(["nft", "add table ip seen; add chain ip seen input { type filter hook prerouting "
-         "priority 0; }; add rule ip seen input udp dport 9999 ip saddr 192.0.2.1 counter; "
-         "add rule ip seen input udp dport 9999 ip saddr 10.244.1.5 counter"], server)
-    outcome = Flood(server)
+    outcome = Flood(arrivals(server, "192.0.2.1", "10.244.1.5"))
     stop = threading.Event()
 
     def send() -> None:

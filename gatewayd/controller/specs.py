@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
@@ -83,9 +83,11 @@ class SpecForms:
         return rules, internal
 
     def _steer_form(self, rule: SteerRule) -> Rule:
-        form = _steer_form(rule)
-        made = form["destinations"]
-        form["destinations"] = self._form(("destinations", rule.destinations), lambda: made)
+        form = _steer_form(replace(rule, destinations=()))  # their text: shared, made once
+        form["destinations"] = self._form(
+            ("destinations", rule.destinations),
+            lambda: _steer_form(replace(rule, sources=frozenset()))["destinations"],
+        )
         return form
 
 

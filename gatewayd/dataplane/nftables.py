@@ -17,6 +17,11 @@ yet (daemon start) therefore always rewrites the rules once.
 The libnftables context is created per call: it binds to the network namespace of the calling
 thread when created, and the driver acts on the caller's namespace. Not thread-safe.
 
+A table that carries flags (another process owns it, or made it dormant) is never listed as
+JSON: nft 1.0.6 frees the JSON of a table's single flag before writing it, which corrupts the
+heap of the process that asked (the agent aborted when the context was freed). Its flags are
+read over netlink first (pyroute2); gatewayd never sets any.
+
 `TableWatcher` follows the kernel's nftables events (`nft monitor` as a child process) and
 says when another process changed or removed the table, so the daemon repairs it at once
 instead of on its repair timer.
@@ -35,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import nftables
+from pyroute2.nftables.main import NFTables
 
 from gatewayd.dataplane.nft_render import (
     JsonObject,
@@ -49,12 +55,25 @@ from gatewayd.dataplane.nft_render import (
 
 _MISSING = "No such file or directory"  # what nft says about a table that is not there
 _GENERATION = "# new generation "  # `nft monitor` ends each transaction's events with it
+_FAMILIES = {"inet": 1, "ip": 2, "arp": 3, "netdev": 5, "bridge": 7, "ip6": 10}  # NFPROTO_*
+_TABLE_FLAGS = {1: "dormant", 2: "owner", 4: "persist"}  # NFT_TABLE_F_*
 
 log = logging.getLogger("gatewayd.nftables")
 
 
 class NftablesError(Exception):
     """libnftables refused a command; the message holds what nft said."""
+
+
+class FlaggedTableError(NftablesError):
+    """The table carries flags gatewayd never sets: another process owns it, or made it
+    dormant. It is not listed (see the module's docstring)."""
+
+    def __init__(self, family: str, name: str, flags: tuple[str, ...]) -> None:
+        self.flags = flags
+        whose = " (another process owns it)" if "owner" in flags else ""
+        super().__init__(f"table {family} {name} has flags {', '.join(flags)}{whose}; "
+                         "gatewayd never sets flags on its tables")
 
 
 @dataclass(frozen=True)
@@ -125,9 +144,13 @@ class NftablesDriver:
         return None if objects is None else _parse_table(self.family, self.name, objects)
 
     def counters(self) -> dict[str, tuple[int, int]]:
-        """Named counters of the table: name -> (packets, bytes); empty without the table.
-        nft 1.0.6 fetches every set element for any listing: ~0.2 s at 100,000 sources."""
-        objects = self._list(f"list counters table {self.family} {self.name}", terse=True)
+        """Named counters of the table: name -> (packets, bytes); empty without the table, or
+        when the table is flagged (not ours). nft 1.0.6 fetches every set element for any
+        listing: ~0.2 s at 100,000 sources."""
+        try:
+            objects = self._list(f"list counters table {self.family} {self.name}", terse=True)
+        except FlaggedTableError:
+            return {}
         return {
             obj["counter"]["name"]: (obj["counter"]["packets"], obj["counter"]["bytes"])
             for obj in objects or []
@@ -137,7 +160,10 @@ class NftablesDriver:
     def intact(self) -> bool:
         """Whether the kernel's table is still the one this driver installed last (set
         elements aside): after a failed apply, whether the last good table still filters."""
-        objects = self._list(f"list table {self.family} {self.name}", terse=True)
+        try:
+            objects = self._list(f"list table {self.family} {self.name}", terse=True)
+        except FlaggedTableError:
+            return False
         return objects is not None and self._installed_body is not None and (
             _parse_table(self.family, self.name, objects).body == self._installed_body)
 
@@ -156,7 +182,13 @@ class NftablesDriver:
     # --- internals ----------------------------------------------------------------------------
 
     def _reconcile(self, desired: RenderedTable, start: float) -> ApplyResult:
-        observed = self.observe()
+        try:
+            observed = self.observe()
+        except FlaggedTableError as exc:
+            if "owner" in exc.flags:
+                raise  # the kernel refuses anyone else's change of an owned table
+            self._replace(desired)  # a table made dormant by hand: a new one has no flags
+            return ApplyResult("replace", time.monotonic() - start, drift=True)
         applied = self._applied
         drift = applied is not None and (
             observed is None
@@ -228,6 +260,9 @@ class NftablesDriver:
             )
 
     def _list(self, command: str, terse: bool) -> list[JsonObject] | None:
+        flags = self._flags()
+        if flags:
+            raise FlaggedTableError(self.family, self.name, flags)
         nft = nftables.Nftables()
         nft.set_json_output(True)
         nft.set_terse_output(terse)  # terse: without set elements
@@ -238,6 +273,17 @@ class NftablesDriver:
             raise NftablesError(f"nft {command}: {error.strip()}")
         objects: list[JsonObject] = json.loads(output)["nftables"]
         return objects
+
+
+    def _flags(self) -> tuple[str, ...]:
+        """The table's flags as the kernel has them; empty also when there is no table."""
+        with NFTables(nfgen_family=_FAMILIES[self.family]) as netlink:
+            tables = netlink.get_tables()
+        bits = next((t.get_attr("NFTA_TABLE_FLAGS") or 0 for t in tables
+                     if t.get_attr("NFTA_TABLE_NAME") == self.name), 0)
+        unknown = bits & ~sum(_TABLE_FLAGS)
+        return (*(name for bit, name in _TABLE_FLAGS.items() if bits & bit),
+                *((f"0x{unknown:x}",) if unknown else ()))
 
 
 def _parse_table(family: str, name: str, objects: list[JsonObject]) -> ObservedTable:

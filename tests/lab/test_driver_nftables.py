@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import socket
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,7 @@ from gatewayd.dataplane.nft_render import (
     render_gateway_table,
     render_steer_table,
 )
-from gatewayd.dataplane.nftables import NftablesDriver, NftablesError
+from gatewayd.dataplane.nftables import FlaggedTableError, NftablesDriver, NftablesError
 from gatewayd.dataplane.routing import PolicyRoutingDriver
 from gatewayd.lab.netns import Sandbox, entered, run, wait_for
 from gatewayd.policy.model import (
@@ -371,6 +372,58 @@ def test_an_update_the_kernel_refuses_leaves_the_table_in_force(sandbox: Sandbox
         assert driver.ensure(bigger).action == "update"
     with source_server(lab.server):
         assert Client(lab.pod, "192.0.2.2").seen == "192.0.2.10"
+
+
+def test_a_table_with_flags_is_replaced_or_reported_never_listed(sandbox: Sandbox) -> None:
+    """nft 1.0.6 corrupts the heap of a process that lists a table with one flag as JSON (the
+    agent aborted). A table made dormant by hand (its rules off) is replaced; one another
+    process owns is reported: the kernel lets nobody else change it."""
+    lab = gateway_lab(sandbox)
+    driver = NftablesDriver("inet", "gatewayd")
+    table = held_table(gateway_plan("10.99.0.5", "fd00:99::5"), SETTINGS)
+    with entered(lab.router):
+        driver.ensure(table)
+        run(["nft", "add table inet gatewayd { flags dormant; }"], lab.router)
+        assert not driver.intact()
+        assert driver.counters() == {}
+        result = driver.ensure(table, verify=True)
+        assert (result.action, result.drift) == ("replace", True)
+        assert driver.intact()
+        run(["nft", "delete table inet gatewayd"], lab.router)
+    with source_server(lab.server), owned_table(lab.router, "inet", "gatewayd"):
+        with entered(lab.router):
+            with pytest.raises(FlaggedTableError, match="flags owner .another process owns"):
+                driver.observe()
+            with pytest.raises(FlaggedTableError, match="flags owner"):
+                driver.ensure(table, verify=True)
+            assert not driver.intact()
+        assert Client(lab.pod, "192.0.2.2").seen == "10.99.0.5"  # the owner's empty table
+    with entered(lab.router):  # gone with its owner
+        assert driver.ensure(table, verify=True).action == "replace"
+    with source_server(lab.server):
+        assert Client(lab.pod, "192.0.2.2").seen == "192.0.2.10"
+
+
+@contextlib.contextmanager
+def owned_table(netns: str, family: str, name: str) -> Iterator[None]:
+    """An empty table that an `nft -i` process owns while the context lasts."""
+    owner = subprocess.Popen(["ip", "netns", "exec", netns, "nft", "-i"], text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        assert owner.stdin is not None
+        owner.stdin.write(f"add table {family} {name} {{ flags owner; }}\n")
+        owner.stdin.flush()
+        wait_for(lambda: f"table {family} {name}" in run(["nft", "list", "tables"],
+                                                         netns).stdout,
+                 10, "the owned table")
+        yield
+    finally:
+        owner.kill()  # the kernel removes an owned table with its owner
+        owner.wait(5)
+        wait_for(lambda: f"table {family} {name}" not in run(["nft", "list", "tables"],
+                                                             netns).stdout,
+                 10, "the owned table gone")
 
 
 # --- steer table -------------------------------------------------------------------------------

@@ -27,6 +27,10 @@ With `--api-outage SECONDS` it then runs the client that long with the API serve
 baseline), takes the API server down for as long, and counts failed requests in both stretches
 and the plans the daemons programmed because of the outage.
 
+`--timing KEY=SECONDS` (repeatable) changes the fast path's timing from the product's defaults:
+`probe_interval`, `probe_misses`, `egress_ip_hold`, `arp_probe`, `handover` (the keys of
+`gatewayd.lab.kubelab.DEFAULT_TIMING`).
+
 Prints a Markdown table.
 """
 
@@ -46,6 +50,7 @@ from fakecluster.fakeapi import FakeApiServer
 
 from gatewayd.lab.holder import Held, read_held
 from gatewayd.lab.kubelab import (
+    DEFAULT_TIMING,
     EgressIPWatch,
     KubeLab,
     daemon_events,
@@ -285,9 +290,21 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="keep the daemons' logs and the clients' records in DIR, a new "
                              "directory (default: a temporary one, removed at the end)")
+    parser.add_argument("--timing", action="append", default=[], metavar="KEY=SECONDS",
+                        help="a fast-path timing other than the product's default")
     args = parser.parse_args()
     if args.keep is not None and args.keep.exists():
         parser.error(f"--keep {args.keep}: already exists")
+    timing = {"hold_down": HOLD_DOWN}
+    for item in args.timing:
+        key, _, value = item.partition("=")
+        if key not in DEFAULT_TIMING or key == "hold_down":
+            parser.error(f"--timing {item}: KEY is one of "
+                         f"{', '.join(k for k in DEFAULT_TIMING if k != 'hold_down')}")
+        try:
+            timing[key] = float(value)
+        except ValueError:
+            parser.error(f"--timing {item}: SECONDS must be a number")
     results: list[dict[str, float]] = []
     with ExitStack() as stack:
         if args.keep is None:
@@ -296,7 +313,7 @@ def main() -> int:
             args.keep.mkdir(parents=True)
             tmp = str(args.keep)
         lab = stack.enter_context(kube_lab_session(Path(tmp) / "lab", FakeApiServer(),
-                                                   timing={"hold_down": HOLD_DOWN}))
+                                                   timing=timing))
         for name in (f"30-policy-{POLICY}.yaml", f"32-policy-{POLICY6}.yaml"):
             lab.create(yaml.safe_load((EXAMPLE_SNAPSHOT / name).read_text()))
         wait_for(lambda: len(roles(lab)) == 2 and len(roles(lab, POLICY6)) == 2, TIMEOUT,

@@ -67,7 +67,7 @@ class FailoverSettings:
     # the standby the nodes moved to can have taken them.
     egress_ip_hold_seconds: float = 0.4
     # How long an ARP probe asks the segment whether another host holds an address first.
-    arp_probe_seconds: float = 0.2
+    arp_probe_seconds: float = 0.1
     # On stop, how long the agent still listens (without answering) to the nodes' probes, so
     # the egress IPs of policies the nodes moved to a standby are given up for it to claim.
     handover_seconds: float = 1.0

@@ -15,6 +15,7 @@ announced: gratuitous ARP, unsolicited neighbour advertisement.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import time
@@ -115,16 +116,18 @@ class AddressDriver:
                 else:
                     missing.append(address)
 
-            taken = probe(interface, mac, missing, self.probe_seconds) if (
-                self.probe_seconds > 0 and can_arp and missing) else {}
-            for address, owner in sorted(taken.items(), key=lambda item: address_order(item[0])):
-                conflicts.append(self._refuse(interface, address, f"answered by {owner}"))
-            added = [a for a in missing if a not in taken]
-            for address in added:
-                self._add(ipr, index, address)
-                self._refusals.pop((interface, address), None)
-            if can_arp:
-                self._announce(interface, index, mac, added)
+            with contextlib.ExitStack() as probe_sockets:  # closed once the addresses are in use
+                taken = probe(interface, mac, missing, self.probe_seconds, probe_sockets) if (
+                    self.probe_seconds > 0 and can_arp and missing) else {}
+                for address, owner in sorted(taken.items(),
+                                             key=lambda item: address_order(item[0])):
+                    conflicts.append(self._refuse(interface, address, f"answered by {owner}"))
+                added = [a for a in missing if a not in taken]
+                for address in added:
+                    self._add(ipr, index, address)
+                    self._refusals.pop((interface, address), None)
+                if can_arp:
+                    self._announce(interface, index, mac, added)
             removed += [a for a in refused_by_kernel if a not in added]
 
             # Stale ones last: add before remove, as everywhere in the reconcile.

@@ -148,11 +148,13 @@ def _icmpv6_checksum(source: IPv6Address, destination: IPv6Address, message: byt
 
 
 def probe(
-    interface: str, mac: bytes, addresses: Collection[IPAddress], seconds: float
+    interface: str, mac: bytes, addresses: Collection[IPAddress], seconds: float,
+    sockets: contextlib.ExitStack,
 ) -> dict[IPAddress, str]:
     """Probe `addresses` of both families for `seconds` (two rounds of probes: ARP for IPv4,
     duplicate address detection for IPv6); return each address that another host claims,
-    with that host's MAC.
+    with that host's MAC. The probe's sockets are closed with `sockets`: the caller closes
+    them once it has used the address (closing costs time, see `packet_socket`).
 
     Only what arrives after the second round counts: a holder that answered the first round
     and then gave the address up (a gateway handing it over) does not answer the second, and
@@ -161,34 +163,33 @@ def probe(
     v4 = sorted(a for a in wanted if isinstance(a, IPv4Address))
     v6 = sorted(a for a in wanted if isinstance(a, IPv6Address))
     conflicts: dict[IPAddress, str] = {}
-    with contextlib.ExitStack() as stack:
-        listening: list[socket.socket] = []
-        round_frames: list[tuple[socket.socket, bytes]] = []
-        if v4:
-            arp = stack.enter_context(packet_socket(interface, ETH_P_ARP))
-            listening.append(arp)
-            round_frames += [
-                (arp, arp_frame(ArpPacket(ARP_REQUEST, mac, UNSPECIFIED, ZERO_MAC, a)))
-                for a in v4]
-        if v6:
-            nd = stack.enter_context(neighbour_socket(interface))
-            listening.append(nd)
-            for group in {solicited_node(a) for a in v6}:  # hear others probing for them
-                _join(nd, interface, multicast_mac(group))
-            round_frames += [(nd, dad_frame(mac, a)) for a in v6]
-        start = time.monotonic()
-        rounds = 0
-        while (elapsed := time.monotonic() - start) < seconds:
-            if rounds < 2 and elapsed >= rounds * seconds / 2:
-                conflicts.clear()
-                for sock, frame in round_frames:
-                    sock.send(frame)
-                rounds += 1
-            next_step = rounds * seconds / 2 if rounds < 2 else seconds
-            for sock in select.select(listening, [], [], max(next_step - elapsed, 0))[0]:
-                claim = claimed_in(sock.recv(2048), mac, probes=True)
-                if claim is not None and claim[0] in wanted:
-                    conflicts[claim[0]] = format_mac(claim[1])
+    listening: list[socket.socket] = []
+    round_frames: list[tuple[socket.socket, bytes]] = []
+    if v4:
+        arp = sockets.enter_context(packet_socket(interface, ETH_P_ARP))
+        listening.append(arp)
+        round_frames += [
+            (arp, arp_frame(ArpPacket(ARP_REQUEST, mac, UNSPECIFIED, ZERO_MAC, a)))
+            for a in v4]
+    if v6:
+        nd = sockets.enter_context(neighbour_socket(interface))
+        listening.append(nd)
+        for group in {solicited_node(a) for a in v6}:  # hear others probing for them
+            _join(nd, interface, multicast_mac(group))
+        round_frames += [(nd, dad_frame(mac, a)) for a in v6]
+    start = time.monotonic()
+    rounds = 0
+    while (elapsed := time.monotonic() - start) < seconds:
+        if rounds < 2 and elapsed >= rounds * seconds / 2:
+            conflicts.clear()
+            for sock, frame in round_frames:
+                sock.send(frame)
+            rounds += 1
+        next_step = rounds * seconds / 2 if rounds < 2 else seconds
+        for sock in select.select(listening, [], [], max(next_step - elapsed, 0))[0]:
+            claim = claimed_in(sock.recv(2048), mac, probes=True)
+            if claim is not None and claim[0] in wanted:
+                conflicts[claim[0]] = format_mac(claim[1])
     return conflicts
 
 
@@ -224,8 +225,11 @@ def send_unsolicited_na(
 
 
 def packet_socket(interface: str, ethertype: int) -> socket.socket:
-    """A raw socket for the frames of one ethertype on `interface`."""
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
+    """A raw socket for the frames of one ethertype on `interface`. Created for no ethertype
+    and then bound: a socket created for one takes all frames of it until the bind, which
+    then waits for the kernel to let go of that first hook (about 10 ms, measured). Closing
+    one waits as long: a failover's claim closes its sockets after the address is in use."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:
         sock.bind((interface, ethertype))
     except OSError:

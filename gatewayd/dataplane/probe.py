@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
 import socket
 import threading
@@ -137,14 +138,25 @@ class ProbeSockets:
             with contextlib.suppress(OSError):
                 sock.sendto(data, (str(target.destination), target.port))
 
-    def receive(self, timeout: float) -> list[tuple[str, bytes]]:
-        """Datagrams that arrive within `timeout` seconds (returns early when there are some)."""
+    def receive(
+        self, timeout: float, wake: int | None = None
+    ) -> tuple[list[tuple[str, bytes]], bool]:
+        """Datagrams that arrive within `timeout` seconds (returns early when there are some),
+        and whether the eventfd `wake` was written to meanwhile (it is read back to zero)."""
         by_socket = {sock: gateway for gateway, (_, sock) in self._sockets.items()}
-        if not by_socket:
-            return []
-        ready = select.select(list(by_socket), [], [], max(timeout, 0.0))[0]
+        waiting: list[socket.socket | int] = [*by_socket, *([wake] if wake is not None else [])]
+        if not waiting:
+            return [], False
+        ready = select.select(waiting, [], [], max(timeout, 0.0))[0]
+        woken = False
+        if wake is not None and wake in ready:
+            woken = True
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(wake)
         received = []
         for sock in ready:
+            if not isinstance(sock, socket.socket):
+                continue
             while True:
                 try:
                     data = sock.recv(RECEIVE_BYTES)
@@ -153,7 +165,7 @@ class ProbeSockets:
                 except OSError:  # e.g. ICMP unreachable reported on the socket
                     break
                 received.append((by_socket[sock], data))
-        return received
+        return received, woken
 
     def close(self) -> None:
         self.update(())

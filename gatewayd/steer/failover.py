@@ -10,6 +10,11 @@ standby: one transaction, for new connections; the daemon then gives the rule's 
 connections the standby's conntrack mark (`gatewayd.steer.conntrack`). The daemon reports each
 change in its EgressNode status and as an Event.
 
+A decision that changes the failovers sends the current round of probes again at once, with
+what this node now sends where: the standby starts claiming the egress IP, and the gateway
+left behind gives it up, without waiting for the next interval (up to one interval of every
+failover's outage). The round's sequence number stays, so no probe loses its interval.
+
 The probes never wait for that: the daemon applies a change under the lock its loop holds for
 whole passes, and a gateway that gets no probes for `egressIPHoldSeconds` gives up its egress
 IPs, even the healthy standby the change just sent traffic to.
@@ -18,6 +23,7 @@ IPs, even the healthy standby the change just sent traffic to.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -64,6 +70,7 @@ class FastFailover:
         self._sequence = 0
         self._stopping = threading.Event()
         self._changed = threading.Event()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # probe again now
         self._thread = threading.Thread(target=self._run, name="fast-failover", daemon=True)
         self._applier = threading.Thread(target=self._apply_changes,
                                          name="fast-failover-apply", daemon=True)
@@ -77,8 +84,11 @@ class FastFailover:
     def stop(self) -> None:
         self._stopping.set()
         self._changed.set()
+        os.eventfd_write(self._wake, 1)
         self._thread.join(2)
         self._applier.join(2)
+        if not self._thread.is_alive():
+            os.close(self._wake)
 
     def set_plan(
         self,
@@ -106,7 +116,9 @@ class FastFailover:
             )
             changed = decided != self._failovers
             self._failovers = decided
-            return dict(decided), changed
+        if changed:
+            os.eventfd_write(self._wake, 1)
+        return dict(decided), changed
 
     @property
     def failovers(self) -> dict[FailoverKey, Failover]:
@@ -174,25 +186,31 @@ class FastFailover:
                               "daemon's repair pass retries")
 
     def _probe_once(self, sockets: ProbeSockets, until: float) -> dict[str, ProbeReply]:
-        """Send one probe to every gateway; the replies that come back before `until`."""
+        """Send one probe to every gateway, and again whenever the failovers change; the
+        replies that come back before `until`."""
         with self._lock:
             self._sequence += 1
             sequence = self._sequence
-            requests = probe_requests(self.node, sockets.gateways, self._rules,
-                                      self._failovers, sequence)
-        sockets.send({gateway: encode_request(r) for gateway, r in requests.items()})
+        self._send(sockets, sequence)
         replies: dict[str, ProbeReply] = {}
-        while (left := until - time.monotonic()) > 0 and len(replies) < len(requests):
-            for gateway, data in sockets.receive(left):
+        while (left := until - time.monotonic()) > 0 and not self._stopping.is_set():
+            received, woken = sockets.receive(left, self._wake)
+            if woken:
+                self._send(sockets, sequence)
+            for gateway, data in received:
                 try:
                     reply = decode_reply(data)
                 except ProbeFormatError:
                     continue
                 if answers_probe(reply, gateway, sequence, self.settings.misses):
-                    replies[gateway] = reply
-        # The rest of the interval passes before the next probe goes out.
-        self._stopping.wait(max(0.0, until - time.monotonic()))
+                    replies[gateway] = reply  # the latest says best what it serves
         return replies
+
+    def _send(self, sockets: ProbeSockets, sequence: int) -> None:
+        with self._lock:
+            requests = probe_requests(self.node, sockets.gateways, self._rules,
+                                      self._failovers, sequence)
+        sockets.send({gateway: encode_request(r) for gateway, r in requests.items()})
 
     def _record(self, replies: dict[str, ProbeReply], gateways: set[str]) -> bool:
         """Count each gateway's outcome; True when a health or a `serving` set changed."""

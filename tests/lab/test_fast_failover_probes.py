@@ -16,10 +16,12 @@ import pytest
 
 from gatewayd.dataplane.probe import ProbeTarget
 from gatewayd.lab.netns import Sandbox, entered, run, wait_for
+from gatewayd.policy.model import SteerAction, SteerRule
 from gatewayd.probe import (
     GATEWAY_TUNNEL_ADDRESS,
     PROBE_PORT,
     ProbeReply,
+    ProbeRequest,
     decode_request,
     encode_reply,
 )
@@ -29,19 +31,24 @@ from gatewayd.steer.failover import FastFailover
 pytestmark = pytest.mark.lab
 
 NODE_ADDRESS = IPv4Address("100.64.0.2")
+STANDBY_ADDRESS = IPv4Address("100.127.0.2")  # the lab's gateways share one; here two listen
 SETTINGS = FailoverSettings(probe_interval_seconds=0.1, misses=5, recoveries=3)
 
 
 class LateResponder:
-    """Answers every probe `delay` seconds after it arrived, as a gateway on a busy host."""
+    """Answers every probe `delay` seconds after it arrived, as a gateway on a busy host;
+    `silent` stops the answers. Keeps every request it received."""
 
-    def __init__(self, netns: str, delay: float) -> None:
+    def __init__(self, netns: str, delay: float, gateway: str = "gw1",
+                 address: IPv4Address = GATEWAY_TUNNEL_ADDRESS) -> None:
         with entered(netns):
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((str(GATEWAY_TUNNEL_ADDRESS), PROBE_PORT))
+        self.sock.bind((str(address), PROBE_PORT))
         self.sock.settimeout(0.01)
         self.delay = delay
-        self.received = 0
+        self.gateway = gateway
+        self.silent = threading.Event()
+        self.requests: list[ProbeRequest] = []
         self._due: list[tuple[float, int, bytes, tuple[str, int]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -55,13 +62,19 @@ class LateResponder:
         self._thread.join(2)
         self.sock.close()
 
+    @property
+    def received(self) -> int:
+        return len(self.requests)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 data, sender = self.sock.recvfrom(2048)
                 request = decode_request(data)
-                self.received += 1
-                reply = encode_reply(ProbeReply("gw1", request.sequence))
+                self.requests.append(request)
+                if self.silent.is_set():
+                    continue
+                reply = encode_reply(ProbeReply(self.gateway, request.sequence))
                 heapq.heappush(self._due, (time.monotonic() + self.delay, request.sequence,
                                            reply, sender))
             except TimeoutError:
@@ -78,7 +91,7 @@ def netns() -> Iterator[str]:
     with Sandbox(f"probes{secrets.token_hex(2)}-") as box:
         name = box.netns("node")
         run(["ip", "link", "set", "lo", "up"], name)
-        for address in (GATEWAY_TUNNEL_ADDRESS, NODE_ADDRESS):
+        for address in (GATEWAY_TUNNEL_ADDRESS, STANDBY_ADDRESS, NODE_ADDRESS):
             run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], name)
         yield name
 
@@ -125,4 +138,35 @@ def test_probes_go_on_while_a_change_is_applied(netns: str) -> None:
                      "10 probes while the change is being applied")
         finally:
             done.set()
+            failover.stop()
+
+
+def test_the_gateways_hear_of_a_failover_at_once(netns: str) -> None:
+    """When a failover is decided, the standby (which must claim the egress IP) and the
+    gateway left behind (which must give it up) are told in the same round of probes, sent
+    again, not a probe interval later."""
+    settings = FailoverSettings(probe_interval_seconds=1.0, misses=2, recoveries=1)
+    rule = SteerRule("team.payments", SteerAction.TUNNEL, frozenset(), (),
+                     gateway="gw1", standby="gw2")
+
+    with LateResponder(netns, 0, "gw1") as active, \
+            LateResponder(netns, 0, "gw2", STANDBY_ADDRESS) as standby:
+        failover = FastFailover("node1", settings, on_change=lambda: failover.decide())
+        with entered(netns):
+            failover.set_plan((rule,), [
+                ProbeTarget("gw1", 0, GATEWAY_TUNNEL_ADDRESS, PROBE_PORT),
+                ProbeTarget("gw2", 0, STANDBY_ADDRESS, PROBE_PORT),
+            ], NODE_ADDRESS)
+            failover.start()
+        try:
+            wait_for(lambda: failover.reachable() == {"gw1": True, "gw2": True}, 10,
+                     "both gateways up")
+            active.silent.set()
+            wait_for(lambda: any("team.payments" in r.here for r in standby.requests), 20,
+                     "the standby to hear that the node sends it the policy")
+            told = next(r for r in standby.requests if "team.payments" in r.here)
+            assert [r.sequence for r in standby.requests].count(told.sequence) == 2
+            left = [r for r in active.requests if "team.payments" in r.away]
+            assert left and left[0].sequence == told.sequence
+        finally:
             failover.stop()

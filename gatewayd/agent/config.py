@@ -62,9 +62,9 @@ class FailoverSettings:
     """The gateway's side of the fast failover path (Kubernetes mode; see gatewayd.probe)."""
 
     # A provisioned egress IP is given up when no cloud node's probe arrived for this long.
-    # Keep it below the nodes' probe interval x misses + arpProbeSeconds (0.1 x 3 + 0.2 by
-    # default): then a gateway cut off from everything has given its addresses up before
-    # the standby the nodes moved to can have taken them.
+    # Keep it below the nodes' (misses + 1) x probe interval + arpProbeSeconds ((3 + 1) x 0.1
+    # + 0.1 by default): then a gateway cut off from everything has given its addresses up
+    # before the standby the nodes moved to can have taken them.
     egress_ip_hold_seconds: float = 0.4
     # How long an ARP probe asks the segment whether another host holds an address first.
     arp_probe_seconds: float = 0.1

@@ -12,7 +12,11 @@ beside programming the data plane and probing the gateways.
   (gateway, policy, new gateway) while that holds.
 
 Both run in threads of their own: a gateway's many conntrack entries take a while to read, and
-the caller may be the fast failover's thread, which must not keep the probes waiting.
+the caller may be the fast failover's thread, which must not keep the probes waiting. A move
+never waits, and a cleanup waits for the moves under way (in parallel they only slowed each
+other down): established connections wait in TCP's retransmission backoff, where every 0.2 s
+more can double a stall, while an unanswered connection's next packet is steered by the rules
+of now anyway. A failover asks for the move first.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class ConnectionFollower:
         self._marks: dict[str, int] = {}  # gateway -> fwmark, as last programmed
         # (gateway, policy, gateway) whose established connections were moved, while it holds
         self._followed: set[tuple[str, str, str]] = set()
+        self._moving = 0  # moves under way, under `_moves_done`
+        self._moves_done = threading.Condition()
 
     def steering_changed(self, rules: Iterable[SteerRule],
                          ends: tuple[GatewayTunnelEnd, ...]) -> None:
@@ -80,6 +86,8 @@ class ConnectionFollower:
             and rule.action is SteerAction.TUNNEL
         ]
         if moves:
+            with self._moves_done:
+                self._moving += 1  # before the thread runs: a cleanup started next waits
             threading.Thread(target=self._move_connections, args=(moves,),
                              name="follow-policies", daemon=True).start()
 
@@ -89,11 +97,17 @@ class ConnectionFollower:
         except Exception:
             log.exception("moving established connections to the standby failed")
             return
+        finally:
+            with self._moves_done:
+                self._moving -= 1
+                self._moves_done.notify_all()
         if moved:
             log.info("%d established connections follow their policy to the standby", moved)
 
     def _forget_unanswered(self, marks: list[int]) -> None:
         for mark in marks:
+            with self._moves_done:
+                self._moves_done.wait_for(lambda: self._moving == 0)
             try:
                 forgotten = forget_unanswered(mark, self.mark_mask)
             except Exception:

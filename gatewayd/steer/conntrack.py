@@ -16,9 +16,8 @@ from __future__ import annotations
 import errno
 import socket
 import subprocess
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import partial
 from ipaddress import ip_address
 
 from pyroute2 import Conntrack
@@ -90,15 +89,18 @@ def parse_flows(listing: str) -> list[Flow]:
     return flows
 
 
-def marked_flows(mark: int, mask: int) -> list[Flow]:
-    """The entries (of this network namespace) whose mark, under `mask`, is `mark`. Listed by
-    conntrack-tools: pyroute2 parses an entry in about half a millisecond, so 3,000 ended
-    connections (a busy client's TIME_WAITs) took 1.5 s to read on an idle machine, and
-    several seconds during a failover, while the established ones waited for their move."""
+def marked_flows(mark: int, mask: int, tcp_state: str | None = None) -> list[Flow]:
+    """The entries (of this network namespace) whose mark, under `mask`, is `mark`, only TCP
+    ones in `tcp_state` if given. Listed by conntrack-tools: pyroute2 parses an entry in about
+    half a millisecond, so 3,000 ended connections (a busy client's TIME_WAITs) took 1.5 s to
+    read on an idle machine, and several seconds during a failover, while the established
+    ones waited for their move."""
+    only = ["-p", "tcp", "--state", tcp_state] if tcp_state else []
     flows = []
     for family in ("ipv4", "ipv6"):
         listing = subprocess.run(
-            ["conntrack", "-L", "-f", family, "-o", "extended", "--mark", f"{mark}/{mask}"],
+            ["conntrack", "-L", "-f", family, "-o", "extended", "--mark", f"{mark}/{mask}",
+             *only],
             capture_output=True, text=True, check=True, timeout=60,
         ).stdout
         flows += parse_flows(listing)
@@ -112,12 +114,8 @@ def forget_unanswered(mark: int, mask: int) -> int:
     doomed = [flow for flow in marked_flows(mark, mask) if not flow.answered]
     if not doomed:
         return 0
-    conntrack = Conntrack()
-    try:
-        return sum(_unless_ended(partial(conntrack.entry, "del", tuple_orig=flow.tuple_orig()))
-                   for flow in doomed)
-    finally:
-        conntrack.close()
+    with _EntryChanges() as changes:
+        return sum(changes.make(flow, "del") for flow in doomed)
 
 
 @dataclass(frozen=True)
@@ -178,29 +176,48 @@ def move_answered(moves: list[MarkMove], mask: int) -> int:
     """Give the live answered connections of each move its new gateway's mark, so that their
     next packets go there (it has their state from the gateways' conntrack sync); returns how
     many. Ended ones stay: nothing more goes through them."""
-    conntrack = Conntrack()
     moved = 0
-    try:
+    with _EntryChanges() as changes:
         for from_mark in sorted({m.from_mark for m in moves}):
-            for flow in marked_flows(from_mark, mask):
-                if not flow.answered or flow.ended:
-                    continue  # forget_unanswered's, or over
-                new = moved_mark(flow.source, flow.destination, flow.mark, mask, moves)
-                if new is None:
-                    continue
-                moved += _unless_ended(
-                    partial(conntrack.entry, "set", mark=new, tuple_orig=flow.tuple_orig()))
-    finally:
-        conntrack.close()
+            # Established TCP connections first, picked out by conntrack-tools: under a
+            # failover's load, reading a busy client's thousands of TIME_WAIT entries took up
+            # to half a second, and TCP's retransmission backoff doubles what it delays. Then
+            # the rest (other states, UDP); the moved ones no longer carry `from_mark`.
+            for tcp_state in ("ESTABLISHED", None):
+                for flow in marked_flows(from_mark, mask, tcp_state):
+                    if not flow.answered or flow.ended:
+                        continue  # forget_unanswered's, or over
+                    new = moved_mark(flow.source, flow.destination, flow.mark, mask, moves)
+                    if new is not None:
+                        moved += changes.make(flow, "set", mark=new)
     return moved
 
 
-def _unless_ended(change: Callable[[], object]) -> bool:
-    """Make a change to a conntrack entry; False when the entry ended since it was listed."""
-    try:
-        change()
-    except NetlinkError as error:
-        if error.code != errno.ENOENT:
-            raise
-        return False
-    return True
+class _EntryChanges:
+    """Changes to listed entries through ctnetlink, one socket per address family: the
+    kernel reads an entry's addresses by the family of the request, so an IPv6 entry asked
+    for on an IPv4 socket is refused (EINVAL)."""
+
+    def __init__(self) -> None:
+        self._sockets: dict[int, Conntrack] = {}
+
+    def __enter__(self) -> _EntryChanges:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for conntrack in self._sockets.values():
+            conntrack.close()
+
+    def make(self, flow: Flow, command: str, **attributes: int) -> bool:
+        """Change (`set`) or delete (`del`) `flow`'s entry; False when it ended since it was
+        listed."""
+        family = socket.AF_INET if flow.source.version == 4 else socket.AF_INET6
+        if family not in self._sockets:
+            self._sockets[family] = Conntrack(nfgen_family=family)
+        try:
+            self._sockets[family].entry(command, tuple_orig=flow.tuple_orig(), **attributes)
+        except NetlinkError as error:
+            if error.code != errno.ENOENT:
+                raise
+            return False
+        return True

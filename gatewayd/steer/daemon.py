@@ -296,16 +296,17 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
             if target is None:
                 return
             failovers, changed = self.failover.decide()
+            rules = self._steerable(target.plan, self.ends)
+            # First, also without a failover (a gateway that stopped serving a policy): the
+            # established connections' retransmissions are already under way.
+            self._follow_policies(rules, failovers)
             if changed:
-                rules = self._steerable(target.plan, self.ends)
                 try:
                     self._ensure_table(target.plan, rules, self.ends, failovers)
                 except Exception:
                     log.exception("re-rendering the steer table for a failover failed; the "
                                   "repair pass retries")
                 self._failovers_applied(failovers)
-            # also without a failover: a gateway that stopped serving a policy
-            self._follow_policies(self._steerable(target.plan, self.ends), failovers)
         self.publish_status()
 
     def _failovers_applied(self, failovers: dict[tuple[str, str], Failover]) -> None:

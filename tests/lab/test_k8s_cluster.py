@@ -83,8 +83,8 @@ TARGET6 = join_host_port(PAYMENT_HOST6, 8080)
 EGRESS_IPS = {PAYMENT: PAYMENT_IP, BATCH: BATCH_IP, REPORTS: REPORTS_IP6}
 NODE_IPS = {NODES[0].name: "192.0.2.21", NODES[1].name: "192.0.2.22"}
 HOLD_DOWN = 3.0
-# The fast path's timing, scaled up from the product's (3 probes of 0.1 s, 0.4 s hold, 0.2 s
-# ARP probe) with the README's rule kept (hold < probe interval x misses + ARP probe): on two
+# The fast path's timing, scaled up from the product's (3 probes of 0.1 s, 0.4 s hold, 0.1 s
+# ARP probe) with the README's rule kept (hold < interval x (misses + 1) + ARP probe): on two
 # busy cores, userspace WireGuard and the daemons' threads can be late by more than 0.3 s, and
 # the tests that expect nothing to happen must see neither a needless failover nor a gateway
 # fencing itself (a CI run saw gw1 drop an egress IP, no probe having arrived for 0.4 s). The

@@ -26,10 +26,14 @@ def netns() -> Iterator[str]:
         yield box.netns("node")
 
 
-def flow(netns: str, port: int, state: str, mark: int = MARK, answered: bool = True
-         ) -> list[str]:
+POD, SERVER = "10.244.1.10", "198.51.100.10"
+POD6, SERVER6 = "fd00:10:244:1::10", "2001:db8:100::10"
+
+
+def flow(netns: str, port: int, state: str, mark: int = MARK, answered: bool = True,
+         ends: tuple[str, str] = (POD, SERVER)) -> list[str]:
     """A TCP entry from the pod's `port`; returns what names it to `conntrack`."""
-    names = ["-p", "tcp", "-s", "10.244.1.10", "-d", "198.51.100.10", "--sport", str(port),
+    names = ["-p", "tcp", "-s", ends[0], "-d", ends[1], "--sport", str(port),
              "--dport", "8080"]
     run(["conntrack", "-I", *names, "--state", state, "--timeout", "120",
          *(["--status", "SEEN_REPLY,ASSURED"] if answered else []), "--mark", str(mark)],
@@ -66,8 +70,25 @@ def test_an_entry_that_ended_meanwhile_does_not_stop_the_others(
 
 
 def marks(netns: str) -> dict[int, int]:
-    listed = run(["conntrack", "-L", "-o", "extended"], netns, check=False).stdout
+    listed = "".join(run(["conntrack", "-L", "-f", family, "-o", "extended"], netns,
+                         check=False).stdout for family in ("ipv4", "ipv6"))
     return {f.ports[0]: f.mark for f in steer_conntrack.parse_flows(listed) if f.ports}
+
+
+def test_ipv6_connections_start_over_and_move_as_ipv4_ones_do(netns: str) -> None:
+    """ctnetlink reads an entry's addresses by the family of the request: IPv6 entries asked
+    for on an IPv4 socket were refused (EINVAL), and the failover's cleanup stopped there."""
+    flow(netns, 40001, "SYN_SENT", answered=False, ends=(POD6, SERVER6))
+    flow(netns, 40002, "SYN_SENT", answered=False)
+    flow(netns, 40003, "ESTABLISHED", ends=(POD6, SERVER6))
+    flow(netns, 40004, "ESTABLISHED")
+    move = steer_conntrack.MarkMove(
+        MARK, 0x30, frozenset({ip_address(POD), ip_address(POD6)}),
+        (ip_network("198.51.100.0/24"), ip_network("2001:db8:100::/64")))
+    with entered(netns):
+        assert steer_conntrack.forget_unanswered(MARK, MASK) == 2
+        assert steer_conntrack.move_answered([move], MASK) == 2
+    assert marks(netns) == {40003: 0x30, 40004: 0x30}
 
 
 def test_live_answered_connections_move_and_ended_ones_keep_their_mark(netns: str) -> None:

@@ -33,7 +33,12 @@ from gatewayd.agent.footprint import GatewayFootprint, record_tunnel, sysctl_ori
 from gatewayd.agent.kubernetes import AgentCluster, AgentState, gateway_status, observe_host
 from gatewayd.agent.target import GatewayTarget, target_from_dict, target_to_dict
 from gatewayd.configfile import ConfigError
-from gatewayd.dataplane.addresses import AddressConflict, AddressDriver, held_addresses
+from gatewayd.dataplane.addresses import (
+    AddressConflict,
+    AddressDriver,
+    addresses_of_others,
+    held_addresses,
+)
 from gatewayd.dataplane.conntrackd import ConntrackdDriver, SyncSettings, config_path
 from gatewayd.dataplane.forward_guard import ensure_forward_guard
 from gatewayd.dataplane.host import observe_interfaces
@@ -62,7 +67,7 @@ from gatewayd.follower import (
 from gatewayd.kube.client import KubeConfigError
 from gatewayd.metrics import MetricsSettings, Sample, peer_samples
 from gatewayd.policy.engine import EgressPlan
-from gatewayd.policy.model import GatewayPlan, IPAddress
+from gatewayd.policy.model import GatewayPlan, IPAddress, in_pools
 from gatewayd.probe import PROBE_PORT
 from gatewayd.runtime import rfc3339
 from gatewayd.systemd import Priority, journal_event
@@ -270,6 +275,12 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         keeper = self.cluster.keeper
         claimable = {ip for ip in rule_ips if keeper.provisioned(ip)} - keeper.refused()
         return frozenset(claimable | {ip for ip in present if not keeper.provisioned(ip)})
+
+    def _dedicated_egress_ips(self, plan: GatewayPlan) -> frozenset[IPAddress]:
+        """The plan's egress IPs the agent provisions, unless the administrator or another
+        tool put that address on the host (then it may serve something there)."""
+        pooled = {ip for ip in plan.egress_ips if in_pools(ip, self.config.egress_ip_pools)}
+        return frozenset(pooled - addresses_of_others()) if pooled else frozenset()
 
     def _refilter(self, verify: bool) -> None:
         """Put the table back (`verify`: it was changed by someone else) or follow the egress
@@ -500,6 +511,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             )),
             tunnel_mtu=self.config.tunnel.mtu,
             probe_port=PROBE_PORT,
+            dedicated_egress_ips=self._dedicated_egress_ips(plan),
         )
         held = self._held_egress_ips(plan)
         self._rendered = render_gateway_table(plan, settings, held=held, previous=self._rendered)

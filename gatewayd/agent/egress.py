@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from gatewayd.agent.config import FailoverSettings
 from gatewayd.dataplane.addresses import AddressConflict, AddressDriver
 from gatewayd.dataplane.probe import ClaimWatcher
-from gatewayd.policy.model import EgressIPPool, IPAddress, Role, SnatRule, address_order
+from gatewayd.policy.model import (
+    EgressIPPool,
+    IPAddress,
+    Role,
+    SnatRule,
+    address_order,
+    in_pools,
+)
 from gatewayd.probe import (
     Demand,
     ProbeFormatError,
@@ -198,7 +205,7 @@ class EgressIPKeeper:
             return frozenset(c.address for c in self._conflicts)
 
     def provisioned(self, address: IPAddress) -> bool:
-        return any(address.version == p.cidr.version and address in p.cidr for p in self.pools)
+        return in_pools(address, self.pools)
 
     # --- the keeper thread -------------------------------------------------------------------
 

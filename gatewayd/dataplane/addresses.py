@@ -232,6 +232,15 @@ class AddressDriver:
         return entry[1]
 
 
+def addresses_of_others(protocol: int = OWNER_PROTOCOL) -> frozenset[IPAddress]:
+    """The addresses on this host that gatewayd did not add: the host's own, another tool's."""
+    with IPRoute() as ipr:
+        return frozenset(
+            ipaddress.ip_address(msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS"))
+            for msg in ipr.get_addr() if msg.get("IFA_PROTO") != protocol
+        )
+
+
 def held_addresses(interfaces: Collection[str] | None = None) -> frozenset[IPAddress]:
     """Every address this host holds now, on any interface (or on `interfaces`), whoever added
     it. IPv6 addresses still in duplicate address detection, or refused by it, are not held."""

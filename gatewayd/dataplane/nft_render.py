@@ -39,6 +39,7 @@ DROP_UPLINK_FORWARD = "drop_uplink_forward"
 DROP_TUNNEL_NOT_UPLINK = "drop_tunnel_not_uplink"
 DROP_EGRESS_IP_NOT_HELD = "drop_egress_ip_not_held"
 DROP_NOT_TRANSLATED = "drop_not_translated"
+DROP_EGRESS_IP_INBOUND = "drop_egress_ip_inbound"
 DROP_TUNNEL_INPUT = "drop_tunnel_input"
 
 # Set on every packet from or into the tunnel while the table is in place. The agent's routing
@@ -101,6 +102,9 @@ class GatewayTableSettings:
     # The only port on the host itself that tunnel peers may reach (UDP, the cloud nodes'
     # probes); None: none.
     probe_port: int | None = None
+    # Egress IPs the agent provisions for SNAT alone (never an address of the host's own):
+    # nothing from an uplink may open a connection to them.
+    dedicated_egress_ips: frozenset[IPAddress] = frozenset()
 
 
 def render_gateway_table(
@@ -129,7 +133,11 @@ def render_gateway_table(
 
     Input chain: from the tunnel, the host itself accepts replies, neighbour discovery and
     the probe port only; the rest is dropped and counted as `drop_tunnel_input` (tunnel
-    peers never reach sshd).
+    peers never reach sshd). From an uplink, a packet to a dedicated egress IP that belongs
+    to no connection of the host's (a reply to a SNATed connection is translated before it
+    gets here) is dropped and counted as `drop_egress_ip_inbound`: the host's TCP stack would
+    answer it with a reset, which kills a connection the gateway has just taken over before
+    its NAT state arrived, and no service of the host is reached through those addresses.
     Prerouting chain (after destination NAT, so replies to SNATed connections have their pod
     address again): every packet from the tunnel or routed into it gets GUARD_MARK. Marking
     the way in matters too: with `src_valid_mark`, the reverse-path check of a reply to a pod
@@ -153,6 +161,7 @@ def render_gateway_table(
     table.counter(DROP_EGRESS_IP_NOT_HELD, "the rule's egress IP is not held by this host")
     table.counter(DROP_TUNNEL_INPUT, "from the tunnel to the host, not the probe port")
     table.counter(DROP_NOT_TRANSLATED, "from the tunnel to an uplink, no SNAT rule matched")
+    table.counter(DROP_EGRESS_IP_INBOUND, "from an uplink to an egress IP, no connection")
     table.chain("prerouting", "filter", "prerouting", PRIORITY_DSTNAT + 10, "accept")
     table.chain("input", "filter", "input", PRIORITY_FILTER, "accept")
     table.chain("forward", "filter", "forward", PRIORITY_FILTER, "drop")
@@ -196,6 +205,16 @@ def render_gateway_table(
     table.rule("input", [tunnel, {"counter": DROP_TUNNEL_INPUT}, {"drop": None}])
 
     uplinks = _uplink_match(settings)
+    for version in (4, 6):
+        dedicated = sorted(a for a in settings.dedicated_egress_ips if a.version == version)
+        if dedicated:
+            daddr = {"payload": {"protocol": _ip(version), "field": "daddr"}}
+            table.rule("input", [
+                _uplink_match(settings, "iifname"), {"match": {"op": "==", "left": daddr,
+                                    "right": {"set": [str(a) for a in dedicated]}}},
+                _ct_state("new", "invalid"), {"counter": DROP_EGRESS_IP_INBOUND},
+                {"drop": None},
+            ])
     for index, rule in enumerate(sorted(plan.rules, key=_snat_rule_key)):
         version = _snat_rule_version(rule)
         name = f"rule{index}"
@@ -254,15 +273,16 @@ def _snat_rule_version(rule: SnatRule) -> int:
     return version
 
 
-def _uplink_match(settings: GatewayTableSettings) -> JsonObject:
+def _uplink_match(settings: GatewayTableSettings, direction: str = "oifname") -> JsonObject:
+    """Packets leaving through an uplink (`direction` "iifname": arriving from one)."""
     uplinks = sorted(set(settings.uplink_interfaces))
     for uplink in uplinks:
         _check_interface_name(uplink, "GatewayTableSettings.uplink_interfaces")
     if not uplinks:
-        return _match_meta("oifname", settings.tunnel_interface, op="!=")
+        return _match_meta(direction, settings.tunnel_interface, op="!=")
     if len(uplinks) == 1:
-        return _match_meta("oifname", uplinks[0])
-    return _match_meta("oifname", {"set": uplinks})
+        return _match_meta(direction, uplinks[0])
+    return _match_meta(direction, {"set": uplinks})
 
 
 def _negated(match: JsonObject) -> JsonObject:

@@ -6,6 +6,7 @@ decisions in `engine.py`; the data plane drivers and the daemons consume the pla
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -165,6 +166,11 @@ class EgressIPPool:
 
     cidr: IPNetwork
     interface: str
+
+
+def in_pools(address: IPAddress, pools: Iterable[EgressIPPool]) -> bool:
+    """Whether `address` lies in one of `pools`: an egress IP the gateway provisions itself."""
+    return any(address.version == p.cidr.version and address in p.cidr for p in pools)
 
 
 @dataclass(frozen=True)

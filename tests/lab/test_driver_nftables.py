@@ -23,6 +23,7 @@ import pytest
 from pyroute2.netns import setns
 
 from gatewayd.dataplane.nft_render import (
+    DROP_EGRESS_IP_INBOUND,
     DROP_NOT_TRANSLATED,
     DROP_TUNNEL_UNKNOWN,
     DROP_UPLINK_FORWARD,
@@ -192,7 +193,9 @@ def held_table(plan: GatewayPlan, settings: GatewayTableSettings) -> RenderedTab
     return render_gateway_table(plan, settings, held={r.egress_ip for r in plan.rules})
 
 
-SETTINGS = GatewayTableSettings(tunnel_interface="gwtun", uplink_interfaces=("gwup",))
+SETTINGS = GatewayTableSettings(tunnel_interface="gwtun", uplink_interfaces=("gwup",),
+                                dedicated_egress_ips=frozenset({ip("192.0.2.10"),
+                                                                ip("2001:db8::10")}))
 
 
 def gateway_plan(*sources: str) -> GatewayPlan:
@@ -270,6 +273,39 @@ def test_a_connection_let_through_untranslated_is_dropped_at_the_uplink(
     counter_rises(driver, lab.router, DROP_NOT_TRANSLATED, before)
     stray.close()
     assert arrived() == [0]
+
+
+@pytest.mark.parametrize("server", ["192.0.2.2", "2001:db8::2"])
+def test_a_packet_to_the_egress_ip_without_nat_state_is_dropped_not_answered(
+        sandbox: Sandbox, server: str) -> None:
+    """A gateway that takes an egress IP over before it has a connection's NAT state (a
+    standby that just booted, its conntrack sync not done yet) must not answer that
+    connection's packets itself: the host's TCP stack answers a packet to a local address
+    without a socket with a reset, and the far end closes the connection (the failover bench
+    lost connections so). Dropped, the packet is sent again after the pod's next packet,
+    which the rules translate anew (the kernel picks a connection up in mid-stream)."""
+    lab = gateway_lab(sandbox)
+    driver = NftablesDriver("inet", "gatewayd")
+    with entered(lab.router):
+        driver.ensure(held_table(gateway_plan("10.99.0.5", "fd00:99::5"), SETTINGS))
+    with entered(lab.server):
+        listener = socket.create_server(("::", PORT + 1), family=socket.AF_INET6,
+                                        dualstack_ipv6=True)
+    with entered(lab.pod):
+        client = socket.create_connection((server, PORT + 1), timeout=5)
+    with listener, client:
+        conn, (seen, *_) = listener.accept()
+        assert ip(seen) in (ip("192.0.2.10"), ip("::ffff:192.0.2.10"), ip("2001:db8::10"))
+        conn.settimeout(5)
+        with conn:
+            run(["conntrack", "-F"], lab.router)  # the gateway knows nothing of it now
+            with entered(lab.router):
+                before = driver.counters()[DROP_EGRESS_IP_INBOUND][0]
+            conn.sendall(b"hello\n")
+            counter_rises(driver, lab.router, DROP_EGRESS_IP_INBOUND, before)
+            client.sendall(b"ping\n")
+            assert conn.recv(5) == b"ping\n"  # a reset would raise here
+            assert client.recv(6) == b"hello\n"
 
 
 def arrivals(netns: str, *sources: str) -> Callable[[], list[int]]:

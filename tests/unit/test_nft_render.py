@@ -20,6 +20,7 @@ from gatewayd.dataplane.nft_render import (
     COMMENT_MAX,
     DROP_EGRESS_IP_NOT_HELD,
     DROP_INVALID,
+    DROP_EGRESS_IP_INBOUND,
     DROP_NOT_TRANSLATED,
     DROP_TUNNEL_INPUT,
     DROP_TUNNEL_NOT_UPLINK,
@@ -55,7 +56,9 @@ GOLDEN = Path(__file__).parent / "golden"
 ip = ipaddress.ip_address
 net = ipaddress.ip_network
 
-SETTINGS = GatewayTableSettings("egress0", ("eth0",), probe_port=51871)
+SETTINGS = GatewayTableSettings("egress0", ("eth0",), probe_port=51871,
+                                dedicated_egress_ips=frozenset({ip("198.51.100.10"),
+                                                                ip("2001:db8:1::10")}))
 STEER = SteerTableSettings(
     gateway_marks={"gw-a": 0x100, "gw-b": 0x200},
     tunnel_interfaces={"gw-a": "egw-gw-a", "gw-b": "egw-gw-b"},
@@ -157,6 +160,7 @@ def test_gateway_rules_get_indexed_sets_counters_and_snat() -> None:
         DROP_EGRESS_IP_NOT_HELD: "the rule's egress IP is not held by this host",
         DROP_TUNNEL_INPUT: "from the tunnel to the host, not the probe port",
         DROP_NOT_TRANSLATED: "from the tunnel to an uplink, no SNAT rule matched",
+        DROP_EGRESS_IP_INBOUND: "from an uplink to an egress IP, no connection",
         "rule0": "payments (active) via 198.51.100.10",
         "rule1": "payments (active) via 2001:db8:1::10",
         "rule2": "reports.nightly (standby) via 198.51.100.11",
@@ -237,6 +241,13 @@ def test_tunnel_peers_reach_only_the_probe_port_on_the_host() -> None:
          {"accept": None}],
         [TUNNEL, probe_port, {"accept": None}],
         [TUNNEL, {"counter": DROP_TUNNEL_INPUT}, {"drop": None}],
+        *([{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "eth0"}},
+           {"match": {"op": "==", "left": {"payload": {"protocol": family, "field": "daddr"}},
+                      "right": {"set": [address]}}},
+           {"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                      "right": ["new", "invalid"]}},
+           {"counter": DROP_EGRESS_IP_INBOUND}, {"drop": None}]
+          for family, address in (("ip", "198.51.100.10"), ("ip6", "2001:db8:1::10"))),
     ]
     closed = gateway_table(GATEWAY_PLAN, GatewayTableSettings("egress0", ("eth0",)))
     assert [verdict(r) for r in rules(closed, "input")] == ["accept", "accept", "drop"]

@@ -18,9 +18,9 @@ import pytest
 
 from gatewayd.dataplane.nft_render import (
     COMMENT_MAX,
+    DROP_EGRESS_IP_INBOUND,
     DROP_EGRESS_IP_NOT_HELD,
     DROP_INVALID,
-    DROP_EGRESS_IP_INBOUND,
     DROP_NOT_TRANSLATED,
     DROP_TUNNEL_INPUT,
     DROP_TUNNEL_NOT_UPLINK,

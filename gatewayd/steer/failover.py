@@ -70,7 +70,8 @@ class FastFailover:
         self._sequence = 0
         self._stopping = threading.Event()
         self._changed = threading.Event()
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # probe again now
+        # Written to send the round of probes again now; None once stopped (under the lock).
+        self._wake: int | None = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name="fast-failover", daemon=True)
         self._applier = threading.Thread(target=self._apply_changes,
                                          name="fast-failover-apply", daemon=True)
@@ -84,11 +85,14 @@ class FastFailover:
     def stop(self) -> None:
         self._stopping.set()
         self._changed.set()
-        os.eventfd_write(self._wake, 1)
+        with self._lock:
+            wake, self._wake = self._wake, None
+        if wake is not None:
+            os.eventfd_write(wake, 1)
         self._thread.join(2)
         self._applier.join(2)
-        if not self._thread.is_alive():
-            os.close(self._wake)
+        if wake is not None and not self._thread.is_alive():
+            os.close(wake)
 
     def set_plan(
         self,
@@ -116,8 +120,8 @@ class FastFailover:
             )
             changed = decided != self._failovers
             self._failovers = decided
-        if changed:
-            os.eventfd_write(self._wake, 1)
+            if changed and self._wake is not None:
+                os.eventfd_write(self._wake, 1)
         return dict(decided), changed
 
     @property
@@ -190,11 +194,11 @@ class FastFailover:
         replies that come back before `until`."""
         with self._lock:
             self._sequence += 1
-            sequence = self._sequence
+            sequence, wake = self._sequence, self._wake
         self._send(sockets, sequence)
         replies: dict[str, ProbeReply] = {}
         while (left := until - time.monotonic()) > 0 and not self._stopping.is_set():
-            received, woken = sockets.receive(left, self._wake)
+            received, woken = sockets.receive(left, wake)
             if woken:
                 self._send(sockets, sequence)
             for gateway, data in received:

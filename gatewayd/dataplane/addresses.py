@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from gatewayd.dataplane.announce import probe, send_gratuitous_arp, send_unsolicited_na
-from gatewayd.dataplane.netlink import OWNER_PROTOCOL, link_index, link_names
+from gatewayd.dataplane.netlink import OWNER_PROTOCOL, address_of, link_index, link_names
 from gatewayd.policy.model import IPAddress, address_order
 
 IFA_F_NODAD = 0x02
@@ -181,7 +180,7 @@ class AddressDriver:
     def _present(self, ipr: IPRoute, index: int) -> list[_Present]:
         return [
             _Present(
-                ipaddress.ip_address(msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")),
+                address_of(msg),
                 msg["prefixlen"],
                 msg.get("IFA_PROTO") == self.protocol,
                 msg.get("IFA_FLAGS") or msg["flags"],
@@ -236,7 +235,7 @@ def addresses_of_others(protocol: int = OWNER_PROTOCOL) -> frozenset[IPAddress]:
     """The addresses on this host that gatewayd did not add: the host's own, another tool's."""
     with IPRoute() as ipr:
         return frozenset(
-            ipaddress.ip_address(msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS"))
+            address_of(msg)
             for msg in ipr.get_addr() if msg.get("IFA_PROTO") != protocol
         )
 
@@ -247,7 +246,7 @@ def held_addresses(interfaces: Collection[str] | None = None) -> frozenset[IPAdd
     with IPRoute() as ipr:
         names = link_names(ipr)
         return frozenset(
-            ipaddress.ip_address(msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS"))
+            address_of(msg)
             for msg in ipr.get_addr()
             if not (msg.get("IFA_FLAGS") or msg["flags"]) & (IFA_F_TENTATIVE | IFA_F_DADFAILED)
             and (interfaces is None or names.get(msg["index"]) in interfaces)

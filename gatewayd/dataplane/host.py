@@ -7,13 +7,12 @@ with failovers, and the engine must not derive egress IPs from them.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from typing import Any
 
 from pyroute2 import IPRoute
 
-from gatewayd.dataplane.netlink import OWNER_PROTOCOL
+from gatewayd.dataplane.netlink import OWNER_PROTOCOL, address_of
 from gatewayd.policy.model import GatewayInterface, InterfaceAddress
 
 _MAIN_TABLE = 254
@@ -30,7 +29,7 @@ def observe_interfaces(skip: frozenset[str] = frozenset()) -> tuple[GatewayInter
         for msg in ipr.get_addr():
             if msg.get("IFA_PROTO") == OWNER_PROTOCOL:
                 continue
-            address = ipaddress.ip_address(msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS"))
+            address = address_of(msg)
             if address.version == 6 and address.is_link_local:
                 continue
             addresses.setdefault(msg["index"], []).append(

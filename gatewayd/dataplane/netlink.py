@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from pyroute2 import IPRoute
+
+from gatewayd.policy.model import IPAddress
 
 # Protocol number we put on the addresses (IFA_PROTO, kernel >= 5.18), routes and rules we
 # create, so ownership survives a daemon restart and we never touch anything else. 103 is not
@@ -33,3 +36,9 @@ def find_link(ipr: IPRoute, name: str) -> Any | None:
     """The link message of `name`, or None."""
     found = ipr.link_lookup(ifname=name)
     return ipr.get_links(found[0])[0] if found else None
+
+
+def address_of(msg: Any) -> IPAddress:
+    """The address of an address message (`get_addr()`): IFA_LOCAL, which differs from
+    IFA_ADDRESS (the peer's) on a point-to-point link, else IFA_ADDRESS."""
+    return ipaddress.ip_address(msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS"))

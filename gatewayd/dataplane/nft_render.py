@@ -205,16 +205,16 @@ def render_gateway_table(
     table.rule("input", [tunnel, {"counter": DROP_TUNNEL_INPUT}, {"drop": None}])
 
     uplinks = _uplink_match(settings)
+    from_uplink = _uplink_match(settings, "iifname")
     for version in (4, 6):
         dedicated = sorted(a for a in settings.dedicated_egress_ips if a.version == version)
-        if dedicated:
-            daddr = {"payload": {"protocol": _ip(version), "field": "daddr"}}
-            table.rule("input", [
-                _uplink_match(settings, "iifname"), {"match": {"op": "==", "left": daddr,
-                                    "right": {"set": [str(a) for a in dedicated]}}},
-                _ct_state("new", "invalid"), {"counter": DROP_EGRESS_IP_INBOUND},
-                {"drop": None},
-            ])
+        if not dedicated:
+            continue
+        to_dedicated = {"match": {
+            "op": "==", "left": {"payload": {"protocol": _ip(version), "field": "daddr"}},
+            "right": {"set": [str(a) for a in dedicated]}}}
+        table.rule("input", [from_uplink, to_dedicated, _ct_state("new", "invalid"),
+                             {"counter": DROP_EGRESS_IP_INBOUND}, {"drop": None}])
     for index, rule in enumerate(sorted(plan.rules, key=_snat_rule_key)):
         version = _snat_rule_version(rule)
         name = f"rule{index}"

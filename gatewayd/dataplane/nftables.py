@@ -274,7 +274,6 @@ class NftablesDriver:
         objects: list[JsonObject] = json.loads(output)["nftables"]
         return objects
 
-
     def _flags(self) -> tuple[str, ...]:
         """The table's flags as the kernel has them; empty also when there is no table."""
         with NFTables(nfgen_family=_FAMILIES[self.family]) as netlink:

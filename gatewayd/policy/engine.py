@@ -885,7 +885,6 @@ def _anchor(requirements: Iterable[Requirement]) -> list[tuple[str, str]] | None
     return best
 
 
-
 def _spans_key(group: _Destinations) -> _Spans:
     return (group.version, group.spans)
 

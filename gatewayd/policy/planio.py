@@ -173,4 +173,3 @@ def _address_texts(addresses: Iterable[IPAddress]) -> list[str]:
     100,000 of them parsed back from text took seconds of a cold reconcile). Interned: a pod's
     address is in its node's spec and its gateways' once per policy, one string for all."""
     return [sys.intern(str(a)) for a in sorted(addresses, key=address_order)]
-

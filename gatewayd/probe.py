@@ -3,7 +3,8 @@
 Every cloud node (steer) sends a small UDP probe through each gateway's tunnel every
 `interval` (~0.1 s): from its tunnel address to the gateway's `GATEWAY_TUNNEL_ADDRESS`, port
 `PROBE_PORT`, with that gateway's fwmark so the gateway's routing table carries it into the
-gateway's tunnel. The agent answers from the same address. The request tells the gateway which
+gateway's tunnel. The agent's responder process answers from the same address
+(`gatewayd.agent.responder`). The request tells the gateway which
 policies this node sends to it now (`here`) and which it sends to other gateways (`away`); the
 reply says which of them the gateway can serve now (`serving`: its SNAT rule is in
 place and its egress IP, when the gateway provisions it, is held).
@@ -110,7 +111,7 @@ def _decode(data: bytes) -> dict[str, Any]:
 
 def _field(message: Mapping[str, Any], key: str, kind: type) -> Any:
     value = message.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ProbeFormatError(f"probe message: {key} must be a {kind.__name__}")
     return value
 
@@ -266,12 +267,64 @@ def probe_requests(
 
 @dataclass(frozen=True)
 class Demand:
-    """What one node's latest probe said, and when it arrived (the caller's clock)."""
+    """What one node's latest probe said, and when it arrived (CLOCK_MONOTONIC, which the
+    agent and its responder process share)."""
 
     node: str
     received_at: float
     here: frozenset[str]
     away: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ResponderState:
+    """What the gateway's probe responder answers: the agent's word to its responder process."""
+
+    served: frozenset[str] = frozenset()  # policies whose rules are here, egress IPs held
+    silent: bool = False  # handing over: record the probes, answer none
+
+
+def answer_probe(
+    data: bytes, gateway: str, state: ResponderState, now: float
+) -> tuple[Demand, bytes | None]:
+    """A probe datagram's demand (arrived at `now`) and the reply to send, if any; raises
+    ProbeFormatError for a datagram that is no probe."""
+    request = decode_request(data)
+    demand = Demand(request.node, now, request.here, request.away)
+    if state.silent:
+        return demand, None
+    serving = state.served & (request.here | request.away)
+    return demand, encode_reply(ProbeReply(gateway, request.sequence, serving))
+
+
+def encode_demand(demand: Demand) -> bytes:
+    return _encode({
+        "v": PROTOCOL_VERSION, "node": demand.node, "at": demand.received_at,
+        "here": sorted(demand.here), "away": sorted(demand.away),
+    })
+
+
+def decode_demand(data: bytes) -> Demand:
+    message = _decode(data)
+    return Demand(
+        node=_field(message, "node", str),
+        received_at=_field(message, "at", float),
+        here=_names(message, "here"),
+        away=_names(message, "away"),
+    )
+
+
+def encode_responder_state(state: ResponderState) -> bytes:
+    return _encode({
+        "v": PROTOCOL_VERSION, "served": sorted(state.served), "silent": state.silent,
+    })
+
+
+def decode_responder_state(data: bytes) -> ResponderState:
+    message = _decode(data)
+    return ResponderState(
+        served=_names(message, "served"), silent=_field(message, "silent", bool)
+    )
 
 
 def egress_ips_to_hold(

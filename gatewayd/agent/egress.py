@@ -1,13 +1,13 @@
 """Kubernetes mode: egress IPs the gateway provisions follow the cloud nodes' traffic.
 
-The agent answers the nodes' probes (`answer`, in the responder's thread) and remembers what
-each node said. The keeper thread then holds exactly the provisioned egress IPs that
-`gatewayd.probe.egress_ips_to_hold` asks for: a new one only after a probe found no other
-holder (AddressDriver's conflict probe: ARP, or IPv6 duplicate address detection), then
-announced with gratuitous ARP / unsolicited NA; one that is no longer wanted at once. When
-another host claims an address this gateway holds (its gratuitous ARP or neighbour
-advertisement reaches the ClaimWatcher), the gateway yields unless `keep_when_contested` says
-otherwise, in which case it announces itself again.
+The agent's responder process answers the nodes' probes with what the keeper says is served,
+and passes on what each node said (`gatewayd.agent.responder`). The keeper thread then holds
+exactly the provisioned egress IPs that `gatewayd.probe.egress_ips_to_hold` asks for: a new
+one only after a probe found no other holder (AddressDriver's conflict probe: ARP, or IPv6
+duplicate address detection), then announced with gratuitous ARP / unsolicited NA; one that
+is no longer wanted at once. When another host claims an address this gateway holds (its
+gratuitous ARP or neighbour advertisement reaches the ClaimWatcher), the gateway yields unless
+`keep_when_contested` says otherwise, in which case it announces itself again.
 
 Restarts: for `egressIPHoldSeconds` after the keeper starts it removes nothing, so the first
 probes can say what to keep; and a stopping agent hands over (`hand_over`): it listens to the
@@ -21,6 +21,8 @@ See README.md, "Egress IP failover and split brain".
 from __future__ import annotations
 
 import logging
+import os
+import select
 import threading
 import time
 from collections import defaultdict
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gatewayd.agent.config import FailoverSettings
+from gatewayd.agent.responder import ProbeResponder
 from gatewayd.dataplane.addresses import AddressConflict, AddressDriver
 from gatewayd.dataplane.probe import ClaimWatcher
 from gatewayd.policy.model import (
@@ -38,15 +41,7 @@ from gatewayd.policy.model import (
     address_order,
     in_pools,
 )
-from gatewayd.probe import (
-    Demand,
-    ProbeFormatError,
-    ProbeReply,
-    decode_request,
-    egress_ips_to_hold,
-    encode_reply,
-    keep_when_contested,
-)
+from gatewayd.probe import Demand, ResponderState, egress_ips_to_hold, keep_when_contested
 from gatewayd.systemd import Priority, journal_event
 
 log = logging.getLogger("gatewayd.agent")
@@ -99,7 +94,8 @@ class EgressIPKeeper:
         self._contested: dict[IPAddress, str] = {}  # address -> the other host's MAC
         self._announced: dict[IPAddress, float] = {}
         self._reannounce: dict[IPAddress, list[float]] = {}  # address -> when (monotonic)
-        self._wake = threading.Event()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._responder: ProbeResponder | None = None
         self._stopping = threading.Event()
         self._silent = threading.Event()  # handing over: listen to probes, answer none
         self._started_at = 0.0
@@ -111,7 +107,9 @@ class EgressIPKeeper:
 
     # --- from other threads ------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, responder: ProbeResponder) -> None:
+        """Follow the demands `responder` passes on (this thread is its only user now)."""
+        self._responder = responder
         held: set[IPAddress] = set()
         for interface in sorted({p.interface for p in self.pools}):
             try:
@@ -132,7 +130,7 @@ class EgressIPKeeper:
         deadline = time.monotonic() + seconds
         with self._lock:
             started = self._passes
-        self._wake.set()
+        self._poke()
         while True:
             with self._lock:
                 held, passes = self._held, self._passes
@@ -146,33 +144,17 @@ class EgressIPKeeper:
     def stop(self) -> None:
         """Stop following; the addresses held now stay (the data plane outlives the daemon)."""
         self._stopping.set()
-        self._wake.set()
+        self._poke()
         self._thread.join(5)
         self._watcher.stop()
+        if not self._thread.is_alive():
+            os.close(self._wake)
 
     def set_rules(self, rules: tuple[SnatRule, ...]) -> None:
         """The rules of the plan in force (main thread, after each apply)."""
         with self._lock:
             self._rules = rules
-        self._wake.set()
-
-    def answer(self, data: bytes) -> bytes | None:
-        """A probe's answer (responder thread): record what the node said, say what we serve."""
-        try:
-            request = decode_request(data)
-        except ProbeFormatError:
-            return None
-        with self._lock:
-            before = self._demands.get(request.node)
-            self._demands[request.node] = Demand(
-                request.node, time.monotonic(), request.here, request.away
-            )
-            serving = self._serving(request.here | request.away)
-        if before is None or (before.here, before.away) != (request.here, request.away):
-            self._wake.set()
-        if self._silent.is_set():
-            return None
-        return encode_reply(ProbeReply(self.gateway, request.sequence, serving))
+        self._poke()
 
     def report(self) -> EgressIPReport:
         with self._lock:
@@ -209,15 +191,47 @@ class EgressIPKeeper:
 
     # --- the keeper thread -------------------------------------------------------------------
 
-    def _serving(self, policies: frozenset[str]) -> frozenset[str]:
-        """Policies (of `policies`) whose rules are here with their egress IPs (lock held)."""
+    def _poke(self) -> None:
+        os.eventfd_write(self._wake, 1)
+
+    def _responder_state(self) -> ResponderState:
+        """Served: the policies whose rules are here with their egress IPs held."""
         ips: dict[str, set[IPAddress]] = defaultdict(set)
-        for rule in self._rules:
-            ips[rule.policy].add(rule.egress_ip)
-        return frozenset(
-            p for p in policies
-            if p in ips and all(ip in self._held or not self.provisioned(ip) for ip in ips[p])
-        )
+        with self._lock:
+            for rule in self._rules:
+                ips[rule.policy].add(rule.egress_ip)
+            served = frozenset(
+                p for p, addresses in ips.items()
+                if all(ip in self._held or not self.provisioned(ip) for ip in addresses)
+            )
+        return ResponderState(served, silent=self._silent.is_set())
+
+    def _take_demands(self) -> bool:
+        """Record the demands the responder passed on; True when a node's changed."""
+        assert self._responder is not None
+        changed = False
+        received = self._responder.demands()
+        with self._lock:
+            for demand in received:
+                before = self._demands.get(demand.node)
+                self._demands[demand.node] = demand
+                changed = changed or before is None or (before.here, before.away) != (
+                    demand.here, demand.away)
+        return changed
+
+    def _wait(self, seconds: float) -> None:
+        """Until `seconds` passed, the keeper was poked, or a node's demand changed."""
+        assert self._responder is not None
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            sources = [self._wake, *([self._responder.fileno()] if self._responder.running
+                                     else [])]
+            ready = select.select(sources, [], [], left)[0]
+            if self._wake in ready:
+                os.eventfd_read(self._wake)
+                return
+            if ready and self._take_demands():
+                return
 
     def _held_addresses(self) -> frozenset[IPAddress]:
         with self._lock:
@@ -226,12 +240,14 @@ class EgressIPKeeper:
     def _claimed_elsewhere(self, address: IPAddress, interface: str, mac: str) -> None:
         with self._lock:
             self._contested[address] = mac
-        self._wake.set()
+        self._poke()
 
     def _run(self) -> None:
         last_full = 0.0
         last_wanted: frozenset[IPAddress] | None = None
+        assert self._responder is not None
         while not self._stopping.is_set():
+            self._take_demands()  # a pass decides on every probe that came before it
             now = time.monotonic()
             with self._lock:
                 rules = self._rules
@@ -262,10 +278,10 @@ class EgressIPKeeper:
                 except Exception:  # a netlink hiccup: try again at the next pass
                     log.exception("egress IPs: pass failed")
             self._announce_again(time.monotonic())
+            self._responder.set_state(self._responder_state())
             with self._lock:
                 self._passes += 1
-            self._wake.wait(PASS_SECONDS)
-            self._wake.clear()
+            self._wait(PASS_SECONDS)
 
     def _settle_contests(
         self,

@@ -33,6 +33,7 @@ from kubernetes.client.exceptions import ApiException
 
 from gatewayd.agent.config import AgentConfig
 from gatewayd.agent.egress import EgressIPKeeper, EgressIPReport
+from gatewayd.agent.responder import ProbeResponder
 from gatewayd.agent.target import GatewayTarget, usable_peers
 from gatewayd.api.sourceslices import (
     GATEWAY_LABEL,
@@ -54,7 +55,6 @@ from gatewayd.clusterlink import (
     status_patch,
 )
 from gatewayd.dataplane.host import first_ipv4, observe_interfaces
-from gatewayd.dataplane.probe import ProbeResponder
 from gatewayd.follower import InputError, Part, StepFailure, failures_of
 from gatewayd.kube.informer import Informer
 from gatewayd.kube.leases import LeaseObserver, renew_lease
@@ -281,9 +281,9 @@ class AgentCluster:
         if not isinstance(address, IPv4Address):
             raise ValueError(f"tunnel.address {self.config.tunnel.address}: the probes need "
                              "an IPv4 address")
-        self._responder = ProbeResponder(address, PROBE_PORT, self.keeper.answer)
+        self._responder = ProbeResponder(self.config.name, address, PROBE_PORT)
         self._responder.start()
-        self.keeper.start()
+        self.keeper.start(self._responder)
         self.reporter.start()
 
     def stop(self, final: Status | None) -> None:

@@ -2,8 +2,8 @@
 
 Bytes in, bytes out: the message format and what the probes decide are in `gatewayd.probe`.
 
-- `ProbeResponder` (gateway): answers probes on the gateway's tunnel address in a thread of
-  its own, so a slow reconcile pass never delays an answer (a delayed answer is a miss).
+- `udp_socket` (gateway): the socket the agent's responder process answers probes on
+  (`gatewayd.agent.responder`).
 - `ProbeSockets` (cloud node): one UDP socket per gateway, bound to the node's tunnel address
   and marked with the gateway's fwmark (SO_MARK, CAP_NET_ADMIN), so policy routing sends each
   probe into that gateway's tunnel.
@@ -42,7 +42,7 @@ IP_FREEBIND = 15  # <linux/in.h>; not exported by every Python build
 RECEIVE_BYTES = 65535
 
 
-def _udp_socket(address: IPv4Address, port: int, mark: int | None = None) -> socket.socket:
+def udp_socket(address: IPv4Address, port: int, mark: int | None = None) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
@@ -54,46 +54,6 @@ def _udp_socket(address: IPv4Address, port: int, mark: int | None = None) -> soc
         sock.close()
         raise
     return sock
-
-
-class ProbeResponder:
-    """Answers every datagram to `address:port` with `answer(data)` (None: no answer)."""
-
-    def __init__(
-        self, address: IPv4Address, port: int, answer: Callable[[bytes], bytes | None]
-    ) -> None:
-        self._sock = _udp_socket(address, port)
-        self._answer = answer
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="probe-responder", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(2)
-        self._sock.close()
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            if not select.select([self._sock], [], [], 0.2)[0]:
-                continue
-            try:
-                data, peer = self._sock.recvfrom(RECEIVE_BYTES)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                log.warning("probe responder: receive failed: %s", exc)
-                continue
-            try:
-                reply = self._answer(data)
-            except Exception:  # a bug must not stop the answers
-                log.exception("probe responder: answering %s failed", peer[0])
-                continue
-            if reply is not None:
-                with contextlib.suppress(OSError):  # no route back right now: a miss there
-                    self._sock.sendto(reply, peer)
 
 
 @dataclass(frozen=True)
@@ -122,7 +82,7 @@ class ProbeSockets:
                 del self._sockets[gateway]
         for gateway, target in wanted.items():
             if gateway not in self._sockets:
-                self._sockets[gateway] = (target, _udp_socket(self.source, 0, target.mark))
+                self._sockets[gateway] = (target, udp_socket(self.source, 0, target.mark))
 
     @property
     def gateways(self) -> tuple[str, ...]:

@@ -687,6 +687,34 @@ def test_gateways_that_cannot_see_each_other_change_nothing(
     assert all(node_failovers(klab, n.name) == set() for n in NODES)
 
 
+def test_an_active_agent_kept_off_the_cpu_changes_nothing(klab: KubeLab, tmp_path: Path) -> None:
+    """The active gateway's agent is stopped (SIGSTOP), as on a host too busy to run it, for
+    twice as long as the nodes give a silent gateway and as the gateway holds an egress IP
+    without probes. Its responder process answers meanwhile, and the agent then decides on when
+    the probes came: no node fails over, the egress IP stays, and no request fails."""
+    old = carrying(klab)
+    pid = klab.daemon_pid(old)
+    assert pid is not None
+    hosts = [g.name for g in GATEWAYS] + [n.name for n in NODES]
+    counted = {(h, e): daemon_events(klab, h, e) for h in hosts
+               for e in ("failover", "egress-ip-removed", "egress-ip-added")}
+    with ExitStack() as stack:
+        watch = stack.enter_context(EgressIPWatch(EGRESS_IPS.values()))
+        files = {pod.name: stack.enter_context(pinging(pod.netns, TARGET, tmp_path / pod.name))
+                 for pod in (CHECKOUT_1, CHECKOUT_2)}
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(2 * max(PROBE_INTERVAL * PROBE_MISSES, EGRESS_IP_HOLD))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(1.0)  # long enough for what the agent does once it runs again to show
+        attempts = {pod: read_attempts(path) for pod, path in files.items()}
+    for pod, found in attempts.items():
+        assert found and all(a.ok for a in found), f"{pod}: {failures(found, found[0].start)}"
+    assert {(h, e): daemon_events(klab, h, e) for h, e in counted} == counted
+    assert watch.overlaps == [] and has_address(gateway_host(old).netns, "eth0", PAYMENT_IP)
+
+
 def test_an_api_server_outage_changes_nothing(klab: KubeLab, tmp_path: Path) -> None:
     hosts = [g.name for g in GATEWAYS] + [n.name for n in NODES]
     programmed = {h: daemon_events(klab, h, "plan-applied") for h in hosts}

@@ -564,6 +564,11 @@ def test_first_run_installs_starts_and_joins_both_gateways(rollout: Rollout) -> 
         assert report["mode"] == "kubernetes" and report["apiServer"]["connected"], report
         config = yaml.safe_load(host.sh(f"cat {CONFIG}"))
         assert "snapshot" not in config and "peers" not in config["tunnel"], config
+        # Its probe responder, a process of the agent's, answers at a higher CPU priority.
+        (responder,) = host.sh(
+            f"for c in $(cat /proc/{main_pid(host)}/task/*/children); do "
+            "grep -qa gatewayd.agent.responder /proc/$c/cmdline && echo $c; done; true").split()
+        assert host.sh(f"cut -d' ' -f19 /proc/{responder}/stat").strip() == "-10"
         # The key was made on the host; the fact carries only its public half.
         assert file_state(host, PRIVATE_KEY).startswith("600 gatewayd\n")
         public = host.sh(f"wg pubkey < {PRIVATE_KEY}").strip()

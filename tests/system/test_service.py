@@ -220,22 +220,22 @@ def capabilities(host: Container, pid: int) -> dict[str, str]:
     return dict(line.split(":\t") for line in lines)
 
 
-NET_ADMIN_AND_RAW = "0000000000003000"  # bits 12 and 13
+CAPABILITIES = "0000000000803000"  # bits 12, 13 and 23: NET_ADMIN, NET_RAW, SYS_NICE
 
 
-def test_runs_as_its_own_user_with_two_capabilities_and_programs_everything(
+def test_runs_as_its_own_user_with_three_capabilities_and_programs_everything(
     container: Container,
 ) -> None:
     start_gateway(container)
     pid = main_pid(container)
     assert process_user(container, pid) == "gatewayd"
     assert capabilities(container, pid) == {
-        "CapInh": NET_ADMIN_AND_RAW, "CapPrm": NET_ADMIN_AND_RAW, "CapEff": NET_ADMIN_AND_RAW,
-        "CapBnd": NET_ADMIN_AND_RAW, "CapAmb": NET_ADMIN_AND_RAW}
+        "CapInh": CAPABILITIES, "CapPrm": CAPABILITIES, "CapEff": CAPABILITIES,
+        "CapBnd": CAPABILITIES, "CapAmb": CAPABILITIES}
     # wireguard-go, started by the agent, is no more than the agent.
     tunnel = tunnel_pid(container)
     assert process_user(container, tunnel) == "gatewayd"
-    assert capabilities(container, tunnel)["CapEff"] == NET_ADMIN_AND_RAW
+    assert capabilities(container, tunnel)["CapEff"] == CAPABILITIES
     # And everything is programmed: the table, the egress IPs (and their ARP announcements,
     # packet sockets), the tunnel and the forwarding sysctls.
     assert has_table(container) and egress_ips(container) == {PAYMENT_IP, BATCH_IP}

@@ -16,14 +16,20 @@ from gatewayd.probe import (
     ProbeHistory,
     ProbeReply,
     ProbeRequest,
+    ResponderState,
+    answer_probe,
     answers_probe,
     decide_failovers,
+    decode_demand,
     decode_reply,
     decode_request,
+    decode_responder_state,
     effective_rules,
     egress_ips_to_hold,
+    encode_demand,
     encode_reply,
     encode_request,
+    encode_responder_state,
     keep_when_contested,
     probe_requests,
 )
@@ -69,6 +75,43 @@ def test_malformed_requests_are_refused(data: bytes) -> None:
 def test_a_reply_is_not_a_request() -> None:
     with pytest.raises(ProbeFormatError):
         decode_request(encode_reply(ProbeReply("gw1", 1)))
+
+
+def test_the_agents_messages_to_and_from_its_responder_round_trip() -> None:
+    demand = Demand("node1", 1234.5678, frozenset({"pay"}), frozenset({"all", "other"}))
+    assert decode_demand(encode_demand(demand)) == demand
+    for state in (ResponderState(), ResponderState(frozenset({"pay", "all"}), silent=True)):
+        assert decode_responder_state(encode_responder_state(state)) == state
+
+
+@pytest.mark.parametrize("data", [
+    b'{"v": 1, "served": [], "silent": 1}', b'{"v": 1, "served": "pay", "silent": false}',
+    b'{"v": 1, "served": []}',
+])
+def test_a_malformed_responder_state_is_refused(data: bytes) -> None:
+    with pytest.raises(ProbeFormatError):
+        decode_responder_state(data)
+
+
+def test_the_responder_serves_what_the_node_asks_of_what_the_agent_serves() -> None:
+    request = ProbeRequest("node1", 9, frozenset({"pay"}), frozenset({"all"}))
+    state = ResponderState(frozenset({"pay", "all", "reports"}))
+    demand, reply = answer_probe(encode_request(request), "gw1", state, now=50.0)
+    assert demand == Demand("node1", 50.0, frozenset({"pay"}), frozenset({"all"}))
+    assert reply is not None
+    assert decode_reply(reply) == ProbeReply("gw1", 9, frozenset({"pay", "all"}))
+
+
+def test_a_silent_responder_records_the_demand_and_answers_nothing() -> None:
+    request = ProbeRequest("node1", 9, frozenset({"pay"}))
+    demand, reply = answer_probe(encode_request(request), "gw1",
+                                 ResponderState(frozenset({"pay"}), silent=True), now=50.0)
+    assert (demand.node, demand.here, reply) == ("node1", frozenset({"pay"}), None)
+
+
+def test_a_datagram_that_is_no_probe_gets_no_answer() -> None:
+    with pytest.raises(ProbeFormatError):
+        answer_probe(encode_reply(ProbeReply("gw2", 1)), "gw1", ResponderState(), now=1.0)
 
 
 # --- health -----------------------------------------------------------------------------------

@@ -10,10 +10,11 @@ changing or removing the table (`nft flush ruleset`, `systemctl restart nftables
 from nftables events and repaired at once; until then the routing guard
 (`dataplane/forward_guard.py`) drops the tunnel's traffic.
 
-Standalone mode: the plan comes from snapshot files, the tunnel's peers from the config, and
-the plan's active rules decide which provisioned egress IPs the host holds.
-Kubernetes mode (see `kubernetes.py`): plan and peers come from the EgressGateway's spec; the
-provisioned egress IPs follow the cloud nodes' traffic, as their probes report it (`egress.py`).
+What differs between the modes is one object the daemon composes (`mode.py`). Standalone mode
+(`standalone.py`): the plan comes from snapshot files, the tunnel's peers from the config, and
+the plan's active rules decide which provisioned egress IPs the host holds. Kubernetes mode
+(`kubernetes.py`): plan and peers come from the EgressGateway's spec; the provisioned egress
+IPs follow the cloud nodes' traffic, as their probes report it (`egress.py`).
 """
 
 from __future__ import annotations
@@ -21,27 +22,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 from gatewayd.agent import metrics as gateway_metrics
 from gatewayd.agent.config import AgentConfig, TunnelPeer, load_agent_config
 from gatewayd.agent.footprint import GatewayFootprint, record_tunnel, sysctl_originals_path
-from gatewayd.agent.kubernetes import AgentCluster, AgentState, gateway_status, observe_host
+from gatewayd.agent.kubernetes import AgentCluster
+from gatewayd.agent.mode import GatewayMode
+from gatewayd.agent.standalone import StandaloneGateway
 from gatewayd.agent.target import GatewayTarget, target_from_dict, target_to_dict
 from gatewayd.configfile import ConfigError
-from gatewayd.dataplane.addresses import (
-    AddressConflict,
-    AddressDriver,
-    addresses_of_others,
-    held_addresses,
-)
-from gatewayd.dataplane.conntrackd import ConntrackdDriver, SyncSettings, config_path
+from gatewayd.dataplane.addresses import addresses_of_others
 from gatewayd.dataplane.forward_guard import ensure_forward_guard
-from gatewayd.dataplane.host import observe_interfaces
 from gatewayd.dataplane.nft_render import (
     GatewayTableSettings,
     RenderedTable,
@@ -60,7 +54,6 @@ from gatewayd.follower import (
     Part,
     PlanFollower,
     PlanSource,
-    SnapshotSource,
     StepFailure,
     run_follower,
 )
@@ -69,7 +62,6 @@ from gatewayd.metrics import MetricsSettings, Sample, peer_samples
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import GatewayPlan, IPAddress, in_pools
 from gatewayd.probe import PROBE_PORT
-from gatewayd.runtime import rfc3339
 from gatewayd.systemd import Priority, journal_event
 
 log = logging.getLogger("gatewayd.agent")
@@ -84,14 +76,11 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
     plan_from_dict = staticmethod(target_from_dict)
 
     def __init__(self, config: AgentConfig) -> None:
-        # Kubernetes mode: the connection state shared with the other gateways.
-        self.conntrack_sync = ConntrackdDriver()
-        self._sync_missing_reported = False
-        self.cluster: AgentCluster | None = None
+        self.config = config  # the mode reads it, and PlanFollower asks the mode for a source
+        self.mode: GatewayMode = StandaloneGateway(self)
         if config.kubernetes is not None:
             try:
-                self.cluster = AgentCluster(config, self._egress_ips_changed,
-                                            self._egress_ips_released)
+                self.mode = AgentCluster(self)
             except KubeConfigError as exc:
                 raise ConfigError([f"{config.path}: kubernetes: {exc}"]) from exc
         super().__init__(config)
@@ -101,23 +90,16 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         self.table_watcher = TableWatcher(TABLE_FAMILY, TABLE_NAME, self._on_table_changed)
         self._forwarding: bool | None = None  # as this agent last set it
         self._held_in_table: frozenset[IPAddress] | None = None  # egress IPs SNATed to
-        self.addresses = AddressDriver()
         self.wireguard = WireGuardDriver()
         self.peers_up: set[str] = set()  # names of tunnel peers with a recent handshake
         self.handshakes: dict[str, int] = {}  # peer name -> unix time of its latest handshake
-        self.egress_ip_conflicts: frozenset[IPAddress] = frozenset()  # another host has them
         self.nat_use = gateway_metrics.NatUse()  # connections per egress IP, for metrics
         self.errors: tuple[StepFailure, ...] = ()  # of the last programming pass
         self.public_key: str | None = None
         self._status_dirty = threading.Event()  # set by the egress IP keeper's thread
-        self._connection: dict[str, Any] | None = None  # as status.json last reported it
 
     def make_source(self) -> PlanSource[GatewayTarget]:
-        if self.cluster is not None:
-            # Kubernetes settings are read at start only: the same source stays.
-            return self.cluster.source
-        return SnapshotSource(self.config.snapshot, self.memory, self.plan_from,
-                              self.same_content)
+        return self.mode.plan_source()
 
     def same_content(self, a: GatewayTarget, b: GatewayTarget) -> bool:
         return a.rules == b.rules and a.peers == b.peers
@@ -130,22 +112,18 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
     def peers(self, target: GatewayTarget | None) -> tuple[TunnelPeer, ...]:
         if target is not None and target.peers is not None:
             return target.peers
-        return self.config.tunnel.peers if self.cluster is None else ()
+        return self.mode.default_peers()
 
     # --- the loop ---------------------------------------------------------------------------
 
     def attach(self, wake: Callable[[], None]) -> None:
         super().attach(wake)
         self.table_watcher.start()
-        if self.cluster is not None:
-            self.cluster.start()
+        self.mode.start()
 
     def shutdown(self) -> None:
         self.table_watcher.stop()
-        if self.cluster is not None:
-            self.cluster.stop(self._status(stopping=True))
-        # After the hand-over: the standby had our flows all along, and gets the last ones.
-        self.conntrack_sync.stop()
+        self.mode.stop()
         super().shutdown()
 
     def host_inputs(self, target: GatewayTarget) -> object:
@@ -156,61 +134,10 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         if not settled:
             self.step(errors, Part.TUNNEL, lambda: self._ensure_tunnel(target))
             self.step(errors, Part.FORWARD_GUARD, self._ensure_guard)
-        if self.cluster is None:
-            self.step(errors, Part.EGRESS_IPS, lambda: self._ensure_egress_ips(target.plan))
-        else:
-            self.cluster.keeper.set_rules(target.rules)
+        self.step(errors, Part.EGRESS_IPS, lambda: self.mode.provision(target))
         self._filter_then_forward(target.plan, errors, settled)
-        if self.cluster is not None:
-            self.step(errors, Part.CONNTRACK_SYNC, lambda: self._ensure_conntrack_sync(target))
+        self.step(errors, Part.CONNTRACK_SYNC, lambda: self.mode.share_connections(target))
         self.errors = tuple(errors)
-
-    def _ensure_conntrack_sync(self, target: GatewayTarget) -> None:
-        """Share the SNATed flows with the other gateways on the uplink's segment (conntrackd),
-        so that a standby that takes a policy over continues its connections."""
-        sources = tuple(net for peer in self.peers(target) for net in peer.allowed_ips)
-        if not sources:
-            self.conntrack_sync.stop()
-            return
-        if not self.conntrack_sync.available():
-            if not self._sync_missing_reported:
-                self._sync_missing_reported = True
-                journal_event("conntrack-sync-missing", "conntrackd is not installed: "
-                              "connections through this gateway do not survive a failover",
-                              Priority.WARNING)
-            return
-        address = self._sync_address()
-        if address is None:
-            raise RuntimeError(f"uplink {self.config.uplink} has no IPv4 address for the "
-                               "conntrack sync")
-        settings = SyncSettings(self.config.uplink, IPv4Address(address), sources,
-                                self.config.state_directory / "conntrackd")
-        if self.conntrack_sync.ensure(settings):
-            threading.Thread(target=self._resync, args=(settings,), name="conntrack-resync",
-                             daemon=True).start()
-
-    def _sync_address(self) -> str | None:
-        """The uplink's own IPv4 address: not an egress IP, which moves between gateways."""
-        for interface in observe_interfaces():
-            if interface.name != self.config.uplink:
-                continue
-            for item in interface.addresses:
-                ip = item.address
-                if ip.version == 4 and not any(ip in pool.cidr
-                                               for pool in self.config.egress_ip_pools):
-                    return str(ip)
-        return None
-
-    def _resync(self, settings: SyncSettings) -> None:
-        """A (re)started conntrackd: swap flows with the other gateways once it listens."""
-        control = settings.directory / "conntrackd.ctl"
-        deadline = time.monotonic() + 10
-        while not control.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        try:
-            self.conntrack_sync.resync(settings)
-        except Exception as exc:
-            log.warning("conntrack resync with %s: %s", config_path(settings.directory), exc)
 
     def _filter_then_forward(
         self, plan: GatewayPlan, errors: list[StepFailure], settled: bool
@@ -250,31 +177,13 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         if self._status_dirty.is_set():
             self._status_dirty.clear()
             self.publish_status()
-        # Losing or regaining the API server changes no plan: say so in status.json anyway.
-        if self.cluster is not None and self.cluster.connection() != self._connection:
+        if self.mode.connection_changed():
             self.write_status()
 
     def _held_changed(self) -> bool:
-        """Kubernetes mode: the egress IPs the keeper refuses are not those the table drops."""
-        if self.cluster is None or self.target is None or self._held_in_table is None:
+        if self.target is None or self._held_in_table is None:
             return False
-        keeper = self.cluster.keeper
-        rule_ips = {r.egress_ip for r in self.target.rules if keeper.provisioned(r.egress_ip)}
-        in_table = {ip for ip in self._held_in_table if keeper.provisioned(ip)}
-        return rule_ips - keeper.refused() != in_table
-
-    def _held_egress_ips(self, plan: GatewayPlan) -> frozenset[IPAddress]:
-        """The plan's egress IPs the table may SNAT to. Standalone mode: those the host holds.
-        Kubernetes mode: a provisioned one unless another host holds it (the keeper claims
-        and releases them as the traffic moves, and a failover must not wait for a table
-        replace); any other one while the host holds it."""
-        rule_ips = {rule.egress_ip for rule in plan.rules}
-        present = held_addresses() & rule_ips
-        if self.cluster is None:
-            return present
-        keeper = self.cluster.keeper
-        claimable = {ip for ip in rule_ips if keeper.provisioned(ip)} - keeper.refused()
-        return frozenset(claimable | {ip for ip in present if not keeper.provisioned(ip)})
+        return self.mode.egress_ips_moved(self.target, self._held_in_table)
 
     def _dedicated_egress_ips(self, plan: GatewayPlan) -> frozenset[IPAddress]:
         """The plan's egress IPs the agent provisions, unless the administrator or another
@@ -299,12 +208,8 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         elif self.status.drift_repaired:
             self.write_status()
 
-    def _egress_ips_released(self) -> None:
-        """The keeper's thread: this gateway gave egress IPs up, so another gateway carries
-        their connections now."""
-        self.conntrack_sync.forget_own_flows()
-
-    def _egress_ips_changed(self) -> None:
+    def egress_ips_changed(self) -> None:
+        """The egress IP keeper's thread (Kubernetes mode): report the change."""
         self._status_dirty.set()
         if self._wake is not None:
             self._wake()
@@ -313,10 +218,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         target = self.applied
         policies = len({r.policy for r in target.rules}) if target else 0
         peers = f"{len(self.peers_up)}/{len(self.peers(target))}"
-        if self.cluster is not None:
-            egress_ips = len(self.cluster.keeper.report().held)
-        else:
-            egress_ips = len(target.plan.egress_ips) if target else 0
+        egress_ips = len(self.mode.egress_ips(target.plan if target else None).listed)
         return f"{policies} policies, {peers} peers up, {egress_ips} egress IPs"
 
     def _check_peers(self) -> None:
@@ -342,77 +244,34 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
 
     def metric_samples(self) -> list[Sample]:
         plan = self.applied.plan if self.applied else None
-        rule_ips = {r.egress_ip for r in plan.rules} if plan else set()
-        if self.cluster is None:
-            expected: set[IPAddress] = set(plan.egress_ips) if plan else set()
-            held, conflicts = held_addresses() & rule_ips, self.egress_ip_conflicts
-        else:
-            keeper = self.cluster.keeper
-            expected = {ip for ip in (plan.egress_ips if plan else ()) if keeper.provisioned(ip)}
-            held, conflicts = frozenset(keeper.report().held), keeper.refused()
+        egress_ips = self.mode.egress_ips(plan)
         return [
             *super().metric_samples(),
             *peer_samples(self.handshakes, self.peers_up, time.time(),
                           self.config.tunnel.interface),
-            *gateway_metrics.egress_ip_samples(expected, held, conflicts),
+            *gateway_metrics.egress_ip_samples(egress_ips.expected, egress_ips.held,
+                                               egress_ips.conflicts),
             *gateway_metrics.counter_samples(plan, self.nftables.counters()),
-            *self.nat_use.samples(map(str, held), time.monotonic()),
+            *self.nat_use.samples(map(str, egress_ips.held), time.monotonic()),
         ]
 
     def status_details(self) -> dict[str, Any]:
         target = self.applied
-        if self.cluster is not None:
-            held = [str(ip) for ip in self.cluster.keeper.report().held]
-        else:
-            held = sorted(str(ip) for ip in target.plan.egress_ips) if target else []
-        details: dict[str, Any] = {
+        return {
             "name": self.config.name,
-            "mode": "standalone" if self.cluster is None else "kubernetes",
+            "mode": self.mode.name,
             "policies": sorted({f"{r.policy} ({r.role.value})" for r in target.rules})
             if target else [],
-            "egressIPs": held,
+            "egressIPs": list(self.mode.egress_ips(target.plan if target else None).listed),
+            **self.mode.details(),
         }
-        if self.cluster is not None:
-            self._connection = details["apiServer"] = self.cluster.connection()
-        return details
 
     def write_status(self) -> None:
         super().write_status()
         self.publish_status()
 
     def publish_status(self) -> None:
-        """Hand the EgressGateway status to the reporter (written if it changed)."""
-        if self.cluster is not None:
-            self.cluster.config = self.config  # labels may have changed with a reload
-            self.cluster.reporter.publish(self._status())
-
-    def _status(self, stopping: bool = False) -> dict[str, Any]:
-        assert self.cluster is not None
-        if self.public_key is None:
-            try:
-                self.public_key = ensure_private_key(self.config.tunnel.private_key_file)
-            except Exception as exc:  # reported through Ready via the tunnel step anyway
-                log.warning("no public key yet: %s", exc)
-        try:
-            interfaces = observe_host(self.config)
-        except Exception:
-            log.exception("reading the host's interfaces failed")
-            interfaces = ()
-        state = AgentState(
-            config=self.config,
-            public_key=self.public_key,
-            generation=self.status.generation,
-            ready=self.status.ready and self.applied is not None,
-            errors=self.errors,
-            last_error=self.status.last_error,
-            peers_up=frozenset(self.peers_up),
-            peers=tuple(p.name for p in self.peers(self.target)),
-            egress_ips=self.cluster.keeper.report(),
-            interfaces=interfaces,
-            stopping=stopping,
-            state_error=self.status.state_error,
-        )
-        return gateway_status(state, self.cluster.previous_status(), rfc3339())
+        self.mode.publish()
 
     # --- the data plane ---------------------------------------------------------------------
 
@@ -477,32 +336,6 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
     def _ensure_guard(self) -> None:
         self.drift("forward guard", ensure_forward_guard(self.config.tunnel.interface))
 
-    def _ensure_egress_ips(self, plan: GatewayPlan) -> None:
-        """Provision the plan's egress IPs that lie in our pools, on each pool's interface."""
-        wanted: dict[str, set[IPAddress]] = defaultdict(set)
-        for pool in self.config.egress_ip_pools:
-            wanted[pool.interface]  # also an interface with none wanted: stale ones go
-            for ip in plan.egress_ips:
-                if ip.version == pool.cidr.version and ip in pool.cidr:
-                    wanted[pool.interface].add(ip)
-        conflicts: list[AddressConflict] = []
-        self.egress_ip_conflicts = frozenset()
-        for interface, ips in sorted(wanted.items()):
-            changes = self.addresses.ensure(interface, ips)
-            for ip in changes.added:
-                journal_event("egress-ip-added", f"egress IP {ip} added on {interface}",
-                              Priority.NOTICE, egress_ip=str(ip), interface=interface)
-            for ip in changes.removed:
-                journal_event("egress-ip-removed", f"egress IP {ip} removed from {interface}",
-                              Priority.NOTICE, egress_ip=str(ip), interface=interface)
-            self.drift(f"egress IPs on {interface}", changes)
-            conflicts += changes.conflicts
-        if conflicts:
-            self.egress_ip_conflicts = frozenset(c.address for c in conflicts)
-            # The SNAT rules are still installed (the address may be freed later and is
-            # retried); the gateway is not ready while another host answers for its IP.
-            raise RuntimeError("; ".join(map(str, conflicts)))
-
     def _ensure_table(self, plan: GatewayPlan) -> None:
         settings = GatewayTableSettings(
             tunnel_interface=self.config.tunnel.interface,
@@ -513,7 +346,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             probe_port=PROBE_PORT,
             dedicated_egress_ips=self._dedicated_egress_ips(plan),
         )
-        held = self._held_egress_ips(plan)
+        held = self.mode.table_egress_ips(plan)
         self._rendered = render_gateway_table(plan, settings, held=held, previous=self._rendered)
         result = self.nftables.ensure(self._rendered, verify=self.repairing)
         self._held_in_table = held

@@ -12,8 +12,10 @@
   whether each peer is up; written when it changes, as a merge patch in which a field that
   became unknown is null (removed). No handshake times: they change at every WireGuard rekey
   (every two minutes per peer) and would make every gateway write its status all the time.
-- Fast failover: answers the cloud nodes' probes, and moves provisioned egress IPs with the
-  nodes' traffic (`egress.py`).
+- Fast failover: answers the cloud nodes' probes (`responder.py`), and moves provisioned egress
+  IPs with the nodes' traffic (`egress.py`).
+- Connections: conntrackd shares the SNATed flows with the other gateways, so that a standby
+  that takes a policy over continues them.
 
 On SIGTERM the agent writes Ready=False first (best effort, a short timeout), so that the
 controller moves traffic away, then exits; the data plane stays.
@@ -22,17 +24,20 @@ controller moves traffic away, then exits; the data plane stays.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from ipaddress import IPv4Address, ip_interface
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from gatewayd.agent.config import AgentConfig
+from gatewayd.agent.config import AgentConfig, TunnelPeer
 from gatewayd.agent.egress import EgressIPKeeper, EgressIPReport
+from gatewayd.agent.mode import EgressIPView
 from gatewayd.agent.responder import ProbeResponder
 from gatewayd.agent.target import GatewayTarget, usable_peers
 from gatewayd.api.sourceslices import (
@@ -54,15 +59,23 @@ from gatewayd.clusterlink import (
     conditions,
     status_patch,
 )
+from gatewayd.dataplane.addresses import held_addresses
+from gatewayd.dataplane.conntrackd import ConntrackdDriver, SyncSettings, config_path
 from gatewayd.dataplane.host import first_ipv4, observe_interfaces
-from gatewayd.follower import InputError, Part, StepFailure, failures_of
+from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
+from gatewayd.follower import InputError, Part, PlanSource, StepFailure, failures_of
 from gatewayd.kube.informer import Informer
 from gatewayd.kube.leases import LeaseObserver, renew_lease
 from gatewayd.kube.resources import EGRESS_GATEWAYS, EGRESS_SOURCE_SLICES
-from gatewayd.policy.model import GatewayInterface
+from gatewayd.policy.model import GatewayInterface, GatewayPlan, IPAddress
 from gatewayd.policy.planio import PlanFormatError, gateway_plan_from_dict
 from gatewayd.probe import PROBE_PORT
+from gatewayd.runtime import rfc3339
+from gatewayd.systemd import Priority, journal_event
 from gatewayd.version import VERSION
+
+if TYPE_CHECKING:
+    from gatewayd.agent.daemon import GatewayAgent
 
 log = logging.getLogger("gatewayd.agent")
 
@@ -252,21 +265,27 @@ def _interface(interface: GatewayInterface) -> dict[str, Any]:
 
 
 class AgentCluster:
-    """Everything the agent does with the cluster, started once the saved plan is restored."""
+    """The Kubernetes mode of `GatewayMode` (mode.py): everything the agent does with the
+    cluster and with the other gateways, started once the saved plan is restored."""
 
-    def __init__(
-        self, config: AgentConfig, changed: Callable[[], None], released: Callable[[], None]
-    ) -> None:
+    name = "kubernetes"
+
+    def __init__(self, agent: GatewayAgent) -> None:
+        config = agent.config
         settings = config.kubernetes
         if settings is None:
             raise ValueError("AgentCluster needs a config in Kubernetes mode")
-        self.config = config
+        self.agent = agent
         self.api = api_client(settings)
         self.object = CustomObject(self.api, "egressgateways", "EgressGateway", config.name)
         self.source = GatewaySpecSource(self.api, config.name)
         self._lease_observer = LeaseObserver()
         self.keeper = EgressIPKeeper(config.name, config.egress_ip_pools, config.failover,
-                                     changed, released)
+                                     agent.egress_ips_changed, self._egress_ips_released)
+        # The connection state shared with the other gateways.
+        self.conntrack_sync = ConntrackdDriver()
+        self._sync_missing_reported = False
+        self._connection: dict[str, Any] | None = None  # as status.json last reported it
         # A gateway's credentials may not create Events (its journal has them): none here.
         self.reporter = Reporter(
             f"EgressGateway {config.name}", self._join, self._write_status,
@@ -275,6 +294,16 @@ class AgentCluster:
         self.source.joined = self.reporter.joined.is_set
         self._responder: ProbeResponder | None = None
         self._labels_refused: dict[str, str] | None = None
+
+    @property
+    def config(self) -> AgentConfig:
+        return self.agent.config  # a reload may change labels
+
+    def plan_source(self) -> PlanSource[GatewayTarget]:
+        return self.source  # Kubernetes settings are read at start only: the same one stays
+
+    def default_peers(self) -> tuple[TunnelPeer, ...]:
+        return ()
 
     def start(self) -> None:
         address = ip_interface(self.config.tunnel.address).ip
@@ -286,13 +315,13 @@ class AgentCluster:
         self.keeper.start(self._responder)
         self.reporter.start()
 
-    def stop(self, final: Status | None) -> None:
-        """Write `final` (Ready=False) first, so the controller moves traffic away; hand the
-        egress IPs the nodes move elsewhere over (see egress.py); then stop following. The
-        rest of the data plane stays."""
-        written = self.reporter.stop(final, timeout=2.0)
-        if final is not None:
-            log.info("Ready=False %s", "written" if written else "NOT written (API unreachable)")
+    def stop(self) -> None:
+        """Write Ready=False first, so the controller moves traffic away; hand the egress IPs
+        the nodes move elsewhere over (see egress.py); then stop following, and the conntrack
+        sync last: the standby had our flows all along, and gets the last ones. The rest of
+        the data plane stays."""
+        written = self.reporter.stop(self._status(stopping=True), timeout=2.0)
+        log.info("Ready=False %s", "written" if written else "NOT written (API unreachable)")
         kept = self.keeper.hand_over(self.config.failover.handover_seconds)
         if kept:
             log.info("egress IPs kept, no node could move their policies elsewhere: %s",
@@ -300,6 +329,128 @@ class AgentCluster:
         self.keeper.stop()
         if self._responder is not None:
             self._responder.stop()
+        self.conntrack_sync.stop()
+
+    def provision(self, target: GatewayTarget) -> None:
+        self.keeper.set_rules(target.rules)  # the keeper's thread follows the probes
+
+    def table_egress_ips(self, plan: GatewayPlan) -> frozenset[IPAddress]:
+        """A provisioned one unless another host holds it (the keeper claims and releases them
+        as the traffic moves, and a failover must not wait for a table change); any other
+        one while the host holds it."""
+        rule_ips = {rule.egress_ip for rule in plan.rules}
+        keeper = self.keeper
+        claimable = {ip for ip in rule_ips if keeper.provisioned(ip)} - keeper.refused()
+        present = held_addresses() & rule_ips
+        return frozenset(claimable | {ip for ip in present if not keeper.provisioned(ip)})
+
+    def egress_ips_moved(self, target: GatewayTarget, in_table: frozenset[IPAddress]) -> bool:
+        """The egress IPs the keeper refuses are not those the table drops."""
+        keeper = self.keeper
+        rule_ips = {r.egress_ip for r in target.rules if keeper.provisioned(r.egress_ip)}
+        return rule_ips - keeper.refused() != {ip for ip in in_table if keeper.provisioned(ip)}
+
+    def egress_ips(self, plan: GatewayPlan | None) -> EgressIPView:
+        keeper = self.keeper
+        held = keeper.report().held
+        return EgressIPView(
+            expected=frozenset(ip for ip in (plan.egress_ips if plan else ())
+                               if keeper.provisioned(ip)),
+            held=frozenset(held), conflicts=keeper.refused(), listed=tuple(map(str, held)))
+
+    def details(self) -> dict[str, Any]:
+        self._connection = self.connection()
+        return {"apiServer": self._connection}
+
+    def connection_changed(self) -> bool:
+        """Losing or regaining the API server changes no plan: status.json says so anyway."""
+        return self.connection() != self._connection
+
+    def publish(self) -> None:
+        """Hand the EgressGateway status to the reporter (written if it changed)."""
+        self.reporter.publish(self._status())
+
+    def _status(self, stopping: bool = False) -> Status:
+        agent = self.agent
+        if agent.public_key is None:
+            try:
+                agent.public_key = ensure_private_key(self.config.tunnel.private_key_file)
+            except Exception as exc:  # reported through Ready via the tunnel step anyway
+                log.warning("no public key yet: %s", exc)
+        try:
+            interfaces = observe_host(self.config)
+        except Exception:
+            log.exception("reading the host's interfaces failed")
+            interfaces = ()
+        state = AgentState(
+            config=self.config,
+            public_key=agent.public_key,
+            generation=agent.status.generation,
+            ready=agent.status.ready and agent.applied is not None,
+            errors=agent.errors,
+            last_error=agent.status.last_error,
+            peers_up=frozenset(agent.peers_up),
+            peers=tuple(p.name for p in agent.peers(agent.target)),
+            egress_ips=self.keeper.report(),
+            interfaces=interfaces,
+            stopping=stopping,
+            state_error=agent.status.state_error,
+        )
+        return gateway_status(state, self.previous_status(), rfc3339())
+
+    # --- the conntrack sync ---------------------------------------------------------------------
+
+    def share_connections(self, target: GatewayTarget) -> None:
+        """Share the SNATed flows with the other gateways on the uplink's segment (conntrackd),
+        so that a standby that takes a policy over continues its connections."""
+        sources = tuple(net for peer in self.agent.peers(target) for net in peer.allowed_ips)
+        if not sources:
+            self.conntrack_sync.stop()
+            return
+        if not self.conntrack_sync.available():
+            if not self._sync_missing_reported:
+                self._sync_missing_reported = True
+                journal_event("conntrack-sync-missing", "conntrackd is not installed: "
+                              "connections through this gateway do not survive a failover",
+                              Priority.WARNING)
+            return
+        address = self._sync_address()
+        if address is None:
+            raise RuntimeError(f"uplink {self.config.uplink} has no IPv4 address for the "
+                               "conntrack sync")
+        settings = SyncSettings(self.config.uplink, IPv4Address(address), sources,
+                                self.config.state_directory / "conntrackd")
+        if self.conntrack_sync.ensure(settings):
+            threading.Thread(target=self._resync, args=(settings,), name="conntrack-resync",
+                             daemon=True).start()
+
+    def _sync_address(self) -> str | None:
+        """The uplink's own IPv4 address: not an egress IP, which moves between gateways."""
+        for interface in observe_interfaces():
+            if interface.name != self.config.uplink:
+                continue
+            for item in interface.addresses:
+                ip = item.address
+                if ip.version == 4 and not any(ip in pool.cidr
+                                               for pool in self.config.egress_ip_pools):
+                    return str(ip)
+        return None
+
+    def _resync(self, settings: SyncSettings) -> None:
+        """A (re)started conntrackd: swap flows with the other gateways once it listens."""
+        control = settings.directory / "conntrackd.ctl"
+        deadline = time.monotonic() + 10
+        while not control.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        try:
+            self.conntrack_sync.resync(settings)
+        except Exception as exc:
+            log.warning("conntrack resync with %s: %s", config_path(settings.directory), exc)
+
+    def _egress_ips_released(self) -> None:
+        """The keeper's thread: this gateway gave egress IPs up, so another gateway carries
+        their connections now."""
+        self.conntrack_sync.forget_own_flows()
 
     def connection(self) -> dict[str, Any]:
         """Whether this gateway is in touch with the API server: its EgressGateway and its

@@ -38,6 +38,7 @@ from test_controller_harness import (
 )
 
 from gatewayd.agent.config import load_agent_config
+from gatewayd.agent.daemon import GatewayAgent
 from gatewayd.agent.kubernetes import AgentCluster
 from gatewayd.clusterlink import CustomObject, OwnObjectSource
 from gatewayd.kube.leases import LeaseObserver, renew_lease
@@ -235,7 +236,8 @@ def test_the_agent_joins_beats_and_reports_with_its_own_token(
         "stateDirectory": str(tmp_path / "state"), "uplink": "eth0",
         "tunnel": {"interface": "idtest0", "listenPort": 51820},
     }))
-    agent = AgentCluster(load_agent_config(config_file), lambda: None, lambda: None)
+    agent = GatewayAgent(load_agent_config(config_file)).mode
+    assert isinstance(agent, AgentCluster)
     with caplog.at_level(logging.WARNING, "gatewayd.agent"):
         agent._join()
         agent._beat()

@@ -1,0 +1,198 @@
+"""steer in Kubernetes mode: the EgressNode (`kubernetes.py`: spec, status, Events) and the fast
+failover path (`failover.py`: probes through every tunnel, and the failovers they decide), wired
+into the daemon's data plane.
+
+- A gateway's health changes on the probes' thread: the failovers are decided again, the
+  established connections of a policy that moved follow it (`connections.py`), and the table
+  is changed at once, not at the next pass.
+- Failovers are reported when they start and end, in the journal and as Events.
+- A gateway that does not answer gets a new WireGuard session every few seconds: it may have
+  restarted and lost its own.
+
+The standalone mode is `standalone.py`; the daemon composes one of the two (`daemon.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from ipaddress import IPv4Address
+from typing import TYPE_CHECKING
+
+from gatewayd.dataplane.probe import ProbeTarget
+from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
+from gatewayd.follower import PlanSource
+from gatewayd.policy.model import SteerRule
+from gatewayd.probe import (
+    GATEWAY_TUNNEL_ADDRESS,
+    PROBE_PORT,
+    Failover,
+    FailoverKey,
+    effective_rules,
+)
+from gatewayd.runtime import rfc3339
+from gatewayd.steer.config import GatewayTunnelEnd
+from gatewayd.steer.failover import FastFailover
+from gatewayd.steer.kubernetes import NodeState, SteerCluster, node_status
+from gatewayd.steer.target import NodeTarget
+from gatewayd.systemd import Priority, journal_event
+
+if TYPE_CHECKING:
+    from gatewayd.steer.daemon import SteerAgent
+
+log = logging.getLogger("gatewayd.steer")
+
+# How often the WireGuard session with a gateway that does not answer probes is renewed.
+REHANDSHAKE_SECONDS = 5.0
+
+
+class ClusterNode:
+    """The Kubernetes mode of `NodeMode` (mode.py)."""
+
+    name = "kubernetes"
+
+    def __init__(self, steer: SteerAgent) -> None:
+        config = steer.config
+        self.steer = steer
+        self.cluster = SteerCluster(config)
+        self.failover = FastFailover(config.node, config.failover, self._probes_changed)
+        self._rehandshaken: dict[str, float] = {}  # gateway -> when its session was dropped
+        self._reported: dict[FailoverKey, Failover] = {}
+
+    def plan_source(self) -> PlanSource[NodeTarget]:
+        return self.cluster.source  # Kubernetes settings are read at start only
+
+    def default_ends(self) -> tuple[GatewayTunnelEnd, ...]:
+        return ()
+
+    def start(self) -> None:
+        self.cluster.start()
+        self.failover.start()
+
+    def stop(self) -> None:
+        self.failover.stop()
+        self.cluster.stop()
+
+    def reachable(self) -> dict[str, bool | None]:
+        return self.failover.reachable()
+
+    def failovers_in_force(self) -> tuple[Failover, ...]:
+        return tuple(self.failover.failovers.values())
+
+    def failovers(
+        self, target: NodeTarget, ends: tuple[GatewayTunnelEnd, ...],
+        rules: tuple[SteerRule, ...],
+    ) -> dict[FailoverKey, Failover]:
+        """Hand the new plan to the fast failover path; the failovers that stay in force."""
+        source = None
+        if target.tunnel_address is not None:
+            source = IPv4Address(target.tunnel_address.split("/")[0])
+        self.failover.set_plan(rules, [
+            ProbeTarget(e.name, e.mark, GATEWAY_TUNNEL_ADDRESS, PROBE_PORT) for e in ends
+        ], source)
+        failovers, _ = self.failover.decide()
+        return failovers
+
+    def steered(self, rules: tuple[SteerRule, ...],
+                failovers: dict[FailoverKey, Failover]) -> None:
+        self._report(failovers)
+        self._follow_policies(rules, failovers)
+
+    def repair(self) -> None:
+        """A gateway that does not answer may have restarted and lost its WireGuard session:
+        it cannot always start a new one itself (it may not know this node's port for it),
+        and this node would only after 15 s of silence. Re-adding the peer drops the stale
+        session, so the next probe starts a handshake at once."""
+        now = time.monotonic()
+        reachable = self.failover.reachable()
+        steer = self.steer
+        for end in steer.ends:
+            if reachable.get(end.name) is not False:
+                self._rehandshaken.pop(end.name, None)
+                continue
+            if now - self._rehandshaken.get(end.name, 0.0) < REHANDSHAKE_SECONDS:
+                continue
+            self._rehandshaken[end.name] = now
+            with steer.dataplane:
+                try:
+                    steer.wireguard.ensure(steer.tunnel_config(end, with_peer=False))
+                    steer.wireguard.ensure(steer.tunnel_config(end))
+                except Exception as exc:
+                    log.warning("new handshake with %s: %s", end.name, exc)
+
+    def publish(self) -> None:
+        steer = self.steer
+        target = steer.target
+        if steer.public_key is None:
+            try:
+                steer.public_key = ensure_private_key(steer.config.private_key_file)
+            except Exception as exc:
+                log.warning("no public key yet: %s", exc)
+        state = NodeState(
+            public_key=steer.public_key,
+            address=steer.config.advertise_address or steer.default_address(),
+            listen_port=steer.config.listen_port,
+            tunnels=steer.ends,
+            generation=steer.status.generation,
+            ready=steer.status.ready and steer.applied is not None,
+            errors=steer.errors,
+            last_error=steer.status.last_error,
+            reachable=self.failover.reachable(),
+            failovers=tuple(self.failover.failovers.values()),
+            probing=target is not None and target.tunnel_address is not None,
+        )
+        self.cluster.reporter.publish(
+            node_status(state, self.cluster.previous_status(), rfc3339())
+        )
+
+    def _probes_changed(self) -> None:
+        """A gateway's health changed (the fast failover's thread): decide again and, if the
+        failovers changed, change the table at once."""
+        steer = self.steer
+        with steer.dataplane:
+            target = steer.applied
+            if target is None:
+                return
+            failovers, changed = self.failover.decide()
+            rules = steer.steerable(target.plan, steer.ends)
+            # First, also without a failover (a gateway that stopped serving a policy): the
+            # established connections' retransmissions are already under way.
+            self._follow_policies(rules, failovers)
+            if changed:
+                try:
+                    steer.ensure_table(target.plan, rules, steer.ends, failovers)
+                except Exception:
+                    log.exception("re-rendering the steer table for a failover failed; the "
+                                  "repair pass retries")
+                self._report(failovers)
+        self.publish()
+
+    def _report(self, failovers: dict[FailoverKey, Failover]) -> None:
+        """After the table changed: new and ended failovers are reported."""
+        before = self._reported
+        if failovers == before:
+            return
+        for key, failover in failovers.items():
+            if key not in before:
+                message = (f"policy {failover.policy}: gateway {failover.gateway} does not "
+                           f"answer probes through its tunnel; new connections go to the "
+                           f"standby {failover.standby}")
+                journal_event("failover", message, Priority.WARNING, policy=failover.policy,
+                              gateway=failover.gateway, standby=failover.standby)
+                self.cluster.reporter.event("FastFailover", message, warning=True)
+        for key, failover in before.items():
+            if key not in failovers:
+                message = (f"policy {failover.policy}: failover from {failover.gateway} to "
+                           f"{failover.standby} ended; the rule follows the plan again")
+                journal_event("failover-ended", message, Priority.NOTICE,
+                              policy=failover.policy, gateway=failover.gateway)
+                self.cluster.reporter.event("FailoverEnded", message)
+        self._reported = dict(failovers)
+
+    def _follow_policies(
+        self, rules: tuple[SteerRule, ...], failovers: dict[FailoverKey, Failover]
+    ) -> None:
+        """Established connections follow their policy (see `ConnectionFollower`)."""
+        self.steer.connections.follow_policies(
+            effective_rules(rules, failovers), self.failover.reachable(),
+            self.failover.serving(), self.steer.ends)

@@ -35,6 +35,9 @@ MAX_DATAGRAM = 65000
 # A probe is a flat object with a few lists of policy names; anything deeper is not one (and
 # a datagram of nested brackets must not cost a recursion error per packet).
 PROBE_LIMITS = Limits(max_bytes=MAX_DATAGRAM, max_depth=4, max_values=20_000)
+# The agent and its responder process (a socket pair) pass larger messages: the policies a
+# gateway serves may not fit a datagram.
+LOCAL_LIMITS = Limits(max_bytes=2**17, max_depth=4, max_values=100_000)
 
 
 class ProbeFormatError(ValueError):
@@ -92,16 +95,17 @@ def decode_reply(data: bytes) -> ProbeReply:
     )
 
 
-def _encode(message: Mapping[str, Any]) -> bytes:
+def _encode(message: Mapping[str, Any], limits: Limits = PROBE_LIMITS) -> bytes:
     data = json.dumps(message, separators=(",", ":")).encode()
-    if len(data) > MAX_DATAGRAM:
-        raise ProbeFormatError(f"probe message of {len(data)} bytes does not fit a datagram")
+    if len(data) > limits.max_bytes:
+        raise ProbeFormatError(f"probe message of {len(data)} bytes is over the "
+                               f"{limits.max_bytes} bytes it may have")
     return data
 
 
-def _decode(data: bytes) -> dict[str, Any]:
+def _decode(data: bytes, limits: Limits = PROBE_LIMITS) -> dict[str, Any]:
     try:
-        message = parse_json(data.decode(), "probe", PROBE_LIMITS)
+        message = parse_json(data.decode(), "probe", limits)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProbeFormatError(f"not a probe message: {exc}") from exc
     if not isinstance(message, dict) or message.get("v") != PROTOCOL_VERSION:
@@ -301,11 +305,11 @@ def encode_demand(demand: Demand) -> bytes:
     return _encode({
         "v": PROTOCOL_VERSION, "node": demand.node, "at": demand.received_at,
         "here": sorted(demand.here), "away": sorted(demand.away),
-    })
+    }, LOCAL_LIMITS)
 
 
 def decode_demand(data: bytes) -> Demand:
-    message = _decode(data)
+    message = _decode(data, LOCAL_LIMITS)
     return Demand(
         node=_field(message, "node", str),
         received_at=_field(message, "at", float),
@@ -317,11 +321,11 @@ def decode_demand(data: bytes) -> Demand:
 def encode_responder_state(state: ResponderState) -> bytes:
     return _encode({
         "v": PROTOCOL_VERSION, "served": sorted(state.served), "silent": state.silent,
-    })
+    }, LOCAL_LIMITS)
 
 
 def decode_responder_state(data: bytes) -> ResponderState:
-    message = _decode(data)
+    message = _decode(data, LOCAL_LIMITS)
     return ResponderState(
         served=_names(message, "served"), silent=_field(message, "silent", bool)
     )

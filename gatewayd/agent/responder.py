@@ -33,6 +33,7 @@ from ipaddress import IPv4Address
 
 from gatewayd.dataplane.probe import RECEIVE_BYTES, udp_socket
 from gatewayd.probe import (
+    LOCAL_LIMITS,
     Demand,
     ProbeFormatError,
     ResponderState,
@@ -47,7 +48,7 @@ log = logging.getLogger("gatewayd.agent")
 
 RESPONDER_NICE = -10
 RESTART_AFTER_SECONDS = 1.0  # a responder that dies at once is not started in a tight loop
-PAIR_MESSAGE_BYTES = 1 << 17
+PAIR_MESSAGE_BYTES = LOCAL_LIMITS.max_bytes
 
 
 class ProbeResponder:
@@ -62,6 +63,7 @@ class ProbeResponder:
         self._pair: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._died_at = 0.0
+        self._unsendable: ResponderState | None = None  # logged once
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -136,6 +138,11 @@ class ProbeResponder:
         try:
             self._pair.send(encode_responder_state(self._state))
             self._state_sent = True
+        except ProbeFormatError as exc:  # the answers go on with the last state sent
+            self._state_sent = True
+            if self._unsendable != self._state:
+                self._unsendable = self._state
+                log.error("the probe responder cannot be told what is served: %s", exc)
         except BlockingIOError:  # the process is behind: sent at the next call
             pass
         except OSError:  # it died: `demands` sees the end

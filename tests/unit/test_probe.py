@@ -84,6 +84,15 @@ def test_the_agents_messages_to_and_from_its_responder_round_trip() -> None:
         assert decode_responder_state(encode_responder_state(state)) == state
 
 
+def test_a_gateway_may_serve_more_policies_than_a_datagram_names() -> None:
+    many = ResponderState(frozenset(f"policy-{i:05}-of-a-big-cluster" for i in range(3000)))
+    assert len(encode_responder_state(many)) > 65000
+    assert decode_responder_state(encode_responder_state(many)) == many
+    with pytest.raises(ProbeFormatError):
+        encode_responder_state(ResponderState(frozenset(
+            f"policy-{i:06}-of-a-far-too-big-cluster" for i in range(10000))))
+
+
 @pytest.mark.parametrize("data", [
     b'{"v": 1, "served": [], "silent": 1}', b'{"v": 1, "served": "pay", "silent": false}',
     b'{"v": 1, "served": []}',

@@ -247,8 +247,10 @@ class EgressIPKeeper:
         last_wanted: frozenset[IPAddress] | None = None
         assert self._responder is not None
         while not self._stopping.is_set():
-            self._take_demands()  # a pass decides on every probe that came before it
+            # The clock first, then every probe that came before the pass: a thread kept off
+            # the CPU in between makes the demands newer than `now`, never older.
             now = time.monotonic()
+            self._take_demands()
             with self._lock:
                 rules = self._rules
                 self._demands = {

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
+from fixtures.labs import running_lab
 
-from gatewayd.lab.topology import Lab, lab_session
+from gatewayd.lab.topology import Lab
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """The whole lab with its daemons ready, shared by a module's tests; removed afterwards
-    (its configs, state and logs stay under pytest's temporary directory).
-
-    Tests that change it (stop a daemon, edit the snapshot copy) put it back as they found it.
-    """
-    if os.geteuid() != 0:
-        pytest.skip("the lab needs root (network namespaces)")
-    with lab_session(tmp_path_factory.mktemp("lab")) as running:
-        yield running
-
+    """A lab of the module's own. Tests that change it put it back as they found it."""
+    yield from running_lab(tmp_path_factory)

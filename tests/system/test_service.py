@@ -194,6 +194,9 @@ def test_package_installs_but_does_not_start_an_unconfigured_gateway(container: 
     assert not has_table(container)
 
 
+CAPABILITIES = "0000000000803000"  # bits 12, 13 and 23: NET_ADMIN, NET_RAW, SYS_NICE
+
+
 def test_enable_now_is_running_only_after_the_plan_is_in_place(container: Container) -> None:
     start_gateway(container)
     assert is_running(container)
@@ -205,9 +208,9 @@ def test_enable_now_is_running_only_after_the_plan_is_in_place(container: Contai
     assert int(applied["__MONOTONIC_TIMESTAMP"]) < became_active
     status = container.systemctl("status", "--no-pager", UNIT).stdout
     assert 'Status: "2 policies, 0/1 peers up, 2 egress IPs"' in status
-    # Runs with its two capabilities and nothing else.
+    # Runs with its three capabilities and nothing else.
     capabilities = container.sh(f"grep -E '^Cap(Eff|Bnd):' /proc/{main_pid(container)}/status")
-    assert capabilities.split() == ["CapEff:", "0000000000003000", "CapBnd:", "0000000000003000"]
+    assert capabilities.split() == ["CapEff:", CAPABILITIES, "CapBnd:", CAPABILITIES]
 
 
 def process_user(host: Container, pid: int) -> str:
@@ -218,9 +221,6 @@ def capabilities(host: Container, pid: int) -> dict[str, str]:
     """CapInh, CapPrm, CapEff, CapBnd, CapAmb of a process, as hex masks."""
     lines = host.sh(f"grep ^Cap /proc/{pid}/status").splitlines()
     return dict(line.split(":\t") for line in lines)
-
-
-CAPABILITIES = "0000000000803000"  # bits 12, 13 and 23: NET_ADMIN, NET_RAW, SYS_NICE
 
 
 def test_runs_as_its_own_user_with_three_capabilities_and_programs_everything(

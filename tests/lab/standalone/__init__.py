@@ -1,0 +1,1 @@
+"""The standalone lab's tests: one lab, built once for all of them (conftest.py)."""

@@ -4,10 +4,10 @@ Every cloud node (steer) sends a small UDP probe through each gateway's tunnel e
 `interval` (~0.1 s): from its tunnel address to the gateway's `GATEWAY_TUNNEL_ADDRESS`, port
 `PROBE_PORT`, with that gateway's fwmark so the gateway's routing table carries it into the
 gateway's tunnel. The agent's responder process answers from the same address
-(`gatewayd.agent.responder`). The request tells the gateway which
-policies this node sends to it now (`here`) and which it sends to other gateways (`away`); the
-reply says which of them the gateway can serve now (`serving`: its SNAT rule is in
-place and its egress IP, when the gateway provisions it, is held).
+(`gatewayd.agent.responder`). The request tells the gateway which policies this node sends to
+it now (`here`) and which it sends to other gateways (`away`); the reply says which of them
+the gateway can serve now (`serving`: its SNAT rule is in place and its egress IP, when the
+gateway provisions it, is held).
 
 Everything here is pure: the wire format, the per-gateway probe history, the steer side's
 failover decision (`decide_failovers`) and the gateway side's egress IP decision

@@ -34,7 +34,7 @@ from gatewayd.agent.mode import GatewayMode
 from gatewayd.agent.standalone import StandaloneGateway
 from gatewayd.agent.target import GatewayTarget, target_from_dict, target_to_dict
 from gatewayd.configfile import ConfigError
-from gatewayd.dataplane.addresses import addresses_of_others
+from gatewayd.dataplane.addresses import host_addresses
 from gatewayd.dataplane.forward_guard import ensure_forward_guard
 from gatewayd.dataplane.nft_render import (
     GatewayTableSettings,
@@ -185,11 +185,13 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             return False
         return self.mode.egress_ips_moved(self.target, self._held_in_table)
 
-    def _dedicated_egress_ips(self, plan: GatewayPlan) -> frozenset[IPAddress]:
+    def _dedicated_egress_ips(
+        self, plan: GatewayPlan, others: frozenset[IPAddress]
+    ) -> frozenset[IPAddress]:
         """The plan's egress IPs the agent provisions, unless the administrator or another
-        tool put that address on the host (then it may serve something there)."""
+        tool put that address on the host (`others`; then it may serve something there)."""
         pooled = {ip for ip in plan.egress_ips if in_pools(ip, self.config.egress_ip_pools)}
-        return frozenset(pooled - addresses_of_others()) if pooled else frozenset()
+        return frozenset(pooled - others)
 
     def _refilter(self, verify: bool) -> None:
         """Put the table back (`verify`: it was changed by someone else) or follow the egress
@@ -337,6 +339,7 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
         self.drift("forward guard", ensure_forward_guard(self.config.tunnel.interface))
 
     def _ensure_table(self, plan: GatewayPlan) -> None:
+        addresses = host_addresses()
         settings = GatewayTableSettings(
             tunnel_interface=self.config.tunnel.interface,
             uplink_interfaces=tuple(sorted(
@@ -344,9 +347,9 @@ class GatewayAgent(PlanFollower[AgentConfig, GatewayTarget]):
             )),
             tunnel_mtu=self.config.tunnel.mtu,
             probe_port=PROBE_PORT,
-            dedicated_egress_ips=self._dedicated_egress_ips(plan),
+            dedicated_egress_ips=self._dedicated_egress_ips(plan, addresses.others),
         )
-        held = self.mode.table_egress_ips(plan)
+        held = self.mode.table_egress_ips(plan, addresses.held)
         self._rendered = render_gateway_table(plan, settings, held=held, previous=self._rendered)
         result = self.nftables.ensure(self._rendered, verify=self.repairing)
         self._held_in_table = held

@@ -59,7 +59,6 @@ from gatewayd.clusterlink import (
     conditions,
     status_patch,
 )
-from gatewayd.dataplane.addresses import held_addresses
 from gatewayd.dataplane.conntrackd import ConntrackdDriver, SyncSettings, config_path
 from gatewayd.dataplane.host import first_ipv4, observe_interfaces
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
@@ -334,14 +333,16 @@ class AgentCluster:
     def provision(self, target: GatewayTarget) -> None:
         self.keeper.set_rules(target.rules)  # the keeper's thread follows the probes
 
-    def table_egress_ips(self, plan: GatewayPlan) -> frozenset[IPAddress]:
+    def table_egress_ips(
+        self, plan: GatewayPlan, held: frozenset[IPAddress]
+    ) -> frozenset[IPAddress]:
         """A provisioned one unless another host holds it (the keeper claims and releases them
         as the traffic moves, and a failover must not wait for a table change); any other
         one while the host holds it."""
         rule_ips = {rule.egress_ip for rule in plan.rules}
         keeper = self.keeper
         claimable = {ip for ip in rule_ips if keeper.provisioned(ip)} - keeper.refused()
-        present = held_addresses() & rule_ips
+        present = held & rule_ips
         return frozenset(claimable | {ip for ip in present if not keeper.provisioned(ip)})
 
     def egress_ips_moved(self, target: GatewayTarget, in_table: frozenset[IPAddress]) -> bool:

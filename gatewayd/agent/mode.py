@@ -50,8 +50,10 @@ class GatewayMode(Protocol):
         """Share the SNATed flows with the gateways that may take them over (after the
         table)."""
 
-    def table_egress_ips(self, plan: GatewayPlan) -> frozenset[IPAddress]:
-        """The plan's egress IPs the table may SNAT to now."""
+    def table_egress_ips(
+        self, plan: GatewayPlan, held: frozenset[IPAddress]
+    ) -> frozenset[IPAddress]:
+        """The plan's egress IPs the table may SNAT to now; `held`: the host's addresses."""
 
     def egress_ips_moved(self, target: GatewayTarget, in_table: frozenset[IPAddress]) -> bool:
         """Whether the table must follow egress IPs that moved without a new plan."""

@@ -73,17 +73,20 @@ class StandaloneGateway:
     def share_connections(self, target: GatewayTarget) -> None:
         pass  # no standby takes a standalone gateway's connections over
 
-    def table_egress_ips(self, plan: GatewayPlan) -> frozenset[IPAddress]:
+    def table_egress_ips(
+        self, plan: GatewayPlan, held: frozenset[IPAddress]
+    ) -> frozenset[IPAddress]:
         """Those the host holds."""
-        return held_addresses() & {rule.egress_ip for rule in plan.rules}
+        return held & {rule.egress_ip for rule in plan.rules}
 
     def egress_ips_moved(self, target: GatewayTarget, in_table: frozenset[IPAddress]) -> bool:
         return False  # they change only with the plan
 
     def egress_ips(self, plan: GatewayPlan | None) -> EgressIPView:
         expected = frozenset(plan.egress_ips) if plan else frozenset()
-        return EgressIPView(expected, self.table_egress_ips(plan) if plan else frozenset(),
-                            self.conflicts, listed=tuple(sorted(map(str, expected))))
+        held = self.table_egress_ips(plan, held_addresses()) if plan else frozenset()
+        return EgressIPView(expected, held, self.conflicts,
+                            listed=tuple(sorted(map(str, expected))))
 
     def details(self) -> dict[str, Any]:
         return {}

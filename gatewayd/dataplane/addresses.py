@@ -231,13 +231,22 @@ class AddressDriver:
         return entry[1]
 
 
-def addresses_of_others(protocol: int = OWNER_PROTOCOL) -> frozenset[IPAddress]:
-    """The addresses on this host that gatewayd did not add: the host's own, another tool's."""
+@dataclass(frozen=True)
+class HostAddresses:
+    """The host's addresses, from one dump."""
+
+    held: frozenset[IPAddress]  # held now, whoever added them (see `held_addresses`)
+    others: frozenset[IPAddress]  # not added by gatewayd: the host's own, another tool's
+
+
+def host_addresses(protocol: int = OWNER_PROTOCOL) -> HostAddresses:
     with IPRoute() as ipr:
-        return frozenset(
-            address_of(msg)
-            for msg in ipr.get_addr() if msg.get("IFA_PROTO") != protocol
-        )
+        messages = ipr.get_addr()
+    return HostAddresses(
+        held=frozenset(address_of(msg) for msg in messages if _held(msg)),
+        others=frozenset(address_of(msg) for msg in messages
+                         if msg.get("IFA_PROTO") != protocol),
+    )
 
 
 def held_addresses(interfaces: Collection[str] | None = None) -> frozenset[IPAddress]:
@@ -248,9 +257,12 @@ def held_addresses(interfaces: Collection[str] | None = None) -> frozenset[IPAdd
         return frozenset(
             address_of(msg)
             for msg in ipr.get_addr()
-            if not (msg.get("IFA_FLAGS") or msg["flags"]) & (IFA_F_TENTATIVE | IFA_F_DADFAILED)
-            and (interfaces is None or names.get(msg["index"]) in interfaces)
+            if _held(msg) and (interfaces is None or names.get(msg["index"]) in interfaces)
         )
+
+
+def _held(msg: Any) -> bool:
+    return not (msg.get("IFA_FLAGS") or msg["flags"]) & (IFA_F_TENTATIVE | IFA_F_DADFAILED)
 
 
 def _mac(link: Any) -> tuple[bytes, bool]:

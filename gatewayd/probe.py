@@ -7,7 +7,12 @@ gateway's tunnel. The agent's responder process answers from the same address
 (`gatewayd.agent.responder`). The request tells the gateway which policies this node sends to
 it now (`here`) and which it sends to other gateways (`away`); the reply says which of them
 the gateway can serve now (`serving`: its SNAT rule is in place and its egress IP, when the
-gateway provisions it, is held).
+gateway provisions it, is held), and whether it is leaving (`leaving`: its agent is stopping).
+
+A move of a policy from one gateway to another makes before it breaks: a node keeps the
+policy's new connections on the gateway it leaves while that one answers and the gateway it
+goes to does not serve the policy yet (`Handover`), and tells both where the policy goes now,
+so that the one gives the egress IP up and the other claims it.
 
 Everything here is pure: the wire format, the per-gateway probe history, the steer side's
 failover decision (`decide_failovers`) and the gateway side's egress IP decision
@@ -60,6 +65,7 @@ class ProbeReply:
     gateway: str
     sequence: int
     serving: frozenset[str] = frozenset()  # of the request's policies, those served now
+    leaving: bool = False  # the gateway is stopping: move what can move, it serves until then
 
 
 def encode_request(request: ProbeRequest) -> bytes:
@@ -70,10 +76,13 @@ def encode_request(request: ProbeRequest) -> bytes:
 
 
 def encode_reply(reply: ProbeReply) -> bytes:
-    return _encode({
+    message: dict[str, Any] = {
         "v": PROTOCOL_VERSION, "gateway": reply.gateway, "seq": reply.sequence,
         "serving": sorted(reply.serving),
-    })
+    }
+    if reply.leaving:  # only then: nodes of an earlier version read the rest as before
+        message["leaving"] = True
+    return _encode(message)
 
 
 def decode_request(data: bytes) -> ProbeRequest:
@@ -92,6 +101,7 @@ def decode_reply(data: bytes) -> ProbeReply:
         gateway=_field(message, "gateway", str),
         sequence=_field(message, "seq", int),
         serving=_names(message, "serving"),
+        leaving=_field(message, "leaving", bool) if "leaving" in message else False,
     )
 
 
@@ -152,6 +162,13 @@ class ProbeHistory:
     missed: int = 0  # consecutive unanswered probes
     answered: int = 0  # consecutive answered probes
     serving: frozenset[str] = frozenset()  # from the last reply
+    leaving: bool = False  # from the last reply
+
+    @property
+    def available(self) -> bool | None:
+        """Whether new connections may go to the gateway: up and not leaving (its failovers
+        start as for a gateway that is down, while it still serves)."""
+        return False if self.up and self.leaving else self.up
 
     def record(self, reply: ProbeReply | None) -> bool:
         """Count one probe's outcome (None: unanswered); True when `up` changed."""
@@ -165,6 +182,7 @@ class ProbeHistory:
             self.answered += 1
             self.missed = 0
             self.serving = reply.serving
+            self.leaving = reply.leaving
             if self.up is None or self.answered >= self.recoveries:
                 self.up = True
         return self.up != before
@@ -195,15 +213,19 @@ def decide_failovers(
     at: str = "",
 ) -> dict[FailoverKey, Failover]:
     """The failovers in force after this decision, from the plan's tunnel rules, each gateway's
-    health (`up`: True, False, or None when unknown) and what each serves.
+    health (`up`: True, False, or None when unknown; a leaving gateway counts as down, see
+    `ProbeHistory.available`) and what each serves.
 
     - A rule's traffic moves to its standby when its gateway is down and the standby is up.
     - It stays there while the standby works: no flip back when the gateway recovers. The
       controller decides the steady state; a plan that names another gateway or standby for
       the rule ends the failover (the rule then follows the new plan).
-    - It goes back to the gateway only if the standby stops working (down, or not serving the
-      policy `claim_grace` seconds after the failover, e.g. because another gateway still holds
-      the egress IP) while the gateway is up again.
+    - It goes back to the gateway only if the standby stops working while the gateway is up
+      again: the standby is down, or it does not serve the policy `claim_grace` seconds after
+      the failover (another gateway still holds the egress IP), or at once when the gateway
+      serves the policy and the standby does not (the gateway still holds the egress IP: a
+      failover of one node whose path to it stalled for a moment, which the others did not
+      make, ends as soon as the path is back).
     """
     decided: dict[FailoverKey, Failover] = {}
     for rule in rules:
@@ -221,27 +243,94 @@ def decide_failovers(
             if gateway_up is False and standby_up is True:
                 decided[key] = Failover(rule.policy, rule.gateway, standby, now, at)
             continue
+        gateway_serves = gateway_up is True and rule.policy in serving.get(rule.gateway, ())
         standby_works = standby_up is not False and (
-            rule.policy in serving.get(standby, frozenset())
-            or now - current.since < claim_grace
+            rule.policy in serving.get(standby, ())
+            or (now - current.since < claim_grace and not gateway_serves)
         )
         if standby_works or gateway_up is not True:
             decided[key] = current
     return decided
 
 
-def effective_rules(
-    rules: Iterable[SteerRule], failovers: Mapping[FailoverKey, Failover]
-) -> tuple[SteerRule, ...]:
-    """The rules as steered now: each failed-over rule sends to its standby."""
+@dataclass(frozen=True)
+class Handover:
+    """New connections of `policy` go to `gateway` now (by the plan, or a failover), but
+    still to `previous` while that one answers probes and `gateway` does not serve the policy
+    yet, for at most the claim grace after `since` (seconds, the caller's clock)."""
+
+    policy: str
+    gateway: str
+    previous: str
+    since: float
+
+
+@dataclass(frozen=True)
+class Steering:
+    """Where a node sends its tunnelled policies' new connections, beyond its plan."""
+
+    failovers: Mapping[FailoverKey, Failover] = field(default_factory=dict)
+    handovers: Mapping[str, Handover] = field(default_factory=dict)  # by policy
+
+
+def policy_gateways(rules: Iterable[SteerRule]) -> dict[str, str]:
+    """Each tunnelled policy's gateway, for policies whose rules all go to one."""
+    gateways: dict[str, set[str]] = {}
+    for rule in rules:
+        if rule.action is SteerAction.TUNNEL and rule.gateway is not None:
+            gateways.setdefault(rule.policy, set()).add(rule.gateway)
+    return {policy: next(iter(g)) for policy, g in gateways.items() if len(g) == 1}
+
+
+def decide_handovers(
+    moved_to: Mapping[str, str],
+    sent_to: Mapping[str, str],
+    up: Mapping[str, bool | None],
+    serving: Mapping[str, frozenset[str]],
+    previous: Mapping[str, Handover],
+    now: float,
+    claim_grace: float,
+) -> dict[str, Handover]:
+    """The handovers in force after this decision.
+
+    `moved_to` is each policy's gateway by the plan and the failovers, `sent_to` where the
+    node sent its new connections until now (handovers included). A policy whose gateway
+    changed keeps going to the one it leaves when that one serves it, until the new one
+    serves it, the old one stops answering, or the claim grace is over. Without this, a move
+    between two working gateways breaks before it makes: the new one cannot hold the egress
+    IP before the old one, which serves until every node has moved, lets it go.
+    """
+    decided: dict[str, Handover] = {}
+    for policy, gateway in moved_to.items():
+        current = previous.get(policy)
+        if current is None or current.gateway != gateway:
+            before = sent_to.get(policy)
+            if before is None or before == gateway or policy not in serving.get(before, ()):
+                continue
+            current = Handover(policy, gateway, before, now)
+        if (up.get(current.previous) is True
+                and policy not in serving.get(gateway, ())
+                and now - current.since < claim_grace):
+            decided[policy] = current
+    return decided
+
+
+def effective_rules(rules: Iterable[SteerRule], steering: Steering) -> tuple[SteerRule, ...]:
+    """The rules as steered now: a failed-over rule sends to its standby, a handed-over one
+    to the gateway its policy leaves."""
     result = []
     for rule in rules:
-        moved = failovers.get((rule.policy, rule.gateway)) if rule.gateway else None
-        if moved is not None and rule.action is SteerAction.TUNNEL:
-            rule = SteerRule(
-                policy=rule.policy, action=rule.action, sources=rule.sources,
-                destinations=rule.destinations, gateway=moved.standby, standby=None,
-            )
+        if rule.action is SteerAction.TUNNEL and rule.gateway is not None:
+            moved = steering.failovers.get((rule.policy, rule.gateway))
+            gateway = moved.standby if moved is not None else rule.gateway
+            handover = steering.handovers.get(rule.policy)
+            if handover is not None and handover.gateway == gateway:
+                gateway = handover.previous
+            if gateway != rule.gateway:
+                rule = SteerRule(
+                    policy=rule.policy, action=rule.action, sources=rule.sources,
+                    destinations=rule.destinations, gateway=gateway, standby=None,
+                )
         result.append(rule)
     return tuple(result)
 
@@ -285,20 +374,18 @@ class ResponderState:
     """What the gateway's probe responder answers: the agent's word to its responder process."""
 
     served: frozenset[str] = frozenset()  # policies whose rules are here, egress IPs held
-    silent: bool = False  # handing over: record the probes, answer none
+    leaving: bool = False  # handing over: the nodes move what has a standby
 
 
 def answer_probe(
     data: bytes, gateway: str, state: ResponderState, now: float
-) -> tuple[Demand, bytes | None]:
-    """A probe datagram's demand (arrived at `now`) and the reply to send, if any; raises
+) -> tuple[Demand, bytes]:
+    """A probe datagram's demand (arrived at `now`) and the reply to send; raises
     ProbeFormatError for a datagram that is no probe."""
     request = decode_request(data)
     demand = Demand(request.node, now, request.here, request.away)
-    if state.silent:
-        return demand, None
     serving = state.served & (request.here | request.away)
-    return demand, encode_reply(ProbeReply(gateway, request.sequence, serving))
+    return demand, encode_reply(ProbeReply(gateway, request.sequence, serving, state.leaving))
 
 
 def encode_demand(demand: Demand) -> bytes:
@@ -320,14 +407,14 @@ def decode_demand(data: bytes) -> Demand:
 
 def encode_responder_state(state: ResponderState) -> bytes:
     return _encode({
-        "v": PROTOCOL_VERSION, "served": sorted(state.served), "silent": state.silent,
+        "v": PROTOCOL_VERSION, "served": sorted(state.served), "leaving": state.leaving,
     }, LOCAL_LIMITS)
 
 
 def decode_responder_state(data: bytes) -> ResponderState:
     message = _decode(data, LOCAL_LIMITS)
     return ResponderState(
-        served=_names(message, "served"), silent=_field(message, "silent", bool)
+        served=_names(message, "served"), leaving=_field(message, "leaving", bool)
     )
 
 

@@ -10,10 +10,11 @@ gratuitous ARP or neighbour advertisement reaches the ClaimWatcher), the gateway
 `keep_when_contested` says otherwise, in which case it announces itself again.
 
 Restarts: for `egressIPHoldSeconds` after the keeper starts it removes nothing, so the first
-probes can say what to keep; and a stopping agent hands over (`hand_over`): it listens to the
-probes without answering them, so the nodes move every policy that has a standby there and
-report it, and gives up exactly the addresses of those policies (the standby claims them),
-keeping those of policies that have nowhere else to go.
+probes can say what to keep; and a stopping agent hands over (`hand_over`): its probe answers
+say it is leaving, so the nodes move every policy that has a standby there (and keep sending
+its new connections here until the standby serves it), and it gives up exactly the addresses
+of those policies once every node reports the move (the standby claims them), keeping those of
+policies that have nowhere else to go.
 
 See README.md, "Egress IP failover and split brain".
 """
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from gatewayd.agent.config import FailoverSettings
 from gatewayd.agent.responder import ProbeResponder
 from gatewayd.dataplane.addresses import AddressConflict, AddressDriver
+from gatewayd.dataplane.priority import raise_priority
 from gatewayd.dataplane.probe import ClaimWatcher
 from gatewayd.policy.model import (
     EgressIPPool,
@@ -47,6 +49,9 @@ from gatewayd.systemd import Priority, journal_event
 log = logging.getLogger("gatewayd.agent")
 
 PASS_SECONDS = 0.05  # how often the keeper looks again without being woken
+# A pass timed for a moment (a fence, a claim tried again) runs this much after it: at the
+# very moment the probe would still count as recent, the retry not be due yet.
+ON_TIME = 0.001
 FULL_PASS_SECONDS = 1.0  # re-read the kernel at least this often (repairs deleted addresses)
 FORGET_NODE_SECONDS = 600.0
 ANNOUNCE_AGAIN_SECONDS = 1.0
@@ -97,7 +102,7 @@ class EgressIPKeeper:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._responder: ProbeResponder | None = None
         self._stopping = threading.Event()
-        self._silent = threading.Event()  # handing over: listen to probes, answer none
+        self._leaving = threading.Event()  # handing over: the answers say so
         self._started_at = 0.0
         self._passes = 0  # keeper passes completed (under the lock)
         self._thread = threading.Thread(target=self._run, name="egress-ips", daemon=True)
@@ -123,10 +128,10 @@ class EgressIPKeeper:
         self._watcher.start()
 
     def hand_over(self, seconds: float) -> tuple[IPAddress, ...]:
-        """Stop answering probes (the nodes take it for a failure and move what they can) and
-        follow what they report for up to `seconds`, or until nothing is held. Returns the
-        addresses still held: those of policies no node could move elsewhere."""
-        self._silent.set()
+        """Answer that this gateway is leaving (the nodes move what they can) and follow what
+        they report for up to `seconds`, or until nothing is held. Returns the addresses still
+        held: those of policies no node could move elsewhere."""
+        self._leaving.set()
         deadline = time.monotonic() + seconds
         with self._lock:
             started = self._passes
@@ -134,7 +139,7 @@ class EgressIPKeeper:
         while True:
             with self._lock:
                 held, passes = self._held, self._passes
-            # Only a pass that began after the silence knows what is held: one still running
+            # Only a pass that began after `leaving` knows what is held: one still running
             # may be adding an address it has not recorded yet.
             settled = passes > started + 1 and not held
             if settled or time.monotonic() >= deadline or not self._thread.is_alive():
@@ -204,7 +209,7 @@ class EgressIPKeeper:
                 p for p, addresses in ips.items()
                 if all(ip in self._held or not self.provisioned(ip) for ip in addresses)
             )
-        return ResponderState(served, silent=self._silent.is_set())
+        return ResponderState(served, leaving=self._leaving.is_set())
 
     def _take_demands(self) -> bool:
         """Record the demands the responder passed on; True when a node's changed."""
@@ -243,6 +248,8 @@ class EgressIPKeeper:
         self._poke()
 
     def _run(self) -> None:
+        # A claim or a fence that waits for the CPU is a longer outage, or a shorter margin.
+        raise_priority(threading.get_native_id(), "the egress IP keeper")
         last_full = 0.0
         last_wanted: frozenset[IPAddress] | None = None
         assert self._responder is not None
@@ -279,11 +286,30 @@ class EgressIPKeeper:
                     last_full, last_wanted = now, wanted
                 except Exception:  # a netlink hiccup: try again at the next pass
                     log.exception("egress IPs: pass failed")
+            self._responder.set_state(self._responder_state())  # nodes wait for a claim
             self._announce_again(time.monotonic())
-            self._responder.set_state(self._responder_state())
             with self._lock:
                 self._passes += 1
-            self._wait(PASS_SECONDS)
+                held = bool(self._held)
+            self._wait(min(self._until_fence(demands, held), self._until_retry()))
+
+    def _until_fence(self, demands: list[Demand], held: bool) -> float:
+        """How long until the next pass must run for the fence to come on time: the moment
+        the newest probe gets older than the hold time, when every address goes (at most
+        the usual pause). The nodes' timing leaves the fence no more slack than that."""
+        if not held or not demands:
+            return PASS_SECONDS
+        newest = max(d.received_at for d in demands)
+        left = newest + self.settings.egress_ip_hold_seconds - time.monotonic()
+        return left + ON_TIME if 0 < left < PASS_SECONDS else PASS_SECONDS
+
+    def _until_retry(self) -> float:
+        """How long until a refused address may be claimed again (at most the usual pause):
+        the holder the nodes left lets go at any moment, and each pause is outage."""
+        due = self.addresses.next_retry()
+        if due is None:
+            return PASS_SECONDS
+        return min(max(due - time.monotonic(), 0.0) + ON_TIME, PASS_SECONDS)
 
     def _settle_contests(
         self,

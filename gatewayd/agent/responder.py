@@ -4,7 +4,7 @@ A late answer is a miss, and a few misses in a row fail the gateway over. The ag
 process can be kept off the CPU for longer than that while its host is busy: in the lab, 0.3 to
 0.5 s while another gateway on the same two cores boots, with every thread of the agent idle
 and the probes queued at its socket. So the answers come from a process that does nothing
-else, at a higher CPU priority (nice `RESPONDER_NICE`, which needs CAP_SYS_NICE; without it,
+else, at a higher CPU priority (nice `URGENT_NICE`, which needs CAP_SYS_NICE; without it,
 the agent's own priority).
 
 - The agent binds the probe socket and passes it to the process with one end of a socket pair.
@@ -13,6 +13,8 @@ the agent's own priority).
   agent decides on when the probes came, not on when it got to read them. While the agent
   does not read, demands wait in the process, the latest per node: it never waits for the
   agent.
+- When what is served changes, it answers each node's latest probe again at once: a node that
+  waits for a gateway to serve a policy (a handover) learns it then, not at its next probe.
 - It exits when the agent's end closes (the agent stopped, or died); the agent starts it again
   if it dies.
 
@@ -23,14 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import select
 import socket
 import subprocess
 import sys
 import time
 from ipaddress import IPv4Address
+from typing import Any
 
+from gatewayd.dataplane.priority import raise_priority
 from gatewayd.dataplane.probe import RECEIVE_BYTES, udp_socket
 from gatewayd.probe import (
     LOCAL_LIMITS,
@@ -46,9 +49,10 @@ from gatewayd.probe import (
 
 log = logging.getLogger("gatewayd.agent")
 
-RESPONDER_NICE = -10
 RESTART_AFTER_SECONDS = 1.0  # a responder that dies at once is not started in a tight loop
 PAIR_MESSAGE_BYTES = LOCAL_LIMITS.max_bytes
+# A node's latest probe is answered again on a change for this long after it came.
+ANSWER_AGAIN_SECONDS = 2.0
 
 
 class ProbeResponder:
@@ -76,11 +80,7 @@ class ProbeResponder:
         self._pair = ours
         self._state_sent = False
         self._send_state()
-        try:
-            os.setpriority(os.PRIO_PROCESS, self._process.pid, RESPONDER_NICE)
-        except OSError as exc:
-            log.warning("the probe responder runs at the agent's CPU priority: raising it "
-                        "needs CAP_SYS_NICE (%s)", exc)
+        raise_priority(self._process.pid, "the probe responder")
 
     def stop(self) -> None:
         if self._pair is not None:
@@ -167,9 +167,11 @@ def serve(gateway: str, probes: socket.socket, agent: socket.socket) -> None:
     agent.setblocking(False)
     state = ResponderState()  # nothing is served until the agent says so
     pending: dict[str, Demand] = {}  # the latest demand per node, not yet taken by the agent
+    asked: dict[str, tuple[bytes, Any, float]] = {}  # node -> its latest probe, from, when
     while True:
         readable, _, _ = select.select([probes, agent], [agent] if pending else [], [])
         if agent in readable:
+            before = state
             while True:
                 try:
                     message = agent.recv(PAIR_MESSAGE_BYTES)
@@ -178,6 +180,8 @@ def serve(gateway: str, probes: socket.socket, agent: socket.socket) -> None:
                 if not message:
                     return
                 state = decode_responder_state(message)
+            if state != before:
+                answer_again(probes, gateway, state, asked, time.monotonic())
         if probes in readable:
             while True:
                 try:
@@ -190,16 +194,27 @@ def serve(gateway: str, probes: socket.socket, agent: socket.socket) -> None:
                     demand, reply = answer_probe(data, gateway, state, time.monotonic())
                 except ProbeFormatError:
                     continue
-                if reply is not None:
-                    with contextlib.suppress(OSError):  # no route back now: a miss there
-                        probes.sendto(reply, peer)
+                with contextlib.suppress(OSError):  # no route back now: a miss there
+                    probes.sendto(reply, peer)
                 pending[demand.node] = demand
+                asked[demand.node] = (data, peer, demand.received_at)
         for node in list(pending):
             try:
                 agent.send(encode_demand(pending[node]))
             except BlockingIOError:
                 break
             del pending[node]
+
+
+def answer_again(probes: socket.socket, gateway: str, state: ResponderState,
+                 asked: dict[str, tuple[bytes, Any, float]], now: float) -> None:
+    for node, (data, peer, at) in list(asked.items()):
+        if now - at > ANSWER_AGAIN_SECONDS:
+            del asked[node]
+            continue
+        _, reply = answer_probe(data, gateway, state, at)
+        with contextlib.suppress(OSError):
+            probes.sendto(reply, peer)
 
 
 def main(argv: list[str]) -> int:

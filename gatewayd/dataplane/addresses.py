@@ -15,7 +15,6 @@ announced: gratuitous ARP, unsolicited neighbour advertisement.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import time
 from collections.abc import Collection, Iterable
@@ -27,7 +26,12 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gatewayd.dataplane.announce import probe, send_gratuitous_arp, send_unsolicited_na
+from gatewayd.dataplane.announce import (
+    close_in_background,
+    probe,
+    send_gratuitous_arp,
+    send_unsolicited_na,
+)
 from gatewayd.dataplane.netlink import OWNER_PROTOCOL, address_of, link_index, link_names
 from gatewayd.policy.model import IPAddress, address_order
 
@@ -92,6 +96,9 @@ class AddressDriver:
         """Add the missing addresses (after a conflict probe), announce them, then remove the
         owned ones on this interface that are not desired."""
         wanted = set(desired)
+        for key in [k for k in self._conflicts if k[0] == interface and k[1] not in wanted]:
+            del self._conflicts[key]  # no longer asked for: nothing to try again
+            self._refusals.pop(key, None)
         conflicts: list[AddressConflict] = []
         removed: list[IPAddress] = []
         with IPRoute() as ipr:
@@ -115,7 +122,8 @@ class AddressDriver:
                 else:
                     missing.append(address)
 
-            with contextlib.ExitStack() as probe_sockets:  # closed once the addresses are in use
+            # closed once the addresses are in use, off this path
+            with close_in_background() as probe_sockets:
                 taken = probe(interface, mac, missing, self.probe_seconds, probe_sockets) if (
                     self.probe_seconds > 0 and can_arp and missing) else {}
                 for address, owner in sorted(taken.items(),
@@ -220,6 +228,10 @@ class AddressDriver:
         delay = self.retry_conflicts_after * min(2 ** (refusals - 1), MAX_BACKOFF)
         self._conflicts[key] = (time.monotonic() + delay, conflict)
         return conflict
+
+    def next_retry(self) -> float | None:
+        """When (time.monotonic()) the first refused address may be asked for again."""
+        return min((due for due, _ in self._conflicts.values()), default=None)
 
     def _refused_recently(self, interface: str, address: IPAddress) -> AddressConflict | None:
         entry = self._conflicts.get((interface, address))

@@ -24,8 +24,9 @@ import ctypes
 import select
 import socket
 import struct
+import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
@@ -86,8 +87,22 @@ def format_mac(mac: bytes) -> str:
 
 def send_gratuitous_arp(interface: str, mac: bytes, address: IPv4Address) -> None:
     packet = ArpPacket(ARP_REQUEST, mac, address, ZERO_MAC, address)
-    with packet_socket(interface, ETH_P_ARP) as sock:
+    sock = packet_socket(interface, ETH_P_ARP)
+    with close_in_background(sock):
         sock.send(arp_frame(packet))
+
+
+@contextlib.contextmanager
+def close_in_background(*sockets: socket.socket) -> Iterator[contextlib.ExitStack]:
+    """Close `sockets`, and whatever is pushed onto the stack this yields, in a thread of
+    their own when the block ends: closing a packet socket waits for the kernel (about
+    10 ms, see `packet_socket`), and a failover's claim must not."""
+    with contextlib.ExitStack() as stack:
+        for sock in sockets:
+            stack.enter_context(sock)
+        yield stack
+        later = stack.pop_all()
+        threading.Thread(target=later.close, name="close-sockets", daemon=True).start()
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from pyroute2 import IPRoute
 
 from gatewayd.dataplane.durable import fsync_directory
 from gatewayd.dataplane.netlink import OWNER_PROTOCOL, find_link
+from gatewayd.dataplane.priority import urgent_children
 from gatewayd.policy.model import IPNetwork
 
 # WireGuard rejects a session 180 s after its handshake; a live peer re-handshakes before that.
@@ -268,10 +269,13 @@ class WireGuardDriver:
                if k not in ("WG_PROCESS_FOREGROUND", "LOG_LEVEL")}
         # It daemonizes itself; without LOG_LEVEL the daemon does not inherit our pipes.
         # A session of its own keeps it alive when the caller's process group is signalled.
-        proc = subprocess.run(
-            ["wireguard-go", interface], env=env, capture_output=True, text=True,
-            start_new_session=True, timeout=30,
-        )
+        # It carries the fast failover's probes: a tunnel process kept off the CPU is a gap
+        # in them (the kernel's WireGuard runs in softirq, ahead of every process).
+        with urgent_children(f"wireguard-go {interface}"):
+            proc = subprocess.run(
+                ["wireguard-go", interface], env=env, capture_output=True, text=True,
+                start_new_session=True, timeout=30,
+            )
         if proc.returncode != 0:
             detail = (proc.stderr or proc.stdout).strip().splitlines()
             raise WireGuardError(

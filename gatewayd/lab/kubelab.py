@@ -319,10 +319,11 @@ class EgressIPWatch:
         self.overlaps: list[tuple[float, str, tuple[str, ...]]] = []
         self.samples = 0
         self._stop = threading.Event()
-        self._sockets: dict[str, IPRoute] = {}
+        self._sockets: dict[str, tuple[IPRoute, int]] = {}  # with the uplink's index
         for gateway in GATEWAYS:
             with entered(gateway.netns):  # a netlink socket stays in its namespace
-                self._sockets[gateway.name] = IPRoute()
+                ipr = IPRoute()
+            self._sockets[gateway.name] = (ipr, ipr.link_lookup(ifname="eth0")[0])
         self._thread = threading.Thread(target=self._run, name="egress-ip-watch", daemon=True)
 
     def __enter__(self) -> EgressIPWatch:
@@ -332,17 +333,16 @@ class EgressIPWatch:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
-        for sock in self._sockets.values():
+        for sock, _ in self._sockets.values():
             sock.close()
 
     def holders(self) -> dict[str, set[str]]:
         """address -> gateways holding it on an uplink that is up, now."""
         found: dict[str, set[str]] = {a: set() for a in self.addresses}
-        for name, ipr in self._sockets.items():
-            links = ipr.link_lookup(ifname="eth0")
-            if not links or not ipr.get_links(links[0])[0]["flags"] & 1:  # IFF_UP
+        for name, (ipr, uplink) in self._sockets.items():
+            if not ipr.get_links(uplink)[0]["flags"] & 1:  # IFF_UP
                 continue
-            for msg in ipr.get_addr(index=links[0]):
+            for msg in ipr.get_addr(index=uplink):
                 address = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
                 if address in found:
                     found[address].add(name)
@@ -364,10 +364,10 @@ DEFAULT_TIMING = {
     "lease_renew": 1.0,
     "hold_down": 3.0,  # the controller's, for a recovered gateway
     # the fast path, at the product's defaults
-    "probe_interval": 0.1,  # steer's probeIntervalSeconds
+    "probe_interval": 0.05,  # steer's probeIntervalSeconds
     "probe_misses": 3,  # steer's missesBeforeDown
-    "egress_ip_hold": 0.4,  # the agents' egressIPHoldSeconds
-    "arp_probe": 0.1,  # the agents' arpProbeSeconds
+    "egress_ip_hold": 0.2,  # the agents' egressIPHoldSeconds
+    "arp_probe": 0.03,  # the agents' arpProbeSeconds
     "handover": 1.0,  # the agents' handoverSeconds (the product's default)
 }
 

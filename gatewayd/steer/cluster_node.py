@@ -27,7 +27,7 @@ from gatewayd.probe import (
     GATEWAY_TUNNEL_ADDRESS,
     PROBE_PORT,
     Failover,
-    FailoverKey,
+    Steering,
     effective_rules,
 )
 from gatewayd.runtime import rfc3339
@@ -57,7 +57,7 @@ class ClusterNode:
         self.cluster = SteerCluster(config)
         self.failover = FastFailover(config.node, config.failover, self._probes_changed)
         self._rehandshaken: dict[str, float] = {}  # gateway -> when its session was dropped
-        self._reported: dict[FailoverKey, Failover] = {}
+        self._reported = Steering()
 
     def plan_source(self) -> PlanSource[NodeTarget]:
         return self.cluster.source  # Kubernetes settings are read at start only
@@ -79,24 +79,24 @@ class ClusterNode:
     def failovers_in_force(self) -> tuple[Failover, ...]:
         return tuple(self.failover.failovers.values())
 
-    def failovers(
+    def steering(
         self, target: NodeTarget, ends: tuple[GatewayTunnelEnd, ...],
         rules: tuple[SteerRule, ...],
-    ) -> dict[FailoverKey, Failover]:
-        """Hand the new plan to the fast failover path; the failovers that stay in force."""
+    ) -> Steering:
+        """Hand the new plan to the fast failover path; the failovers and handovers in force
+        with it."""
         source = None
         if target.tunnel_address is not None:
             source = IPv4Address(target.tunnel_address.split("/")[0])
         self.failover.set_plan(rules, [
             ProbeTarget(e.name, e.mark, GATEWAY_TUNNEL_ADDRESS, PROBE_PORT) for e in ends
         ], source)
-        failovers, _ = self.failover.decide()
-        return failovers
+        steering, _ = self.failover.take()
+        return steering
 
-    def steered(self, rules: tuple[SteerRule, ...],
-                failovers: dict[FailoverKey, Failover]) -> None:
-        self._report(failovers)
-        self._follow_policies(rules, failovers)
+    def steered(self, rules: tuple[SteerRule, ...], steering: Steering) -> None:
+        self._report(steering)
+        self._follow_policies(rules, steering)
 
     def repair(self) -> None:
         """A gateway that does not answer may have restarted and lost its WireGuard session:
@@ -153,46 +153,63 @@ class ClusterNode:
             target = steer.applied
             if target is None:
                 return
-            failovers, changed = self.failover.decide()
+            steering, changed = self.failover.take()
             rules = steer.steerable(target.plan, steer.ends)
-            # First, also without a failover (a gateway that stopped serving a policy): the
-            # established connections' retransmissions are already under way.
-            self._follow_policies(rules, failovers)
             if changed:
                 try:
-                    steer.ensure_table(target.plan, rules, steer.ends, failovers)
+                    steer.ensure_table(target.plan, rules, steer.ends, steering)
                 except Exception:
                     log.exception("re-rendering the steer table for a failover failed; the "
                                   "repair pass retries")
-                self._report(failovers)
+            # Also without a change of the table (a gateway that stopped serving a policy).
+            # After the table: the move's thread parses conntrack's listing in Python, and
+            # beside it the table took twice as long; established connections wait in TCP's
+            # backoff, whose next retransmission is later than that.
+            self._follow_policies(rules, steering)
+            if changed:
+                self._report(steering)
         self.publish()
 
-    def _report(self, failovers: dict[FailoverKey, Failover]) -> None:
-        """After the table changed: new and ended failovers are reported."""
+    def _report(self, steering: Steering) -> None:
+        """After the table changed: new and ended failovers are reported (journal and
+        Events), and handovers (journal)."""
         before = self._reported
-        if failovers == before:
+        if steering == before:
             return
-        for key, failover in failovers.items():
-            if key not in before:
-                message = (f"policy {failover.policy}: gateway {failover.gateway} does not "
-                           f"answer probes through its tunnel; new connections go to the "
-                           f"standby {failover.standby}")
+        leaving = self.failover.leaving()
+        for key, failover in steering.failovers.items():
+            if key not in before.failovers:
+                why = ("is stopping" if failover.gateway in leaving
+                       else "does not answer probes through its tunnel")
+                message = (f"policy {failover.policy}: gateway {failover.gateway} {why}; new "
+                           f"connections go to the standby {failover.standby}")
                 journal_event("failover", message, Priority.WARNING, policy=failover.policy,
                               gateway=failover.gateway, standby=failover.standby)
                 self.cluster.reporter.event("FastFailover", message, warning=True)
-        for key, failover in before.items():
-            if key not in failovers:
+        for key, failover in before.failovers.items():
+            if key not in steering.failovers:
                 message = (f"policy {failover.policy}: failover from {failover.gateway} to "
                            f"{failover.standby} ended; the rule follows the plan again")
                 journal_event("failover-ended", message, Priority.NOTICE,
                               policy=failover.policy, gateway=failover.gateway)
                 self.cluster.reporter.event("FailoverEnded", message)
-        self._reported = dict(failovers)
+        for policy, handover in steering.handovers.items():
+            if before.handovers.get(policy) != handover:
+                journal_event(
+                    "handover", f"policy {policy}: moves to {handover.gateway}, which does not "
+                    f"serve it yet; new connections stay on {handover.previous} until it does",
+                    Priority.NOTICE, policy=policy, gateway=handover.gateway,
+                    previous=handover.previous)
+        for policy, handover in before.handovers.items():
+            if policy not in steering.handovers:
+                journal_event(
+                    "handover-ended", f"policy {policy}: new connections leave "
+                    f"{handover.previous} for {handover.gateway}", Priority.NOTICE,
+                    policy=policy, gateway=handover.gateway, previous=handover.previous)
+        self._reported = steering
 
-    def _follow_policies(
-        self, rules: tuple[SteerRule, ...], failovers: dict[FailoverKey, Failover]
-    ) -> None:
+    def _follow_policies(self, rules: tuple[SteerRule, ...], steering: Steering) -> None:
         """Established connections follow their policy (see `ConnectionFollower`)."""
         self.steer.connections.follow_policies(
-            effective_rules(rules, failovers), self.failover.reachable(),
+            effective_rules(rules, steering), self.failover.reachable(),
             self.failover.serving(), self.steer.ends)

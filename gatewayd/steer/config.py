@@ -69,7 +69,7 @@ class GatewayTunnelEnd:
 class FailoverSettings:
     """The node's side of the fast failover path (Kubernetes mode; see gatewayd.probe)."""
 
-    probe_interval_seconds: float = 0.1
+    probe_interval_seconds: float = 0.05
     misses: int = 3  # unanswered probes in a row before a gateway counts as down
     recoveries: int = 3  # answered probes in a row before a down gateway counts as up
     # After a failover, the standby gets this long to serve the policy (claim its egress IP)

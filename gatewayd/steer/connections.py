@@ -16,7 +16,7 @@ the caller may be the fast failover's thread, which must not keep the probes wai
 never waits, and a cleanup waits for the moves under way (in parallel they only slowed each
 other down): established connections wait in TCP's retransmission backoff, where every 0.2 s
 more can double a stall, while an unanswered connection's next packet is steered by the rules
-of now anyway. A failover asks for the move first.
+of now anyway. A failover asks for the move right after its table change.
 """
 
 from __future__ import annotations

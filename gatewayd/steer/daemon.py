@@ -9,7 +9,7 @@ What differs between the modes is one object the daemon composes (`mode.py`). St
 mode (`cluster_node.py`): plan, gateways and this node's tunnel address come from the
 EgressNode's spec; each gateway gets a stable slot (`slots.py`); the fast failover path
 (`failover.py`) probes every gateway through its tunnel and moves a policy's new connections to
-its standby on its own when the gateway stops answering.
+its standby on its own when the gateway stops answering or says it is leaving.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from gatewayd.kube.client import KubeConfigError
 from gatewayd.metrics import MetricsSettings, Sample, exposition, peer_samples
 from gatewayd.policy.engine import EgressPlan
 from gatewayd.policy.model import NodePlan, SteerAction, SteerRule
-from gatewayd.probe import Failover, effective_rules
+from gatewayd.probe import Steering, effective_rules
 from gatewayd.steer.cluster_node import ClusterNode
 from gatewayd.steer.config import GatewayTunnelEnd, SteerConfig, load_steer_config
 from gatewayd.steer.connections import ConnectionFollower
@@ -165,10 +165,10 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
             if not self.host_settled(target):
                 self._program_host(ends, target.gateways is not None, errors)
             rules = self.steerable(target.plan, ends)
-            failovers = self.mode.failovers(target, ends, rules)
+            steering = self.mode.steering(target, ends, rules)
             self.step(errors, Part.FILTER,
-                      lambda: self.ensure_table(target.plan, rules, ends, failovers))
-            self.mode.steered(rules, failovers)
+                      lambda: self.ensure_table(target.plan, rules, ends, steering))
+            self.mode.steered(rules, steering)
             self.errors = tuple(errors)
 
     def host_inputs(self, target: NodeTarget) -> object:
@@ -313,14 +313,14 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
         plan: NodePlan,
         rules: tuple[SteerRule, ...],
         ends: tuple[GatewayTunnelEnd, ...],
-        failovers: dict[tuple[str, str], Failover],
+        steering: Steering,
     ) -> None:
         settings = SteerTableSettings(
             gateway_marks={g.name: g.mark for g in ends},
             tunnel_interfaces={g.name: g.interface for g in ends},
             mark_mask=self.config.mark_mask,
         )
-        steered = replace(plan, rules=effective_rules(rules, failovers))
+        steered = replace(plan, rules=effective_rules(rules, steering))
         result = self.nftables.ensure(render_steer_table(steered, settings),
                                        verify=self.repairing)
         if result.drift:

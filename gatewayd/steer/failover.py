@@ -4,20 +4,27 @@ A thread probes every gateway through its tunnel every `probeIntervalSeconds` (s
 `gatewayd.probe` for the message and the rules). A probe is a miss when no answer, to it or to
 one of the `misses - 1` probes before it, arrives before the next one is sent; each probe gets
 a full interval, even when the thread itself was late. When a gateway's health or what it
-serves changes, a second thread has the failovers decided again (`decide_failovers`) and, if
-they changed, the daemon re-renders its nftables table with each failed-over rule sent to its
-standby: one transaction, for new connections; the daemon then gives the rule's answered
+serves changes, the thread decides the failovers again (`decide_failovers`) and, if they
+changed, a second thread has the daemon re-render its nftables table with each failed-over
+rule sent to its standby: one transaction, for new connections; the daemon then gives the
+rule's answered
 connections the standby's conntrack mark (`gatewayd.steer.conntrack`). The daemon reports each
 change in its EgressNode status and as an Event.
 
-A decision that changes the failovers sends the current round of probes again at once, with
-what this node now sends where: the standby starts claiming the egress IP, and the gateway
-left behind gives it up, without waiting for the next interval (up to one interval of every
-failover's outage). The round's sequence number stays, so no probe loses its interval.
+A gateway whose answers say it is leaving (its agent is stopping) fails over like one that
+is down, but makes before it breaks: while it still serves a policy and the standby does not
+yet, the policy's new connections stay with it (`decide_handovers`). The same holds when the
+controller's plan moves a policy between two working gateways.
 
-The probes never wait for that: the daemon applies a change under the lock its loop holds for
-whole passes, and a gateway that gets no probes for `egressIPHoldSeconds` gives up its egress
-IPs, even the healthy standby the change just sent traffic to.
+A decision that changes the failovers or handovers sends the current round of probes again at
+once, with what this node now sends where: the standby starts claiming the egress IP, and the
+gateway left behind gives it up, without waiting for the next interval (up to one interval of
+every failover's outage) nor for the table. The round's sequence number stays, so no probe
+loses its interval.
+
+The probes never wait for the table: the daemon applies a change under the lock its loop holds
+for whole passes, and a gateway that gets no probes for `egressIPHoldSeconds` gives up its
+egress IPs, even the healthy standby the change just sent traffic to.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from collections.abc import Callable, Collection
 from ipaddress import IPv4Address
 
 from gatewayd import metrics
+from gatewayd.dataplane.priority import raise_priority
 from gatewayd.dataplane.probe import ProbeSockets, ProbeTarget
 from gatewayd.policy.model import SteerRule
 from gatewayd.probe import (
@@ -38,10 +46,14 @@ from gatewayd.probe import (
     ProbeFormatError,
     ProbeHistory,
     ProbeReply,
+    Steering,
     answers_probe,
     decide_failovers,
+    decide_handovers,
     decode_reply,
+    effective_rules,
     encode_request,
+    policy_gateways,
     probe_requests,
 )
 from gatewayd.runtime import rfc3339
@@ -66,7 +78,9 @@ class FastFailover:
         self._targets: tuple[ProbeTarget, ...] = ()
         self._source: IPv4Address | None = None
         self._history: dict[str, ProbeHistory] = {}
-        self._failovers: dict[FailoverKey, Failover] = {}
+        self._steering = Steering()
+        self._taken = Steering()  # what the daemon last took for its table
+        self._sent_to: dict[str, str] = {}  # policy -> its new connections' gateway, as decided
         self._sequence = 0
         self._stopping = threading.Event()
         self._changed = threading.Event()
@@ -109,25 +123,46 @@ class FastFailover:
             for gateway in set(self._history) - {t.gateway for t in targets}:
                 del self._history[gateway]
 
-    def decide(self) -> tuple[dict[FailoverKey, Failover], bool]:
-        """The failovers in force now, and whether they changed since the last decision."""
+    def decide(self) -> Steering:
+        """Decide the failovers and handovers again; when they changed, the current round of
+        probes goes again at once, with where this node now sends what."""
+        now, grace = time.monotonic(), self.settings.claim_grace_seconds
         with self._lock:
-            up = {g: h.up for g, h in self._history.items()}
-            serving = {g: h.serving for g, h in self._history.items()}
-            decided = decide_failovers(
-                self._rules, up, serving, self._failovers, time.monotonic(),
-                self.settings.claim_grace_seconds, at=rfc3339(),
+            history = self._history
+            serving = {g: h.serving for g, h in history.items()}
+            failovers = decide_failovers(
+                self._rules, {g: h.available for g, h in history.items()}, serving,
+                self._steering.failovers, now, grace, at=rfc3339(),
             )
-            changed = decided != self._failovers
-            self._failovers = decided
-            if changed and self._wake is not None:
+            moved_to = policy_gateways(effective_rules(self._rules, Steering(failovers)))
+            handovers = decide_handovers(
+                moved_to, self._sent_to, {g: h.up for g, h in history.items()}, serving,
+                self._steering.handovers, now, grace,
+            )
+            decided = Steering(failovers, handovers)
+            if decided != self._steering and self._wake is not None:
                 os.eventfd_write(self._wake, 1)
-        return dict(decided), changed
+            self._steering = decided
+            self._sent_to = policy_gateways(effective_rules(self._rules, decided))
+        return decided
+
+    def take(self) -> tuple[Steering, bool]:
+        """For the table: the steering decided now, and whether it changed since the last
+        `take`."""
+        decided = self.decide()
+        with self._lock:
+            changed, self._taken = decided != self._taken, decided
+        return decided, changed
 
     @property
     def failovers(self) -> dict[FailoverKey, Failover]:
         with self._lock:
-            return dict(self._failovers)
+            return dict(self._steering.failovers)
+
+    def leaving(self) -> frozenset[str]:
+        """The gateways whose last answer said they are leaving."""
+        with self._lock:
+            return frozenset(g for g, h in self._history.items() if h.up and h.leaving)
 
     def reachable(self) -> dict[str, bool | None]:
         """Each probed gateway's health: True (up), False (down), None (not known yet)."""
@@ -143,6 +178,8 @@ class FastFailover:
     # --- the thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # Each round waits for the thread: a thread kept off the CPU counts misses late.
+        raise_priority(threading.get_native_id(), "the probe thread")
         sockets: ProbeSockets | None = None
         interval = self.settings.probe_interval_seconds
         next_send = time.monotonic()
@@ -169,7 +206,7 @@ class FastFailover:
                 next_send = max(next_send + interval, time.monotonic() + interval)
                 replies = self._probe_once(sockets, next_send)
                 if self._record(replies, {t.gateway for t in targets}):
-                    self._changed.set()
+                    self._news()
         except Exception:
             log.exception("fast failover stopped working; failovers wait for the controller")
         finally:
@@ -178,6 +215,8 @@ class FastFailover:
 
     def _apply_changes(self) -> None:
         """The daemon's `on_change`, once for any number of changes that came while it ran."""
+        # New connections go to the failed gateway until the table changes.
+        raise_priority(threading.get_native_id(), "the failover's table changes")
         while True:
             self._changed.wait()
             if self._stopping.is_set():
@@ -208,16 +247,35 @@ class FastFailover:
                     continue
                 if answers_probe(reply, gateway, sequence, self.settings.misses):
                     replies[gateway] = reply  # the latest says best what it serves
+                    self._note_news(gateway, reply)
         return replies
 
     def _send(self, sockets: ProbeSockets, sequence: int) -> None:
         with self._lock:
             requests = probe_requests(self.node, sockets.gateways, self._rules,
-                                      self._failovers, sequence)
+                                      self._steering.failovers, sequence)
         sockets.send({gateway: encode_request(r) for gateway, r in requests.items()})
 
+    def _note_news(self, gateway: str, reply: ProbeReply) -> None:
+        """An answer that changes what an up gateway serves, or whether it leaves, counts at
+        once, not at the end of the round: a handover waits for the new gateway to serve."""
+        with self._lock:
+            history = self._history.get(gateway)
+            if history is None or history.up is not True or (
+                    history.serving, history.leaving) == (reply.serving, reply.leaving):
+                return
+            history.serving, history.leaving = reply.serving, reply.leaving
+        self._news()
+
+    def _news(self) -> None:
+        """Decide here, so that the gateways hear of a move at once (the probes go again),
+        and have the daemon change its table (it may be in the middle of a pass)."""
+        self.decide()
+        self._changed.set()
+
     def _record(self, replies: dict[str, ProbeReply], gateways: set[str]) -> bool:
-        """Count each gateway's outcome; True when a health or a `serving` set changed."""
+        """Count each gateway's outcome; True when a health, a `serving` set or `leaving`
+        changed."""
         changed = False
         with self._lock:
             for gateway in sorted(gateways):
@@ -226,7 +284,7 @@ class FastFailover:
                     recoveries=self.settings.recoveries,
                     first_misses=self.settings.misses * FIRST_MISSES_FACTOR,
                 ))
-                serving = history.serving
+                said = history.serving, history.leaving
                 metrics.PROBES.labels(gateway).inc()
                 if gateway not in replies:
                     metrics.PROBES_LOST.labels(gateway).inc()
@@ -234,5 +292,7 @@ class FastFailover:
                     log.info("gateway %s is %s (probes through its tunnel)", gateway,
                              "up" if history.up else "DOWN")
                     changed = True
-                changed = changed or history.serving != serving
+                changed = changed or (history.serving, history.leaving) != said
+            # A handover also ends when its grace is over: decide again every round until then.
+            changed = changed or bool(self._steering.handovers)
         return changed

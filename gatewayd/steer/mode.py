@@ -15,7 +15,7 @@ from typing import Protocol
 
 from gatewayd.follower import PlanSource
 from gatewayd.policy.model import SteerRule
-from gatewayd.probe import Failover, FailoverKey
+from gatewayd.probe import Failover, Steering
 from gatewayd.steer.config import GatewayTunnelEnd
 from gatewayd.steer.target import NodeTarget
 
@@ -32,14 +32,13 @@ class NodeMode(Protocol):
 
     def stop(self) -> None: ...
 
-    def failovers(
+    def steering(
         self, target: NodeTarget, ends: tuple[GatewayTunnelEnd, ...],
         rules: tuple[SteerRule, ...],
-    ) -> dict[FailoverKey, Failover]:
-        """Take a new plan in; the failovers in force with it."""
+    ) -> Steering:
+        """Take a new plan in; the failovers and handovers in force with it."""
 
-    def steered(self, rules: tuple[SteerRule, ...],
-                failovers: dict[FailoverKey, Failover]) -> None:
+    def steered(self, rules: tuple[SteerRule, ...], steering: Steering) -> None:
         """After the table changed: report the failovers, move connections with them."""
 
     def repair(self) -> None: ...

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from gatewayd.follower import PlanSource, SnapshotSource
 from gatewayd.policy.model import SteerRule
-from gatewayd.probe import Failover, FailoverKey
+from gatewayd.probe import Failover, Steering
 from gatewayd.steer.config import GatewayTunnelEnd
 from gatewayd.steer.target import NodeTarget
 
@@ -38,14 +38,13 @@ class StandaloneNode:
     def stop(self) -> None:
         pass
 
-    def failovers(
+    def steering(
         self, target: NodeTarget, ends: tuple[GatewayTunnelEnd, ...],
         rules: tuple[SteerRule, ...],
-    ) -> dict[FailoverKey, Failover]:
-        return {}
+    ) -> Steering:
+        return Steering()
 
-    def steered(self, rules: tuple[SteerRule, ...],
-                failovers: dict[FailoverKey, Failover]) -> None:
+    def steered(self, rules: tuple[SteerRule, ...], steering: Steering) -> None:
         pass
 
     def repair(self) -> None:

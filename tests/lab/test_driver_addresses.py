@@ -231,6 +231,19 @@ def test_a_refused_address_is_asked_for_again_less_and_less_often(
                  "the freed address to be taken")
 
 
+def test_a_refused_address_no_longer_asked_for_is_not_tried_again(segment: Segment) -> None:
+    """The keeper wakes for the next retry (`next_retry`): one for an address nobody wants
+    any more would wake it for nothing, again and again."""
+    driver = AddressDriver(probe_seconds=0.05, retry_conflicts_after=10.0)
+    with entered(segment.gateway):
+        assert driver.next_retry() is None
+        assert driver.ensure("upl", {TAKEN_V4}).conflicts
+        due = driver.next_retry()
+        assert due is not None and due > time.monotonic() + 5
+        assert driver.ensure("upl", set()) == AddressChanges()
+        assert driver.next_retry() is None
+
+
 def test_added_addresses_are_announced(segment: Segment) -> None:
     # The peer believes the egress IPs live at another MAC (their previous gateway, say).
     stale = "02:00:00:00:00:99"

@@ -1,5 +1,6 @@
 """steer's probe thread (FastFailover) against a real UDP responder in a network namespace:
-what counts as an answer when the gateway's answers come late."""
+what counts as an answer when the gateway's answers come late, and what the node does when
+a gateway says it is leaving."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from gatewayd.probe import (
     ProbeReply,
     ProbeRequest,
     decode_request,
+    effective_rules,
     encode_reply,
 )
 from gatewayd.steer.config import FailoverSettings
@@ -36,8 +38,9 @@ SETTINGS = FailoverSettings(probe_interval_seconds=0.1, misses=5, recoveries=3)
 
 
 class LateResponder:
-    """Answers every probe `delay` seconds after it arrived, as a gateway on a busy host;
-    `silent` stops the answers. Keeps every request it received."""
+    """Answers every probe `delay` seconds after it arrived, as a gateway on a busy host,
+    with `serving` (of what the probe names) and `leaving`; `silent` stops the answers. Keeps
+    every request it received."""
 
     def __init__(self, netns: str, delay: float, gateway: str = "gw1",
                  address: IPv4Address = GATEWAY_TUNNEL_ADDRESS) -> None:
@@ -48,6 +51,8 @@ class LateResponder:
         self.delay = delay
         self.gateway = gateway
         self.silent = threading.Event()
+        self.serving: frozenset[str] = frozenset()
+        self.leaving = False
         self.requests: list[ProbeRequest] = []
         self._due: list[tuple[float, int, bytes, tuple[str, int]]] = []
         self._stop = threading.Event()
@@ -74,7 +79,9 @@ class LateResponder:
                 self.requests.append(request)
                 if self.silent.is_set():
                     continue
-                reply = encode_reply(ProbeReply(self.gateway, request.sequence))
+                serving = self.serving & (request.here | request.away)
+                reply = encode_reply(ProbeReply(self.gateway, request.sequence, serving,
+                                                self.leaving))
                 heapq.heappush(self._due, (time.monotonic() + self.delay, request.sequence,
                                            reply, sender))
             except TimeoutError:
@@ -151,7 +158,7 @@ def test_the_gateways_hear_of_a_failover_at_once(netns: str) -> None:
 
     with LateResponder(netns, 0, "gw1") as active, \
             LateResponder(netns, 0, "gw2", STANDBY_ADDRESS) as standby:
-        failover = FastFailover("node1", settings, on_change=lambda: failover.decide())
+        failover = FastFailover("node1", settings, on_change=lambda: None)
         with entered(netns):
             failover.set_plan((rule,), [
                 ProbeTarget("gw1", 0, GATEWAY_TUNNEL_ADDRESS, PROBE_PORT),
@@ -168,5 +175,44 @@ def test_the_gateways_hear_of_a_failover_at_once(netns: str) -> None:
             assert [r.sequence for r in standby.requests].count(told.sequence) == 2
             left = [r for r in active.requests if "team.payments" in r.away]
             assert left and left[0].sequence == told.sequence
+        finally:
+            failover.stop()
+
+
+def test_a_leaving_gateway_keeps_new_connections_until_the_standby_serves(netns: str) -> None:
+    """A gateway whose agent stops answers that it is leaving. The node fails its policies
+    over (the standby hears that it gets them, the leaving one that they went) but keeps
+    their new connections on the leaving one, which still holds the egress IP, until the
+    standby serves them: a planned stop makes before it breaks."""
+    rule = SteerRule("team.payments", SteerAction.TUNNEL, frozenset(), (),
+                     gateway="gw1", standby="gw2")
+    with LateResponder(netns, 0, "gw1") as active, \
+            LateResponder(netns, 0, "gw2", STANDBY_ADDRESS) as standby:
+        active.serving = frozenset({"team.payments"})
+        failover = FastFailover("node1", SETTINGS, on_change=lambda: None)
+        with entered(netns):
+            failover.set_plan((rule,), [
+                ProbeTarget("gw1", 0, GATEWAY_TUNNEL_ADDRESS, PROBE_PORT),
+                ProbeTarget("gw2", 0, STANDBY_ADDRESS, PROBE_PORT),
+            ], NODE_ADDRESS)
+            failover.start()
+
+        def sent_to() -> str | None:
+            return effective_rules((rule,), failover.take()[0])[0].gateway
+
+        try:
+            wait_for(lambda: failover.serving().get("gw1") == {"team.payments"}, 10,
+                     "gw1 to serve the policy")
+            active.leaving = True
+            wait_for(lambda: any("team.payments" in r.here for r in standby.requests), 10,
+                     "the standby to hear that it gets the policy")
+            assert any("team.payments" in r.away for r in active.requests)
+            assert failover.failovers.keys() == {("team.payments", "gw1")}
+            assert sent_to() == "gw1"  # still: the standby does not serve it yet
+            seen = standby.received
+            wait_for(lambda: standby.received >= seen + 5, 10, "5 rounds that change nothing")
+            assert sent_to() == "gw1"
+            standby.serving = frozenset({"team.payments"})
+            wait_for(lambda: sent_to() == "gw2", 10, "new connections to go to the standby")
         finally:
             failover.stop()

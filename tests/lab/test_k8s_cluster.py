@@ -464,10 +464,11 @@ def test_a_stale_copy_of_a_flow_does_not_end_a_new_connection_on_the_new_gateway
 def test_stopping_the_active_agent_hands_its_traffic_and_egress_ip_over(
     klab: KubeLab, tmp_path: Path,
 ) -> None:
-    """`systemctl stop` on the active gateway: it stops answering probes and writes
-    Ready=False; the nodes move to the standby, the stopping agent gives the egress IP up and
-    the standby claims it; started again, the gateway becomes the standby. Connections held
-    open through it all the while go on (a `systemctl restart` or a package upgrade)."""
+    """`systemctl stop` on the active gateway: it writes Ready=False and answers probes
+    saying it is leaving; the nodes move to the standby, the stopping agent gives the egress
+    IP up and the standby claims it; started again, the gateway becomes the standby.
+    Connections held open through it all the while go on (a `systemctl restart` or a package
+    upgrade)."""
     old = active(klab, PAYMENT)
     assert old is not None
     new = next(g.name for g in GATEWAYS if g.name != old)

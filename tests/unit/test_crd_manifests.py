@@ -623,7 +623,7 @@ def test_steer_daemonset() -> None:
     assert {"operator": "Exists"} in pod["tolerations"]
     (container,) = pod["containers"]
     security = container["securityContext"]
-    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_NICE"]}
     assert security["allowPrivilegeEscalation"] is False
     assert security["readOnlyRootFilesystem"] is True
     assert security.get("privileged") is not True

@@ -86,7 +86,7 @@ def test_agent_kubernetes_mode_defaults(tmp_path: Path) -> None:
             config.kubernetes.lease_renew_seconds) == (6, 2.0)
     assert config.tunnel.address == "100.127.0.1/32"  # every gateway's: the probes' target
     assert config.tunnel.advertise_endpoint is None
-    assert config.failover.egress_ip_hold_seconds == 0.4
+    assert config.failover.egress_ip_hold_seconds == 0.2
 
 
 @pytest.mark.parametrize(("old", "new", "expected"), [

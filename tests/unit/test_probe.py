@@ -12,14 +12,17 @@ from gatewayd.policy.model import IPAddress, Role, SnatRule, SteerAction, SteerR
 from gatewayd.probe import (
     Demand,
     Failover,
+    Handover,
     ProbeFormatError,
     ProbeHistory,
     ProbeReply,
     ProbeRequest,
     ResponderState,
+    Steering,
     answer_probe,
     answers_probe,
     decide_failovers,
+    decide_handovers,
     decode_demand,
     decode_reply,
     decode_request,
@@ -31,6 +34,7 @@ from gatewayd.probe import (
     encode_request,
     encode_responder_state,
     keep_when_contested,
+    policy_gateways,
     probe_requests,
 )
 
@@ -80,7 +84,7 @@ def test_a_reply_is_not_a_request() -> None:
 def test_the_agents_messages_to_and_from_its_responder_round_trip() -> None:
     demand = Demand("node1", 1234.5678, frozenset({"pay"}), frozenset({"all", "other"}))
     assert decode_demand(encode_demand(demand)) == demand
-    for state in (ResponderState(), ResponderState(frozenset({"pay", "all"}), silent=True)):
+    for state in (ResponderState(), ResponderState(frozenset({"pay", "all"}), leaving=True)):
         assert decode_responder_state(encode_responder_state(state)) == state
 
 
@@ -94,7 +98,7 @@ def test_a_gateway_may_serve_more_policies_than_a_datagram_names() -> None:
 
 
 @pytest.mark.parametrize("data", [
-    b'{"v": 1, "served": [], "silent": 1}', b'{"v": 1, "served": "pay", "silent": false}',
+    b'{"v": 1, "served": [], "leaving": 1}', b'{"v": 1, "served": "pay", "leaving": false}',
     b'{"v": 1, "served": []}',
 ])
 def test_a_malformed_responder_state_is_refused(data: bytes) -> None:
@@ -107,15 +111,23 @@ def test_the_responder_serves_what_the_node_asks_of_what_the_agent_serves() -> N
     state = ResponderState(frozenset({"pay", "all", "reports"}))
     demand, reply = answer_probe(encode_request(request), "gw1", state, now=50.0)
     assert demand == Demand("node1", 50.0, frozenset({"pay"}), frozenset({"all"}))
-    assert reply is not None
     assert decode_reply(reply) == ProbeReply("gw1", 9, frozenset({"pay", "all"}))
 
 
-def test_a_silent_responder_records_the_demand_and_answers_nothing() -> None:
+def test_a_leaving_gateway_still_answers_what_it_serves_and_says_it_leaves() -> None:
     request = ProbeRequest("node1", 9, frozenset({"pay"}))
     demand, reply = answer_probe(encode_request(request), "gw1",
-                                 ResponderState(frozenset({"pay"}), silent=True), now=50.0)
-    assert (demand.node, demand.here, reply) == ("node1", frozenset({"pay"}), None)
+                                 ResponderState(frozenset({"pay"}), leaving=True), now=50.0)
+    assert (demand.node, demand.here) == ("node1", frozenset({"pay"}))
+    assert decode_reply(reply) == ProbeReply("gw1", 9, frozenset({"pay"}), leaving=True)
+
+
+def test_a_reply_says_leaving_only_when_it_is_so() -> None:
+    """A node of an earlier version reads a reply without the key as before."""
+    assert b"leaving" not in encode_reply(ProbeReply("gw1", 1, frozenset({"pay"})))
+    assert decode_reply(encode_reply(ProbeReply("gw1", 1, leaving=True))).leaving
+    with pytest.raises(ProbeFormatError):
+        decode_reply(b'{"v": 1, "gateway": "gw1", "seq": 1, "leaving": "yes"}')
 
 
 def test_a_datagram_that_is_no_probe_gets_no_answer() -> None:
@@ -153,6 +165,20 @@ def test_a_gateway_never_answered_is_unknown_until_first_misses() -> None:
         h.record(None)
     assert h.up is None
     assert h.record(None) and h.up is False
+
+
+def test_a_leaving_gateway_is_up_but_not_available() -> None:
+    h = history()
+    h.record(ProbeReply("gw1", 1, frozenset({"pay"})))
+    assert (h.up, h.available) == (True, True)
+    h.record(ProbeReply("gw1", 2, frozenset({"pay"}), leaving=True))
+    assert (h.up, h.available, h.serving) == (True, False, {"pay"})
+    for _ in range(3):
+        h.record(None)
+    assert (h.up, h.available) == (False, False)
+    h.record(ProbeReply("gw1", 6))  # its agent started again
+    h.record(ProbeReply("gw1", 7))
+    assert (h.up, h.available, h.leaving) == (True, True, False)
 
 
 def test_the_last_reply_says_what_is_served() -> None:
@@ -211,6 +237,17 @@ def test_back_to_the_gateway_when_the_standby_cannot_serve_after_the_grace() -> 
     assert decide([rule()], {"gw1": True, "gw2": True}, previous, now=100.0 + GRACE) == {}
 
 
+def test_back_to_the_gateway_at_once_when_it_serves_and_the_standby_does_not() -> None:
+    """One node's path to the active stalled for a moment: the other nodes stayed, the active
+    kept the egress IP, and the standby cannot claim it. No need to wait for the grace."""
+    previous = decide([rule()], {"gw1": False, "gw2": True}, now=100.0)
+    back = {"gw1": True, "gw2": True}
+    assert decide([rule()], back, previous, now=100.2, serving={"gw1": frozenset({"pay"})}) \
+        == {}
+    both = {"gw1": frozenset({"pay"}), "gw2": frozenset({"pay"})}
+    assert decide([rule()], back, previous, now=100.2, serving=both) == previous
+
+
 def test_back_to_the_gateway_when_the_standby_goes_down_and_the_gateway_is_up() -> None:
     previous = decide([rule()], {"gw1": False, "gw2": True})
     serving = {"gw2": frozenset({"pay"})}
@@ -243,10 +280,80 @@ def test_effective_rules_send_failed_over_rules_to_the_standby() -> None:
     rules = (rule("pay"), rule("all", gateway="gw3", standby="gw2"),
              rule("drop", gateway=None, standby=None, action=SteerAction.DROP))
     failovers = {("pay", "gw1"): Failover("pay", "gw1", "gw2", 1.0)}
-    steered = effective_rules(rules, failovers)
+    steered = effective_rules(rules, Steering(failovers))
     assert [(r.policy, r.gateway, r.standby) for r in steered] == [
         ("pay", "gw2", None), ("all", "gw3", "gw2"), ("drop", None, None)]
     assert steered[0].sources == rules[0].sources
+
+
+def test_effective_rules_send_handed_over_rules_to_the_gateway_left() -> None:
+    rules = (rule("pay"), rule("all", gateway="gw3", standby="gw2"))
+    failovers = {("pay", "gw1"): Failover("pay", "gw1", "gw2", 1.0)}
+    handovers = {"pay": Handover("pay", "gw2", "gw1", 1.0), "all": Handover("all", "gw3", "gw1",
+                                                                           1.0)}
+    steered = effective_rules(rules, Steering(failovers, handovers))
+    assert [(r.policy, r.gateway) for r in steered] == [("pay", "gw1"), ("all", "gw1")]
+    # a handover to another gateway than the rule's now is not this rule's
+    stale = {"pay": Handover("pay", "gw3", "gw1", 1.0)}
+    assert effective_rules(rules, Steering(failovers, stale))[0].gateway == "gw2"
+
+
+def test_policy_gateways_names_the_policies_that_go_to_one_gateway() -> None:
+    rules = [rule("pay"), rule("pay", source="10.244.1.11"),
+             rule("split"), rule("split", gateway="gw2", source="10.244.1.11"),
+             rule("drop", gateway=None, standby=None, action=SteerAction.DROP)]
+    assert policy_gateways(rules) == {"pay": "gw1"}
+
+
+def handovers(moved_to: dict[str, str], sent_to: dict[str, str], up: dict[str, bool | None],
+              serving: dict[str, set[str]], previous: dict[str, Handover] | None = None,
+              now: float = 100.0) -> dict[str, Handover]:
+    return decide_handovers(moved_to, sent_to, up,
+                            {g: frozenset(p) for g, p in serving.items()}, previous or {},
+                            now, GRACE)
+
+
+UP = {"gw1": True, "gw2": True}
+
+
+def test_a_move_keeps_new_connections_on_the_gateway_left_until_the_new_one_serves() -> None:
+    decided = handovers({"pay": "gw2"}, {"pay": "gw1"}, UP, {"gw1": {"pay"}})
+    assert decided == {"pay": Handover("pay", "gw2", "gw1", 100.0)}
+    # the old one gave the egress IP up: it still answers, the new one claims
+    assert handovers({"pay": "gw2"}, {"pay": "gw1"}, UP, {}, decided, now=100.5) == decided
+    assert handovers({"pay": "gw2"}, {"pay": "gw1"}, UP, {"gw2": {"pay"}}, decided,
+                     now=100.5) == {}
+
+
+@pytest.mark.parametrize(("up", "serving", "now"), [
+    ({"gw1": False, "gw2": True}, {"gw1": {"pay"}}, 100.5),  # the old one went down
+    ({"gw1": None, "gw2": True}, {"gw1": {"pay"}}, 100.5),
+    (UP, {"gw1": {"pay"}}, 100.0 + GRACE),  # the new one did not serve within the grace
+])
+def test_a_handover_ends(up: dict[str, bool | None], serving: dict[str, set[str]],
+                         now: float) -> None:
+    previous = {"pay": Handover("pay", "gw2", "gw1", 100.0)}
+    assert handovers({"pay": "gw2"}, {"pay": "gw1"}, up, serving, previous, now) == {}
+
+
+@pytest.mark.parametrize(("moved_to", "sent_to", "up", "serving"), [
+    ({"pay": "gw1"}, {"pay": "gw1"}, UP, {"gw1": {"pay"}}),  # no move
+    ({"pay": "gw2"}, {}, UP, {"gw1": {"pay"}}),  # a new policy
+    ({"pay": "gw2"}, {"pay": "gw1"}, UP, {"gw1": {"other"}}),  # the old one did not serve it
+    ({"pay": "gw2"}, {"pay": "gw1"}, {"gw1": False, "gw2": True}, {"gw1": {"pay"}}),  # down
+    ({"pay": "gw2"}, {"pay": "gw1"}, UP, {"gw1": {"pay"}, "gw2": {"pay"}}),  # served there
+])
+def test_no_handover(moved_to: dict[str, str], sent_to: dict[str, str],
+                     up: dict[str, bool | None], serving: dict[str, set[str]]) -> None:
+    assert handovers(moved_to, sent_to, up, serving) == {}
+
+
+def test_a_second_move_during_a_handover_starts_from_where_connections_go() -> None:
+    previous = {"pay": Handover("pay", "gw2", "gw1", 100.0)}
+    up = {"gw1": True, "gw2": True, "gw3": True}
+    decided = handovers({"pay": "gw3"}, {"pay": "gw1"}, up, {"gw1": {"pay"}}, previous,
+                        now=101.0)
+    assert decided == {"pay": Handover("pay", "gw3", "gw1", 101.0)}
 
 
 def test_probe_requests_tell_each_gateway_where_the_policies_go() -> None:

@@ -1,0 +1,46 @@
+"""The CPU priority of the fast failover's timing-critical tasks: the gateway's probe responder
+and egress IP keeper, the node's probe thread and its failover's table changes, and a
+userspace WireGuard (wireguard-go) that carries the probes. A late answer, or a miss counted
+late, moves traffic for nothing or late; a claim or a table change that waits for the CPU is
+outage. The rest of a daemon can wait.
+
+Raising a priority needs CAP_SYS_NICE; without it the task keeps the daemon's priority, and the
+journal says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+
+log = logging.getLogger("gatewayd")
+
+URGENT_NICE = -10
+
+
+def raise_priority(task: int, what: str) -> bool:
+    """Run process or thread `task` (its Linux id) at `URGENT_NICE`."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, task, URGENT_NICE)
+    except OSError as exc:
+        log.warning("%s runs at the daemon's CPU priority: raising it needs CAP_SYS_NICE (%s)",
+                    what, exc)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def urgent_children(what: str) -> Iterator[None]:
+    """Processes this thread starts meanwhile run at `URGENT_NICE`: a child inherits the nice
+    value of the thread that forks it (also one that daemonizes, as wireguard-go does)."""
+    thread = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, thread)
+    raised = raise_priority(thread, what)
+    try:
+        yield
+    finally:
+        if raised:
+            os.setpriority(os.PRIO_PROCESS, thread, before)  # lowering needs no capability

@@ -172,6 +172,8 @@ EVENT_MESSAGE_IDS: dict[str, str] = {
     "state-write-failed": "4cbc3077254447e9bf056bb6ccd0ebd9",
     "failover": "446e561c09a042c5a1b1d5f8f25f30f3",
     "failover-ended": "3dedad18d1ea4440a26b97ba002ccef9",
+    "handover": "ccebcb38aebb4d0ca851f2e7c80f9632",
+    "handover-ended": "86188fa1b6e348d3b6a0a049e1d98d0f",
     "tunnel-removed": "3d69bc435ddc478cb554dcc6d6ffb78a",
     "conntrack-sync-missing": "2f5290d78a8b4610b22ae8b7d4f9e088",
 }

@@ -149,8 +149,8 @@ class ClusterNode:
         """A gateway's health changed (the fast failover's thread): decide again and, if the
         failovers changed, change the table at once."""
         steer = self.steer
-        with steer.dataplane:
-            target = steer.applied
+        with steer.steering:
+            target = steer.steered_target
             if target is None:
                 return
             steering, changed = self.failover.take()

@@ -23,8 +23,8 @@ every failover's outage) nor for the table. The round's sequence number stays, s
 loses its interval.
 
 The probes never wait for the table: the daemon applies a change under the lock its loop holds
-for whole passes, and a gateway that gets no probes for `egressIPHoldSeconds` gives up its
-egress IPs, even the healthy standby the change just sent traffic to.
+while it changes the table, and a gateway that gets no probes for `egressIPHoldSeconds` gives
+up its egress IPs, even the healthy standby the change just sent traffic to.
 """
 
 from __future__ import annotations

@@ -314,8 +314,9 @@ def test_starts_from_its_saved_plan_while_the_api_is_down(sandbox: DaemonSandbox
 
 class ProbingNode:
     """Probes the agent from inside the sandbox as a cloud node's steer does (every 50 ms,
-    saying it sends `pay` here). With `has_standby`, after 3 unanswered probes it moves `pay`
-    to a standby and says so (`away`), as steer's fast failover would."""
+    saying it sends `pay` here). With `has_standby`, when the agent answers that it is leaving
+    (or after 3 unanswered probes) it moves `pay` to a standby and says so (`away`), as
+    steer's fast failover would."""
 
     def __init__(self, box: DaemonSandbox, has_standby: bool) -> None:
         with entered(box.netns):
@@ -345,12 +346,12 @@ class ProbingNode:
                                    {"pay"} if moved else frozenset())
             self.sock.sendto(encode_request(request), (str(GATEWAY_TUNNEL_ADDRESS), PROBE_PORT))
             try:
-                decode_reply(self.sock.recv(2048))
+                leaving = decode_reply(self.sock.recv(2048)).leaving
                 self.answered, misses = self.answered + 1, 0
             except TimeoutError:
-                misses += 1
-                if misses >= 3 and self.has_standby:
-                    self.moved.set()
+                leaving, misses = False, misses + 1
+            if (leaving or misses >= 3) and self.has_standby:
+                self.moved.set()
             self._stop.wait(0.05)
 
 

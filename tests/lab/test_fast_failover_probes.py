@@ -148,6 +148,18 @@ def test_probes_go_on_while_a_change_is_applied(netns: str) -> None:
             failover.stop()
 
 
+def probing_both(netns: str, settings: FailoverSettings, rule: SteerRule) -> FastFailover:
+    """A node's probes, started, to the active (gw1) and the standby (gw2) of `rule`."""
+    failover = FastFailover("node1", settings, on_change=lambda: None)
+    with entered(netns):
+        failover.set_plan((rule,), [
+            ProbeTarget("gw1", 0, GATEWAY_TUNNEL_ADDRESS, PROBE_PORT),
+            ProbeTarget("gw2", 0, STANDBY_ADDRESS, PROBE_PORT),
+        ], NODE_ADDRESS)
+        failover.start()
+    return failover
+
+
 def test_the_gateways_hear_of_a_failover_at_once(netns: str) -> None:
     """When a failover is decided, the standby (which must claim the egress IP) and the
     gateway left behind (which must give it up) are told in the same round of probes, sent
@@ -158,13 +170,7 @@ def test_the_gateways_hear_of_a_failover_at_once(netns: str) -> None:
 
     with LateResponder(netns, 0, "gw1") as active, \
             LateResponder(netns, 0, "gw2", STANDBY_ADDRESS) as standby:
-        failover = FastFailover("node1", settings, on_change=lambda: None)
-        with entered(netns):
-            failover.set_plan((rule,), [
-                ProbeTarget("gw1", 0, GATEWAY_TUNNEL_ADDRESS, PROBE_PORT),
-                ProbeTarget("gw2", 0, STANDBY_ADDRESS, PROBE_PORT),
-            ], NODE_ADDRESS)
-            failover.start()
+        failover = probing_both(netns, settings, rule)
         try:
             wait_for(lambda: failover.reachable() == {"gw1": True, "gw2": True}, 10,
                      "both gateways up")
@@ -189,13 +195,7 @@ def test_a_leaving_gateway_keeps_new_connections_until_the_standby_serves(netns:
     with LateResponder(netns, 0, "gw1") as active, \
             LateResponder(netns, 0, "gw2", STANDBY_ADDRESS) as standby:
         active.serving = frozenset({"team.payments"})
-        failover = FastFailover("node1", SETTINGS, on_change=lambda: None)
-        with entered(netns):
-            failover.set_plan((rule,), [
-                ProbeTarget("gw1", 0, GATEWAY_TUNNEL_ADDRESS, PROBE_PORT),
-                ProbeTarget("gw2", 0, STANDBY_ADDRESS, PROBE_PORT),
-            ], NODE_ADDRESS)
-            failover.start()
+        failover = probing_both(netns, SETTINGS, rule)
 
         def sent_to() -> str | None:
             return effective_rules((rule,), failover.take()[0])[0].gateway

@@ -170,6 +170,13 @@ class ProbeHistory:
         start as for a gateway that is down, while it still serves)."""
         return False if self.up and self.leaving else self.up
 
+    def hear(self, reply: ProbeReply) -> bool:
+        """Take what an answer says (what is served, whether it leaves); True when that
+        changed."""
+        said = self.serving, self.leaving
+        self.serving, self.leaving = reply.serving, reply.leaving
+        return (self.serving, self.leaving) != said
+
     def record(self, reply: ProbeReply | None) -> bool:
         """Count one probe's outcome (None: unanswered); True when `up` changed."""
         before = self.up
@@ -181,8 +188,7 @@ class ProbeHistory:
         else:
             self.answered += 1
             self.missed = 0
-            self.serving = reply.serving
-            self.leaving = reply.leaving
+            self.hear(reply)
             if self.up is None or self.answered >= self.recoveries:
                 self.up = True
         return self.up != before

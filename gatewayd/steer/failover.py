@@ -123,9 +123,10 @@ class FastFailover:
             for gateway in set(self._history) - {t.gateway for t in targets}:
                 del self._history[gateway]
 
-    def decide(self) -> Steering:
-        """Decide the failovers and handovers again; when they changed, the current round of
-        probes goes again at once, with where this node now sends what."""
+    def decide(self) -> tuple[Steering, bool]:
+        """Decide the failovers and handovers again, and whether they changed since the last
+        decision; when they did, the current round of probes goes again at once, with where
+        this node now sends what."""
         now, grace = time.monotonic(), self.settings.claim_grace_seconds
         with self._lock:
             history = self._history
@@ -140,16 +141,18 @@ class FastFailover:
                 self._steering.handovers, now, grace,
             )
             decided = Steering(failovers, handovers)
-            if decided != self._steering and self._wake is not None:
+            changed = decided != self._steering
+            if changed and self._wake is not None:
                 os.eventfd_write(self._wake, 1)
             self._steering = decided
-            self._sent_to = policy_gateways(effective_rules(self._rules, decided))
-        return decided
+            self._sent_to = {p: handovers[p].previous if p in handovers else gateway
+                             for p, gateway in moved_to.items()}
+        return decided, changed
 
     def take(self) -> tuple[Steering, bool]:
         """For the table: the steering decided now, and whether it changed since the last
         `take`."""
-        decided = self.decide()
+        decided, _ = self.decide()
         with self._lock:
             changed, self._taken = decided != self._taken, decided
         return decided, changed
@@ -207,6 +210,11 @@ class FastFailover:
                 replies = self._probe_once(sockets, next_send)
                 if self._record(replies, {t.gateway for t in targets}):
                     self._news()
+                elif self._handing_over():
+                    # A handover also ends when its grace is over, with nothing heard.
+                    _, changed = self.decide()
+                    if changed:
+                        self._changed.set()
         except Exception:
             log.exception("fast failover stopped working; failovers wait for the controller")
         finally:
@@ -261,10 +269,8 @@ class FastFailover:
         once, not at the end of the round: a handover waits for the new gateway to serve."""
         with self._lock:
             history = self._history.get(gateway)
-            if history is None or history.up is not True or (
-                    history.serving, history.leaving) == (reply.serving, reply.leaving):
+            if history is None or history.up is not True or not history.hear(reply):
                 return
-            history.serving, history.leaving = reply.serving, reply.leaving
         self._news()
 
     def _news(self) -> None:
@@ -293,6 +299,8 @@ class FastFailover:
                              "up" if history.up else "DOWN")
                     changed = True
                 changed = changed or (history.serving, history.leaving) != said
-            # A handover also ends when its grace is over: decide again every round until then.
-            changed = changed or bool(self._steering.handovers)
         return changed
+
+    def _handing_over(self) -> bool:
+        with self._lock:
+            return bool(self._steering.handovers)

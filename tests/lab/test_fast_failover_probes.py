@@ -178,9 +178,14 @@ def test_the_gateways_hear_of_a_failover_at_once(netns: str) -> None:
             wait_for(lambda: any("team.payments" in r.here for r in standby.requests), 20,
                      "the standby to hear that the node sends it the policy")
             told = next(r for r in standby.requests if "team.payments" in r.here)
-            assert [r.sequence for r in standby.requests].count(told.sequence) == 2
+            # the copy sent again and the gateway left behind: each heard by its own thread
+            wait_for(lambda: any("team.payments" in r.away for r in active.requests), 10,
+                     "the gateway left behind to hear that the policy went")
             left = [r for r in active.requests if "team.payments" in r.away]
-            assert left and left[0].sequence == told.sequence
+            assert left[0].sequence == told.sequence
+            wait_for(lambda: [r.sequence for r in standby.requests].count(told.sequence) >= 2,
+                     10, "the round to be sent again")
+            assert [r.sequence for r in standby.requests].count(told.sequence) == 2
         finally:
             failover.stop()
 
@@ -206,7 +211,9 @@ def test_a_leaving_gateway_keeps_new_connections_until_the_standby_serves(netns:
             active.leaving = True
             wait_for(lambda: any("team.payments" in r.here for r in standby.requests), 10,
                      "the standby to hear that it gets the policy")
-            assert any("team.payments" in r.away for r in active.requests)
+            # the same round, heard by the other responder's thread
+            wait_for(lambda: any("team.payments" in r.away for r in active.requests), 10,
+                     "the leaving gateway to hear that the policy went")
             assert failover.failovers.keys() == {("team.payments", "gw1")}
             assert sent_to() == "gw1"  # still: the standby does not serve it yet
             seen = standby.received

@@ -181,6 +181,14 @@ def test_a_leaving_gateway_is_up_but_not_available() -> None:
     assert (h.up, h.available, h.leaving) == (True, True, False)
 
 
+def test_hearing_an_answer_says_whether_what_it_serves_or_leaving_changed() -> None:
+    h = history()
+    assert h.hear(ProbeReply("gw1", 1, frozenset({"pay"})))
+    assert not h.hear(ProbeReply("gw1", 2, frozenset({"pay"})))
+    assert h.hear(ProbeReply("gw1", 3, frozenset({"pay"}), leaving=True))
+    assert (h.serving, h.leaving) == ({"pay"}, True)
+
+
 def test_the_last_reply_says_what_is_served() -> None:
     h = history()
     h.record(ProbeReply("gw1", 1, frozenset({"pay"})))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 from typing import Any
 
 from gatewayd.policy.model import IPAddress, Role, SnatRule, SteerAction, SteerRule
@@ -383,6 +383,15 @@ class ResponderState:
     leaving: bool = False  # handing over: the nodes move what has a standby
 
 
+@dataclass(frozen=True)
+class Fenced:
+    """The responder process's word to the agent: no probe came for the hold time, so it
+    removed the provisioned egress IPs itself (`removed`, at `at`: CLOCK_MONOTONIC)."""
+
+    at: float
+    removed: tuple[IPAddress, ...]
+
+
 def answer_probe(
     data: bytes, gateway: str, state: ResponderState, now: float
 ) -> tuple[Demand, bytes]:
@@ -401,8 +410,24 @@ def encode_demand(demand: Demand) -> bytes:
     }, LOCAL_LIMITS)
 
 
-def decode_demand(data: bytes) -> Demand:
+def encode_fenced(fenced: Fenced) -> bytes:
+    return _encode({
+        "v": PROTOCOL_VERSION, "at": fenced.at, "fenced": [str(a) for a in fenced.removed],
+    }, LOCAL_LIMITS)
+
+
+def decode_from_responder(data: bytes) -> Demand | Fenced:
+    """A message of the responder process to the agent: a node's demand, or a fence."""
     message = _decode(data, LOCAL_LIMITS)
+    if "fenced" in message:
+        addresses = message["fenced"]
+        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+            raise ProbeFormatError("probe message: fenced must be a list of addresses")
+        try:
+            removed = tuple(ip_address(a) for a in addresses)
+        except ValueError as exc:
+            raise ProbeFormatError(f"probe message: fenced: {exc}") from None
+        return Fenced(at=_field(message, "at", float), removed=removed)
     return Demand(
         node=_field(message, "node", str),
         received_at=_field(message, "at", float),

@@ -43,7 +43,13 @@ from gatewayd.policy.model import (
     address_order,
     in_pools,
 )
-from gatewayd.probe import Demand, ResponderState, egress_ips_to_hold, keep_when_contested
+from gatewayd.probe import (
+    Demand,
+    Fenced,
+    ResponderState,
+    egress_ips_to_hold,
+    keep_when_contested,
+)
 from gatewayd.systemd import Priority, journal_event
 
 log = logging.getLogger("gatewayd.agent")
@@ -212,17 +218,32 @@ class EgressIPKeeper:
         return ResponderState(served, leaving=self._leaving.is_set())
 
     def _take_demands(self) -> bool:
-        """Record the demands the responder passed on; True when a node's changed."""
+        """Record the demands the responder passed on; True when a node's changed, or when
+        the responder fenced the gateway."""
         assert self._responder is not None
         changed = False
-        received = self._responder.demands()
-        with self._lock:
-            for demand in received:
-                before = self._demands.get(demand.node)
-                self._demands[demand.node] = demand
-                changed = changed or before is None or (before.here, before.away) != (
-                    demand.here, demand.away)
+        for message in self._responder.messages():
+            if isinstance(message, Fenced):
+                self._fenced(message)
+                changed = True
+                continue
+            with self._lock:
+                before = self._demands.get(message.node)
+                self._demands[message.node] = message
+            changed = changed or before is None or (before.here, before.away) != (
+                message.here, message.away)
         return changed
+
+    def _fenced(self, fenced: Fenced) -> None:
+        for address in fenced.removed:
+            interface = ", ".join(self._interfaces_of(address))
+            journal_event("egress-ip-removed",
+                          f"egress IP {address} removed from {interface}: no cloud node's "
+                          f"probe arrived for {self.settings.egress_ip_hold_seconds:g}s (the "
+                          "probe responder fenced the gateway)",
+                          Priority.NOTICE, egress_ip=str(address), interface=interface)
+            self._reannounce.pop(address, None)
+        self._released()
 
     def _wait(self, seconds: float) -> None:
         """Until `seconds` passed, the keeper was poked, or a node's demand changed."""
@@ -329,9 +350,8 @@ class EgressIPKeeper:
                 last = self._announced.get(address, 0.0)
                 if time.monotonic() - last >= ANNOUNCE_AGAIN_SECONDS:
                     self._announced[address] = time.monotonic()
-                    for pool in self.pools:
-                        if address in pool.cidr:
-                            self.addresses.announce(pool.interface, [address])
+                    for interface in self._interfaces_of(address):
+                        self.addresses.announce(interface, [address])
                     journal_event("egress-ip-defended",
                                   f"egress IP {address} is claimed by {mac} too; this gateway is "
                                   "active for it and serves its traffic, so it announces itself "
@@ -388,10 +408,13 @@ class EgressIPKeeper:
             times.pop(0)
             if not times:
                 del self._reannounce[address]
-            for pool in self.pools:
-                if address.version == pool.cidr.version and address in pool.cidr:
-                    try:
-                        self.addresses.announce(pool.interface, [address])
-                    except OSError as exc:
-                        log.warning("announcing %s again failed: %s", address, exc)
+            for interface in self._interfaces_of(address):
+                try:
+                    self.addresses.announce(interface, [address])
+                except OSError as exc:
+                    log.warning("announcing %s again failed: %s", address, exc)
+
+    def _interfaces_of(self, address: IPAddress) -> list[str]:
+        """The interfaces of the pools `address` is in (one, unless pools overlap)."""
+        return sorted({p.interface for p in self.pools if address in p.cidr})
 

@@ -309,7 +309,11 @@ class AgentCluster:
         if not isinstance(address, IPv4Address):
             raise ValueError(f"tunnel.address {self.config.tunnel.address}: the probes need "
                              "an IPv4 address")
-        self._responder = ProbeResponder(self.config.name, address, PROBE_PORT)
+        self._responder = ProbeResponder(
+            self.config.name, address, PROBE_PORT,
+            hold_seconds=self.config.failover.egress_ip_hold_seconds,
+            fence_interfaces={p.interface for p in self.config.egress_ip_pools},
+        )
         self._responder.start()
         self.keeper.start(self._responder)
         self.reporter.start()

@@ -15,10 +15,15 @@ the agent's own priority).
   agent.
 - When what is served changes, it answers each node's latest probe again at once: a node that
   waits for a gateway to serve a policy (a handover) learns it then, not at its next probe.
+- It fences the gateway (`Fence`): when no probe came for the hold time, it removes the
+  provisioned egress IPs itself and tells the agent (`Fenced`). The agent's keeper does the
+  same, but its thread shares the agent's interpreter with the others and was seen kept off
+  the CPU for 0.6 s; a late fence keeps the address from the standby the nodes moved to.
 - It exits when the agent's end closes (the agent stopped, or died); the agent starts it again
   if it dies.
 
-Run as `python -m gatewayd.agent.responder GATEWAY PROBE_FD AGENT_FD`.
+Run as `python -m gatewayd.agent.responder GATEWAY PROBE_FD AGENT_FD HOLD_SECONDS
+[INTERFACE ...]` (the egress IP pools' interfaces; none: no fence).
 """
 
 from __future__ import annotations
@@ -30,20 +35,26 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from ipaddress import IPv4Address
 from typing import Any
 
+from pyroute2.netlink.exceptions import NetlinkError
+
+from gatewayd.dataplane.addresses import AddressDriver
 from gatewayd.dataplane.priority import raise_priority
 from gatewayd.dataplane.probe import RECEIVE_BYTES, udp_socket
 from gatewayd.probe import (
     LOCAL_LIMITS,
     Demand,
+    Fenced,
     ProbeFormatError,
     ResponderState,
     answer_probe,
-    decode_demand,
+    decode_from_responder,
     decode_responder_state,
     encode_demand,
+    encode_fenced,
     encode_responder_state,
 )
 
@@ -53,14 +64,20 @@ RESTART_AFTER_SECONDS = 1.0  # a responder that dies at once is not started in a
 PAIR_MESSAGE_BYTES = LOCAL_LIMITS.max_bytes
 # A node's latest probe is answered again on a change for this long after it came.
 ANSWER_AGAIN_SECONDS = 2.0
+# The fence runs this much after the hold time: at that very moment a probe still counts.
+ON_TIME = 0.001
 
 
 class ProbeResponder:
     """The agent's side: starts the process, tells it what is served, takes the demands.
-    Used from one thread (the egress IP keeper's) after `start`."""
+    Used from one thread (the egress IP keeper's) after `start`. With `fence_interfaces`, the
+    process fences the gateway when no probe came for `hold_seconds`."""
 
-    def __init__(self, gateway: str, address: IPv4Address, port: int) -> None:
+    def __init__(self, gateway: str, address: IPv4Address, port: int,
+                 hold_seconds: float = 0.0, fence_interfaces: Collection[str] = ()) -> None:
         self.gateway = gateway
+        self.hold_seconds = hold_seconds
+        self.fence_interfaces = tuple(sorted(set(fence_interfaces)))
         self._probes = udp_socket(address, port)
         self._state = ResponderState()
         self._state_sent = False
@@ -75,7 +92,8 @@ class ProbeResponder:
             fds = (self._probes.fileno(), theirs.fileno())
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "gatewayd.agent.responder", self.gateway,
-                 *map(str, fds)], pass_fds=fds, stdin=subprocess.DEVNULL)
+                 *map(str, fds), repr(self.hold_seconds), *self.fence_interfaces],
+                pass_fds=fds, stdin=subprocess.DEVNULL)
         ours.setblocking(False)
         self._pair = ours
         self._state_sent = False
@@ -99,7 +117,7 @@ class ProbeResponder:
         return self._pair is not None
 
     def fileno(self) -> int:
-        """Readable when demands came (or the process died): then call `demands`."""
+        """Readable when messages came (or the process died): then call `messages`."""
         assert self._pair is not None
         return self._pair.fileno()
 
@@ -108,9 +126,9 @@ class ProbeResponder:
             self._state, self._state_sent = state, False
         self._send_state()
 
-    def demands(self) -> list[Demand]:
-        """The demands that came since the last call (it does not wait). A process that died
-        is started again, at most once per `RESTART_AFTER_SECONDS`."""
+    def messages(self) -> list[Demand | Fenced]:
+        """The demands and fences that came since the last call (it does not wait). A process
+        that died is started again, at most once per `RESTART_AFTER_SECONDS`."""
         if self._pair is None:
             self._restart()
             return []
@@ -126,7 +144,7 @@ class ProbeResponder:
                 self._ended()
                 break
             try:
-                received.append(decode_demand(message))
+                received.append(decode_from_responder(message))
             except ProbeFormatError as exc:
                 log.error("probe responder: %s", exc)
         self._send_state()
@@ -161,15 +179,50 @@ class ProbeResponder:
             self.start()
 
 
-def serve(gateway: str, probes: socket.socket, agent: socket.socket) -> None:
+class Fence:
+    """Removes the owned addresses on `interfaces` once no probe came for `hold_seconds`,
+    once per silence: the rule of `gatewayd.probe.egress_ips_to_hold` with no recent probe.
+    Armed by the first probe, as the agent keeps what it holds until the first probes say."""
+
+    def __init__(self, hold_seconds: float, interfaces: Collection[str]) -> None:
+        self.hold_seconds = hold_seconds
+        self.interfaces = frozenset(interfaces)
+        self._newest: float | None = None  # the latest probe since the last fence
+        self._addresses = AddressDriver()
+
+    def heard(self, at: float) -> None:
+        self._newest = at
+
+    def seconds_left(self, now: float) -> float | None:
+        """How long until the fence is due; None when it is not armed."""
+        if not self.interfaces or self._newest is None:
+            return None
+        return max(self._newest + self.hold_seconds + ON_TIME - now, 0.0)
+
+    def run_if_due(self, now: float) -> Fenced | None:
+        """Fence when it is time; what was removed, if anything was."""
+        if self._newest is None or now - self._newest <= self.hold_seconds:
+            return None
+        self._newest = None
+        try:
+            removed = self._addresses.remove_all(self.interfaces).removed
+        except (OSError, NetlinkError) as exc:  # the agent's keeper fences too
+            log.error("probe responder: fencing failed: %s", exc)
+            return None
+        return Fenced(now, removed) if removed else None
+
+
+def serve(gateway: str, probes: socket.socket, agent: socket.socket, fence: Fence) -> None:
     """Answer probes until the agent's end of the pair closes."""
     probes.setblocking(False)
     agent.setblocking(False)
     state = ResponderState()  # nothing is served until the agent says so
     pending: dict[str, Demand] = {}  # the latest demand per node, not yet taken by the agent
+    fences: list[Fenced] = []  # not yet taken by the agent
     asked: dict[str, tuple[bytes, Any, float]] = {}  # node -> its latest probe, from, when
     while True:
-        readable, _, _ = select.select([probes, agent], [agent] if pending else [], [])
+        readable, _, _ = select.select([probes, agent], [agent] if pending or fences else [],
+                                       [], fence.seconds_left(time.monotonic()))
         if agent in readable:
             before = state
             while True:
@@ -198,6 +251,15 @@ def serve(gateway: str, probes: socket.socket, agent: socket.socket) -> None:
                     probes.sendto(reply, peer)
                 pending[demand.node] = demand
                 asked[demand.node] = (data, peer, demand.received_at)
+                fence.heard(demand.received_at)
+        if fenced := fence.run_if_due(time.monotonic()):
+            fences.append(fenced)
+        while fences:
+            try:
+                agent.send(encode_fenced(fences[0]))
+            except BlockingIOError:
+                break
+            fences.pop(0)
         for node in list(pending):
             try:
                 agent.send(encode_demand(pending[node]))
@@ -218,11 +280,11 @@ def answer_again(probes: socket.socket, gateway: str, state: ResponderState,
 
 
 def main(argv: list[str]) -> int:
-    gateway, probe_fd, agent_fd = argv
+    gateway, probe_fd, agent_fd, hold_seconds, *interfaces = argv
     probes = socket.socket(fileno=int(probe_fd))
     agent = socket.socket(fileno=int(agent_fd))
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the agent is gone
-        serve(gateway, probes, agent)
+        serve(gateway, probes, agent, Fence(float(hold_seconds), interfaces))
     return 0
 
 

@@ -162,11 +162,14 @@ class AddressDriver:
             index = link_index(ipr, interface)
             return frozenset(p.address for p in self._present(ipr, index) if p.owned)
 
-    def remove_all(self) -> AddressChanges:
-        """Remove every owned address on every interface (teardown)."""
+    def remove_all(self, interfaces: Collection[str] | None = None) -> AddressChanges:
+        """Remove every owned address on every interface (teardown), or on `interfaces` (a
+        gateway that fences itself)."""
         removed: list[IPAddress] = []
         with IPRoute() as ipr:
-            for index in sorted(link_names(ipr)):
+            for index, name in sorted(link_names(ipr).items()):
+                if interfaces is not None and name not in interfaces:
+                    continue
                 for item in self._present(ipr, index):
                     if item.owned:
                         self._delete(ipr, index, item)

@@ -12,6 +12,7 @@ from gatewayd.policy.model import IPAddress, Role, SnatRule, SteerAction, SteerR
 from gatewayd.probe import (
     Demand,
     Failover,
+    Fenced,
     Handover,
     ProbeFormatError,
     ProbeHistory,
@@ -23,13 +24,14 @@ from gatewayd.probe import (
     answers_probe,
     decide_failovers,
     decide_handovers,
-    decode_demand,
+    decode_from_responder,
     decode_reply,
     decode_request,
     decode_responder_state,
     effective_rules,
     egress_ips_to_hold,
     encode_demand,
+    encode_fenced,
     encode_reply,
     encode_request,
     encode_responder_state,
@@ -83,9 +85,20 @@ def test_a_reply_is_not_a_request() -> None:
 
 def test_the_agents_messages_to_and_from_its_responder_round_trip() -> None:
     demand = Demand("node1", 1234.5678, frozenset({"pay"}), frozenset({"all", "other"}))
-    assert decode_demand(encode_demand(demand)) == demand
+    assert decode_from_responder(encode_demand(demand)) == demand
+    fenced = Fenced(99.5, (ip_address("192.0.2.10"), ip_address("2001:db8::10")))
+    assert decode_from_responder(encode_fenced(fenced)) == fenced
     for state in (ResponderState(), ResponderState(frozenset({"pay", "all"}), leaving=True)):
         assert decode_responder_state(encode_responder_state(state)) == state
+
+
+@pytest.mark.parametrize("data", [
+    b'{"v": 1, "at": 1.0, "fenced": "192.0.2.10"}', b'{"v": 1, "at": 1.0, "fenced": [10]}',
+    b'{"v": 1, "at": 1.0, "fenced": ["192.0.2.300"]}', b'{"v": 1, "fenced": []}',
+])
+def test_malformed_fences_are_refused(data: bytes) -> None:
+    with pytest.raises(ProbeFormatError):
+        decode_from_responder(data)
 
 
 def test_a_gateway_may_serve_more_policies_than_a_datagram_names() -> None:

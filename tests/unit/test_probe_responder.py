@@ -76,11 +76,15 @@ def drain(node: socket.socket) -> None:
     node.settimeout(TIMEOUT)
 
 
+def demands_of(responder: ProbeResponder) -> list[Demand]:
+    return [m for m in responder.messages() if isinstance(m, Demand)]
+
+
 def demands_until(responder: ProbeResponder, count: int) -> list[Demand]:
     taken: list[Demand] = []
 
     def enough() -> bool:
-        taken.extend(responder.demands())
+        taken.extend(demands_of(responder))
         return len(taken) >= count
 
     wait_for(enough, TIMEOUT, f"{count} demands from the responder", interval=0.01)
@@ -124,13 +128,13 @@ def test_it_answers_while_the_agent_reads_nothing_and_keeps_each_nodes_latest(
     wait_for(lambda: ask(node, port, ProbeRequest("node1", 0, frozenset({"pay"}))).serving
              == {"pay"}, TIMEOUT, "the state to arrive", interval=0.01)
     drain(node)  # answers again to the probes before the state came (see below)
-    agent.demands()
+    agent.messages()
     # Far more demands than the socket pair holds, none taken meanwhile.
     for sequence in range(1, 3001):
         name = f"node{sequence % 3}"
         assert ask(node, port, ProbeRequest(name, sequence, frozenset({name}))).sequence == (
             sequence)
-    taken = agent.demands()
+    taken = demands_of(agent)
     latest = {d.node: d for d in taken}
     assert {n: d.here for n, d in latest.items()} == {
         f"node{i}": {f"node{i}"} for i in range(3)}
@@ -149,7 +153,7 @@ def test_a_leaving_gateway_answers_so_and_still_passes_demands_on(
                     (str(LOOPBACK), port))
         assert decode_reply(node.recv(65535)) == ProbeReply(
             "gw1", sequence, frozenset({"pay"}), leaving=True)
-        taken += agent.demands()
+        taken += demands_of(agent)
     assert taken and {d.node for d in taken} == {"node1"}
 
 
@@ -170,9 +174,9 @@ def test_a_responder_that_died_is_started_again(
     agent.set_state(ResponderState(frozenset({"pay"})))
     before = children() - {pid}
     os.kill(pid, 9)
-    wait_for(lambda: not agent.demands() and not agent.running, TIMEOUT,
+    wait_for(lambda: not agent.messages() and not agent.running, TIMEOUT,
              "the agent to see the responder's end")
-    wait_for(lambda: not agent.demands() and agent.running, TIMEOUT,
+    wait_for(lambda: not agent.messages() and agent.running, TIMEOUT,
              "the responder to be started again")
     assert len(children() - before) == 1
     reply = ask(node, port, ProbeRequest("node1", 1, frozenset({"pay"})))

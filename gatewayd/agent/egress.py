@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from gatewayd.agent.config import FailoverSettings
 from gatewayd.agent.responder import ProbeResponder
 from gatewayd.dataplane.addresses import AddressConflict, AddressDriver
-from gatewayd.dataplane.priority import raise_priority
 from gatewayd.dataplane.probe import ClaimWatcher
 from gatewayd.policy.model import (
     EgressIPPool,
@@ -235,7 +234,12 @@ class EgressIPKeeper:
         return changed
 
     def _fenced(self, fenced: Fenced) -> None:
-        for address in fenced.removed:
+        with self._lock:  # the keeper's own pass may have removed them in the same moment
+            removed = [a for a in fenced.removed if a in self._held]
+            self._held -= set(removed)
+        if not removed:
+            return
+        for address in removed:
             interface = ", ".join(self._interfaces_of(address))
             journal_event("egress-ip-removed",
                           f"egress IP {address} removed from {interface}: no cloud node's "
@@ -244,6 +248,7 @@ class EgressIPKeeper:
                           Priority.NOTICE, egress_ip=str(address), interface=interface)
             self._reannounce.pop(address, None)
         self._released()
+        self._changed()
 
     def _wait(self, seconds: float) -> None:
         """Until `seconds` passed, the keeper was poked, or a node's demand changed."""
@@ -269,8 +274,6 @@ class EgressIPKeeper:
         self._poke()
 
     def _run(self) -> None:
-        # A claim or a fence that waits for the CPU is a longer outage, or a shorter margin.
-        raise_priority(threading.get_native_id(), "the egress IP keeper")
         last_full = 0.0
         last_wanted: frozenset[IPAddress] | None = None
         assert self._responder is not None

@@ -61,6 +61,7 @@ from gatewayd.clusterlink import (
 )
 from gatewayd.dataplane.conntrackd import ConntrackdDriver, SyncSettings, config_path
 from gatewayd.dataplane.host import first_ipv4, observe_interfaces
+from gatewayd.dataplane.priority import raise_process_priority
 from gatewayd.dataplane.wireguard import generate_private_key as ensure_private_key
 from gatewayd.follower import InputError, Part, PlanSource, StepFailure, failures_of
 from gatewayd.kube.informer import Informer
@@ -305,6 +306,8 @@ class AgentCluster:
         return ()
 
     def start(self) -> None:
+        # Claims and fences must not wait for the CPU (see gatewayd.dataplane.priority).
+        raise_process_priority("the agent")
         address = ip_interface(self.config.tunnel.address).ip
         if not isinstance(address, IPv4Address):
             raise ValueError(f"tunnel.address {self.config.tunnel.address}: the probes need "

@@ -16,8 +16,9 @@ connection) every 20 ms with a 0.9 s timeout. Also measured: the time from the c
 controller's promotion of the standby (at once when every node failed over; else the slow path,
 Lease expiry, 4 s here), and whether the egress IP was ever on both gateways' live uplinks
 (sampled every 10 ms). During every failover and stop, 20 long-lived TCP connections from
-checkout-1 echo a line every 50 ms (`gatewayd.lab.holder`): how many survived, and their
-longest stall.
+checkout-1 echo a line every 50 ms, and an HTTP download from the same host runs at 1 MiB/s
+(`gatewayd.lab.holder`): how many survived, and their longest stall (for the download: the
+longest time without a chunk).
 
 With `--stops N` it then stops the active gateway's agent N times as `systemctl stop` does
 (SIGTERM; the agent hands its egress IP over) and starts it again: measured from the last
@@ -122,7 +123,8 @@ def one_run(lab: KubeLab, number: int, power_loss: bool, directory: Path) -> dic
     with ExitStack() as stack:
         watch = stack.enter_context(EgressIPWatch([EGRESS_IP, EGRESS_IP6]))
         held = stack.enter_context(holding(CLIENT.netns, LINE_TARGET,
-                                           directory / f"held{number}.json", HELD_CONNECTIONS))
+                                           directory / f"held{number}.json", HELD_CONNECTIONS,
+                                           download=TARGET))
         path = stack.enter_context(pinging(CLIENT.netns, TARGET, directory / f"run{number}"))
         path6 = stack.enter_context(pinging(CLIENT6.netns, TARGET6,
                                             directory / f"run{number}-ipv6"))
@@ -152,11 +154,17 @@ def ipv6(results: dict[str, float]) -> dict[str, float]:
 def kept(connections: list[Held], since: float, what: str) -> dict[str, float]:
     """How many long-lived connections survived, and the longest stall of those that did."""
     for broken in (c for c in connections if c.error):
-        print(f"  {what}: connection {broken.index} (port {broken.local_port}) broke: "
-              f"{broken.error}, last echo {broken.last_echo - since:+.3f}s", file=sys.stderr)
+        print(f"  {what}: {broken.kind} connection {broken.index} (port {broken.local_port}) "
+              f"broke: {broken.error}, last echo {broken.last_echo - since:+.3f}s",
+              file=sys.stderr)
     alive = [c for c in connections if not c.error]
+    downloads = [c for c in connections if c.kind == "download"]
     return {"held": float(len(connections)), "kept": float(len(alive)),
-            "stall": max((c.longest_gap for c in alive), default=0.0)}
+            "stall": max((c.longest_gap for c in alive), default=0.0),
+            "downloads": float(len(downloads)),
+            "downloads_kept": float(sum(not c.error for c in downloads)),
+            "download_stall": max((c.longest_gap for c in downloads if not c.error),
+                                  default=0.0)}
 
 
 def tally(
@@ -186,7 +194,7 @@ def one_stop(lab: KubeLab, number: int, directory: Path) -> dict[str, float]:
         watch = stack.enter_context(EgressIPWatch([EGRESS_IP, EGRESS_IP6]))
         held = stack.enter_context(holding(CLIENT.netns, LINE_TARGET,
                                            directory / f"held-stop{number}.json",
-                                           HELD_CONNECTIONS))
+                                           HELD_CONNECTIONS, download=TARGET))
         path = stack.enter_context(pinging(CLIENT.netns, TARGET, directory / f"stop{number}"))
         time.sleep(1.0)
         stopped = time.time()
@@ -250,6 +258,11 @@ def print_connections(results: list[dict[str, float]]) -> None:
     outages = [r["outage"] for r in results]
     print(f"long-lived connections kept: {sum(r['kept'] for r in results):.0f}/"
           f"{sum(r['held'] for r in results):.0f}")
+    download_stalls = [r["download_stall"] for r in results]
+    print(f"  of them HTTP downloads: {sum(r['downloads_kept'] for r in results):.0f}/"
+          f"{sum(r['downloads'] for r in results):.0f}, longest time without a chunk: "
+          f"p50 {percentile(download_stalls, 0.5):.3f} s, "
+          f"p99 {percentile(download_stalls, 0.99):.3f} s")
     print(f"longest stall of a kept connection: p50 {percentile(stalls, 0.5):.3f} s, "
           f"p99 {percentile(stalls, 0.99):.3f} s")
     print(f"new-connection outage: p50 {percentile(outages, 0.5):.3f} s, "

@@ -234,17 +234,17 @@ class EgressIPKeeper:
         return changed
 
     def _fenced(self, fenced: Fenced) -> None:
-        with self._lock:  # the keeper's own pass may have removed them in the same moment
-            removed = [a for a in fenced.removed if a in self._held]
-            self._held -= set(removed)
-        if not removed:
-            return
-        for address in removed:
+        """Only what the responder removed itself: a removal the keeper's own pass made in the
+        same moment is the keeper's to report (`AddressDriver` reports each once)."""
+        with self._lock:
+            self._held -= set(fenced.removed)
+        ago = time.monotonic() - fenced.at
+        for address in fenced.removed:
             interface = ", ".join(self._interfaces_of(address))
             journal_event("egress-ip-removed",
                           f"egress IP {address} removed from {interface}: no cloud node's "
                           f"probe arrived for {self.settings.egress_ip_hold_seconds:g}s (the "
-                          "probe responder fenced the gateway)",
+                          f"probe responder fenced the gateway {ago:.3f}s before this entry)",
                           Priority.NOTICE, egress_ip=str(address), interface=interface)
             self._reannounce.pop(address, None)
         self._released()

@@ -139,8 +139,7 @@ class AddressDriver:
 
             # Stale ones last: add before remove, as everywhere in the reconcile.
             for item in sorted(present.values(), key=lambda p: address_order(p.address)):
-                if item.owned and item.address not in wanted:
-                    self._delete(ipr, index, item)
+                if item.owned and item.address not in wanted and self._delete(ipr, index, item):
                     removed.append(item.address)
         return AddressChanges(
             added=tuple(sorted(added, key=address_order)),
@@ -171,8 +170,7 @@ class AddressDriver:
                 if interfaces is not None and name not in interfaces:
                     continue
                 for item in self._present(ipr, index):
-                    if item.owned:
-                        self._delete(ipr, index, item)
+                    if item.owned and self._delete(ipr, index, item):
                         removed.append(item.address)
         self._conflicts.clear()
         return AddressChanges(removed=tuple(sorted(removed, key=address_order)))
@@ -217,12 +215,16 @@ class AddressDriver:
             )
 
     @staticmethod
-    def _delete(ipr: IPRoute, index: int, item: _Present) -> None:
+    def _delete(ipr: IPRoute, index: int, item: _Present) -> bool:
+        """Whether this call removed it: another remover (the agent's keeper and its probe
+        responder both fence) may have been first, and only one reports the removal."""
         try:
             ipr.addr("del", index=index, address=str(item.address), prefixlen=item.prefixlen)
         except NetlinkError as exc:
-            if exc.code != errno.EADDRNOTAVAIL:  # already gone is fine
+            if exc.code != errno.EADDRNOTAVAIL:
                 raise
+            return False
+        return True
 
     def _refuse(self, interface: str, address: IPAddress, detail: str) -> AddressConflict:
         conflict = AddressConflict(address, interface, detail)

@@ -3,6 +3,8 @@
 Two servers in one process: HTTP (every GET is answered with the client's address as plain
 text, like ifconfig.me) and a line echo over TCP (each line comes back prefixed with the
 client's address), which lets the tests hold one connection open across agent restarts.
+`GET /download?rate=BYTES` is a download that never ends: the client's address on a line,
+then `rate` bytes a second in chunks every 20 ms, until the client closes it.
 
     python -m gatewayd.lab.echo --http-port 8080 --line-port 9000
 """
@@ -14,9 +16,13 @@ import signal
 import socket
 import socketserver
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv6Address, ip_address
 from types import FrameType
+from urllib.parse import parse_qs, urlsplit
+
+CHUNK_SECONDS = 0.02  # a download's pace
 
 
 def client_source(client_address: tuple[str, int]) -> bytes:
@@ -30,12 +36,38 @@ def client_source(client_address: tuple[str, int]) -> bytes:
 
 class SourceAddressHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        if url.path == "/download":
+            self._download(parse_qs(url.query))
+            return
         body = client_source(self.client_address)
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _download(self, query: dict[str, list[str]]) -> None:
+        try:
+            rate = int(query.get("rate", [""])[0])
+        except ValueError:
+            self.send_error(400, "rate: bytes a second, an integer")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Connection", "close")  # no length: the body ends with the connection
+        self.end_headers()
+        chunk = bytes(max(1, int(rate * CHUNK_SECONDS)))
+        try:
+            self.wfile.write(client_source(self.client_address) + b"\n")
+            due = time.monotonic()
+            while True:
+                self.wfile.write(chunk)
+                # On at the pace after a write that blocked (a failover), not in a burst.
+                due = max(due + CHUNK_SECONDS, time.monotonic())
+                time.sleep(max(0.0, due - time.monotonic()))  # the pace, not a wait for a state
+        except OSError:  # the client went away
+            self.close_connection = True
 
     def log_message(self, format: str, *args: object) -> None:
         """Quiet: the verify matrix would flood the log with one line per probe."""

@@ -292,17 +292,20 @@ def pinging(netns: str, target: str, out: Path, interval: float = 0.02,
 
 @contextlib.contextmanager
 def holding(netns: str, target: str, out: Path, connections: int = 20,
-            interval: float = 0.05) -> Iterator[Path]:
+            interval: float = 0.05, download: str | None = None) -> Iterator[Path]:
     """Long-lived connections (`gatewayd.lab.holder`) from `netns` for the block, each
-    echoing a line every `interval`; their records are in `out` (`read_held`). Waits until
-    every connection got its first echo."""
+    echoing a line every `interval`, and with `download` (an echo host's HOST:PORT) an HTTP
+    download beside them; their records are in `out` (`read_held`). Waits until every
+    connection got its first echo (the download its first chunk)."""
     argv = [sys.executable, "-m", "gatewayd.lab.holder", "--target", target,
-            "--connections", str(connections), "--interval", str(interval), "--out", str(out)]
+            "--connections", str(connections), "--interval", str(interval), "--out", str(out),
+            *(["--download", download] if download else [])]
+    total = connections + (1 if download else 0)
     proc = start_process(netns, argv, out.with_suffix(".log"))
     try:
-        wait_for(lambda: len(held := read_held(out)) == connections
+        wait_for(lambda: len(held := read_held(out)) == total
                  and all(h.echoes > 0 or h.error for h in held), 20,
-                 f"{connections} connections from {netns} to echo")
+                 f"{total} connections from {netns} to echo")
         yield out
     finally:
         stop_process(proc)

@@ -84,6 +84,28 @@ def test_only_owned_addresses_are_managed(segment: Segment) -> None:
     assert str(EGRESS_V4) not in left and str(EGRESS_V6) not in left
 
 
+def test_an_address_another_remover_took_first_is_not_reported_removed(
+    segment: Segment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's keeper and its probe responder both fence: when both remove an address in
+    the same moment, only the one whose delete took it reports it (one journal entry)."""
+    driver = AddressDriver(probe_seconds=0)
+    with entered(segment.gateway):
+        driver.ensure("upl", {EGRESS_V4, EGRESS_V6})
+        with IPRoute() as ipr:
+            listed = driver._present(ipr, ipr.link_lookup(ifname="upl")[0])
+        run(["ip", "addr", "del", f"{EGRESS_V4}/32", "dev", "upl"], segment.gateway)
+        # The other remover deleted it after this driver listed the addresses.
+        monkeypatch.setattr(driver, "_present", lambda ipr, index: listed)
+        assert driver.remove_all({"upl"}) == AddressChanges(removed=(EGRESS_V6,))
+        monkeypatch.undo()
+        driver.ensure("upl", {EGRESS_V4, EGRESS_V6})
+        monkeypatch.setattr(driver, "_present", lambda ipr, index: listed)
+        run(["ip", "addr", "del", f"{EGRESS_V6}/128", "dev", "upl"], segment.gateway)
+        assert driver.ensure("upl", set()) == AddressChanges(removed=(EGRESS_V4,))
+    assert str(EGRESS_V4) not in addresses_on(segment.gateway, "upl")
+
+
 def test_an_address_another_host_answers_for_is_refused(segment: Segment) -> None:
     driver = AddressDriver(probe_seconds=0.3)
     with entered(segment.gateway):

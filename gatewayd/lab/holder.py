@@ -94,12 +94,13 @@ def download(record: Held, host: str, port: int, rate: int, give_up: float,
     connection = http.client.HTTPConnection(host, port, timeout=give_up)
     try:
         connection.request("GET", f"/download?rate={rate}")
+        assert connection.sock is not None  # the response takes it over: its port now
+        local_port = connection.sock.getsockname()[1]
         response = connection.getresponse()
         if response.status != 200:
             raise OSError(f"HTTP {response.status}")
-        assert connection.sock is not None
         with lock:
-            record.local_port = connection.sock.getsockname()[1]
+            record.local_port = local_port
             record.source = response.readline().decode(errors="replace").strip()
             record.last_echo = time.time()
         while not stopping.is_set():

@@ -331,7 +331,7 @@ def carrying(lab: KubeLab) -> str:
 
 
 def broken(held: list[Held]) -> str:
-    return "; ".join(f"connection {h.index} (port {h.local_port}): {h.error}, last echo "
+    return "; ".join(f"{h.kind} connection {h.index} (port {h.local_port}): {h.error}, last echo "
                      f"{h.last_echo:.3f}" for h in held if h.error) or "none broken"
 
 
@@ -339,15 +339,19 @@ def broken(held: list[Held]) -> str:
 def test_connections_held_open_survive_a_failover(
     klab: KubeLab, tmp_path: Path, power_loss: bool,
 ) -> None:
-    """Long-lived connections through the active gateway (a line echo every 50 ms) go on
-    through the standby while the failed gateway is still down: the standby has their state
-    (the gateways' conntrack sync) and the nodes give them the standby's mark."""
+    """Long-lived connections through the active gateway (a line echo every 50 ms, and an
+    HTTP download) go on through the standby while the failed gateway is still down: the
+    standby has their state (the gateways' conntrack sync) and the nodes give them the
+    standby's mark."""
     old = carrying(klab)
     new = next(g.name for g in GATEWAYS if g.name != old)
     target = f"{EXTERNAL.addresses[0]}:{LINE_PORT}"
-    with holding(CHECKOUT_1.netns, target, tmp_path / "held.json", connections=5) as path:
+    with holding(CHECKOUT_1.netns, target, tmp_path / "held.json", connections=5,
+                 download=join_host_port(EXTERNAL.addresses[0], 8080)) as path:
         wait_for(lambda: synced_connections(gateway_host(new).netns, CHECKOUT_1.address,
-                                            EXTERNAL.addresses[0]) >= 5,
+                                            EXTERNAL.addresses[0]) >= 5
+                 and synced_connections(gateway_host(new).netns, CHECKOUT_1.address,
+                                        EXTERNAL.addresses[0], 8080) >= 1,
                  TIMEOUT, f"{new}'s kernel to have the connections' state (conntrack sync)")
         cut = klab.cut(gateway_host(old), power_loss=power_loss)
 
@@ -367,17 +371,19 @@ def test_connections_held_open_survive_a_failover(
         after = read_held(path)
     assert not any(h.error for h in held), broken(held)
     assert {h.source for h in held} == {PAYMENT_IP}
+    assert [h.kind for h in held].count("download") == 1
     assert not any(h.error for h in after), broken(after)
     for h in after:
-        print(f"connection {h.index}: {h.echoes} echoes, longest stall {h.longest_gap:.3f}s "
-              f"from {h.gap_from - cut:+.3f}s")
+        print(f"{h.kind} connection {h.index}: {h.echoes} echoes, longest stall "
+              f"{h.longest_gap:.3f}s from {h.gap_from - cut:+.3f}s")
 
 
-def synced_connections(netns: str, source: str, destination: str) -> int:
-    """Established TCP connections from `source` to `destination`'s line port that the
-    kernel in `netns` has an entry for."""
+def synced_connections(netns: str, source: str, destination: str, port: int = LINE_PORT
+                       ) -> int:
+    """Established TCP connections from `source` to `destination`'s `port` that the kernel
+    in `netns` has an entry for."""
     listed = run(["conntrack", "-L", "-p", "tcp", "-s", source, "-d", destination,
-                  "--dport", str(LINE_PORT)], netns, check=False).stdout
+                  "--dport", str(port)], netns, check=False).stdout
     return sum("ESTABLISHED" in line for line in listed.splitlines())
 
 
@@ -476,7 +482,7 @@ def test_stopping_the_active_agent_hands_its_traffic_and_egress_ip_over(
         watch = stack.enter_context(EgressIPWatch(EGRESS_IPS.values()))
         held_path = stack.enter_context(holding(
             CHECKOUT_1.netns, f"{EXTERNAL.addresses[0]}:{LINE_PORT}", tmp_path / "held.json",
-            connections=5))
+            connections=5, download=join_host_port(EXTERNAL.addresses[0], 8080)))
         files = {pod.name: stack.enter_context(pinging(pod.netns, TARGET, tmp_path / pod.name))
                  for pod in (CHECKOUT_1, WEB_1)}
         time.sleep(1.0)  # a stretch of normal traffic first

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gatewayd.agent.config import FailoverSettings
-from gatewayd.agent.responder import ProbeResponder
+from gatewayd.agent.responder import ON_TIME, ProbeResponder
 from gatewayd.dataplane.addresses import AddressConflict, AddressDriver
 from gatewayd.dataplane.probe import ClaimWatcher
 from gatewayd.policy.model import (
@@ -54,9 +54,6 @@ from gatewayd.systemd import Priority, journal_event
 log = logging.getLogger("gatewayd.agent")
 
 PASS_SECONDS = 0.05  # how often the keeper looks again without being woken
-# A pass timed for a moment (a fence, a claim tried again) runs this much after it: at the
-# very moment the probe would still count as recent, the retry not be due yet.
-ON_TIME = 0.001
 FULL_PASS_SECONDS = 1.0  # re-read the kernel at least this often (repairs deleted addresses)
 FORGET_NODE_SECONDS = 600.0
 ANNOUNCE_AGAIN_SECONDS = 1.0

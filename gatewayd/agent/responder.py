@@ -64,7 +64,8 @@ RESTART_AFTER_SECONDS = 1.0  # a responder that dies at once is not started in a
 PAIR_MESSAGE_BYTES = LOCAL_LIMITS.max_bytes
 # A node's latest probe is answered again on a change for this long after it came.
 ANSWER_AGAIN_SECONDS = 2.0
-# The fence runs this much after the hold time: at that very moment a probe still counts.
+# A step timed for a moment (a fence, a claim tried again) runs this much after it: at the
+# very moment a probe still counts as recent, and a retry is not due yet.
 ON_TIME = 0.001
 
 

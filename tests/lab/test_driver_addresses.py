@@ -1,4 +1,5 @@
-"""AddressDriver: owned egress IPs, conflict probes and announcements on a veth segment."""
+"""AddressDriver: owned egress IPs, conflict probes and announcements on a veth segment; and
+the agent's probe responder fencing the gateway with it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import ipaddress
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -16,10 +18,12 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
+from gatewayd.agent.responder import ProbeResponder
 from gatewayd.dataplane import addresses
 from gatewayd.dataplane.addresses import AddressChanges, AddressDriver
 from gatewayd.dataplane.probe import ClaimWatcher
 from gatewayd.lab.netns import Sandbox, entered, run, wait_for
+from gatewayd.probe import Fenced, ProbeRequest, decode_reply, encode_request
 
 pytestmark = pytest.mark.lab
 
@@ -316,3 +320,43 @@ def watcher_listening(netns: str) -> bool:
     """Two packet sockets (ARP, neighbour discovery) are open in `netns`."""
     sockets = run(["ss", "-H", "-0", "-a"], netns).stdout.splitlines()
     return len(sockets) >= 2
+
+
+def test_a_gateway_no_probe_reaches_gives_its_egress_ips_up_while_the_agent_reads_nothing(
+    segment: Segment,
+) -> None:
+    """The probe responder fences the gateway by itself: when no probe came for the hold time,
+    it removes the owned addresses on the pools' interfaces, while nothing reads its messages
+    (the agent's keeper thread kept off the CPU), and then tells the agent."""
+    gateway, node, port = ip("192.0.2.1"), ip("192.0.2.2"), 4790
+    other = ip("198.51.100.10")  # owned, on an interface of no pool
+    run(["ip", "link", "add", "other", "type", "veth", "peer", "other-peer"], segment.gateway)
+    for link in ("other", "other-peer"):
+        run(["ip", "link", "set", link, "up"], segment.gateway)
+    with entered(segment.gateway):
+        driver = AddressDriver(probe_seconds=0)
+        driver.ensure("upl", {EGRESS_V4, EGRESS_V6})
+        driver.ensure("other", {other})
+        responder = ProbeResponder("gw1", gateway, port, hold_seconds=0.2,
+                                   fence_interfaces={"upl"})
+        responder.start()  # its process lives in the gateway's namespace
+    try:
+        with entered(segment.peer):
+            prober = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with prober:
+            prober.settimeout(10)
+            prober.bind((str(node), 0))
+            # One probe arms the fence; its answer says the process runs.
+            prober.sendto(encode_request(ProbeRequest("node1", 1, frozenset({"pay"}))),
+                          (str(gateway), port))
+            assert decode_reply(prober.recv(65535)).sequence == 1
+        wait_for(lambda: str(EGRESS_V4) not in addresses_on(segment.gateway, "upl"),
+                 10, "the responder to fence the gateway", interval=0.01)
+        left = addresses_on(segment.gateway, "upl")
+        assert str(EGRESS_V6) not in left
+        assert "192.0.2.1/24" in left  # not gatewayd's: never removed
+        assert str(other) in addresses_on(segment.gateway, "other")
+        fenced = [m for m in responder.messages() if isinstance(m, Fenced)]
+        assert [set(f.removed) for f in fenced] == [{EGRESS_V4, EGRESS_V6}]
+    finally:
+        responder.stop()

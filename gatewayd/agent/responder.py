@@ -202,7 +202,7 @@ class Fence:
 
     def run_if_due(self, now: float) -> Fenced | None:
         """Fence when it is time; what was removed, if anything was."""
-        if self._newest is None or now - self._newest <= self.hold_seconds:
+        if self.seconds_left(now) != 0.0:  # not armed, or not yet
             return None
         self._newest = None
         try:

@@ -31,8 +31,7 @@ def raise_priority(task: int, what: str) -> bool:
     try:
         os.setpriority(os.PRIO_PROCESS, task, URGENT_NICE)
     except OSError as exc:
-        log.warning("%s runs at the daemon's CPU priority: raising it needs CAP_SYS_NICE (%s)",
-                    what, exc)
+        _not_raised(what, exc)
         return False
     return True
 
@@ -46,10 +45,14 @@ def raise_process_priority(what: str) -> bool:
         except ProcessLookupError:  # the thread ended meanwhile
             continue
         except OSError as exc:
-            log.warning("%s runs at the daemon's CPU priority: raising it needs CAP_SYS_NICE "
-                        "(%s)", what, exc)
+            _not_raised(what, exc)
             return False
     return True
+
+
+def _not_raised(what: str, error: OSError) -> None:
+    log.warning("%s runs at the daemon's CPU priority: raising it needs CAP_SYS_NICE (%s)",
+                what, error)
 
 
 @contextlib.contextmanager

@@ -347,7 +347,7 @@ def test_connections_held_open_survive_a_failover(
     new = next(g.name for g in GATEWAYS if g.name != old)
     target = f"{EXTERNAL.addresses[0]}:{LINE_PORT}"
     with holding(CHECKOUT_1.netns, target, tmp_path / "held.json", connections=5,
-                 download=join_host_port(EXTERNAL.addresses[0], 8080)) as path:
+                 download=TARGET) as path:
         wait_for(lambda: synced_connections(gateway_host(new).netns, CHECKOUT_1.address,
                                             EXTERNAL.addresses[0]) >= 5
                  and synced_connections(gateway_host(new).netns, CHECKOUT_1.address,
@@ -482,7 +482,7 @@ def test_stopping_the_active_agent_hands_its_traffic_and_egress_ip_over(
         watch = stack.enter_context(EgressIPWatch(EGRESS_IPS.values()))
         held_path = stack.enter_context(holding(
             CHECKOUT_1.netns, f"{EXTERNAL.addresses[0]}:{LINE_PORT}", tmp_path / "held.json",
-            connections=5, download=join_host_port(EXTERNAL.addresses[0], 8080)))
+            connections=5, download=TARGET))
         files = {pod.name: stack.enter_context(pinging(pod.netns, TARGET, tmp_path / pod.name))
                  for pod in (CHECKOUT_1, WEB_1)}
         time.sleep(1.0)  # a stretch of normal traffic first

@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, ip_address
 from typing import Any
 
-from gatewayd.policy.model import IPAddress, Role, SnatRule, SteerAction, SteerRule
+from gatewayd.policy.model import (
+    ConnectionFollow,
+    IPAddress,
+    Role,
+    SnatRule,
+    SteerAction,
+    SteerRule,
+)
 from gatewayd.policy.safeload import Limits, parse_json
 
 PROBE_PORT = 51871
@@ -277,6 +284,8 @@ class Steering:
 
     failovers: Mapping[FailoverKey, Failover] = field(default_factory=dict)
     handovers: Mapping[str, Handover] = field(default_factory=dict)  # by policy
+    # Established connections that leave a gateway for the one their policy uses now.
+    follows: frozenset[ConnectionFollow] = frozenset()
 
 
 def policy_gateways(rules: Iterable[SteerRule]) -> dict[str, str]:
@@ -339,6 +348,33 @@ def effective_rules(rules: Iterable[SteerRule], steering: Steering) -> tuple[Ste
                 )
         result.append(rule)
     return tuple(result)
+
+
+def connection_follows(
+    rules: Iterable[SteerRule],
+    up: Mapping[str, bool | None],
+    serving: Mapping[str, frozenset[str]],
+    gateways: frozenset[str],
+) -> frozenset[ConnectionFollow]:
+    """Where a policy's established connections must go now.
+
+    `rules` are the rules as steered now (failovers and handovers applied). A policy's
+    connections on one of `gateways` other than the one its new connections go to follow
+    them there when that gateway is down, or up but no longer serving the policy (it gave
+    the egress IP up), and the gateway they follow to is up. Otherwise they stay: a gateway
+    that still serves the policy (a move between two healthy gateways whose egress IPs are
+    their own) carries them to the end.
+    """
+    follows = set()
+    for rule in rules:
+        target = rule.gateway
+        if rule.action is not SteerAction.TUNNEL or target is None or up.get(target) is not True:
+            continue
+        for gateway in gateways - {target}:
+            state = up.get(gateway)
+            if state is False or (state is True and rule.policy not in serving.get(gateway, ())):
+                follows.add(ConnectionFollow(gateway, rule.policy, target))
+    return frozenset(follows)
 
 
 def probe_requests(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gatewayd.policy.model import (
+    ConnectionFollow,
     GatewayPlan,
     IPAddress,
     IPNetwork,
@@ -303,24 +304,31 @@ class SteerTableSettings:
 
 
 def render_steer_table(
-    plan: NodePlan, settings: SteerTableSettings, active: Mapping[str, str] | None = None
+    plan: NodePlan,
+    settings: SteerTableSettings,
+    active: Mapping[str, str] | None = None,
+    follows: Collection[ConnectionFollow] = (),
 ) -> RenderedTable:
     """Table `inet gatewayd-steer`: mark selected pod traffic for its gateway's tunnel.
 
     prerouting (filter, priority mangle, before the routing decision), in order:
       1. destinations in `cluster_internal` return: never steered;
       2. reply-direction packets return: replies to pods must route normally, not into a tunnel;
-      3. an answered connection whose conntrack mark names a gateway gets that packet mark
+      3. an answered connection of a policy in `follows` (gateway, policy, gateway) whose
+         conntrack mark names the first gateway gets the second one's, in its conntrack entry
+         and on the packet, and is accepted: it follows its policy there with its next packet
+         (the gateways share connection state), in the same transaction as the failover;
+      4. an answered connection whose conntrack mark names a gateway gets that packet mark
          again and is accepted, so established connections stay on their gateway whatever
-         the plan says later (steer rewrites the marks of those that must follow a failover).
+         the plan says later, unless step 3 moved them.
          A connection that has seen no reply yet (a handshake under way, a SYN retried, a
-         one-way UDP flow) is NEW to conntrack and goes on to step 4 with every packet: it
+         one-way UDP flow) is NEW to conntrack and goes on to step 5 with every packet: it
          always takes the gateway the rules name now, never one the policy has left;
-      4. TUNNEL rules match NEW connections only and set both the packet mark (routing) and the
-         conntrack mark (step 3 for the rest of the connection). `active` (policy -> gateway)
+      5. TUNNEL rules match NEW connections only and set both the packet mark (routing) and the
+         conntrack mark (step 4 for the rest of the connection). `active` (policy -> gateway)
          overrides a rule's gateway for fast failover; it therefore moves new connections only.
          Connections that were already open unsteered when a policy appeared stay unsteered;
-      5. DROP rules drop and count every original-direction packet (step 3 already let
+      6. DROP rules drop and count every original-direction packet (step 4 already let
          connections with a live gateway through).
 
     postrouting (nat, priority srcnat - 10): traffic marked for a gateway and leaving through
@@ -350,6 +358,31 @@ def render_steer_table(
     ct_mark: JsonObject = {"ct": {"key": "mark"}}
     answered = {"match": {"op": "in", "left": {"ct": {"key": "status"}},
                           "right": "seen-reply"}}
+
+    entries = [
+        (rule, version)
+        for rule in plan.rules
+        for version in sorted({d.version for d in rule.destinations})
+    ]
+    entries.sort(key=lambda entry: _steer_entry_key(*entry))
+    steps: list[tuple[SteerRule, str, JsonObject, JsonObject]] = []
+    for index, (rule, version) in enumerate(entries):
+        name = f"rule{index}"
+        sources = frozenset(s for s in rule.sources if s.version == version)
+        destinations = tuple(d for d in rule.destinations if d.version == version)
+        src, dst = table.rule_sets(name, version, sources, destinations)
+        steps.append((rule, name, src, dst))
+
+    for rule, _, src, dst in steps:
+        for gone, policy, to in sorted(follows):
+            if (policy != rule.policy or rule.action is not SteerAction.TUNNEL
+                    or gone not in marks or to not in marks):
+                continue
+            table.rule("prerouting", [
+                _match_mark(ct_mark, marks[gone], mask), answered, src, dst,
+                _set_mark(ct_mark, marks[to], mask), _set_mark(meta_mark, marks[to], mask),
+                {"accept": None},
+            ], f"{policy}: established via {gone} follow to {to}")
     for gateway, mark in sorted(marks.items()):
         table.rule(
             "prerouting",
@@ -358,16 +391,7 @@ def render_steer_table(
             f"established via {gateway}",
         )
 
-    entries = [
-        (rule, version)
-        for rule in plan.rules
-        for version in sorted({d.version for d in rule.destinations})
-    ]
-    entries.sort(key=lambda entry: _steer_entry_key(*entry))
-    for index, (rule, version) in enumerate(entries):
-        name = f"rule{index}"
-        sources = frozenset(s for s in rule.sources if s.version == version)
-        destinations = tuple(d for d in rule.destinations if d.version == version)
+    for rule, name, src, dst in steps:
         if rule.action is SteerAction.TUNNEL:
             target = (active or {}).get(rule.policy) or rule.gateway
             if target is None or target not in marks:
@@ -376,7 +400,6 @@ def render_steer_table(
                     f"SteerTableSettings.gateway_marks; known: {', '.join(sorted(marks)) or '-'}"
                 )
             comment = f"{rule.policy} -> {target}"
-            src, dst = table.rule_sets(name, version, sources, destinations)
             table.counter(name, comment)
             table.rule("prerouting", [
                 _ct_state("new"), src, dst, {"counter": name},
@@ -387,7 +410,6 @@ def render_steer_table(
         else:
             reason = rule.reason.value if rule.reason else "no gateway"
             comment = f"{rule.policy} drop ({reason})"
-            src, dst = table.rule_sets(name, version, sources, destinations)
             table.counter(name, comment)
             table.rule("prerouting", [src, dst, {"counter": name}, {"drop": None}], comment)
 

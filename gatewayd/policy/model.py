@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import NamedTuple
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -280,6 +281,16 @@ class SteerRule:
     gateway: str | None = None
     standby: str | None = None
     reason: DropReason | None = None  # for drops
+
+
+class ConnectionFollow(NamedTuple):
+    """On a cloud node: the policy's established connections on gateway `gone` go on
+    through gateway `to`, where its new connections go now (the gateways share their
+    connection state)."""
+
+    gone: str
+    policy: str
+    to: str
 
 
 @dataclass(frozen=True)

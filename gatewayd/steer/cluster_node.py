@@ -161,10 +161,8 @@ class ClusterNode:
                 except Exception:
                     log.exception("re-rendering the steer table for a failover failed; the "
                                   "repair pass retries")
-            # Also without a change of the table (a gateway that stopped serving a policy).
-            # After the table: the move's thread parses conntrack's listing in Python, and
-            # beside it the table took twice as long; established connections wait in TCP's
-            # backoff, whose next retransmission is later than that.
+            # After the table, whose rules moved the connections that send: the listing
+            # moves the idle ones too, which may next send after those rules are gone.
             self._follow_policies(rules, steering)
             if changed:
                 self._report(steering)
@@ -211,5 +209,4 @@ class ClusterNode:
     def _follow_policies(self, rules: tuple[SteerRule, ...], steering: Steering) -> None:
         """Established connections follow their policy (see `ConnectionFollower`)."""
         self.steer.connections.follow_policies(
-            effective_rules(rules, steering), self.failover.reachable(),
-            self.failover.serving(), self.steer.ends)
+            effective_rules(rules, steering), steering.follows, self.steer.ends)

@@ -7,32 +7,28 @@ beside programming the data plane and probing the gateways.
   (2 minutes for an unanswered SYN): both would go on into the gateway the policy left, whose
   replies no longer come back here.
 - Established connections go where their policy's new connections go when the gateway they
-  are on is down or no longer serves the policy (the gateways share connection state, so the
-  new one continues them): their conntrack mark is rewritten (`move_answered`), once per
-  (gateway, policy, new gateway) while that holds.
+  are on is down or no longer serves the policy (`Steering.follows`; the gateways share
+  connection state, so the new one continues them). The steer table's rules move each one
+  with its next packet, in the same transaction as the failover; here their conntrack marks
+  are rewritten too (`move_answered`), once per follow while it holds, for the idle ones,
+  whose next packet may come after those rules are gone.
 
 Both run in threads of their own: a gateway's many conntrack entries take a while to read, and
 the caller may be the fast failover's thread, which must not keep the probes waiting. A move
 never waits, and a cleanup waits for the moves under way (in parallel they only slowed each
-other down): established connections wait in TCP's retransmission backoff, where every 0.2 s
-more can double a stall, while an unanswered connection's next packet is steered by the rules
-of now anyway. A failover asks for the move right after its table change.
+other down), while an unanswered connection's next packet is steered by the rules of now
+anyway.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
-from gatewayd.policy.model import SteerAction, SteerRule
+from gatewayd.policy.model import ConnectionFollow, SteerAction, SteerRule
 from gatewayd.steer.config import GatewayTunnelEnd
-from gatewayd.steer.conntrack import (
-    MarkMove,
-    connection_moves,
-    forget_unanswered,
-    move_answered,
-)
+from gatewayd.steer.conntrack import MarkMove, forget_unanswered, move_answered
 
 log = logging.getLogger("gatewayd.steer")
 
@@ -42,8 +38,8 @@ class ConnectionFollower:
         self.mark_mask = mark_mask
         self._steered: dict[str, set[str]] = {}  # policy -> gateways its rules tunnel to now
         self._marks: dict[str, int] = {}  # gateway -> fwmark, as last programmed
-        # (gateway, policy, gateway) whose established connections were moved, while it holds
-        self._followed: set[tuple[str, str, str]] = set()
+        # the follows whose established connections were moved, while they hold
+        self._followed: frozenset[ConnectionFollow] = frozenset()
         self._moving = 0  # moves under way, under `_moves_done`
         self._moves_done = threading.Condition()
 
@@ -68,19 +64,18 @@ class ConnectionFollower:
     def follow_policies(
         self,
         rules: tuple[SteerRule, ...],
-        reachable: Mapping[str, bool | None],
-        serving: Mapping[str, frozenset[str]],
+        follows: frozenset[ConnectionFollow],
         ends: tuple[GatewayTunnelEnd, ...],
     ) -> None:
-        """Move the established connections `connection_moves` asks for, for the `rules` as
-        steered now (failovers applied), once each."""
+        """Move the established connections of `follows`, for the `rules` as steered now
+        (failovers applied), once each."""
         marks = {e.name: e.mark for e in ends}
-        wanted = connection_moves(rules, reachable, serving, frozenset(marks))
-        new = wanted - self._followed
-        self._followed = wanted
+        new = follows - self._followed
+        self._followed = follows
         moves = [
             MarkMove(marks[gone], marks[rule.gateway], rule.sources, rule.destinations)
             for gone, policy, to in sorted(new)
+            if gone in marks and to in marks
             for rule in rules
             if rule.policy == policy and rule.gateway == to
             and rule.action is SteerAction.TUNNEL

@@ -8,7 +8,8 @@ entries lets the next packet start a new connection entry, marked for the standb
 
 Connections that did get answers follow a fast failover to the standby (Kubernetes mode: the
 gateways share connection state through conntrackd, so the standby continues them):
-`move_answered` gives them the standby's mark (`connection_moves` says when).
+`move_answered` gives them the standby's mark (`gatewayd.probe.connection_follows` says
+when).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import errno
 import socket
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import ip_address
 
@@ -24,7 +25,7 @@ from pyroute2 import Conntrack
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
-from gatewayd.policy.model import IPAddress, IPNetwork, SteerAction, SteerRule
+from gatewayd.policy.model import IPAddress, IPNetwork
 
 # TCP states in which a connection is over: its entry only waits to expire. A client that
 # reuses the port then makes the kernel replace the entry, marked by the rules of now.
@@ -127,34 +128,6 @@ class MarkMove:
     to_mark: int
     sources: frozenset[IPAddress]
     destinations: tuple[IPNetwork, ...]
-
-
-def connection_moves(
-    rules: Iterable[SteerRule],
-    reachable: Mapping[str, bool | None],
-    serving: Mapping[str, frozenset[str]],
-    gateways: frozenset[str],
-) -> set[tuple[str, str, str]]:
-    """(from gateway, policy, to gateway): where a policy's established connections must move.
-
-    `rules` are the rules as steered now (failovers applied). A policy's connections on a
-    gateway other than the one its new connections go to move there when that gateway is
-    down, or up but no longer serving the policy (it gave the egress IP up), and the gateway
-    they move to is up. Otherwise they stay: a gateway that still serves the policy (a move
-    between two healthy gateways whose egress IPs are their own) carries them to the end.
-    """
-    moves = set()
-    for rule in rules:
-        target = rule.gateway
-        if rule.action is not SteerAction.TUNNEL or target is None:
-            continue
-        if reachable.get(target) is not True:
-            continue
-        for gateway in gateways - {target}:
-            up = reachable.get(gateway)
-            if up is False or (up is True and rule.policy not in serving.get(gateway, ())):
-                moves.add((gateway, rule.policy, target))
-    return moves
 
 
 def moved_mark(

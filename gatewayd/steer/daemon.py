@@ -328,8 +328,9 @@ class SteerAgent(PlanFollower[SteerConfig, NodeTarget]):
             mark_mask=self.config.mark_mask,
         )
         steered = replace(plan, rules=effective_rules(rules, steering))
-        result = self.nftables.ensure(render_steer_table(steered, settings),
-                                       verify=self.repairing)
+        result = self.nftables.ensure(
+            render_steer_table(steered, settings, follows=steering.follows),
+            verify=self.repairing)
         if result.drift:
             self.drift(f"nftables table {TABLE_FAMILY} {TABLE_NAME}", result)
         self.connections.steering_changed(steered.rules, ends)

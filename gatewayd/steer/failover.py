@@ -48,6 +48,7 @@ from gatewayd.probe import (
     ProbeReply,
     Steering,
     answers_probe,
+    connection_follows,
     decide_failovers,
     decide_handovers,
     decode_reply,
@@ -140,7 +141,12 @@ class FastFailover:
                 moved_to, self._sent_to, {g: h.up for g, h in history.items()}, serving,
                 self._steering.handovers, now, grace,
             )
-            decided = Steering(failovers, handovers)
+            up = {t.gateway: history[t.gateway].up if t.gateway in history else None
+                  for t in self._targets}
+            follows = connection_follows(
+                effective_rules(self._rules, Steering(failovers, handovers)), up, serving,
+                frozenset(up))
+            decided = Steering(failovers, handovers, follows)
             changed = decided != self._steering
             if changed and self._wake is not None:
                 os.eventfd_write(self._wake, 1)

@@ -37,6 +37,7 @@ from gatewayd.dataplane.nftables import FlaggedTableError, NftablesDriver, Nftab
 from gatewayd.dataplane.routing import PolicyRoutingDriver
 from gatewayd.lab.netns import Sandbox, entered, run, wait_for
 from gatewayd.policy.model import (
+    ConnectionFollow,
     DropReason,
     GatewayPlan,
     NodePlan,
@@ -45,6 +46,7 @@ from gatewayd.policy.model import (
     SteerAction,
     SteerRule,
 )
+from gatewayd.steer.conntrack import parse_flows
 
 pytestmark = pytest.mark.lab
 
@@ -597,6 +599,42 @@ def test_failover_moves_new_connections_and_keeps_established_ones(sandbox: Sand
         assert established.echo("still via gw-a") == "still via gw-a"
         assert Client(lab.pod, SERVICE).seen == "198.51.100.129"
         established.close()
+
+
+def test_an_established_connection_follows_its_policy_with_its_next_packet(
+        sandbox: Sandbox) -> None:
+    """gw-a dies and the policy's failover follows it to gw-b (which, in a cluster, has the
+    connection's state from conntrackd; here both gateways only route). The connection's
+    next packet goes through gw-b, with nothing listing or rewriting conntrack entries, and
+    it stays there once the follow's rule is gone."""
+    lab = steer_lab(sandbox, gateway_snat=False)
+    driver = NftablesDriver("inet", "gatewayd-steer")
+    plan = node_plan(tunnel_rule("gw-a"))
+    with entered(lab.node):
+        driver.ensure(render_steer_table(plan, NODE_SETTINGS))
+    with source_server(lab.server):
+        established = Client(lab.pod, SERVICE)
+        assert established.seen == "10.244.1.5"
+        # gw-a is gone, and the server's answers to the pods come through gw-b now.
+        run(["ip", "link", "set", "tun", "down"], f"{sandbox.prefix}gw-a")
+        run(["ip", "route", "replace", "10.244.0.0/16", "via", "198.51.100.129"], lab.server)
+        active = {"team.payments": "gw-b"}
+        follow = ConnectionFollow("gw-a", "team.payments", "gw-b")
+        with entered(lab.node):
+            driver.ensure(render_steer_table(plan, NODE_SETTINGS, active, follows={follow}))
+        assert established.echo("through gw-b") == "through gw-b"
+        assert connection_marks(lab.node) == {0x200}
+        with entered(lab.node):
+            driver.ensure(render_steer_table(plan, NODE_SETTINGS, active))
+        assert established.echo("still through gw-b") == "still through gw-b"
+        established.close()
+
+
+def connection_marks(netns: str) -> set[int]:
+    """The steering bits of the marks of the node's connections to the service."""
+    listed = run(["conntrack", "-L", "-o", "extended", "-p", "tcp", "-d", SERVICE], netns,
+                 check=False).stdout
+    return {flow.mark & NODE_SETTINGS.mark_mask for flow in parse_flows(listed)}
 
 
 def test_no_new_connection_leaves_unsteered_while_the_rules_change(sandbox: Sandbox) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from gatewayd.dataplane.probe import ProbeTarget
 from gatewayd.lab.netns import Sandbox, entered, run, wait_for
-from gatewayd.policy.model import SteerAction, SteerRule
+from gatewayd.policy.model import ConnectionFollow, SteerAction, SteerRule
 from gatewayd.probe import (
     GATEWAY_TUNNEL_ADDRESS,
     PROBE_PORT,
@@ -186,6 +186,9 @@ def test_the_gateways_hear_of_a_failover_at_once(netns: str) -> None:
             wait_for(lambda: [r.sequence for r in standby.requests].count(told.sequence) >= 2,
                      10, "the round to be sent again")
             assert [r.sequence for r in standby.requests].count(told.sequence) == 2
+            # and the node's established connections follow the policy to the standby
+            assert failover.take()[0].follows == {
+                ConnectionFollow("gw1", "team.payments", "gw2")}
         finally:
             failover.stop()
 

@@ -10,7 +10,7 @@ from ipaddress import ip_address, ip_network
 import pytest
 
 from gatewayd.lab.netns import wait_for
-from gatewayd.policy.model import SteerAction, SteerRule
+from gatewayd.policy.model import ConnectionFollow, SteerAction, SteerRule
 from gatewayd.steer import connections
 from gatewayd.steer.config import GatewayTunnelEnd
 from gatewayd.steer.conntrack import MarkMove
@@ -46,7 +46,8 @@ def test_a_cleanup_waits_for_the_move_under_way(monkeypatch: pytest.MonkeyPatch)
     follower.steering_changed((rule("gw-a"),), ends)
 
     # gw-a failed: the daemon asks for the move first, then programs the table (the cleanup).
-    follower.follow_policies((rule("gw-b"),), {"gw-a": False, "gw-b": True}, {}, ends)
+    follower.follow_policies((rule("gw-b"),),
+                             frozenset({ConnectionFollow("gw-a", "team.payments", "gw-b")}), ends)
     follower.steering_changed((rule("gw-b"),), ends)
     wait_for(moving.is_set, 10, "the move to start")
     with pytest.raises(TimeoutError):  # the cleanup does not run beside the move

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from gatewayd.dataplane.conntrackd import SyncSettings, render_conntrackd_config
 from gatewayd.policy.model import SteerAction, SteerRule
-from gatewayd.steer.conntrack import MarkMove, connection_moves, moved_mark, parse_flows
+from gatewayd.probe import connection_follows
+from gatewayd.steer.conntrack import MarkMove, moved_mark, parse_flows
 
 MASK = 0xFF00
 
@@ -71,26 +72,26 @@ GATEWAYS = frozenset({"gw1", "gw2"})
 
 
 def test_connections_leave_a_gateway_that_is_down_for_the_policys_gateway() -> None:
-    moves = connection_moves([rule("pay", "gw2")], {"gw1": False, "gw2": True},
-                             {"gw2": frozenset({"pay"})}, GATEWAYS)
+    moves = connection_follows([rule("pay", "gw2")], {"gw1": False, "gw2": True},
+                               {"gw2": frozenset({"pay"})}, GATEWAYS)
     assert moves == {("gw1", "pay", "gw2")}
 
 
 def test_connections_leave_a_gateway_that_no_longer_serves_the_policy() -> None:
     """A node moved back to the active gateway: the standby it had moved to never held the
     egress IP, and the connections it had moved there go back."""
-    moves = connection_moves([rule("pay", "gw1")], {"gw1": True, "gw2": True},
-                             {"gw1": frozenset({"pay"}), "gw2": frozenset()}, GATEWAYS)
+    moves = connection_follows([rule("pay", "gw1")], {"gw1": True, "gw2": True},
+                               {"gw1": frozenset({"pay"}), "gw2": frozenset()}, GATEWAYS)
     assert moves == {("gw2", "pay", "gw1")}
 
 
 def test_connections_stay_where_they_are_still_served_or_have_nowhere_to_go() -> None:
-    still_served = connection_moves([rule("pay", "gw2")], {"gw1": True, "gw2": True},
-                                    {"gw1": frozenset({"pay"})}, GATEWAYS)
-    target_down = connection_moves([rule("pay", "gw2")], {"gw1": False, "gw2": False}, {},
-                                   GATEWAYS)
-    unknown = connection_moves([rule("pay", "gw2")], {"gw2": True}, {}, GATEWAYS)
-    assert (still_served, target_down, unknown) == (set(), set(), set())
+    still_served = connection_follows([rule("pay", "gw2")], {"gw1": True, "gw2": True},
+                                      {"gw1": frozenset({"pay"})}, GATEWAYS)
+    target_down = connection_follows([rule("pay", "gw2")], {"gw1": False, "gw2": False},
+                                     {}, GATEWAYS)
+    unknown = connection_follows([rule("pay", "gw2")], {"gw2": True}, {}, GATEWAYS)
+    assert (still_served, target_down, unknown) == (frozenset(), frozenset(), frozenset())
 
 
 LISTING = """\

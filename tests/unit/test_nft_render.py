@@ -41,6 +41,7 @@ from gatewayd.dataplane.nft_render import (
     update_commands,
 )
 from gatewayd.policy.model import (
+    ConnectionFollow,
     DropReason,
     GatewayPlan,
     NodePlan,
@@ -395,6 +396,37 @@ def test_active_override_moves_only_that_policys_new_connections() -> None:
              for r in rules(table, "prerouting") if "->" in r.get("comment", "")}
     assert marks == {"payments -> gw-b": 0x200, "billing -> gw-a": 0x100}
     assert any(verdict(r) == "drop" for r in rules(table, "prerouting"))
+
+
+def test_established_connections_of_a_follow_take_the_new_gateways_mark_first() -> None:
+    """A policy's answered connections on the gateway it left go on through the one it uses
+    now with their next packet: ct mark and packet mark, before the rule that would keep
+    them on the old gateway. Other policies' connections, and follows of gateways or
+    policies the node does not know, get no rule."""
+    other = SteerRule("billing", SteerAction.TUNNEL, frozenset({ip("10.244.1.8")}),
+                      (net("198.51.100.0/24"),), gateway="gw-a")
+    plan = NodePlan("n", rules=(*NODE_PLAN.rules, other))
+    follows = {ConnectionFollow("gw-a", "payments", "gw-b"),
+               ConnectionFollow("gw-c", "payments", "gw-b"),
+               ConnectionFollow("gw-a", "reports.nightly", "gw-b")}
+    table = render_steer_table(plan, STEER, active={"payments": "gw-b"}, follows=follows)
+    pre = rules(table, "prerouting")
+    moved = [r for r in pre if "follow" in r.get("comment", "")]
+    assert [r["comment"] for r in moved] == ["payments: established via gw-a follow to gw-b"] * 2
+    payments = [r for r in pre if r.get("comment") == "payments -> gw-b"]
+    for move, tunnel in zip(moved, payments, strict=True):  # one per address family
+        match_mark, answered, src, dst, ct, meta, accept = move["expr"]
+        assert match_mark == {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}},
+                                                                    0xFF00]}, "right": 0x100}}
+        assert answered["match"]["right"] == "seen-reply"
+        assert (src, dst) == (tunnel["expr"][1], tunnel["expr"][2])  # the policy's own sets
+        assert ct == {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {
+            "|": [{"&": [{"ct": {"key": "mark"}}, 0xFFFF00FF]}, 0x200]}}}
+        assert meta["mangle"]["key"] == {"meta": {"key": "mark"}}
+        assert meta["mangle"]["value"]["|"][1] == 0x200 and accept == {"accept": None}
+    restores = [r for r in pre if r.get("comment", "").startswith("established via")]
+    assert max(map(pre.index, moved)) < pre.index(restores[0])
+    assert render_steer_table(plan, STEER, active={"payments": "gw-b"}).sets == table.sets
 
 
 def test_full_mask_sets_plain_marks() -> None:

@@ -15,10 +15,10 @@ alternating between the two gateways. A client in checkout-1 starts one HTTP req
 connection) every 20 ms with a 0.9 s timeout. Also measured: the time from the cut to the
 controller's promotion of the standby (at once when every node failed over; else the slow path,
 Lease expiry, 4 s here), and whether the egress IP was ever on both gateways' live uplinks
-(sampled every 10 ms). During every failover and stop, 20 long-lived TCP connections from
-checkout-1 echo a line every 50 ms, and an HTTP download from the same host runs at 1 MiB/s
-(`gatewayd.lab.holder`): how many survived, and their longest stall (for the download: the
-longest time without a chunk).
+(checked at every change of their links and addresses). During every failover and stop, 20
+long-lived TCP connections from checkout-1 echo a line every 50 ms, and an HTTP download from
+the same host runs at 1 MiB/s (`gatewayd.lab.holder`): how many survived, and their longest
+stall (for the download: the longest time without a chunk).
 
 With `--stops N` it then stops the active gateway's agent N times as `systemctl stop` does
 (SIGTERM; the agent hands its egress IP over) and starts it again: measured from the last
@@ -288,7 +288,7 @@ def print_failovers(results: list[dict[str, float]]) -> None:
           f"resumed (flaps): {sum(r['failed_after'] for r in results):.0f} "
           f"(IPv6: {sum(r['failed_after6'] for r in results):.0f}); replies with "
           f"another source IP: {sum(r['wrong_source'] + r['wrong_source6'] for r in results):.0f};"
-          f" samples with an egress IP on both gateways: "
+          f" checks with an egress IP on both gateways: "
           f"{sum(r['overlaps'] for r in results):.0f}")
 
 
@@ -360,7 +360,7 @@ def main() -> int:
                   f"{percentile(values, 0.9):.3f} s | {max(values):.3f} s |")
         print(f"\nrequests failed after traffic resumed: "
               f"{sum(r['failed_after'] for r in stops):.0f}; replies with another source IP: "
-              f"{sum(r['wrong_source'] for r in stops):.0f}; samples with the egress IP on "
+              f"{sum(r['wrong_source'] for r in stops):.0f}; checks with the egress IP on "
               f"both gateways: {sum(r['overlaps'] for r in stops):.0f}\n")
         print_connections(stops)
     if outage_result is not None:

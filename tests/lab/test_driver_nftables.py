@@ -582,12 +582,19 @@ def test_steered_traffic_keeps_the_pod_ip_despite_the_cni_masquerade(sandbox: Sa
         assert Client(lab.pod, SERVICE).seen == "10.244.1.5"
 
 
-def test_failover_moves_new_connections_and_keeps_established_ones(sandbox: Sandbox) -> None:
-    lab = steer_lab(sandbox, gateway_snat=True)
+def steered_via_gw_a(sandbox: Sandbox, gateway_snat: bool
+                     ) -> tuple[SteerLab, NftablesDriver, NodePlan]:
+    """The steer lab with the payments policy's table in force, through gw-a."""
+    lab = steer_lab(sandbox, gateway_snat)
     driver = NftablesDriver("inet", "gatewayd-steer")
     plan = node_plan(tunnel_rule("gw-a"))
     with entered(lab.node):
         driver.ensure(render_steer_table(plan, NODE_SETTINGS))
+    return lab, driver, plan
+
+
+def test_failover_moves_new_connections_and_keeps_established_ones(sandbox: Sandbox) -> None:
+    lab, driver, plan = steered_via_gw_a(sandbox, gateway_snat=True)
     with source_server(lab.server):
         established = Client(lab.pod, SERVICE)
         assert established.seen == "198.51.100.1"
@@ -607,11 +614,7 @@ def test_an_established_connection_follows_its_policy_with_its_next_packet(
     connection's state from conntrackd; here both gateways only route). The connection's
     next packet goes through gw-b, with nothing listing or rewriting conntrack entries, and
     it stays there once the follow's rule is gone."""
-    lab = steer_lab(sandbox, gateway_snat=False)
-    driver = NftablesDriver("inet", "gatewayd-steer")
-    plan = node_plan(tunnel_rule("gw-a"))
-    with entered(lab.node):
-        driver.ensure(render_steer_table(plan, NODE_SETTINGS))
+    lab, driver, plan = steered_via_gw_a(sandbox, gateway_snat=False)
     with source_server(lab.server):
         established = Client(lab.pod, SERVICE)
         assert established.seen == "10.244.1.5"

@@ -50,14 +50,6 @@ def raise_process_priority(what: str) -> bool:
     return True
 
 
-def at_process_priority() -> None:
-    """Run the calling thread at its process's own priority (its main thread's): the work an
-    urgent thread hands to a thread of its own would otherwise inherit its nice value, and
-    compete with the urgent tasks of this host. Lowering needs no capability."""
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                   os.getpriority(os.PRIO_PROCESS, os.getpid()))
-
-
 def _not_raised(what: str, error: OSError) -> None:
     log.warning("%s runs at the daemon's CPU priority: raising it needs CAP_SYS_NICE (%s)",
                 what, error)

@@ -13,12 +13,11 @@ beside programming the data plane and probing the gateways.
   are rewritten too (`move_answered`), once per follow while it holds, for the idle ones,
   whose next packet may come after those rules are gone.
 
-Both run in threads of their own, at the daemon's own CPU priority, not the raised one of the
-failover's thread that starts them: a gateway's many conntrack entries take a while to read,
-and meanwhile this host's probes and table changes, and on a shared host a gateway's claim of
-the egress IP, come first. A move never waits, and a cleanup waits for the moves under way (in
-parallel they only slowed each other down), while an unanswered connection's next packet is
-steered by the rules of now anyway.
+Both run in threads of their own: a gateway's many conntrack entries take a while to read, and
+the caller may be the fast failover's thread, which must not keep the probes waiting. A move
+never waits, and a cleanup waits for the moves under way (in parallel they only slowed each
+other down), while an unanswered connection's next packet is steered by the rules of now
+anyway.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import logging
 import threading
 from collections.abc import Iterable
 
-from gatewayd.dataplane.priority import at_process_priority
 from gatewayd.policy.model import ConnectionFollow, SteerAction, SteerRule
 from gatewayd.steer.config import GatewayTunnelEnd
 from gatewayd.steer.conntrack import MarkMove, forget_unanswered, move_answered
@@ -89,7 +87,6 @@ class ConnectionFollower:
                              name="follow-policies", daemon=True).start()
 
     def _move_connections(self, moves: list[MarkMove]) -> None:
-        at_process_priority()  # the connections that send moved with the table already
         try:
             moved = move_answered(moves, self.mark_mask)
         except Exception:
@@ -103,7 +100,6 @@ class ConnectionFollower:
             log.info("%d established connections follow their policy to the standby", moved)
 
     def _forget_unanswered(self, marks: list[int]) -> None:
-        at_process_priority()  # a handshake retries its SYN 1 s after the first
         for mark in marks:
             with self._moves_done:
                 self._moves_done.wait_for(lambda: self._moving == 0)

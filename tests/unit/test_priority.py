@@ -9,12 +9,7 @@ import threading
 
 import pytest
 
-from gatewayd.dataplane.priority import (
-    URGENT_NICE,
-    at_process_priority,
-    raise_priority,
-    urgent_children,
-)
+from gatewayd.dataplane.priority import URGENT_NICE, urgent_children
 
 pytestmark = pytest.mark.unit
 
@@ -80,28 +75,3 @@ def test_a_process_raised_whole_runs_its_threads_and_their_children_urgent() -> 
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-
-
-def test_background_work_of_an_urgent_thread_runs_at_the_process_priority() -> None:
-    """The failover's thread is raised; the conntrack work it hands to threads of its own
-    is not urgent and must not compete with it."""
-    if os.geteuid() != 0:
-        pytest.skip("raising a priority needs CAP_SYS_NICE")
-    process = nice_of(os.getpid())
-    seen: dict[str, int] = {}
-
-    def background() -> None:
-        seen["inherited"] = nice_of(threading.get_native_id())
-        at_process_priority()
-        seen["lowered"] = nice_of(threading.get_native_id())
-
-    def urgent() -> None:
-        raise_priority(threading.get_native_id(), "a test thread")
-        worker = threading.Thread(target=background)
-        worker.start()
-        worker.join()
-
-    thread = threading.Thread(target=urgent)
-    thread.start()
-    thread.join()
-    assert seen == {"inherited": URGENT_NICE, "lowered": process}

@@ -373,11 +373,15 @@ def render_steer_table(
         src, dst = table.rule_sets(name, version, sources, destinations)
         steps.append((rule, name, src, dst))
 
+    # by policy, grouped once: a failover renders this for every rule of the node
+    follows_of: dict[str, list[ConnectionFollow]] = {}
+    for follow in sorted(follows):
+        if follow.gone in marks and follow.to in marks:
+            follows_of.setdefault(follow.policy, []).append(follow)
     for rule, _, src, dst in steps:
-        for gone, policy, to in sorted(follows):
-            if (policy != rule.policy or rule.action is not SteerAction.TUNNEL
-                    or gone not in marks or to not in marks):
-                continue
+        if rule.action is not SteerAction.TUNNEL:
+            continue
+        for gone, policy, to in follows_of.get(rule.policy, ()):
             table.rule("prerouting", [
                 _match_mark(ct_mark, marks[gone], mask), answered, src, dst,
                 _set_mark(ct_mark, marks[to], mask), _set_mark(meta_mark, marks[to], mask),

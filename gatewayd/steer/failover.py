@@ -141,8 +141,7 @@ class FastFailover:
                 moved_to, self._sent_to, {g: h.up for g, h in history.items()}, serving,
                 self._steering.handovers, now, grace,
             )
-            up = {t.gateway: history[t.gateway].up if t.gateway in history else None
-                  for t in self._targets}
+            up = self._reachable()
             follows = connection_follows(
                 effective_rules(self._rules, Steering(failovers, handovers)), up, serving,
                 frozenset(up))
@@ -176,8 +175,12 @@ class FastFailover:
     def reachable(self) -> dict[str, bool | None]:
         """Each probed gateway's health: True (up), False (down), None (not known yet)."""
         with self._lock:
-            return {t.gateway: self._history[t.gateway].up if t.gateway in self._history
-                    else None for t in self._targets}
+            return self._reachable()
+
+    def _reachable(self) -> dict[str, bool | None]:
+        """`reachable`, under the lock."""
+        return {t.gateway: self._history[t.gateway].up if t.gateway in self._history
+                else None for t in self._targets}
 
     def serving(self) -> dict[str, frozenset[str]]:
         """Of this node's policies, those each gateway said it serves in its last reply."""

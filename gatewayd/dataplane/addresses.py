@@ -11,11 +11,21 @@ An address another host answers for is refused and reported in `AddressChanges.c
 not tried again for `retry_conflicts_after` seconds, doubled after each refusal in a row up to
 8 times as long (a probe costs `probe_seconds` of the reconcile pass). Added addresses are
 announced: gratuitous ARP, unsolicited neighbour advertisement.
+
+An added IPv6 address is in use at once (as the source of the neighbour solicitations for
+packets forwarded with it), but the kernel installs the route that delivers packets to it
+later, from a work queue: milliseconds, more on a busy host. An answer to a solicitation sent
+in between is lost, and that neighbour's resolution waits a second for its next try, with
+every packet to it queued (a failover's new IPv6 connections, in the lab). So the driver
+waits for the route before it announces the address, and then restarts the IPv6
+resolutions still under way on the interface.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import socket
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -39,6 +49,12 @@ IFA_F_NODAD = 0x02
 IFA_F_DADFAILED = 0x08
 IFA_F_TENTATIVE = 0x40
 IFF_NOARP = 0x80
+RTN_LOCAL = 2
+NUD_INCOMPLETE = 0x01
+LOCAL_ROUTE_SECONDS = 1.0  # the longest wait for an added IPv6 address's route
+LOCAL_ROUTE_POLL_SECONDS = 0.001
+
+log = logging.getLogger(__name__)
 
 
 class AddressError(Exception):
@@ -133,6 +149,10 @@ class AddressDriver:
                 for address in added:
                     self._add(ipr, index, address)
                     self._refusals.pop((interface, address), None)
+                added_v6 = [a for a in added if isinstance(a, IPv6Address)]
+                if added_v6:
+                    _await_local_routes(ipr, added_v6)
+                    _restart_resolutions(ipr, index)
                 if can_arp:
                     self._announce(interface, index, mac, added)
             removed += [a for a in refused_by_kernel if a not in added]
@@ -276,6 +296,41 @@ def held_addresses(interfaces: Collection[str] | None = None) -> frozenset[IPAdd
             for msg in ipr.get_addr()
             if _held(msg) and (interfaces is None or names.get(msg["index"]) in interfaces)
         )
+
+
+def _await_local_routes(ipr: IPRoute, addresses: Collection[IPv6Address]) -> None:
+    """Until the kernel delivers packets to each of `addresses` (see the module's docstring)."""
+    deadline = time.monotonic() + LOCAL_ROUTE_SECONDS
+    waiting = list(addresses)
+    while True:
+        waiting = [a for a in waiting if ipr.route("get", dst=str(a))[0]["type"] != RTN_LOCAL]
+        if not waiting:
+            return
+        if time.monotonic() >= deadline:
+            log.warning("the kernel has no local route for %s %gs after adding it",
+                        ", ".join(map(str, waiting)), LOCAL_ROUTE_SECONDS)
+            return
+        time.sleep(LOCAL_ROUTE_POLL_SECONDS)
+
+
+def _restart_resolutions(ipr: IPRoute, index: int) -> None:
+    """Drop the IPv6 neighbour entries of interface `index` still being resolved: a
+    solicitation of theirs may have had a new address as its source before the kernel
+    delivered packets to it. The next packet to such a neighbour asks again at once."""
+    restarted = []
+    for msg in ipr.get_neighbours(family=socket.AF_INET6, ifindex=index):
+        if msg["state"] != NUD_INCOMPLETE:
+            continue
+        neighbour = msg.get("NDA_DST")
+        try:
+            ipr.neigh("del", dst=neighbour, ifindex=index, family=socket.AF_INET6)
+            restarted.append(neighbour)
+        except NetlinkError as exc:
+            if exc.code != errno.ENOENT:  # resolved or gone meanwhile
+                raise
+    if restarted:
+        log.info("neighbour resolution of %s starts again: it began before an added egress IP "
+                 "received packets", ", ".join(restarted))
 
 
 def _held(msg: Any) -> bool:

@@ -444,3 +444,22 @@ def test_fields_the_crd_does_not_declare_are_dropped(api: ApiClient) -> None:
     })
     assert policy["spec"] == {"selectors": [{"podSelector": {"matchLabels": {"app": "web"}}}],
                               "destinationCIDRs": ["0.0.0.0/0"]}
+
+
+def test_a_client_that_resets_its_connection_is_not_reported_but_a_fault_is(
+    fake_api: FakeApiServer, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A real API server prints nothing when a node cut off resets its connection; the fake
+    printed a traceback for each into the bench's output."""
+    server = fake_api._server
+    assert server is not None
+    try:
+        raise ConnectionResetError(104, "Connection reset by peer")
+    except ConnectionResetError:
+        server.handle_error(None, ("192.0.2.21", 33818))
+    assert capfd.readouterr().err == ""
+    try:
+        raise ValueError("a fault of the fake's")
+    except ValueError:
+        server.handle_error(None, ("192.0.2.21", 33818))
+    assert "ValueError: a fault of the fake's" in capfd.readouterr().err

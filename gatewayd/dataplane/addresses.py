@@ -149,12 +149,15 @@ class AddressDriver:
                 for address in added:
                     self._add(ipr, index, address)
                     self._refusals.pop((interface, address), None)
+                added_v4 = [a for a in added if isinstance(a, IPv4Address)]
                 added_v6 = [a for a in added if isinstance(a, IPv6Address)]
+                if can_arp:
+                    self._announce(interface, index, mac, added_v4)
                 if added_v6:
                     _await_local_routes(ipr, added_v6)
                     _restart_resolutions(ipr, index)
-                if can_arp:
-                    self._announce(interface, index, mac, added)
+                    if can_arp:
+                        self._announce(interface, index, mac, added_v6)
             removed += [a for a in refused_by_kernel if a not in added]
 
             # Stale ones last: add before remove, as everywhere in the reconcile.

@@ -332,8 +332,8 @@ def _restart_resolutions(ipr: IPRoute, index: int) -> None:
             if exc.code != errno.ENOENT:  # resolved or gone meanwhile
                 raise
     if restarted:
-        log.info("neighbour resolution of %s starts again: it began before an added egress IP "
-                 "received packets", ", ".join(restarted))
+        log.info("neighbour resolution of %s starts again: its solicitation may have come "
+                 "from an egress IP the kernel did not receive on yet", ", ".join(restarted))
 
 
 def _held(msg: Any) -> bool:

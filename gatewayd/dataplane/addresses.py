@@ -107,6 +107,7 @@ class AddressDriver:
         # (interface, address) -> (when to ask again, the conflict); refusals in a row
         self._conflicts: dict[tuple[str, IPAddress], tuple[float, AddressConflict]] = {}
         self._refusals: dict[tuple[str, IPAddress], int] = {}
+        self._protocol_kept = False  # the kernel kept an added address's protocol once
 
     def ensure(self, interface: str, desired: Iterable[IPAddress]) -> AddressChanges:
         """Add the missing addresses (after a conflict probe), announce them, then remove the
@@ -146,13 +147,12 @@ class AddressDriver:
                                              key=lambda item: address_order(item[0])):
                     conflicts.append(self._refuse(interface, address, f"answered by {owner}"))
                 added = [a for a in missing if a not in taken]
-                for address in added:
+                for address in added:  # IPv4 first, each announced at once (see below)
                     self._add(ipr, index, address)
                     self._refusals.pop((interface, address), None)
-                added_v4 = [a for a in added if isinstance(a, IPv4Address)]
+                    if can_arp and isinstance(address, IPv4Address):
+                        self._announce(interface, index, mac, [address])
                 added_v6 = [a for a in added if isinstance(a, IPv6Address)]
-                if can_arp:
-                    self._announce(interface, index, mac, added_v4)
                 if added_v6:
                     _await_local_routes(ipr, added_v6)
                     _restart_resolutions(ipr, index)
@@ -228,6 +228,8 @@ class AddressDriver:
         if isinstance(address, IPv6Address):  # probed already (or probing is off)
             spec["flags"] = IFA_F_NODAD
         ipr.addr("add", **spec)
+        if self._protocol_kept:  # the kernel does not change: once is enough, and a claim waits
+            return
         mine = [p for p in self._present(ipr, index) if p.address == address]
         if not mine or not mine[0].owned:
             if mine:
@@ -236,6 +238,7 @@ class AddressDriver:
                 f"the kernel did not keep the protocol of {address} (IFA_PROTO, kernel >= "
                 "5.18 needed): without it the address could not be told apart from others'"
             )
+        self._protocol_kept = True
 
     @staticmethod
     def _delete(ipr: IPRoute, index: int, item: _Present) -> bool:

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,6 @@ from gatewayd.dataplane import addresses
 from gatewayd.dataplane.addresses import AddressChanges, AddressDriver
 from gatewayd.dataplane.probe import ClaimWatcher
 from gatewayd.lab.netns import Sandbox, entered, run, wait_for
-from gatewayd.policy.model import IPAddress
 from gatewayd.probe import Fenced, ProbeRequest, decode_reply, encode_request
 
 pytestmark = pytest.mark.lab
@@ -192,32 +191,6 @@ def test_an_ipv6_address_is_usable_when_it_is_added(segment: Segment) -> None:
     assert "tentative" not in line, line
     pinged = run(["ping", "-6", "-c", "1", "-W", "2", str(EGRESS_V6)], segment.peer, check=False)
     assert pinged.returncode == 0, pinged.stdout
-
-
-def test_an_ipv6_address_receives_packets_before_it_is_announced(
-    segment: Segment, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The kernel installs an IPv6 address's local route from a work queue, after the
-    address is in use; the driver waits for it before it invites traffic. (Without the wait,
-    about one run of this test in four saw an announcement come first, on an idle machine:
-    the route is late for a few adds in a thousand.)"""
-    routed: list[bool] = []
-    announce = AddressDriver._announce
-
-    def checked(interface: str, index: int, mac: bytes, added: Iterable[IPAddress]) -> None:
-        added = list(added)
-        with IPRoute() as ipr:
-            routed.extend(ipr.route("get", dst=str(a))[0]["type"] == addresses.RTN_LOCAL
-                          for a in added)
-        announce(interface, index, mac, added)
-
-    monkeypatch.setattr(AddressDriver, "_announce", staticmethod(checked))
-    driver = AddressDriver(probe_seconds=0)
-    with entered(segment.gateway):
-        for _ in range(200):
-            assert driver.ensure("upl", {EGRESS_V6}).added == (EGRESS_V6,)
-            assert driver.ensure("upl", set()).removed == (EGRESS_V6,)
-    assert routed == [True] * 200
 
 
 def test_ipv6_resolutions_under_way_start_again_when_an_address_is_added(

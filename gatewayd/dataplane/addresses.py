@@ -43,14 +43,19 @@ from gatewayd.dataplane.announce import (
     send_gratuitous_arp,
     send_unsolicited_na,
 )
-from gatewayd.dataplane.netlink import OWNER_PROTOCOL, address_of, link_index, link_names
+from gatewayd.dataplane.netlink import (
+    OWNER_PROTOCOL,
+    RTN_LOCAL,
+    address_of,
+    link_index,
+    link_names,
+)
 from gatewayd.policy.model import IPAddress, address_order
 
 IFA_F_NODAD = 0x02
 IFA_F_DADFAILED = 0x08
 IFA_F_TENTATIVE = 0x40
 IFF_NOARP = 0x80
-RTN_LOCAL = 2
 NUD_INCOMPLETE = 0x01
 LOCAL_ROUTE_SECONDS = 1.0  # the longest wait for an added IPv6 address's route
 LOCAL_ROUTE_POLL_SECONDS = 0.001

@@ -14,6 +14,9 @@ from gatewayd.policy.model import IPAddress
 # assigned in iproute2's rt_protos.
 OWNER_PROTOCOL = 103
 
+# Route types (rtm_type) as the kernel reports them.
+RTN_UNICAST, RTN_LOCAL, RTN_BLACKHOLE = 1, 2, 6
+
 
 class LinkNotFoundError(LookupError):
     def __init__(self, name: str) -> None:

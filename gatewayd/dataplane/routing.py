@@ -17,14 +17,19 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gatewayd.dataplane.netlink import OWNER_PROTOCOL, LinkNotFoundError, link_index, link_names
+from gatewayd.dataplane.netlink import (
+    OWNER_PROTOCOL,
+    RTN_BLACKHOLE,
+    RTN_UNICAST,
+    LinkNotFoundError,
+    link_index,
+    link_names,
+)
 
 FULL_MASK = 0xFFFFFFFF
 LAST_METRIC = 0xFFFFFFFF
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
-_RTN_UNICAST = 1
-_RTN_BLACKHOLE = 6
 
 
 class RoutingError(Exception):
@@ -160,9 +165,9 @@ class PolicyRoutingDriver:
                 if msg["proto"] != OWNER_PROTOCOL or msg["dst_len"] != 0:
                     continue
                 table = msg.get("RTA_TABLE") or msg["table"]
-                if msg["type"] == _RTN_BLACKHOLE:
+                if msg["type"] == RTN_BLACKHOLE:
                     routes.add(_Route(version, table, ""))
-                elif msg["type"] == _RTN_UNICAST and msg.get("RTA_OIF") in names:
+                elif msg["type"] == RTN_UNICAST and msg.get("RTA_OIF") in names:
                     routes.add(_Route(version, table, names[msg.get("RTA_OIF")]))
         return rules, routes
 

@@ -162,6 +162,11 @@ def _icmpv6_checksum(source: IPv6Address, destination: IPv6Address, message: byt
     return ~total & 0xFFFF
 
 
+# After its time, a probe still reads this many frames already queued: a socket's buffer holds
+# a few hundred, and a segment flooded with ARP must not keep the probe reading for ever.
+LATE_FRAMES = 1024
+
+
 def probe(
     interface: str, mac: bytes, addresses: Collection[IPAddress], seconds: float,
     sockets: contextlib.ExitStack,
@@ -173,7 +178,9 @@ def probe(
 
     Only what arrives after the second round counts: a holder that answered the first round
     and then gave the address up (a gateway handing it over) does not answer the second, and
-    the address is free at the end of this probe instead of after a refusal and a retry."""
+    the address is free at the end of this probe instead of after a refusal and a retry. Each
+    round is heard for half of `seconds` from when it was sent: a thread kept off the CPU
+    makes the probe longer, never a round shorter or skipped."""
     wanted = set(addresses)
     v4 = sorted(a for a in wanted if isinstance(a, IPv4Address))
     v6 = sorted(a for a in wanted if isinstance(a, IPv6Address))
@@ -192,20 +199,31 @@ def probe(
         for group in {solicited_node(a) for a in v6}:  # hear others probing for them
             _join(nd, interface, multicast_mac(group))
         round_frames += [(nd, dad_frame(mac, a)) for a in v6]
-    start = time.monotonic()
-    rounds = 0
-    while (elapsed := time.monotonic() - start) < seconds:
-        if rounds < 2 and elapsed >= rounds * seconds / 2:
-            conflicts.clear()
-            for sock, frame in round_frames:
-                sock.send(frame)
-            rounds += 1
-        next_step = rounds * seconds / 2 if rounds < 2 else seconds
-        for sock in select.select(listening, [], [], max(next_step - elapsed, 0))[0]:
+    for _ in range(2):
+        _hear_claims(listening, mac, wanted, conflicts, time.monotonic())  # the round before
+        conflicts.clear()
+        for sock, frame in round_frames:
+            sock.send(frame)
+        _hear_claims(listening, mac, wanted, conflicts, time.monotonic() + seconds / 2)
+    return conflicts
+
+
+def _hear_claims(listening: list[socket.socket], mac: bytes, wanted: set[IPAddress],
+                 conflicts: dict[IPAddress, str], until: float) -> None:
+    """Record the claims `listening` hears until `until`, and then those already queued: an
+    answer that came in time counts however late this thread ran (a busy host)."""
+    late = 0
+    while late < LATE_FRAMES:
+        left = until - time.monotonic()
+        ready = select.select(listening, [], [], max(left, 0))[0]
+        if not ready:
+            return
+        for sock in ready:
+            if left <= 0:
+                late += 1
             claim = claimed_in(sock.recv(2048), mac, probes=True)
             if claim is not None and claim[0] in wanted:
                 conflicts[claim[0]] = format_mac(claim[1])
-    return conflicts
 
 
 def claimed_in(frame: bytes, own_mac: bytes, *, probes: bool) -> tuple[IPAddress, bytes] | None:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
+from gatewayd.agent.config import FailoverSettings
 from gatewayd.agent.responder import ProbeResponder
 from gatewayd.dataplane import addresses
 from gatewayd.dataplane.addresses import AddressChanges, AddressDriver
@@ -126,11 +127,24 @@ def test_an_address_another_host_answers_for_is_refused(segment: Segment) -> Non
     assert str(TAKEN_V4) not in left and str(TAKEN_V6) not in left
 
 
+def test_a_holder_is_heard_within_the_default_probe_window_every_time(segment: Segment
+                                                                      ) -> None:
+    """`arpProbeSeconds`' default leaves the second round a hundredth of a second: a host on
+    the segment that holds the address still answers within it, in both families."""
+    window = FailoverSettings.arp_probe_seconds
+    with entered(segment.gateway):
+        for attempt in range(20):
+            changes = AddressDriver(probe_seconds=window).ensure("upl", {TAKEN_V4, TAKEN_V6})
+            refused = {c.address for c in changes.conflicts}
+            assert (changes.added, refused) == ((), {TAKEN_V4, TAKEN_V6}), attempt
+
+
 # In the peer's namespace: wait for the first probe for the address (an ARP request from
 # 0.0.0.0, or a neighbour solicitation from ::), then give the address up, as a gateway handing
-# it over does; print when listening.
+# it over does; print when listening. With a pid and seconds, then also keep that process off
+# the CPU for that long, as a busy host does.
 GIVE_UP_ON_FIRST_PROBE = """
-import ipaddress, socket, subprocess, sys
+import ipaddress, os, signal, socket, subprocess, sys, time
 address = ipaddress.ip_address(sys.argv[1])
 ethertype = 0x0806 if address.version == 4 else 0x86DD
 sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
@@ -148,7 +162,22 @@ while True:
         break
 subprocess.run(["ip", "addr", "del", f"{address}/{address.max_prefixlen}", "dev", "pl"],
                check=True)
+if len(sys.argv) > 2:
+    os.kill(int(sys.argv[2]), signal.SIGSTOP)
+    time.sleep(float(sys.argv[3]))
+    os.kill(int(sys.argv[2]), signal.SIGCONT)
 print("given up", flush=True)
+"""
+
+# In the gateway's namespace: once told to on stdin, claim the address with a probe of
+# argv[2] seconds; print what was added and what was refused.
+CLAIM_WHEN_TOLD = """
+import ipaddress, sys
+from gatewayd.dataplane.addresses import AddressDriver
+address = ipaddress.ip_address(sys.argv[1])
+sys.stdin.readline()
+changes = AddressDriver(probe_seconds=float(sys.argv[2])).ensure("upl", {address})
+print([str(a) for a in changes.added], [str(c.address) for c in changes.conflicts], flush=True)
 """
 
 
@@ -166,12 +195,38 @@ def test_an_address_given_up_during_the_probe_is_taken_at_its_end(
     assert changes.conflicts == () and changes.added == (taken,)
 
 
+@pytest.mark.parametrize("taken", [TAKEN_V4, TAKEN_V6], ids=["ipv4", "ipv6"])
+def test_a_prober_kept_off_the_cpu_between_the_rounds_still_hears_the_second(
+    segment: Segment, taken: ipaddress.IPv4Address | ipaddress.IPv6Address
+) -> None:
+    """The holder gives the address up at the first round, and the prober is stopped until
+    after its window: the second round is still sent and heard for its half, so the address
+    is free. (The prober used to end the probe without it, and refuse on the first round's
+    answer: a standby on a busy host took a handed-over address only at its next try.)"""
+    window = 1.0
+    claimer = subprocess.Popen(
+        ["ip", "netns", "exec", segment.gateway, sys.executable, "-c", CLAIM_WHEN_TOLD,
+         str(taken), str(window)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert claimer.stdin is not None
+        with in_peer(segment, GIVE_UP_ON_FIRST_PROBE, str(taken), "listening",
+                     str(claimer.pid), str(2 * window)) as giver:
+            claimer.stdin.write("go\n")
+            claimer.stdin.flush()
+            assert giver.communicate(timeout=20)[0] == "given up\n"
+        output, _ = claimer.communicate(timeout=20)
+    finally:
+        claimer.kill()
+        claimer.wait()
+    assert output == f"{[str(taken)]} []\n"
+
+
 @contextlib.contextmanager
-def in_peer(segment: Segment, script: str, argument: str, ready: str
+def in_peer(segment: Segment, script: str, argument: str, ready: str, *more: str
             ) -> Iterator[subprocess.Popen[str]]:
     """`script` running in the peer's namespace, once it printed the line `ready`."""
     process = subprocess.Popen(
-        ["ip", "netns", "exec", segment.peer, sys.executable, "-c", script, argument],
+        ["ip", "netns", "exec", segment.peer, sys.executable, "-c", script, argument, *more],
         stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None and process.stdout.readline() == ready + "\n"

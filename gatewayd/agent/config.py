@@ -63,13 +63,13 @@ class FailoverSettings:
 
     # A provisioned egress IP is given up when no cloud node's probe arrived for this long.
     # Keep it below the nodes' (misses + 1) x probe interval + arpProbeSeconds ((3 + 1) x 0.05
-    # + 0.02 by default): then a gateway cut off from everything has given its addresses up
+    # + 0.03 by default): then a gateway cut off from everything has given its addresses up
     # before the standby the nodes moved to can have taken them.
     egress_ip_hold_seconds: float = 0.2
     # How long an ARP probe asks the segment whether another host holds an address first (two
-    # rounds; answers to the second count, and a host on the segment answers in well under the
-    # half of it left: `tests/lab/test_driver_addresses.py`).
-    arp_probe_seconds: float = 0.02
+    # rounds; answers to the second count). 0.02 s was tried: a handover in the lab then had
+    # both gateways hold the address for a moment (bench/README.md, stop 33).
+    arp_probe_seconds: float = 0.03
     # On stop, how long the agent still answers the nodes' probes, saying it is leaving, so
     # the egress IPs of policies the nodes moved to a standby are given up for it to claim.
     handover_seconds: float = 1.0

@@ -409,7 +409,7 @@ DEFAULT_TIMING = {
     "probe_interval": 0.05,  # steer's probeIntervalSeconds
     "probe_misses": 3,  # steer's missesBeforeDown
     "egress_ip_hold": 0.2,  # the agents' egressIPHoldSeconds
-    "arp_probe": 0.02,  # the agents' arpProbeSeconds
+    "arp_probe": 0.03,  # the agents' arpProbeSeconds
     "handover": 1.0,  # the agents' handoverSeconds (the product's default)
 }
 

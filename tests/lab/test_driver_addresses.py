@@ -129,8 +129,8 @@ def test_an_address_another_host_answers_for_is_refused(segment: Segment) -> Non
 
 def test_a_holder_is_heard_within_the_default_probe_window_every_time(segment: Segment
                                                                       ) -> None:
-    """`arpProbeSeconds`' default leaves the second round a hundredth of a second: a host on
-    the segment that holds the address still answers within it, in both families."""
+    """`arpProbeSeconds`' default leaves the second round half of it (15 ms): a host on the
+    segment that holds the address answers within it every time, in both families."""
     window = FailoverSettings.arp_probe_seconds
     with entered(segment.gateway):
         for attempt in range(20):

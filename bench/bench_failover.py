@@ -179,6 +179,9 @@ def tally(
     for late in (a for a in after if not a.ok):
         print(f"  {what}: a request {late.start - since:+.3f}s after the failure failed "
               f"({late.error})", file=sys.stderr)
+    for at, address, holders in watch.overlaps:
+        print(f"  {what}: {address} on {' and '.join(holders)} at once, "
+              f"{at - since:+.3f}s after the failure", file=sys.stderr)
     return {
         "outage": gap.seconds,
         "failed_after": float(sum(not a.ok for a in after)),

@@ -203,14 +203,14 @@ def test_a_prober_kept_off_the_cpu_between_the_rounds_still_hears_the_second(
     after its window: the second round is still sent and heard for its half, so the address
     is free. (The prober used to end the probe without it, and refuse on the first round's
     answer: a standby on a busy host took a handed-over address only at its next try.)"""
-    window = 1.0
+    window = 2.0  # rounds 1 s apart: the holder has long given up by the second
     claimer = subprocess.Popen(
         ["ip", "netns", "exec", segment.gateway, sys.executable, "-c", CLAIM_WHEN_TOLD,
          str(taken), str(window)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert claimer.stdin is not None
         with in_peer(segment, GIVE_UP_ON_FIRST_PROBE, str(taken), "listening",
-                     str(claimer.pid), str(2 * window)) as giver:
+                     str(claimer.pid), str(window + 0.5)) as giver:
             claimer.stdin.write("go\n")
             claimer.stdin.flush()
             assert giver.communicate(timeout=20)[0] == "given up\n"

@@ -199,8 +199,7 @@ def probe(
         for group in {solicited_node(a) for a in v6}:  # hear others probing for them
             _join(nd, interface, multicast_mac(group))
         round_frames += [(nd, dad_frame(mac, a)) for a in v6]
-    for _ in range(2):
-        _hear_claims(listening, mac, wanted, conflicts, time.monotonic())  # the round before
+    for _ in range(2):  # each hearing ends with the queue read: the round before is all heard
         conflicts.clear()
         for sock, frame in round_frames:
             sock.send(frame)
